@@ -1,0 +1,57 @@
+"""The one place a masked layer's forward/backward picks its implementation (see fastticket.backend).
+
+torch backend: the dense op on the stored weight, exact because pruned weights are exactly zero in storage
+(DESIGN.md section 3), with the weight gradient masked so no optimizer can revive a pruned weight.
+triton backend: the tile-skipping kernels in fastticket.kernels, which choose per layer between cuBLAS /
+cuDNN and tile skipping from the layer's live-tile fraction.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fastticket.backend import resolve_backend
+from fastticket.kernels.tile_map import TileMap
+
+TileMapProvider = Callable[[int, int], TileMap]
+
+
+class _MaskGradient(torch.autograd.Function):
+    """Identity on the weight; multiplies the weight's gradient by the mask."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad.masked_fill(~mask, 0.0), None
+
+
+def mask_gradient(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`weight` unchanged in the forward pass; its gradient arrives multiplied by `mask`."""
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _MaskGradient.apply(weight, mask)
+    return weight
+
+
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tensor,
+                  tile_maps: TileMapProvider) -> torch.Tensor:
+    if resolve_backend(x.device) == "triton":
+        from fastticket.kernels.masked_linear import masked_linear as triton_masked_linear
+
+        return triton_masked_linear(x, weight, bias, mask, tile_maps)
+    return F.linear(x, mask_gradient(weight, mask), bias)
+
+
+def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tensor, tile_maps: TileMapProvider,
+                  stride, padding, dilation, groups: int) -> torch.Tensor:
+    if resolve_backend(x.device) == "triton":
+        from fastticket.kernels.masked_conv2d import masked_conv2d as triton_masked_conv2d
+
+        return triton_masked_conv2d(x, weight, bias, mask, tile_maps, stride, padding, dilation, groups)
+    return F.conv2d(x, mask_gradient(weight, mask), bias, stride, padding, dilation, groups)

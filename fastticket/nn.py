@@ -1,0 +1,207 @@
+"""Drop-in masked layers: `MaskedLinear`, `MaskedConv2d`, and `sparsify` / `densify` / `density`.
+
+The invariant (DESIGN.md section 3): pruned weights are exactly zero in storage. `weight` stays an ordinary
+Parameter; `weight_mask` is a bool buffer of the same shape saved in state dicts. Loading a state dict
+re-applies the mask; `apply_mask_()` re-zeroes pruned entries after a user edits weights by hand.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Dict, Iterable, Iterator, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastticket import functional
+from fastticket.kernels.tile_map import TileMap, TileMapCache
+
+
+def _reapply_mask_after_load(module: "MaskedLayer", incompatible_keys) -> None:
+    module.mask_changed_()
+
+
+class MaskedLayer:
+    """What MaskedLinear and MaskedConv2d share. Not a Module by itself: mixed into nn.Linear / nn.Conv2d."""
+
+    weight: nn.Parameter
+    weight_mask: torch.Tensor
+
+    def _init_mask(self) -> None:
+        self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool))
+        self.mask_version = 0  # bumped on every mask change; tile maps and kernels key their caches on it
+        self._tile_maps = TileMapCache()
+        self.register_load_state_dict_post_hook(_reapply_mask_after_load)
+
+    @torch.no_grad()
+    def apply_mask_(self):
+        """Zero the pruned weights in place (exact zeros, NaN/inf included)."""
+        self.weight.masked_fill_(~self.weight_mask, 0.0)
+        return self
+
+    @torch.no_grad()
+    def set_mask_(self, mask: torch.Tensor):
+        """Replace the mask (bool or 0/1 tensor of the weight's shape) and zero the newly pruned weights."""
+        if tuple(mask.shape) != tuple(self.weight.shape):
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(self.weight.shape)} "
+                f"of {self.__class__.__name__}"
+            )
+        self.weight_mask.copy_(mask != 0)
+        return self.mask_changed_()
+
+    def mask_changed_(self):
+        """Call after editing `weight_mask` in place: re-zeroes weights and invalidates cached tile maps."""
+        self.mask_version += 1
+        return self.apply_mask_()
+
+    def tile_map(self, block_n: int, block_k: int) -> TileMap:
+        """Live-tile lists of the mask for (block_n x block_k) tiles, cached until the mask changes."""
+        return self._tile_maps.get(self.weight_mask, block_n, block_k, self.mask_version)
+
+    def density(self) -> float:
+        return float(self.weight_mask.sum()) / self.weight_mask.numel()
+
+    def _density_repr(self) -> str:
+        return f"density={self.density():.4f}"
+
+
+class MaskedLinear(MaskedLayer, nn.Linear):
+    """nn.Linear with a weight mask; same constructor arguments as nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_mask()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.masked_linear(x, self.weight, self.bias, self.weight_mask, self.tile_map)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, {self._density_repr()}"
+
+
+class MaskedConv2d(MaskedLayer, nn.Conv2d):
+    """nn.Conv2d with a weight mask; same constructor arguments as nn.Conv2d."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None) -> None:
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                           dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
+                           device=device, dtype=dtype)
+        self._init_mask()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            # Non-zero padding modes pad explicitly first, as nn.Conv2d does, then convolve unpadded.
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        return functional.masked_conv2d(x, self.weight, self.bias, self.weight_mask, self.tile_map,
+                                        self.stride, padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Conv2d.extra_repr(self)}, {self._density_repr()}"
+
+
+MASKED_TYPES = (MaskedLinear, MaskedConv2d)
+
+
+def masked_modules(model: nn.Module) -> Iterator[Tuple[str, MaskedLayer]]:
+    """(qualified name, layer) for every masked layer of `model`, in registration order."""
+    for name, module in model.named_modules():
+        if isinstance(module, MASKED_TYPES):
+            yield name, module
+
+
+def _matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
+    return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _replace_child(model: nn.Module, qualified_name: str, new: nn.Module) -> None:
+    parent_name, _, child_name = qualified_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, new)
+
+
+def _masked_twin(module: nn.Module) -> MaskedLayer:
+    kwargs = dict(device=module.weight.device, dtype=module.weight.dtype)
+    if isinstance(module, nn.Linear):
+        new = MaskedLinear(module.in_features, module.out_features, bias=module.bias is not None, **kwargs)
+    else:
+        new = MaskedConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                           module.padding, module.dilation, module.groups, module.bias is not None,
+                           module.padding_mode, **kwargs)
+    # The same Parameter objects: optimizers and hooks that hold them keep working.
+    new.weight = module.weight
+    new.bias = module.bias
+    new.train(module.training)
+    return new
+
+
+def _dense_twin(module: MaskedLayer) -> nn.Module:
+    kwargs = dict(device=module.weight.device, dtype=module.weight.dtype)
+    if isinstance(module, MaskedLinear):
+        new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, **kwargs)
+    else:
+        new = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                        module.padding, module.dilation, module.groups, module.bias is not None,
+                        module.padding_mode, **kwargs)
+    module.apply_mask_()
+    new.weight = module.weight
+    new.bias = module.bias
+    new.train(module.training)
+    return new
+
+
+def sparsify(model: nn.Module, include: Optional[Iterable[str]] = None, exclude: Optional[Iterable[str]] = None,
+             masks_from_zeros: bool = False) -> nn.Module:
+    """Swap nn.Linear / nn.Conv2d layers of `model` for their masked versions, in place; returns `model`.
+
+    include / exclude: qualified module names or fnmatch patterns ("features.*"); by default every
+    Linear and Conv2d is swapped. Weights are kept (the same Parameter objects). Masks start all-ones, or
+    with `masks_from_zeros=True` as `weight != 0` (to re-sparsify a model saved by `densify`).
+    """
+    include = list(include) if include is not None else None
+    exclude = list(exclude) if exclude is not None else None
+    candidates = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, MASKED_TYPES) and n]
+    if include is not None:
+        names = [n for n, _ in candidates]
+        unmatched = [p for p in include if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            raise ValueError(f"sparsify(include=...) matched no Linear/Conv2d layer for {unmatched}; "
+                             f"layers are {names}")
+    for name, module in candidates:
+        if include is not None and not _matches(name, include):
+            continue
+        if _matches(name, exclude):
+            continue
+        twin = _masked_twin(module)
+        if masks_from_zeros:
+            twin.set_mask_(module.weight.detach() != 0)
+        _replace_child(model, name, twin)
+    return model
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Swap masked layers back to nn.Linear / nn.Conv2d in place (pruned weights stay zero); returns `model`.
+
+    The result's state dict has the keys of the plain model, so e.g. a torchvision model loads it strictly.
+    """
+    for name, module in list(masked_modules(model)):
+        if name:
+            _replace_child(model, name, _dense_twin(module))
+    return model
+
+
+def density(model: nn.Module) -> Dict[str, Union[int, float, dict]]:
+    """Per masked layer and in total: alive weights, size, and density (alive / size)."""
+    layers = {}
+    alive_total = size_total = 0
+    for name, module in masked_modules(model):
+        alive, size = int(module.weight_mask.sum()), module.weight_mask.numel()
+        layers[name] = {"alive": alive, "size": size, "density": alive / size}
+        alive_total += alive
+        size_total += size
+    return {"layers": layers, "alive": alive_total, "size": size_total,
+            "density": alive_total / size_total if size_total else 1.0}

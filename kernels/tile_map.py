@@ -1,0 +1,133 @@
+"""Live-tile lists derived from a mask: which (BN x BK) tiles of a 2-D weight hold any unpruned entry.
+
+Built on the mask's device with nonzero / cumsum (no host loop), once per mask change, never per step.
+A weight of shape [N, K] (a conv filter is viewed as [C_out, C_in*kh*kw]) is cut into
+ceil(N/BN) x ceil(K/BK) tiles; edge tiles are partial. The lists:
+
+- CSR by output tile-row (forward): k-tiles `col_idx[row_ptr[r]:row_ptr[r+1]]` are live in tile-row r;
+- CSR by k tile-column (dX):        n-tiles `row_idx[col_ptr[c]:col_ptr[c+1]]` are live in tile-column c;
+- COO (dW, optimizer):              live tile t is (`coo_rows[t]`, `coo_cols[t]`), row-major order.
+
+All index tensors are int32 on the mask's device; every list is sorted ascending.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Hashable, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class TileMap:
+    shape: Tuple[int, int]
+    block: Tuple[int, int]
+    live: torch.Tensor      # bool [tiles_n, tiles_k]
+    row_ptr: torch.Tensor   # int32 [tiles_n + 1]
+    col_idx: torch.Tensor   # int32 [n_live]
+    col_ptr: torch.Tensor   # int32 [tiles_k + 1]
+    row_idx: torch.Tensor   # int32 [n_live]
+    coo_rows: torch.Tensor  # int32 [n_live]
+    coo_cols: torch.Tensor  # int32 [n_live]
+    n_live: int
+    max_live_per_row: int   # longest forward list (bounds loop trip counts / autotune keys)
+    max_live_per_col: int   # longest dX list
+
+    @property
+    def tiles(self) -> Tuple[int, int]:
+        return tuple(self.live.shape)  # type: ignore[return-value]
+
+    @property
+    def n_tiles(self) -> int:
+        return self.live.numel()
+
+    @property
+    def live_fraction(self) -> float:
+        return self.n_live / max(1, self.n_tiles)
+
+
+def as_2d_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A weight mask as the [rows, cols] matrix the kernels tile (conv filters flatten C_in*kh*kw)."""
+    if mask.dim() < 2:
+        raise ValueError(f"a weight mask needs at least 2 dims, got shape {tuple(mask.shape)}")
+    return mask.reshape(mask.shape[0], -1)
+
+
+def live_tiles(mask2d: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
+    """bool [ceil(N/BN), ceil(K/BK)]: True where the tile holds any nonzero mask entry."""
+    n, k = mask2d.shape
+    tn, tk = -(-n // block_n), -(-k // block_k)
+    padded = torch.zeros(tn * block_n, tk * block_k, dtype=torch.uint8, device=mask2d.device)
+    padded[:n, :k] = mask2d != 0
+    return padded.view(tn, block_n, tk, block_k).amax(dim=(1, 3)).bool()
+
+
+def _csr(live: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    counts = live.sum(dim=1, dtype=torch.int32)
+    ptr = torch.zeros(live.shape[0] + 1, dtype=torch.int32, device=live.device)
+    ptr[1:] = torch.cumsum(counts, dim=0)
+    idx = live.nonzero()[:, 1].to(torch.int32)  # nonzero is row-major, so each row's list is sorted
+    return ptr, idx
+
+
+def build_tile_map(mask: torch.Tensor, block_n: int, block_k: int) -> TileMap:
+    mask2d = as_2d_mask(mask)
+    if block_n <= 0 or block_k <= 0:
+        raise ValueError(f"tile sizes must be positive, got ({block_n}, {block_k})")
+    live = live_tiles(mask2d, block_n, block_k)
+    row_ptr, col_idx = _csr(live)
+    col_ptr, row_idx = _csr(live.t())
+    coo = live.nonzero().to(torch.int32)
+    row_counts, col_counts = row_ptr.diff(), col_ptr.diff()
+    # One host sync per mask change: launch grids need the live count as a Python int.
+    stats = torch.stack([row_ptr[-1], row_counts.max(), col_counts.max()]).tolist()
+    return TileMap(
+        shape=(mask2d.shape[0], mask2d.shape[1]),
+        block=(block_n, block_k),
+        live=live,
+        row_ptr=row_ptr,
+        col_idx=col_idx,
+        col_ptr=col_ptr,
+        row_idx=row_idx,
+        coo_rows=coo[:, 0].contiguous(),
+        coo_cols=coo[:, 1].contiguous(),
+        n_live=int(stats[0]),
+        max_live_per_row=int(stats[1]),
+        max_live_per_col=int(stats[2]),
+    )
+
+
+class TileMapCache:
+    """Tile maps of one mask, per tile size, rebuilt only when the mask changes.
+
+    A mask "changes" when its owner's version counter moves, or when the tensor is modified in place
+    (torch's own `_version` counter) or replaced (new storage), so users editing the buffer directly are safe.
+    """
+
+    def __init__(self) -> None:
+        self._maps: Dict[Hashable, Tuple[Hashable, TileMap]] = {}
+
+    def get(self, mask: torch.Tensor, block_n: int, block_k: int, version: int = 0) -> TileMap:
+        key = (block_n, block_k, mask.device)
+        token = (version, mask._version, mask.data_ptr(), tuple(mask.shape))
+        hit = self._maps.get(key)
+        if hit is not None and hit[0] == token:
+            return hit[1]
+        tile_map = build_tile_map(mask, block_n, block_k)
+        self._maps[key] = (token, tile_map)
+        return tile_map
+
+    def clear(self) -> None:
+        self._maps.clear()
+
+
+def reference_live_tiles(mask: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
+    """Plain-loop reference of `live_tiles` for tests."""
+    mask2d = as_2d_mask(mask).cpu()
+    n, k = mask2d.shape
+    tn, tk = -(-n // block_n), -(-k // block_k)
+    out = torch.zeros(tn, tk, dtype=torch.bool)
+    for r in range(tn):
+        for c in range(tk):
+            out[r, c] = bool(mask2d[r * block_n:(r + 1) * block_n, c * block_k:(c + 1) * block_k].any())
+    return out
