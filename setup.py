@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Lottery-ticket search (iterative magnitude pruning) with Triton masked-training kernels",
     python_requires=">=3.9",
-    packages=["fastticket", "fastticket.kernels"],
+    packages=["fastticket", "fastticket.bench", "fastticket.kernels"],
     package_dir={"fastticket": "fastticket", "fastticket.kernels": "kernels"},
     install_requires=[
         "torch>=2.5",

@@ -40,11 +40,11 @@ def mask_gradient(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tensor,
-                  tile_maps: TileMapProvider) -> torch.Tensor:
+                  tile_maps: TileMapProvider, fused_update=None) -> torch.Tensor:
     if resolve_backend(x.device) == "triton":
         from fastticket.kernels.masked_linear import masked_linear as triton_masked_linear
 
-        return triton_masked_linear(x, weight, bias, mask, tile_maps)
+        return triton_masked_linear(x, weight, bias, mask, tile_maps, fused_update)
     return F.linear(x, mask_gradient(weight, mask), bias)
 
 

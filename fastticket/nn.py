@@ -72,9 +72,13 @@ class MaskedLinear(MaskedLayer, nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_mask()
+        # Set by fastticket.optim's dW+update fusion: a callable(grad_out_2d, x_2d) that applies the optimizer
+        # update to `weight` inside the backward pass instead of producing weight.grad (triton backend only).
+        self.fused_update = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return functional.masked_linear(x, self.weight, self.bias, self.weight_mask, self.tile_map)
+        return functional.masked_linear(x, self.weight, self.bias, self.weight_mask, self.tile_map,
+                                        self.fused_update)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self._density_repr()}"
