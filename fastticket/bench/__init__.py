@@ -1,0 +1,392 @@
+"""Benchmark harness shared by the linear, conv and optimizer suites (`fastticket bench`, `bench/`).
+
+A suite is a function `BenchOptions -> list[BenchRow]` registered with `@suite("name")` in a module
+`fastticket.bench.<name>`; `run_suites` imports those modules lazily, so a missing suite is skipped with
+a note instead of failing the others. Every row carries a parity column (relative error against a float64
+reference), so the same suites are useful on a machine without a GPU: there they run the Triton kernels in
+the interpreter on small shapes and report parity only (timings need a GPU; DESIGN.md section 8 forbids
+reporting numbers that were not measured on one).
+
+Timing follows DESIGN.md section 8: median of `triton.testing.do_bench` after warm-up, with several input
+sets rotated so a working set that fits in L2 does not flatter the kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "BenchOptions", "BenchRow", "SUITES", "suite", "environment", "time_ms", "rel_error", "run_suites",
+    "format_table", "write_results", "run_cli", "KNOWN_SUITES", "device_slug", "summaries", "parse_dtype",
+]
+
+# Suites the CLI knows about; each lives in fastticket.bench.<name> (written by different helpers).
+KNOWN_SUITES = ("linear", "conv", "optim")
+
+OPS = ("fwd", "bwd", "fwd+bwd", "step")
+
+
+@dataclass
+class BenchOptions:
+    """What a suite is asked to do.
+
+    quick:  small shape set (CI smoke runs, and always on CPU, where the Triton interpreter is slow).
+    dtype:  "bf16" | "fp16" | "fp32" | "tf32" ("bf16" default on a GPU, "fp32" on CPU: the interpreter has
+            no bf16 arithmetic).
+    timing: True iff a CUDA device is present; False means parity only, `times_ms` stays empty.
+    device: where tensors live ("cuda" or "cpu").
+    """
+
+    quick: bool = False
+    dtype: str = field(default_factory=lambda: "bf16" if torch.cuda.is_available() else "fp32")
+    timing: bool = field(default_factory=torch.cuda.is_available)
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """"fp32"/"tf32" -> float32 (tf32 is float32 storage with TF32 matmuls), "bf16", "fp16"."""
+    table = {"fp32": torch.float32, "float32": torch.float32, "tf32": torch.float32,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of fp32, tf32, bf16, fp16") from None
+
+
+@dataclass
+class BenchRow:
+    """One measured (or, without a GPU, parity-only) case of a suite.
+
+    times_ms:       implementation name -> median milliseconds (empty when not timed).
+    ratio_vs_dense: implementation name -> dense_ms / impl_ms, i.e. > 1 means faster than dense.
+    parity:         ||out - ref|| / ||ref|| of fastticket's result against a float64 reference (nan = NaN seen,
+                    which fails `fastticket bench`). A row with no reference sets extra["parity"] = "n/a".
+    extra:          anything suite-specific (live-tile fraction, "n/a" reasons, config, ...).
+    """
+
+    suite: str
+    case: str
+    op: str
+    shape: str
+    dtype: str
+    mask: str
+    density: float
+    times_ms: Dict[str, float] = field(default_factory=dict)
+    ratio_vs_dense: Dict[str, float] = field(default_factory=dict)
+    parity: float = float("nan")
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SuiteFn = Callable[[BenchOptions], List[BenchRow]]
+SUITES: Dict[str, SuiteFn] = {}
+
+
+def suite(name: str) -> Callable[[SuiteFn], SuiteFn]:
+    """Register a suite function under `name` (decorator)."""
+
+    def register(fn: SuiteFn) -> SuiteFn:
+        SUITES[name] = fn
+        return fn
+
+    return register
+
+
+# --------------------------------------------------------------------------------------------- environment
+
+def _git_commit() -> Optional[str]:
+    try:
+        repo = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except Exception:  # no git, not a checkout, ...: the commit is informative, not required
+        return None
+
+
+def environment() -> Dict[str, Any]:
+    """Where the numbers come from: device, library versions, commit, time."""
+    try:
+        import triton
+
+        triton_version: Optional[str] = triton.__version__
+    except Exception:
+        triton_version = None
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = "cpu (no GPU: timings skipped)"
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": _git_commit(),
+        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+    }
+
+
+def device_slug(env: Optional[Dict[str, Any]] = None) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"; "cpu" without a GPU."""
+    env = env or environment()
+    name = env.get("device", "cpu")
+    if not torch.cuda.is_available() or str(name).startswith("cpu"):
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-") or "gpu"
+
+
+# --------------------------------------------------------------------------------------------- measuring
+
+def time_ms(fn: Callable[..., Any], inputs: Optional[Sequence[Any]] = None) -> float:
+    """Median milliseconds of `fn` on the GPU, after warm-up.
+
+    inputs: optional list of argument tuples (or single arguments); the calls rotate through them so each
+    timed call touches a different working set and a small case cannot live in L2 between calls. Without
+    inputs, `fn()` is timed. Raises RuntimeError without CUDA: a CPU time of an interpreted kernel means
+    nothing and must never be reported.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("time_ms needs a CUDA device; on CPU only parity is measured")
+    if inputs:
+        sets = [a if isinstance(a, tuple) else (a,) for a in inputs]
+        state = {"i": 0}
+
+        def call() -> Any:
+            args = sets[state["i"] % len(sets)]
+            state["i"] += 1
+            return fn(*args)
+    else:
+        call = fn  # type: ignore[assignment]
+
+    try:
+        from triton.testing import do_bench
+
+        # return_mode="median" is accepted by triton >= 2.2; do_bench flushes L2 between calls as well.
+        return float(do_bench(call, warmup=25, rep=100, return_mode="median"))
+    except ImportError:
+        pass
+    # Fallback without triton: CUDA events around each call.
+    for _ in range(10):
+        call()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(50):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end))
+    return float(statistics.median(samples))
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; nan if `out` holds any NaN (NaN never passes); 0 when both are zero."""
+    out64 = out.detach().to(torch.float64).cpu()
+    ref64 = ref.detach().to(torch.float64).cpu()
+    if out64.shape != ref64.shape:
+        raise ValueError(f"shape mismatch: {tuple(out64.shape)} vs reference {tuple(ref64.shape)}")
+    if torch.isnan(out64).any() or torch.isnan(ref64).any():
+        return float("nan")
+    diff = torch.linalg.vector_norm(out64 - ref64).item()
+    norm = torch.linalg.vector_norm(ref64).item()
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / norm
+
+
+# --------------------------------------------------------------------------------------------- running
+
+def run_suites(names: Sequence[str], options: BenchOptions) -> List[BenchRow]:
+    """Import each `fastticket.bench.<name>` (registering its suite) and run it; missing modules are skipped
+    with a note on stderr, so one unfinished suite does not stop the others."""
+    rows: List[BenchRow] = []
+    for name in names:
+        if name not in SUITES:
+            try:
+                importlib.import_module(f"fastticket.bench.{name}")
+            except ModuleNotFoundError as exc:
+                if exc.name == f"fastticket.bench.{name}":
+                    print(f"note: benchmark suite {name!r} is not available (no module fastticket.bench.{name}); "
+                          "skipped", file=sys.stderr)
+                    continue
+                raise
+        fn = SUITES.get(name)
+        if fn is None:
+            print(f"note: fastticket.bench.{name} registers no suite named {name!r}; skipped", file=sys.stderr)
+            continue
+        rows.extend(fn(options))
+    return rows
+
+
+def summaries(rows: Sequence[BenchRow]) -> List[str]:
+    """One-line findings suites attach to a row as extra["summary"] (e.g. the linear dispatch crossover)."""
+    return [str(r.extra["summary"]) for r in rows if r.extra.get("summary")]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value == 0:
+            return "0"
+        if abs(value) < 1e-2 or abs(value) >= 1e4:
+            return f"{value:.2e}"
+        return f"{value:.3f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    """Markdown table: one line per row, a column per implementation's time and speed-up vs dense."""
+    if not rows:
+        return "(no benchmark rows)\n"
+    impls: List[str] = []
+    for row in rows:
+        for name in list(row.times_ms) + list(row.ratio_vs_dense):
+            if name not in impls:
+                impls.append(name)
+    ratio_impls = [i for i in impls if any(i in r.ratio_vs_dense for r in rows)]
+    # The live-tile fraction explains most timings, so it gets a column when suites report it.
+    show_live = any("live_fraction" in r.extra for r in rows)
+    header = ["suite", "case", "op", "shape", "dtype", "mask", "density"] + (["live tiles"] if show_live else [])
+    header += [f"{i} ms" for i in impls] + [f"{i} x dense" for i in ratio_impls] + ["parity"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r.suite, r.case, r.op, r.shape, r.dtype, r.mask, f"{r.density:.3g}"]
+        if show_live:
+            cells.append(_fmt(r.extra["live_fraction"]) if "live_fraction" in r.extra else "")
+        cells += [_fmt(r.times_ms[i]) if i in r.times_ms else "" for i in impls]
+        cells += [_fmt(r.ratio_vs_dense[i]) if i in r.ratio_vs_dense else "" for i in ratio_impls]
+        cells += ["n/a" if r.extra.get("parity") == "n/a" else _fmt(r.parity)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_results(rows: Sequence[BenchRow], env: Dict[str, Any], out_dir: str | os.PathLike
+                  ) -> Tuple[Path, Path]:
+    """Write `<suites>-<device-slug>-<date>.json` and `.md` under out_dir atomically; returns both paths."""
+    out = Path(out_dir)
+    suites = sorted({r.suite for r in rows}) or ["empty"]
+    date = str(env.get("timestamp_utc", ""))[:10] or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    stem = f"{'+'.join(suites)}-{device_slug(env)}-{date}"
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    payload = {"environment": env, "rows": [r.to_dict() for r in rows]}
+    _atomic_write(json_path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    md = [f"# fastticket benchmark: {', '.join(suites)}", ""]
+    md += [f"- {k}: {v}" for k, v in env.items()]
+    md += ["", format_table(rows)]
+    md += [f"- {line}" for line in summaries(rows)] + [""]
+    if not any(r.times_ms for r in rows):
+        md += ["No timings: this run had no GPU, so only parity was measured.", ""]
+    _atomic_write(md_path, "\n".join(md))
+    return json_path, md_path
+
+
+def _prepare_interpreter() -> Optional[str]:
+    """Without CUDA, the Triton kernels can only run in the interpreter, which must be switched on before
+    triton is first imported. Returns a warning when that is no longer possible."""
+    if torch.cuda.is_available():
+        return None
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return None
+    if "triton" in sys.modules:
+        return ("warning: triton was imported before TRITON_INTERPRET=1 could be set, so the Triton kernels "
+                "cannot run on CPU in this process; run `TRITON_INTERPRET=1 fastticket bench ...`")
+    os.environ["TRITON_INTERPRET"] = "1"
+    return None
+
+
+def run_cli(suites: Sequence[str], out: Optional[str] = None, dtype: Optional[str] = None,
+            quick: bool = False) -> int:
+    """Body of `fastticket bench`: run the suites, print the table, optionally write results; exit code.
+
+    Without a GPU only the parity part runs (in the Triton interpreter, small shapes, fp32) and the output
+    says so plainly; no timing is ever reported from a CPU run.
+    """
+    warning = _prepare_interpreter()
+    has_gpu = torch.cuda.is_available()
+    names = list(suites) or list(KNOWN_SUITES)
+    unknown = [n for n in names if n not in KNOWN_SUITES and n not in SUITES]
+    if unknown:
+        print(f"error: unknown benchmark suite(s) {unknown}; known: {', '.join(KNOWN_SUITES)}", file=sys.stderr)
+        return 2
+    if has_gpu:
+        options = BenchOptions(quick=quick, dtype=dtype or "bf16", timing=True, device="cuda")
+    else:
+        if dtype and parse_dtype(dtype) != torch.float32:
+            print(f"note: {dtype} needs a GPU (the Triton interpreter has no bf16/fp16 matmul support worth "
+                  "trusting); running fp32 parity instead", file=sys.stderr)
+        options = BenchOptions(quick=True, dtype="fp32", timing=False, device="cpu")
+    parse_dtype(options.dtype)  # fail early on a bad --dtype
+    if warning:
+        print(warning, file=sys.stderr)
+    if not has_gpu:
+        print("No CUDA GPU found: running the parity checks only, in the Triton interpreter on small shapes. "
+              "Timings need a GPU.")
+    env = environment()
+    rows = run_suites(names, options)
+    print(format_table(rows), end="")
+    for line in summaries(rows):
+        print(line)
+    bad = [r for r in rows if r.extra.get("parity") != "n/a"
+           and (not (r.parity == r.parity) or r.parity > _parity_tolerance(r.dtype))]
+    if out:
+        json_path, md_path = write_results(rows, env, out)
+        print(f"wrote {json_path} and {md_path}")
+    if not has_gpu:
+        print("Timings need a GPU: none were measured on this machine.")
+    if bad:
+        print(f"parity FAILED for {len(bad)} row(s): " + ", ".join(f"{r.suite}/{r.case}/{r.op}" for r in bad),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parity_tolerance(dtype: str) -> float:
+    """DESIGN.md section 7 tolerances, by the dtype column of a row."""
+    d = dtype.lower()
+    if d in ("fp32", "float32"):
+        return 1e-5
+    if d == "tf32":
+        return 1e-3
+    return 1e-2

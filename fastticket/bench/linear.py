@@ -1,0 +1,336 @@
+"""Linear suite: fastticket's masked linear against dense cuBLAS, the prune-style path and torch BSR.
+
+Implementations timed in the same run (GPU only):
+
+    fastticket        the layer as users get it: per-layer dispatch between tile skipping and dense cuBLAS
+    fastticket-skip   the tile-skipping kernels forced on (FASTTICKET_DENSE_THRESHOLD_LINEAR=1.01): the data
+                      from which the dispatch threshold is measured
+    dense             F.linear(x, w, b) on the stored weight (cuBLAS), no mask at all: the baseline
+    prune             F.linear(x, w * mask, b): torch.nn.utils.prune / OpenLTH style, mask applied each call
+    bsr               F.linear(x, w.to_sparse_bsr(block), b): torch's BSR kernels, forward only (torch has no
+                      gradient for a BSR weight); "n/a" with the reason where a combination is unsupported
+
+Every row also carries a parity column: the largest relative error of fastticket's outputs (forced tile
+skipping and the dispatched path) against a float64 reference of the same math, for the row's op.
+
+Crossover: for each case family (shape x mask kind) the suite finds the largest live-tile fraction at which
+tile skipping beats dense on fwd+bwd and reports it in a summary row (`extra["crossover_live_fraction"]`,
+`extra["suggested_threshold"]`); kernels/dispatch.py's DENSE_THRESHOLDS["linear"] should be set from it.
+
+Without a GPU the suite runs the parity part only, in the Triton interpreter on small shapes.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from fastticket.bench import BenchOptions, BenchRow, rel_error, suite, time_ms
+
+DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
+GPU_MASKS = ("element", "block:64x64", "block:32x32")
+OPS = ("fwd", "bwd", "fwd+bwd")
+N_INPUT_SETS = 3  # rotated during timing so consecutive calls do not hit a warm L2
+
+
+@dataclass(frozen=True)
+class LinearCase:
+    name: str
+    tokens: int        # M: rows of X (batch x sequence)
+    out_features: int  # N
+    in_features: int   # K
+
+    @property
+    def shape(self) -> str:
+        return f"{self.tokens}x{self.in_features}->{self.out_features}"
+
+
+def full_cases() -> List[LinearCase]:
+    return [
+        # LeNet-300-100 on MNIST, batch 60 (Frankle & Carbin 2019)
+        LinearCase("lenet.fc1", 60, 300, 784),
+        LinearCase("lenet.fc2", 60, 100, 300),
+        LinearCase("lenet.fc3", 60, 10, 100),
+        # Conv-6 on CIFAR-10: 256 x 4 x 4 features after three pools, fc 256, 256, 10, batch 60
+        LinearCase("conv6.fc1", 60, 256, 4096),
+        LinearCase("conv6.fc2", 60, 256, 256),
+        LinearCase("conv6.fc3", 60, 10, 256),
+        # large layers, 8K tokens
+        LinearCase("large.4096x4096", 8192, 4096, 4096),
+        LinearCase("large.1024->4096", 8192, 4096, 1024),
+        LinearCase("large.4096->1024", 8192, 1024, 4096),
+    ]
+
+
+def quick_gpu_cases() -> List[LinearCase]:
+    return [LinearCase("lenet.fc1", 60, 300, 784), LinearCase("large.4096x4096", 2048, 4096, 4096)]
+
+
+def cpu_cases() -> List[LinearCase]:
+    # Interpreter-sized: still several 16 x 16 tiles per dimension and partial edge tiles.
+    return [LinearCase("lenet.fc3", 60, 10, 100), LinearCase("odd", 29, 37, 53),
+            LinearCase("lenet.fc2-small", 60, 100, 96)]
+
+
+def make_mask(kind: str, n: int, k: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    """"element": iid Bernoulli(density). "block:RxC": whole RxC blocks alive with probability `density`
+    (what block pruning produces), all entries of a live block kept."""
+    if kind == "element":
+        return torch.rand(n, k, generator=gen) < density
+    if kind.startswith("block:"):
+        r, c = (int(v) for v in kind.split(":", 1)[1].split("x"))
+        blocks = torch.rand(-(-n // r), -(-k // c), generator=gen) < density
+        if density > 0 and not blocks.any():
+            blocks.view(-1)[0] = True
+        return blocks.repeat_interleave(r, 0).repeat_interleave(c, 1)[:n, :k].contiguous()
+    raise ValueError(f"unknown mask kind {kind!r}")
+
+
+@contextlib.contextmanager
+def _env(name: str, value: Optional[str]) -> Iterator[None]:
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def forced_skip() -> contextlib.AbstractContextManager:
+    return _env("FASTTICKET_DENSE_THRESHOLD_LINEAR", "1.01")
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+class BenchLayer:
+    """One masked weight plus everything the implementations need (tile-map cache, BSR copy)."""
+
+    def __init__(self, case: LinearCase, mask_kind: str, density: float, dtype: torch.dtype,
+                 device: torch.device, seed: int) -> None:
+        from fastticket.kernels.tile_map import TileMapCache
+
+        gen = torch.Generator().manual_seed(seed)
+        n, k = case.out_features, case.in_features
+        self.mask = make_mask(mask_kind, n, k, density, gen).to(device)
+        w = torch.randn(n, k, generator=gen) / k ** 0.5
+        self.weight = (w.to(device) * self.mask).to(dtype).requires_grad_(True)  # zero invariant
+        self.bias = (torch.randn(n, generator=gen) * 0.1).to(device=device, dtype=dtype).requires_grad_(True)
+        self.xs = [torch.randn(case.tokens, k, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+                   for _ in range(N_INPUT_SETS)]
+        self.gs = [torch.randn(case.tokens, n, generator=gen).to(device=device, dtype=dtype)
+                   for _ in range(N_INPUT_SETS)]
+        self.cache = TileMapCache()
+        self.mask_kind = mask_kind
+
+    def tile_map(self, bn: int, bk: int):
+        return self.cache.get(self.mask, bn, bk)
+
+    def fastticket(self, x: torch.Tensor) -> torch.Tensor:
+        from fastticket.kernels.masked_linear import masked_linear
+
+        return masked_linear(x, self.weight, self.bias, self.mask, self.tile_map)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def prune(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+    def bsr_forward(self) -> Tuple[Optional[Callable[[torch.Tensor], torch.Tensor]], str]:
+        """F.linear with a BSR weight, or (None, reason) where torch does not support the combination."""
+        if self.mask_kind.startswith("block:"):
+            r, c = (int(v) for v in self.mask_kind.split(":", 1)[1].split("x"))
+        else:
+            r = c = 64
+        n, k = self.weight.shape
+        if n % r or k % c:
+            return None, f"n/a: BSR needs the weight shape {n}x{k} to be a multiple of the block {r}x{c}"
+        try:
+            w_bsr = self.weight.detach().to_sparse_bsr((r, c))
+            with torch.no_grad():
+                F.linear(self.xs[0].detach(), w_bsr, self.bias.detach())
+        except Exception as exc:  # unsupported dtype / device / layout combination in this torch build
+            return None, f"n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        bias = self.bias.detach()
+        return (lambda x: F.linear(x, w_bsr, bias)), "ok (forward only: torch has no BSR weight gradient)"
+
+
+def _grads(y: torch.Tensor, layer: BenchLayer, x: torch.Tensor, g: torch.Tensor, retain: bool):
+    return torch.autograd.grad(y, [x, layer.weight, layer.bias], g, retain_graph=retain, allow_unused=True)
+
+
+def _parity(layer: BenchLayer, dtype: torch.dtype) -> Dict[str, Dict[str, float]]:
+    """Relative errors of fastticket (forced tile skipping and dispatched) vs float64, per op."""
+    from fastticket.kernels.masked_linear import reference_masked_linear, reference_masked_linear_grads
+
+    x, g = layer.xs[0], layer.gs[0]
+    ref_y = reference_masked_linear(x, layer.weight, layer.bias, layer.mask)
+    ref_dx, ref_dw, ref_db = reference_masked_linear_grads(x, layer.weight, layer.bias, layer.mask, g)
+    out: Dict[str, Dict[str, float]] = {}
+    for label, ctx in (("skip", forced_skip), ("dispatch", contextlib.nullcontext)):
+        with ctx():
+            y = layer.fastticket(x)
+            dx, dw, db = _grads(y, layer, x, g, retain=False)
+        fwd = rel_error(y, ref_y)
+        bwd = max(rel_error(dx, ref_dx), rel_error(dw, ref_dw), rel_error(db, ref_db), key=_nan_max_key)
+        out[label] = {"fwd": fwd, "bwd": bwd, "fwd+bwd": max(fwd, bwd, key=_nan_max_key)}
+    return out
+
+
+def _nan_max_key(v: float) -> float:
+    return float("inf") if v != v else v  # a NaN error must win every max
+
+
+def _time_impls(layer: BenchLayer, op: str, impls: Dict[str, Callable[[torch.Tensor], torch.Tensor]]
+                ) -> Dict[str, float]:
+    times: Dict[str, float] = {}
+    sets = list(zip(layer.xs, layer.gs))
+    for name, fn in impls.items():
+        ctx = forced_skip if name == "fastticket-skip" else contextlib.nullcontext
+        with ctx():
+            if op == "fwd":
+                times[name] = time_ms(lambda x, g, fn=fn: fn(x), sets)
+            elif op == "bwd":
+                ys = {id(x): fn(x) for x, _ in sets}  # graphs built once, backward timed with retain_graph
+                times[name] = time_ms(lambda x, g, ys=ys: _grads(ys[id(x)], layer, x, g, retain=True), sets)
+                del ys
+            else:
+                times[name] = time_ms(lambda x, g, fn=fn: _grads(fn(x), layer, x, g, retain=False), sets)
+    return times
+
+
+def _live_fraction(layer: BenchLayer, device: torch.device, dtype: torch.dtype) -> float:
+    from fastticket.kernels.masked_linear import block_sizes
+
+    return layer.tile_map(*block_sizes(device, dtype)).live_fraction
+
+
+def _crossover_of(points: List[Tuple[float, bool]]) -> Dict[str, object]:
+    points = sorted(points)
+    any_win = [f for f, w in points if w]
+    last_win, first_loss = None, None
+    for f, w in points:
+        if w:
+            last_win = f
+        else:
+            first_loss = f
+            break
+    if first_loss is None:
+        suggested = 1.01  # skipping won at every measured point
+    elif last_win is None:
+        suggested = 0.0   # skipping lost even at the sparsest point
+    else:
+        suggested = (last_win + first_loss) / 2
+    return {"largest_winning_live_fraction": max(any_win) if any_win else None,
+            "crossover_live_fraction": last_win, "first_loss": first_loss, "suggested_threshold": suggested,
+            "points": len(points)}
+
+
+def crossover(rows: Sequence[BenchRow], op: str = "fwd+bwd", pooled_prefix: str = "large."
+              ) -> Dict[str, Dict[str, object]]:
+    """Where forced tile skipping stops beating dense, from the timed rows of `op`.
+
+    Per case family (case/mask) and pooled over the cases whose name starts with `pooled_prefix` (key
+    "pooled"): `crossover_live_fraction` walks up from the sparsest point and stops at the first loss (a win
+    above a loss is treated as noise), `largest_winning_live_fraction` is the largest win anywhere, and
+    `suggested_threshold` is the midpoint between the last win and the first loss: the value for
+    kernels/dispatch.py (tile skipping runs when live_fraction < threshold).
+    """
+    families: Dict[str, List[Tuple[float, bool]]] = {}
+    pooled: List[Tuple[float, bool]] = []
+    for r in rows:
+        if r.op != op or "fastticket-skip" not in r.times_ms or "dense" not in r.times_ms:
+            continue
+        point = (float(r.extra["live_fraction"]), r.times_ms["fastticket-skip"] < r.times_ms["dense"])
+        families.setdefault(f"{r.case}/{r.mask}", []).append(point)
+        if r.case.startswith(pooled_prefix):
+            pooled.append(point)
+    result = {fam: _crossover_of(points) for fam, points in families.items()}
+    if pooled:
+        result["pooled"] = _crossover_of(pooled)
+    return result
+
+
+@suite("linear")
+def linear_suite(options: BenchOptions) -> List[BenchRow]:
+    from fastticket.kernels.dispatch import use_tile_skipping
+
+    device, dtype = options.torch_device, options.torch_dtype
+    timing = options.timing and device.type == "cuda"
+    if device.type == "cuda":
+        cases = quick_gpu_cases() if options.quick else full_cases()
+        densities = (1.0, 0.5, 0.1) if options.quick else DENSITIES
+        masks = ("element", "block:64x64") if options.quick else GPU_MASKS
+    else:
+        cases, densities, masks = cpu_cases(), (1.0, 0.2, 0.05), ("element", "block:16x16")
+    rows: List[BenchRow] = []
+    with _tf32(options.dtype.lower() == "tf32"):
+        for ci, case in enumerate(cases):
+            for mi, mask_kind in enumerate(masks):
+                for di, density in enumerate(densities):
+                    layer = BenchLayer(case, mask_kind, density, dtype, device, seed=1000 * ci + 100 * mi + di)
+                    live = _live_fraction(layer, device, dtype)
+                    path = "skip" if use_tile_skipping(live, "linear") else "dense"
+                    parity = _parity(layer, dtype)
+                    bsr_fn, bsr_note = layer.bsr_forward() if timing else (None, "not timed (no GPU)")
+                    for op in OPS:
+                        extra = {"live_fraction": live, "dispatch": path,
+                                 "actual_density": float(layer.mask.float().mean()),
+                                 "parity_skip": parity["skip"][op], "parity_dispatch": parity["dispatch"][op],
+                                 "bsr": bsr_note if op == "fwd" else "n/a: torch has no BSR weight gradient"}
+                        times: Dict[str, float] = {}
+                        if timing:
+                            impls = {"dense": layer.dense, "fastticket": layer.fastticket,
+                                     "fastticket-skip": layer.fastticket, "prune": layer.prune}
+                            if op == "fwd" and bsr_fn is not None:
+                                impls["bsr"] = bsr_fn
+                            times = _time_impls(layer, op, impls)
+                        ratios = {name: times["dense"] / t for name, t in times.items() if name != "dense" and t > 0}
+                        rows.append(BenchRow(
+                            suite="linear", case=case.name, op=op, shape=case.shape, dtype=options.dtype,
+                            mask=mask_kind, density=density, times_ms=times, ratio_vs_dense=ratios,
+                            parity=max(parity["skip"][op], parity["dispatch"][op], key=_nan_max_key), extra=extra))
+                    del layer
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    summary_extra: Dict[str, object] = {"parity": "n/a"}
+    if timing:
+        per_family = crossover(rows)
+        pooled = per_family.get("pooled", {})
+        summary_extra.update({
+            "crossover": per_family,
+            # From the large layers pooled: small layers are launch-bound and say little about the kernels.
+            "crossover_live_fraction": pooled.get("crossover_live_fraction"),
+            "suggested_threshold": pooled.get("suggested_threshold"),
+            "note": "set kernels/dispatch.py DENSE_THRESHOLDS['linear'] from suggested_threshold",
+        })
+    else:
+        summary_extra.update({"crossover_live_fraction": None,
+                              "note": "unmeasured: the crossover needs GPU timings"})
+    if timing and summary_extra.get("suggested_threshold") is not None:
+        summary_extra["summary"] = (f"linear: tile skipping beats dense (fwd+bwd, large layers) up to a live-tile "
+                                    f"fraction of {summary_extra['crossover_live_fraction']}; suggested "
+                                    f"DENSE_THRESHOLDS['linear'] = {summary_extra['suggested_threshold']:.3f}")
+    else:
+        summary_extra["summary"] = "linear: dispatch crossover unmeasured (needs GPU timings of the large layers)"
+    rows.append(BenchRow(suite="linear", case="crossover", op="fwd+bwd", shape="-", dtype=options.dtype,
+                         mask="-", density=float("nan"), parity=float("nan"), extra=summary_extra))
+    return rows

@@ -1,0 +1,448 @@
+"""Masked linear layer that skips pruned tiles: Triton kernels, launchers, float64 reference, autograd.
+
+Math (DESIGN.md sections 3-4), with W the stored weight [N, K] whose pruned entries are exactly zero and
+M its bool mask:
+
+    forward  Y  = X @ W^T + b          program per (M-tile, N-tile), loops over the live K-tiles of its
+                                       output tile-row only (CSR `row_ptr` / `col_idx` of the tile map)
+    dX          = dY @ W               program per (M-tile, K-tile), loops over the live N-tiles of its
+                                       tile-column only (transposed lists `col_ptr` / `row_idx`)
+    dW          = (dY^T @ X) * M       one program per live (BN x BK) tile (COO `coo_rows` / `coo_cols`),
+                                       the element mask applied in the epilogue; dead tiles are never
+                                       written, so the zero-initialised buffer keeps them exactly zero
+    db          = dY.sum(rows)         once, in PyTorch (a reduction, not worth a per-tile kernel)
+
+Because pruned weights are zero in storage, the forward and dX need no element mask: skipping dead tiles
+is exact, and inside a live tile the zeros contribute nothing.
+
+Precision: fp32 inputs use IEEE fp32 products unless `torch.backends.cuda.matmul.allow_tf32` is set (then
+TF32, like cuBLAS under the same flag); bf16 / fp16 inputs accumulate in fp32; outputs are in the input dtype.
+
+Tile sizes: the tile map's (BN, BK) must equal the kernels' (BLOCK_N, BLOCK_K), because a kernel step
+consumes exactly one tile of the map. So BLOCK_N / BLOCK_K are fixed per device (64 x 64 on CUDA, 16 x 16
+in the CPU interpreter so small test shapes still span several tiles) and autotuning on CUDA varies only
+BLOCK_M, num_warps and num_stages, keyed on (M, N, K, live-tile count) plus the dtypes (triton adds those).
+Under the interpreter a single fixed config runs (autotuning there would take minutes).
+
+Dispatch per layer (kernels/dispatch.py): when the live-tile fraction is at or above the measured
+threshold, dense cuBLAS runs instead (`F.linear` forward and dX are exact under the zero invariant; dW is
+masked after the matmul). The threshold values there are placeholders until `fastticket bench --suite linear`
+is run on a GPU: it reports the measured crossover (`crossover_live_fraction` and `suggested_threshold` in
+the results' `crossover` row).
+
+torch.compile: `masked_linear` is wrapped in `torch.compiler.disable`, so a compiled model runs this layer
+eagerly (one graph break per masked layer) and the rest of the model compiled. That keeps the tile-map cache
+(Python-side, keyed on the mask version) and the data-dependent launch grids out of the traced graph.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from fastticket.kernels.dispatch import use_tile_skipping
+from fastticket.kernels.tile_map import TileMap
+
+TileMapProvider = Callable[[int, int], TileMap]
+FusedUpdate = Callable[[torch.Tensor, torch.Tensor], None]
+
+__all__ = [
+    "masked_linear", "MaskedLinearFunction", "block_sizes", "linear_forward", "linear_grad_input",
+    "linear_grad_weight", "reference_masked_linear", "reference_masked_linear_grads",
+]
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+def block_sizes(device: torch.device, dtype: torch.dtype) -> Tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) the kernels use on `device` for `dtype`: also the tile size of the tile map.
+
+    64 x 64 on CUDA for every dtype: one tile per K step keeps a bf16 tile at 8 KiB and an fp32 one at
+    16 KiB in shared memory, so 3-4 pipeline stages fit on sm80/sm90; it is also the block-pruning grain
+    the paper-style `block:64x64` masks use. 16 x 16 (the smallest tl.dot) off-CUDA, where the interpreter
+    runs small test shapes that must still cover several tiles.
+    """
+    if device.type == "cuda":
+        return 64, 64
+    return 16, 16
+
+
+# Fixed BLOCK_M off-CUDA (interpreter).
+_INTERP_BLOCK_M = 16
+# M-tiles per launch-order group (L2 reuse; see _grouped_tile).
+_GROUP_M = 8
+
+
+def _cuda_configs() -> List[triton.Config]:
+    configs = []
+    for block_m, warps, stages in [(128, 8, 3), (128, 4, 4), (64, 4, 4), (64, 4, 3), (32, 4, 4), (256, 8, 3)]:
+        configs.append(triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+def _input_precision(dtype: torch.dtype) -> Optional[str]:
+    """tl.dot's input_precision: IEEE for fp32 unless the user allowed TF32 for matmuls (the same switch
+    cuBLAS obeys). None (triton's default) for 16-bit inputs, whose products tensor cores compute exactly;
+    naming "tf32" there would be rejected by backends that do not list it (e.g. AMD)."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+@triton.jit
+def _grouped_tile(pid, tiles_m, tiles_other, GROUP_M: tl.constexpr):
+    """Program id -> (m tile, other tile), walking GROUP_M m-tiles down before moving across, so the X rows
+    of a group and the W tiles they meet stay in L2 (the ordering of Triton's matmul tutorial)."""
+    per_group = GROUP_M * tiles_other
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    local = pid % per_group
+    return first_m + local % size_m, local // size_m
+
+
+@triton.jit
+def _fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, row_ptr, col_idx,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    N_LIVE,  # live-tile count: only an autotune key (a sparser layer gets its own config)
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    # int64 row offsets: M * K can exceed 2^31 for long token batches.
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    arange_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    start = tl.load(row_ptr + pid_n)
+    end = tl.load(row_ptr + pid_n + 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(start, end):
+        kt = tl.load(col_idx + i)
+        offs_k = kt * BLOCK_K + arange_k
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        # W^T tile [BLOCK_K, BLOCK_N] read straight from W's [N, K] layout.
+        wt = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                     mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(x, wt, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _dx_kernel(
+    dy_ptr, w_ptr, dx_ptr, col_ptr, row_idx,
+    M, N, K,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dxm, stride_dxk,
+    N_LIVE,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    arange_n = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    k_ok = offs_k < K
+    start = tl.load(col_ptr + pid_k)
+    end = tl.load(col_ptr + pid_k + 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for i in range(start, end):
+        nt = tl.load(row_idx + i)
+        offs_n = nt * BLOCK_N + arange_n
+        n_ok = offs_n < N
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+             acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _dw_kernel(
+    dy_ptr, x_ptr, mask_ptr, dw_ptr, coo_rows, coo_cols,
+    M, N, K,
+    stride_dym, stride_dyn, stride_xm, stride_xk, stride_mn, stride_mk, stride_dwn, stride_dwk,
+    N_LIVE,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0)
+    nt = tl.load(coo_rows + t)
+    kt = tl.load(coo_cols + t)
+    offs_n = (nt * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = (kt * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    n_ok = offs_n < N
+    k_ok = offs_k < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        m_ok = offs_m < M
+        # dY^T tile [BLOCK_N, BLOCK_M] read from dY's [M, N] layout.
+        dyt = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
+                      mask=m_ok[None, :] & n_ok[:, None], other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(dyt, x, acc, input_precision=INPUT_PRECISION)
+    tile_ok = n_ok[:, None] & k_ok[None, :]
+    # Element mask in the epilogue: pruned entries of a live tile get exactly zero gradient.
+    keep = tl.load(mask_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=tile_ok, other=0)
+    acc = tl.where(keep != 0, acc, 0.0)
+    tl.store(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+             acc.to(dw_ptr.dtype.element_ty), mask=tile_ok)
+
+
+_autotuned = {}
+
+
+def _kernel(name: str, device: torch.device):
+    """The jitted kernel to launch: autotuned on CUDA, plain (fixed BLOCK_M) under the interpreter."""
+    base = {"fwd": _fwd_kernel, "dx": _dx_kernel, "dw": _dw_kernel}[name]
+    if device.type != "cuda":
+        return base
+    if name not in _autotuned:
+        _autotuned[name] = triton.autotune(configs=_cuda_configs(), key=["M", "N", "K", "N_LIVE"])(base)
+    return _autotuned[name]
+
+
+def _launch_meta(device: torch.device) -> dict:
+    return {} if device.type == "cuda" else {"BLOCK_M": _INTERP_BLOCK_M, "num_warps": 4}
+
+
+def _check_tile_map(tile_map: TileMap, n: int, k: int, device: torch.device, dtype: torch.dtype) -> Tuple[int, int]:
+    bn, bk = block_sizes(device, dtype)
+    if tuple(tile_map.block) != (bn, bk):
+        raise ValueError(f"tile map has tiles {tile_map.block}, the kernels on {device.type} use {(bn, bk)}")
+    if tuple(tile_map.shape) != (n, k):
+        raise ValueError(f"tile map is for a weight of shape {tile_map.shape}, got {(n, k)}")
+    return bn, bk
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tile_map: TileMap,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Y = x @ weight^T + bias over the live tiles only. x: [M, K]; returns [M, N] in x's dtype.
+
+    `out` (optional, [M, N], x's dtype) is fully overwritten, which the tests check by passing NaN-filled buffers.
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    bn, bk = _check_tile_map(tile_map, n, k, x.device, x.dtype)
+    if out is None:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return out
+    kernel = _kernel("fwd", x.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, bn),)  # noqa: E731
+    kernel[grid](
+        x, weight, bias if bias is not None else x, out, tile_map.row_ptr, tile_map.col_idx,
+        m, n, k,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+        tile_map.n_live,
+        HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(x.dtype),
+        BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, **_launch_meta(x.device),
+    )
+    return out
+
+
+def linear_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, tile_map: TileMap,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dX = grad_out @ weight over the live tiles only. grad_out: [M, N]; returns [M, K]."""
+    m, n = grad_out.shape
+    k = weight.shape[1]
+    bn, bk = _check_tile_map(tile_map, n, k, grad_out.device, grad_out.dtype)
+    if out is None:
+        out = torch.empty((m, k), device=grad_out.device, dtype=grad_out.dtype)
+    if m == 0 or k == 0:
+        return out
+    kernel = _kernel("dx", grad_out.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, bk),)  # noqa: E731
+    kernel[grid](
+        grad_out, weight, out, tile_map.col_ptr, tile_map.row_idx,
+        m, n, k,
+        grad_out.stride(0), grad_out.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+        tile_map.n_live,
+        INPUT_PRECISION=_input_precision(grad_out.dtype),
+        BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, **_launch_meta(grad_out.device),
+    )
+    return out
+
+
+def linear_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, tile_map: TileMap,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dW = (grad_out^T @ x) * mask, computed for live tiles only. Returns [N, K] in x's dtype.
+
+    Dead tiles are never written: a fresh result is zero-initialised, and a caller-supplied `out` must hold
+    zeros there already (the tests pass a NaN-filled `out` to prove the dead tiles are left untouched).
+    """
+    m, n = grad_out.shape
+    k = x.shape[1]
+    bn, bk = _check_tile_map(tile_map, n, k, x.device, x.dtype)
+    if out is None:
+        out = torch.zeros((n, k), device=x.device, dtype=x.dtype)
+    if tile_map.n_live == 0:
+        return out
+    # m == 0 needs no special case: the kernel's M loop runs zero times and stores zeros in live tiles.
+    mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    kernel = _kernel("dw", x.device)
+    kernel[(tile_map.n_live,)](
+        grad_out, x, mask_u8, out, tile_map.coo_rows, tile_map.coo_cols,
+        m, n, k,
+        grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),
+        mask_u8.stride(0), mask_u8.stride(1), out.stride(0), out.stride(1),
+        tile_map.n_live,
+        INPUT_PRECISION=_input_precision(x.dtype),
+        BLOCK_N=bn, BLOCK_K=bk, **_launch_meta(x.device),
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+def reference_masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            mask: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Y = x @ (weight * mask)^T + bias in `dtype` (float64 by default), any leading batch dims."""
+    w = weight.to(dtype) * mask.to(dtype)
+    y = x.to(dtype) @ w.t()
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y
+
+
+def reference_masked_linear_grads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                  mask: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype = torch.float64
+                                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(dX, dW, db) of `reference_masked_linear` for upstream gradient grad_out, in `dtype`.
+
+    dX = dY @ (W*M), dW = (dY^T @ X) * M, db = dY summed over all rows; x / grad_out may have batch dims.
+    """
+    k = x.shape[-1]
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k).to(dtype)
+    g2 = grad_out.reshape(-1, n).to(dtype)
+    m = mask.to(dtype)
+    dx = (g2 @ (weight.to(dtype) * m)).reshape(x.shape)
+    dw = (g2.t() @ x2) * m
+    db = g2.sum(0) if bias is not None else None
+    return dx, dw, db
+
+
+# ------------------------------------------------------------------------------------------------ autograd
+
+class MaskedLinearFunction(torch.autograd.Function):
+    """Y = X @ W^T + b with tile skipping or dense cuBLAS (chosen per layer), masked dW.
+
+    apply(x, weight, bias, mask, tile_map, fused_update): x has any leading dims; tile_map is the layer's
+    TileMap for `block_sizes(x.device, x.dtype)`; fused_update, when given, is called in the backward as
+    fused_update(grad_out_2d, x_2d) after dX is computed, updates the weight in place, and the weight gets no
+    .grad (None is returned for it).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor,
+                tile_map: TileMap, fused_update: Optional[FusedUpdate]) -> torch.Tensor:
+        k = x.shape[-1]
+        n = weight.shape[0]
+        x2 = x.reshape(-1, k)
+        skipping = use_tile_skipping(tile_map.live_fraction, "linear")
+        if skipping:
+            y2 = linear_forward(x2, weight, bias, tile_map)
+        else:
+            # Dense cuBLAS is exact here: pruned weights are zero in storage.
+            y2 = F.linear(x2, weight, bias)
+        ctx.save_for_backward(x2, weight, mask)
+        ctx.tile_map = tile_map
+        ctx.skipping = skipping
+        ctx.has_bias = bias is not None
+        ctx.fused_update = fused_update
+        ctx.x_shape = x.shape
+        return y2.reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x2, weight, mask = ctx.saved_tensors
+        tile_map: TileMap = ctx.tile_map
+        n = weight.shape[0]
+        g2 = grad_out.reshape(-1, n)
+        if g2.dtype != x2.dtype:
+            g2 = g2.to(x2.dtype)
+        if ctx.skipping and g2.stride(-1) != 1 and g2.stride(0) != 1:
+            g2 = g2.contiguous()  # e.g. an expanded (stride-0) gradient: keep the kernels' loads coalesced
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+
+        grad_x = grad_w = grad_b = None
+        # dX first: a fused optimizer update below rewrites the weight in place.
+        if need_x:
+            grad_x = linear_grad_input(g2, weight, tile_map) if ctx.skipping else g2 @ weight
+            grad_x = grad_x.reshape(ctx.x_shape)
+        if need_b and ctx.has_bias:
+            # 16-bit gradients summed in fp32 over possibly thousands of rows, then rounded once.
+            acc_dtype = torch.float32 if g2.dtype in (torch.float16, torch.bfloat16) else g2.dtype
+            grad_b = g2.sum(0, dtype=acc_dtype).to(g2.dtype)
+        if need_w:
+            if ctx.fused_update is not None:
+                ctx.fused_update(g2, x2)
+                grad_w = None
+            elif ctx.skipping:
+                grad_w = linear_grad_weight(g2, x2, mask, tile_map)
+            else:
+                grad_w = (g2.t() @ x2).masked_fill_(~mask.bool(), 0.0)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+
+def _autocast_inputs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """Under autocast, compute in the autocast dtype as F.linear would (the casts are differentiable)."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return x, weight, bias
+
+
+@torch.compiler.disable
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor,
+                  tile_maps: TileMapProvider, fused_update: Optional[FusedUpdate] = None) -> torch.Tensor:
+    """Masked linear layer on the triton backend: tile skipping or dense cuBLAS, chosen per layer.
+
+    x: [..., K]; weight: [N, K] with pruned entries exactly zero; mask: bool [N, K]; tile_maps: callable
+    (BN, BK) -> TileMap, cached by the layer per mask version; fused_update: see MaskedLinearFunction.
+    Runs under torch.no_grad() (no autograd graph is recorded) and inside a torch.compile'd model (graph break
+    here: this function is excluded from tracing and runs eagerly).
+    """
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features, weight expects {weight.shape[1]} "
+                         f"(weight shape {tuple(weight.shape)})")
+    x, weight, bias = _autocast_inputs(x, weight, bias)
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"masked_linear: input dtype {x.dtype}, weight {weight.dtype}"
+                        + (f", bias {bias.dtype}" if bias is not None else "") + " must match")
+    bn, bk = block_sizes(x.device, x.dtype)
+    tile_map = tile_maps(bn, bk)
+    # Inputs are already in the compute dtype; autocast must not re-cast inside the dense path.
+    no_autocast = (torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu")
+                   else contextlib.nullcontext())
+    with no_autocast:
+        return MaskedLinearFunction.apply(x, weight, bias, mask, tile_map, fused_update)
+
