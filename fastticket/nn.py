@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastticket import functional
+from fastticket import _mask_registry, functional
 from fastticket.kernels.tile_map import TileMap, TileMapCache
 
 
@@ -32,6 +32,7 @@ class MaskedLayer:
         self.mask_version = 0  # bumped on every mask change; tile maps and kernels key their caches on it
         self._tile_maps = TileMapCache()
         self.register_load_state_dict_post_hook(_reapply_mask_after_load)
+        _mask_registry.register_layer(self)  # lets fastticket.optim find this weight's mask by itself
 
     @torch.no_grad()
     def apply_mask_(self):

@@ -1,0 +1,419 @@
+"""Masked optimizers (drop-in for torch.optim.SGD / Adam / AdamW), rewinding and the dW+update fusion.
+
+`MaskedSGD(model.parameters(), lr=...)` finds the masks of masked layers' weights by itself (through
+`fastticket._mask_registry`); masks for other tensors are given as `masks=[...]` aligned with the params, or
+as a param-group key `"mask"` (a list aligned with the group's params). For a masked parameter the step
+masks the gradient, keeps optimizer state zero on pruned entries and writes pruned weights as exact zeros,
+so no step can revive them (DESIGN.md section 3). State lives in `self.state` under torch.optim's keys
+('step', 'momentum_buffer', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'), so state dicts and LR schedulers work
+as with torch.optim, and state dicts are interchangeable with torch.optim's.
+
+Backend (fastticket.backend.resolve_backend of the parameter's device): "triton" runs the fused multi-tensor
+kernels of fastticket.kernels.masked_optim, "torch" the PyTorch reference of the same math.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
+
+from fastticket import _mask_registry
+from fastticket.backend import resolve_backend
+from fastticket.kernels import masked_optim as _k
+
+ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]]]
+
+__all__ = ["MaskedSGD", "MaskedAdam", "MaskedAdamW", "rewind_", "reset_state_", "rewind_and_reset_",
+           "update_masks_",
+           "enable_fused_dw_update", "disable_fused_dw_update"]
+
+
+def _as_bool_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    if tuple(mask.shape) != tuple(param.shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match parameter shape {tuple(param.shape)}")
+    if mask.dtype == torch.bool and mask.device == param.device:
+        return mask  # kept by reference: later in-place edits of the caller's mask are seen
+    return (mask != 0).to(param.device)
+
+
+class _MaskedOptimizer(Optimizer):
+    """What the masked optimizers share: mask lookup and the explicit-mask bookkeeping."""
+
+    def __init__(self, params: ParamsT, defaults: Dict[str, Any],
+                 masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+        # Masks are kept out of param_groups so that state_dict() stays tensor-free in its groups, exactly
+        # like torch.optim's; identity-keyed because tensors hash by id but compare elementwise.
+        self._explicit_masks: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._owner_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # Tile size of block-mask skipping: masks with a dead (BN x BK) tile are stepped over live tiles only.
+        self.block_tile: Tuple[int, int] = tuple(_k.DEFAULT_TILE)  # type: ignore[assignment]
+        super().__init__(params, defaults)
+        if masks is not None:
+            flat = [p for g in self.param_groups for p in g["params"]]
+            masks = list(masks)
+            if len(masks) != len(flat):
+                raise ValueError(f"masks=[...] has {len(masks)} entries for {len(flat)} parameters")
+            for p, m in zip(flat, masks):
+                if m is not None:
+                    self._explicit_masks[p] = _as_bool_mask(m, p)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        group_masks = param_group.pop("mask", None) if isinstance(param_group, dict) else None
+        super().add_param_group(param_group)
+        if group_masks is not None:
+            params = self.param_groups[-1]["params"]
+            if isinstance(group_masks, torch.Tensor):
+                group_masks = [group_masks]
+            group_masks = list(group_masks)
+            if len(group_masks) != len(params):
+                raise ValueError(f"param group 'mask' has {len(group_masks)} entries for {len(params)} params")
+            for p, m in zip(params, group_masks):
+                if m is not None:
+                    self._explicit_masks[p] = _as_bool_mask(m, p)
+
+    def mask_for(self, param: torch.Tensor) -> Optional[torch.Tensor]:
+        """The mask the step applies to `param`: explicit, else its masked layer's `weight_mask`, else None."""
+        mask = self._explicit_masks.get(param)
+        if mask is not None:
+            return mask
+        cached = self._owner_cache.get(param)
+        if cached is not None:
+            layer_ref, registry_size = cached  # (weak ref to the owner or None, registry generation)
+            layer = layer_ref() if layer_ref is not None else None
+            if layer is not None and getattr(layer, "weight", None) is param:
+                return layer.weight_mask
+            if layer_ref is None and registry_size == _mask_registry.generation():
+                return None  # known unowned, and no layer was built since we looked
+        layer = _mask_registry.layer_of(param)
+        self._owner_cache[param] = (weakref.ref(layer) if layer is not None else None,
+                                    _mask_registry.generation())
+        return None if layer is None else layer.weight_mask
+
+    def tile_map_for(self, param: torch.Tensor, mask: Optional[torch.Tensor]):
+        """Tile map for the live-tile-only step, or None (element mode). Layer masks use the layer's cached
+        tile maps (rebuilt only when the mask changes); explicit masks a cache keyed on the mask tensor."""
+        if mask is None:
+            return None
+        provider = None
+        if param not in self._explicit_masks:
+            cached = self._owner_cache.get(param)
+            layer = cached[0]() if cached is not None and cached[0] is not None else None
+            if layer is not None and hasattr(layer, "tile_map"):
+                provider = layer.tile_map
+        return _k.tile_map_for(mask, self.block_tile, provider)
+
+    def _grad_of(self, p: torch.Tensor) -> torch.Tensor:
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        return p.grad
+
+    @staticmethod
+    def _backend(device: torch.device) -> str:
+        return resolve_backend(device)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_explicit_masks", WeakIdKeyDictionary())
+        self.__dict__.setdefault("_owner_cache", WeakIdKeyDictionary())
+        self.__dict__.setdefault("block_tile", tuple(_k.DEFAULT_TILE))
+
+
+def _split_by(keys: Sequence[Any]) -> Dict[Any, List[int]]:
+    buckets: Dict[Any, List[int]] = {}
+    for i, k in enumerate(keys):
+        buckets.setdefault(k, []).append(i)
+    return buckets
+
+
+class MaskedSGD(_MaskedOptimizer):
+    """torch.optim.SGD with masks; same constructor arguments (foreach / fused accepted and ignored: the step
+    is always one fused pass per group on the triton backend; groups record fused=None so that
+    load_state_dict keeps 'step' counters on the CPU as torch's non-fused optimizers do)."""
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
+                 masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if differentiable:
+            raise ValueError("MaskedSGD does not support differentiable=True")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=False, fused=None)
+        super().__init__(params, defaults, masks)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [self._grad_of(p) for p in params]
+            masks = [self.mask_for(p) for p in params]
+            bufs = [self.state[p].get("momentum_buffer") for p in params]
+            hp = dict(lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
+                      nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+            for backend, idx in _split_by([self._backend(p.device) for p in params]).items():
+                sub_bufs = [bufs[i] for i in idx]
+                args = ([params[i] for i in idx], [grads[i] for i in idx], [masks[i] for i in idx], sub_bufs)
+                if backend == "triton":
+                    _k.sgd_step_(*args, tile_maps=[self.tile_map_for(params[i], masks[i]) for i in idx],
+                                 block=self.block_tile, **hp)
+                else:
+                    _k.sgd_step_reference_(*args, **hp)
+                for i, b in zip(idx, sub_bufs):
+                    bufs[i] = b
+            if group["momentum"] != 0:
+                for p, b in zip(params, bufs):
+                    self.state[p]["momentum_buffer"] = b
+        return loss
+
+
+def _scalar_dtype() -> torch.dtype:
+    # torch.optim keeps 'step' as a CPU float tensor of this dtype; matching it keeps state dicts interchangeable.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class MaskedAdam(_MaskedOptimizer):
+    """torch.optim.Adam with masks; same constructor arguments (foreach / fused / capturable / differentiable
+    accepted; capturable and differentiable must be False)."""
+
+    _decoupled_default = False
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
+                 foreach: Optional[bool] = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None,
+                 decoupled_weight_decay: Optional[bool] = None,
+                 masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if eps < 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameters: {betas}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if capturable or differentiable:
+            raise ValueError(f"{type(self).__name__} does not support capturable=True or differentiable=True")
+        if decoupled_weight_decay is None:
+            decoupled_weight_decay = self._decoupled_default
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=False, differentiable=False, fused=None,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, masks)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("decoupled_weight_decay", self._decoupled_default)
+
+    def _init_state(self, p: torch.Tensor, amsgrad: bool) -> Dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0 or "exp_avg" not in state:
+            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            amsgrad = group["amsgrad"]
+            grads = [self._grad_of(p) for p in params]
+            masks = [self.mask_for(p) for p in params]
+            states = [self._init_state(p, amsgrad) for p in params]
+            steps = []
+            for s in states:
+                s["step"] += 1  # a CPU scalar tensor, as in torch.optim: no device sync
+                steps.append(int(s["step"].item()))
+            beta1, beta2 = group["betas"]
+            hp = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+                      weight_decay=group["weight_decay"], amsgrad=amsgrad, maximize=group["maximize"],
+                      decoupled=group.get("decoupled_weight_decay", self._decoupled_default))
+            for backend, idx in _split_by([self._backend(p.device) for p in params]).items():
+                args = ([params[i] for i in idx], [grads[i] for i in idx], [masks[i] for i in idx],
+                        [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
+                        [states[i].get("max_exp_avg_sq") if amsgrad else None for i in idx], [steps[i] for i in idx])
+                if backend == "triton":
+                    _k.adam_step_(*args, tile_maps=[self.tile_map_for(params[i], masks[i]) for i in idx],
+                                  block=self.block_tile, **hp)
+                else:
+                    _k.adam_step_reference_(*args, **hp)
+        return loss
+
+
+class MaskedAdamW(MaskedAdam):
+    """torch.optim.AdamW with masks (decoupled weight decay, default 1e-2); same constructor arguments."""
+
+    _decoupled_default = True
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
+                         fused=fused, decoupled_weight_decay=True, masks=masks)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rewinding, state reset, mask updates
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def rewind_(params: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
+            masks: Sequence[Optional[torch.Tensor]]) -> None:
+    """`p = source * mask` in place for every parameter (mask None: plain copy), in one fused pass per
+    device and dtype on the triton backend. Pruned entries are written as exact zeros (NaN sources included)."""
+    params, sources, masks = list(params), list(sources), list(masks)
+    if not (len(params) == len(sources) == len(masks)):
+        raise ValueError(f"rewind_: {len(params)} params, {len(sources)} sources, {len(masks)} masks")
+    from fastticket.kernels import rewind as _rw
+
+    for backend, idx in _split_by([resolve_backend(p.device) for p in params]).items():
+        fn = _rw.rewind_ if backend == "triton" else _rw.rewind_reference_
+        fn([params[i] for i in idx], [sources[i] for i in idx], [masks[i] for i in idx])
+
+
+def _state_tensors_to_zero(optimizer: Optimizer) -> List[torch.Tensor]:
+    """Reset the step counters, drop momentum buffers where dampening makes a zero buffer differ from
+    "no buffer yet", and return the state tensors that must be zeroed."""
+    to_zero: List[torch.Tensor] = []
+    for group in optimizer.param_groups:
+        drop_buffers = group.get("dampening", 0) != 0
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for key in list(state.keys()):
+                value = state[key]
+                if key == "momentum_buffer" and drop_buffers:
+                    del state[key]
+                elif key == "step" and isinstance(value, torch.Tensor):
+                    value.zero_()
+                elif key == "step":
+                    state[key] = 0
+                elif isinstance(value, torch.Tensor):
+                    to_zero.append(value)
+    return to_zero
+
+
+@torch.no_grad()
+def rewind_and_reset_(params: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
+                      masks: Sequence[Optional[torch.Tensor]], optimizer: Optional[Optimizer] = None) -> None:
+    """A level's reset in one fused pass per device and dtype: `p = source * mask` for every parameter and
+    the optimizer's state zeroed (see `reset_state_` for the semantics)."""
+    params, sources, masks = list(params), list(sources), list(masks)
+    if not (len(params) == len(sources) == len(masks)):
+        raise ValueError(f"rewind: {len(params)} params, {len(sources)} sources, {len(masks)} masks")
+    from fastticket.kernels import rewind as _rw
+
+    zero = _state_tensors_to_zero(optimizer) if optimizer is not None else []
+    items = [("p", i, params[i].device) for i in range(len(params))] + [("z", j, t.device) for j, t in enumerate(zero)]
+    for backend, idx in _split_by([resolve_backend(d) for _, _, d in items]).items():
+        ps = [items[k][1] for k in idx if items[k][0] == "p"]
+        zs = [zero[items[k][1]] for k in idx if items[k][0] == "z"]
+        if backend == "triton":
+            _rw.rewind_and_zero_([params[i] for i in ps], [sources[i] for i in ps], [masks[i] for i in ps], zero=zs)
+        else:
+            _rw.rewind_reference_([params[i] for i in ps], [sources[i] for i in ps], [masks[i] for i in ps])
+            _rw.zero_reference_(zs)
+
+
+@torch.no_grad()
+def reset_state_(optimizer: Optimizer) -> None:
+    """Zero the optimizer's state in place, as for a freshly built optimizer (used at each rewind).
+
+    Tensors are zeroed where they are (no reallocation; one fused pass on the triton backend) and 'step'
+    counters set to 0. A zero momentum buffer is equivalent to torch SGD's "no buffer yet" only when
+    dampening is 0 (the first step then gives buf = grad exactly); with dampening the buffer is dropped so
+    the next step re-creates it as torch does.
+    """
+    from fastticket.kernels import rewind as _rw
+
+    to_zero = _state_tensors_to_zero(optimizer)
+    for backend, idx in _split_by([resolve_backend(t.device) for t in to_zero]).items():
+        fn = _rw.zero_ if backend == "triton" else _rw.zero_reference_
+        fn([to_zero[i] for i in idx])
+
+
+@torch.no_grad()
+def update_masks_(masks: Sequence[torch.Tensor], new_masks: Sequence[torch.Tensor],
+                  params: Sequence[Sequence[torch.Tensor]]) -> None:
+    """Apply a pruning decision: `mask &= new_mask` in place, and zero every tensor in `params[i]` (the
+    weight and its optimizer state) where the mask is now False, in the same pass."""
+    from fastticket.kernels import rewind as _rw
+
+    masks, new_masks, params = list(masks), list(new_masks), [list(ts) for ts in params]
+    for backend, idx in _split_by([resolve_backend(m.device) for m in masks]).items():
+        fn = _rw.update_masks_ if backend == "triton" else _rw.update_masks_reference_
+        fn([masks[i] for i in idx], [new_masks[i] for i in idx], [params[i] for i in idx])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dW + update fusion
+# ----------------------------------------------------------------------------------------------------------
+
+_warned_reasons: set = set()
+
+
+def _warn_once(reason: str) -> None:
+    # Once per distinct reason: a training loop re-enabling every level must not repeat the same line.
+    if reason not in _warned_reasons:
+        _warned_reasons.add(reason)
+        warnings.warn(f"fastticket: dW+update fusion not enabled ({reason}); using the unfused path",
+                      RuntimeWarning, stacklevel=3)
+
+
+def enable_fused_dw_update(model: nn.Module, optimizer: Optimizer) -> bool:
+    """Opt in to the dW+update fusion for every MaskedLinear of `model` trained by `optimizer` (a MaskedSGD
+    on the triton backend): the layer's backward applies the SGD update per live tile and never writes dW.
+
+    Returns whether it was enabled; when a precondition fails (listed in fastticket.kernels.linear_dw_sgd)
+    it warns once, in one line, and leaves the unfused path. Precondition the caller must keep: no gradient
+    clipping or accumulation between backward and step (fused weights have no .grad; accumulation raises).
+    """
+    from fastticket.kernels import linear_dw_sgd as _fused
+
+    return _fused.enable(model, optimizer, _warn_once)
+
+
+def disable_fused_dw_update(model: nn.Module) -> None:
+    """Back to the unfused path: every MaskedLinear's `fused_update` is cleared."""
+    from fastticket.kernels import linear_dw_sgd as _fused
+
+    _fused.disable(model)

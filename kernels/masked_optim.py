@@ -1,0 +1,577 @@
+"""Masked optimizer steps: SGD (momentum, dampening, nesterov, weight decay, maximize) and Adam / AdamW.
+
+The math is torch.optim's, with a mask: the gradient (after weight decay) is zeroed on pruned entries, and
+the new weight and state are written as zero there, so no step can revive a pruned weight and state on
+pruned entries stays exactly zero (DESIGN.md section 3).
+
+This file holds the PyTorch reference (in place, float64-capable; it is also the torch backend's step) and
+the Triton kernels + launchers (see the second half). Triton launches are multi-tensor: one launch per group
+of same-dtype tensors covers all of them through device tables of addresses (see `TensorTable`); masks with
+dead (BN x BK) tiles are stepped over live tiles only. Tensors the kernel cannot take (non-contiguous, mixed
+dtypes) go through the reference, per tensor.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch reference (and torch-backend implementation)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _masked(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    # torch.where rather than a multiply: a NaN/inf gradient on a pruned entry must not leak into the step.
+    return t if mask is None else torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+@torch.no_grad()
+def sgd_reference_(param: torch.Tensor, grad: torch.Tensor, mask: Optional[torch.Tensor],
+                   momentum_buffer: Optional[torch.Tensor], *, lr: float, momentum: float, dampening: float,
+                   nesterov: bool, weight_decay: float, maximize: bool) -> Optional[torch.Tensor]:
+    """One masked SGD step on `param` in place; returns the momentum buffer (new on the first step).
+
+    torch.optim.SGD semantics: the first step's buffer is the (masked, decayed) gradient itself, later steps
+    `buf = momentum * buf + (1 - dampening) * d`.
+    """
+    d = -grad if maximize else grad
+    if weight_decay != 0:
+        d = d + weight_decay * param
+    d = _masked(d, mask)
+    if momentum != 0:
+        if momentum_buffer is None:
+            momentum_buffer = d.clone(memory_format=torch.preserve_format)
+        else:
+            momentum_buffer.mul_(momentum).add_(d, alpha=1 - dampening)
+            if mask is not None:
+                momentum_buffer.copy_(_masked(momentum_buffer, mask))
+        d = d + momentum * momentum_buffer if nesterov else momentum_buffer
+    param.add_(d, alpha=-lr)
+    if mask is not None:
+        param.copy_(_masked(param, mask))
+    return momentum_buffer
+
+
+@torch.no_grad()
+def adam_reference_(param: torch.Tensor, grad: torch.Tensor, mask: Optional[torch.Tensor], exp_avg: torch.Tensor,
+                    exp_avg_sq: torch.Tensor, max_exp_avg_sq: Optional[torch.Tensor], *, step: int, lr: float,
+                    beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+                    decoupled: bool) -> None:
+    """One masked Adam (decoupled=False) / AdamW (decoupled=True) step in place; `step` already incremented."""
+    d = -grad if maximize else grad
+    if weight_decay != 0:
+        if decoupled:
+            param.mul_(1 - lr * weight_decay)
+        else:
+            d = d + weight_decay * param
+    d = _masked(d, mask)
+    exp_avg.lerp_(d, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+    if amsgrad:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        denom = (max_exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    else:
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+    if mask is not None:
+        for t in (param, exp_avg, exp_avg_sq) + ((max_exp_avg_sq,) if amsgrad else ()):
+            t.copy_(_masked(t, mask))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# List versions of the reference: the torch backend's step
+# ----------------------------------------------------------------------------------------------------------
+
+
+def sgd_step_reference_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                        masks: Sequence[Optional[torch.Tensor]], momentum_buffers: List[Optional[torch.Tensor]], *,
+                        lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float,
+                        maximize: bool) -> None:
+    """Masked SGD over a list of tensors (fills `momentum_buffers` in place on the first step)."""
+    for i, (p, g, m) in enumerate(zip(params, grads, masks)):
+        momentum_buffers[i] = sgd_reference_(p, g, m, momentum_buffers[i], lr=lr, momentum=momentum,
+                                             dampening=dampening, nesterov=nesterov,
+                                             weight_decay=weight_decay, maximize=maximize)
+
+
+def adam_step_reference_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                         masks: Sequence[Optional[torch.Tensor]], exp_avgs: Sequence[torch.Tensor],
+                         exp_avg_sqs: Sequence[torch.Tensor], max_exp_avg_sqs: Sequence[Optional[torch.Tensor]],
+                         steps: Sequence[int], *, lr: float, beta1: float, beta2: float, eps: float,
+                         weight_decay: float, amsgrad: bool, maximize: bool, decoupled: bool) -> None:
+    """Masked Adam/AdamW over a list of tensors (`steps[i]`: tensor i's step count, already incremented)."""
+    for p, g, m, ea, eas, mx, s in zip(params, grads, masks, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
+        adam_reference_(p, g, m, ea, eas, mx, step=s, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled=decoupled)
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton: multi-tensor tables
+# ----------------------------------------------------------------------------------------------------------
+#
+# One launch covers every tensor of a bucket (same dtype, same device, same hyperparameters). The kernel
+# finds its tensors through device tables instead of arguments:
+#   addr  int64 [T, 6]  addresses of p, grad, mask, state0, state1, state2 (0 where absent)
+#   meta  int64 [T, 4]  numel, rows N, cols K (the 2-D view the tiles cut), flags
+#   chunk int32 [C, 3]  per program: tensor index, a, b. Element chunks (a = chunk index, b = 0) cover
+#                       BN*BK consecutive elements; tile chunks (a, b) = live tile (row, col) of a block mask,
+#                       taken from the layer's tile map COO list, so dead tiles are never read or written.
+# The chunk table depends only on sizes and tile maps, so it is cached across steps; the address table is
+# rebuilt each step because gradients are reallocated after zero_grad(set_to_none=True).
+# Pointer tables work in the Triton interpreter too (checked: it dereferences raw host addresses), so the
+# CPU tests run the same single-launch code as the GPU.
+
+FLAG_MASK, FLAG_TILE, FLAG_FIRST = 1, 2, 4
+DEFAULT_TILE = (64, 64)  # BN x BK: the unit of block-mask skipping, and the element-chunk size (4096)
+
+
+def _triton():
+    import triton  # noqa: F401  (imported lazily: the torch backend must work without triton)
+    import triton.language as tl  # noqa: F401
+
+    return triton, tl
+
+
+_TL_DTYPES = {}
+
+
+def _tl_dtype(dtype: torch.dtype):
+    _, tl = _triton()
+    if not _TL_DTYPES:
+        _TL_DTYPES.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                           torch.float64: tl.float64})
+    return _TL_DTYPES[dtype]
+
+
+def kernel_supported(param: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """Whether the fused kernel can take this tensor: a float dtype it knows, contiguous storage shared
+    layout with its gradient/state/mask. Anything else goes through the reference (documented fallback)."""
+    if param.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) or param.numel() == 0:
+        return False
+    if not param.is_contiguous():
+        return False
+    for t in others:
+        if t is not None and (not t.is_contiguous() or t.shape != param.shape or t.device != param.device):
+            return False
+    return True
+
+
+class _ChunkCache:
+    """Chunk tables keyed by (sizes, tile maps); holds the tile maps so their identity keys stay valid."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self._store: dict = {}
+        self._capacity = capacity
+
+    def get(self, device: torch.device, entries: Sequence[tuple], block: Tuple[int, int]) -> Tuple[torch.Tensor, int]:
+        # entries: per tensor, ("e", numel) or ("t", tile_map)
+        key = (device, block, tuple((kind, x if kind == "e" else id(x)) for kind, x in entries))
+        hit = self._store.get(key)
+        if hit is not None and all(kind == "e" or hit[2][i] is x for i, (kind, x) in enumerate(entries)):
+            return hit[0], hit[1]
+        block_elems = block[0] * block[1]
+        parts, total = [], 0
+        for t, (kind, x) in enumerate(entries):
+            if kind == "e":
+                n = -(-x // block_elems)
+                a = torch.arange(n, dtype=torch.int32, device=device)
+                b = torch.zeros(n, dtype=torch.int32, device=device)
+            else:
+                n = x.n_live
+                a, b = x.coo_rows.to(device), x.coo_cols.to(device)
+            if n == 0:
+                continue
+            parts.append(torch.stack([torch.full((n,), t, dtype=torch.int32, device=device), a, b], dim=1))
+            total += n
+        table = (torch.cat(parts).contiguous() if parts
+                 else torch.zeros((0, 3), dtype=torch.int32, device=device))
+        if len(self._store) >= self._capacity:
+            self._store.pop(next(iter(self._store)))
+        self._store[key] = (table, total, [x for _, x in entries])
+        return table, total
+
+
+_chunk_cache = _ChunkCache()
+_address_tables: dict = {}
+
+
+class TensorTable:
+    """Address/meta/chunk tables for one multi-tensor launch (see the comment block above)."""
+
+    def __init__(self, device: torch.device, block: Tuple[int, int]) -> None:
+        self.device, self.block = device, block
+        self._addr: List[int] = []
+        self._meta: List[int] = []
+        self._entries: List[tuple] = []
+        # Hints claim 16-byte bases and offsets in multiples of 4 elements: BK must keep that too.
+        self.aligned = block[1] % 4 == 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, tensors: Sequence[Optional[torch.Tensor]], numel: int, rows: int, cols: int, flags: int,
+            tile_map=None) -> None:
+        addrs = [0 if t is None else t.data_ptr() for t in tensors] + [0] * (6 - len(tensors))
+        fallback = addrs[0]  # masked-off lanes never dereference; any valid address keeps sanitizers quiet
+        addrs = [a if a else fallback for a in addrs]
+        self._addr += addrs
+        self._meta += [numel, rows, cols, flags]
+        self._entries.append(("t", tile_map) if tile_map is not None else ("e", numel))
+        # The kernel's divisibility hints claim 16-byte aligned bases and row strides that are multiples of
+        # 4 elements; any tensor breaking that turns the hints off for the whole launch.
+        tile_misaligned = tile_map is not None and (cols % 4 or (cols * tensors[0].element_size()) % 16)
+        if any(a % 16 for a in addrs) or tile_misaligned:
+            self.aligned = False
+
+    def build(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        # The caching allocator hands gradients the same addresses step after step, so the device copy of
+        # the table is reused while its contents are unchanged (saves a host-to-device copy per launch).
+        key = (self.device, tuple(self._addr), tuple(self._meta))
+        hit = _address_tables.get(key)
+        if hit is None:
+            addr = torch.tensor(self._addr, dtype=torch.int64).to(self.device, non_blocking=True)
+            meta = torch.tensor(self._meta, dtype=torch.int64).to(self.device, non_blocking=True)
+            if len(_address_tables) >= 16:
+                _address_tables.pop(next(iter(_address_tables)))
+            _address_tables[key] = hit = (addr, meta)
+        addr, meta = hit
+        chunks, n_chunks = _chunk_cache.get(self.device, self._entries, self.block)
+        return addr, meta, chunks, n_chunks
+
+
+def tile_map_for(mask: Optional[torch.Tensor], block: Tuple[int, int], provider=None):
+    """The tile map used for live-tile-only iteration, or None for element mode (no mask, not 2-D-viewable,
+    or no dead tile: then element chunks move the same bytes with simpler addressing)."""
+    if mask is None or mask.dim() < 2:
+        return None
+    tile_map = provider(*block) if provider is not None else _explicit_tile_maps(mask, block)
+    return tile_map if tile_map.n_live < tile_map.n_tiles else None
+
+
+_explicit_maps = None
+
+
+def _explicit_tile_maps(mask: torch.Tensor, block: Tuple[int, int]):
+    global _explicit_maps
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    from fastticket.kernels.tile_map import TileMapCache
+
+    if _explicit_maps is None:
+        _explicit_maps = WeakIdKeyDictionary()
+    cache = _explicit_maps.get(mask)
+    if cache is None:
+        cache = _explicit_maps[mask] = TileMapCache()
+    return cache.get(mask, block[0], block[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton: kernels
+# ----------------------------------------------------------------------------------------------------------
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # the torch backend works without triton
+    HAS_TRITON = False
+
+_kernels: dict = {}
+
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _chunk_geometry(chunk_ptr, meta_ptr, BN: tl.constexpr, BK: tl.constexpr, ALIGNED: tl.constexpr):
+        """Offsets of this program's [BN, BK] block of its tensor, its in-bounds lanes, and whether the
+        block lies wholly in bounds (then loads need no bounds mask and can vectorize)."""
+        c = tl.program_id(0).to(tl.int64)
+        t = tl.load(chunk_ptr + 3 * c).to(tl.int64)
+        a = tl.load(chunk_ptr + 3 * c + 1).to(tl.int64)
+        b = tl.load(chunk_ptr + 3 * c + 2).to(tl.int64)
+        numel = tl.load(meta_ptr + 4 * t)
+        n_rows = tl.load(meta_ptr + 4 * t + 1)
+        n_cols = tl.load(meta_ptr + 4 * t + 2)
+        flags = tl.load(meta_ptr + 4 * t + 3)
+        is_tile = (flags & 2) != 0
+        # Element chunk a: elements [a*BN*BK, (a+1)*BN*BK) seen as BN rows of BK. Tile (a, b): rows
+        # a*BN.., cols b*BK.. of the [n_rows, n_cols] view.
+        row_stride = tl.where(is_tile, n_cols, BK)
+        base = tl.where(is_tile, a * BN * n_cols + b * BK, a * (BN * BK))
+        row_limit = tl.where(is_tile, n_rows - a * BN, BN)
+        col_limit = tl.where(is_tile, n_cols - b * BK, BK)
+        lin_limit = tl.where(is_tile, numel, numel - a * (BN * BK))
+        if ALIGNED:
+            # Host-checked: addresses 16-byte aligned, tile row strides multiples of 16 bytes.
+            row_stride = tl.multiple_of(row_stride, 4)
+            base = tl.multiple_of(base, 4)
+        r = tl.arange(0, BN)[:, None]
+        k = tl.arange(0, BK)[None, :]
+        offs = base + r * row_stride + k
+        valid = (r < row_limit) & (k < col_limit) & (r * BK + k < lin_limit)
+        full = (row_limit >= BN) & (col_limit >= BK) & (lin_limit >= BN * BK)
+        return t, offs, valid, full, flags
+
+    @triton.jit
+    def _tensor_ptr(addr_ptr, i, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+        """Address i of the table as a typed pointer. In aligned launches the pointer carries a 16-byte
+        divisibility hint so full chunks compile to 128-bit accesses (checked in the PTX of an sm90 compile:
+        the hint must sit on the pointer; on the int64 before the cast it is lost)."""
+        p = tl.load(addr_ptr + i).to(tl.pointer_type(DTYPE))
+        if ALIGNED:
+            p = tl.multiple_of(p, 16)
+        return p
+
+    @triton.jit
+    def _full_chunk_keep(m_ptr, offs, flags):
+        """The mask of a wholly in-bounds chunk: an unpredicated (vectorizable) byte load when the tensor
+        has a mask, all-true without reading anything when it has none."""
+        if (flags & 1) != 0:
+            keep = tl.load(m_ptr + offs) != 0
+        else:
+            keep = offs >= 0
+        return keep
+
+    @triton.jit
+    def _sgd_apply(addr_ptr, t, offs, valid, flags, lr, momentum, dampening, weight_decay,
+                   DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, BOUNDED: tl.constexpr,
+                   HAS_MOMENTUM: tl.constexpr,
+                   NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr):
+        p_ptr = _tensor_ptr(addr_ptr, 6 * t, DTYPE, ALIGNED)
+        g_ptr = _tensor_ptr(addr_ptr, 6 * t + 1, DTYPE, ALIGNED)
+        m_ptr = _tensor_ptr(addr_ptr, 6 * t + 2, tl.int8, ALIGNED)
+        b_ptr = _tensor_ptr(addr_ptr, 6 * t + 3, DTYPE, ALIGNED)
+        # Per-tensor flags as full tensors: the interpreter rejects a load mask combined from a scalar.
+        has_mask = ((offs * 0 + flags) & 1) != 0
+        first = (flags & 4) != 0
+        if BOUNDED:
+            p = tl.load(p_ptr + offs, mask=valid, other=0.0).to(COMPUTE)
+            g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(COMPUTE)
+            keep = tl.load(m_ptr + offs, mask=valid & has_mask, other=1) != 0
+        else:
+            p = tl.load(p_ptr + offs).to(COMPUTE)
+            g = tl.load(g_ptr + offs).to(COMPUTE)
+            keep = _full_chunk_keep(m_ptr, offs, flags)
+        if MAXIMIZE:
+            g = -g
+        if HAS_WD:
+            g = g + weight_decay * p
+        g = tl.where(keep, g, 0.0)
+        d = g
+        if HAS_MOMENTUM:
+            # The first step's buffer is the gradient itself (torch.optim.SGD); the launcher hands a zeroed
+            # fresh buffer then, so the unconditional read is harmless.
+            if BOUNDED:
+                buf = tl.load(b_ptr + offs, mask=valid, other=0.0).to(COMPUTE)
+            else:
+                buf = tl.load(b_ptr + offs).to(COMPUTE)
+            buf = tl.where(first, g, buf * momentum + (1.0 - dampening) * g)
+            buf = tl.where(keep, buf, 0.0)
+            if BOUNDED:
+                tl.store(b_ptr + offs, buf.to(DTYPE), mask=valid)
+            else:
+                tl.store(b_ptr + offs, buf.to(DTYPE))
+            if NESTEROV:
+                d = g + momentum * buf
+            else:
+                d = buf
+        p = tl.where(keep, p - lr * d, 0.0)
+        if BOUNDED:
+            tl.store(p_ptr + offs, p.to(DTYPE), mask=valid)
+        else:
+            tl.store(p_ptr + offs, p.to(DTYPE))
+
+    @triton.jit
+    def sgd_kernel(addr_ptr, meta_ptr, chunk_ptr, lr, momentum, dampening, weight_decay,
+                   DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   ALIGNED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                   MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr):
+        t, offs, valid, full, flags = _chunk_geometry(chunk_ptr, meta_ptr, BN, BK, ALIGNED)
+        if full:
+            _sgd_apply(addr_ptr, t, offs, valid, flags, lr, momentum, dampening, weight_decay, DTYPE, COMPUTE,
+                       ALIGNED, False, HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD)
+        else:
+            _sgd_apply(addr_ptr, t, offs, valid, flags, lr, momentum, dampening, weight_decay, DTYPE, COMPUTE,
+                       ALIGNED, True, HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD)
+
+    @triton.jit
+    def _adam_apply(addr_ptr, t, offs, valid, flags, lr, beta1, beta2, eps, weight_decay, step_size,
+                    inv_bc2_sqrt, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr,
+                    BOUNDED: tl.constexpr,
+                    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr):
+        p_ptr = _tensor_ptr(addr_ptr, 6 * t, DTYPE, ALIGNED)
+        g_ptr = _tensor_ptr(addr_ptr, 6 * t + 1, DTYPE, ALIGNED)
+        m_ptr = _tensor_ptr(addr_ptr, 6 * t + 2, tl.int8, ALIGNED)
+        ea_ptr = _tensor_ptr(addr_ptr, 6 * t + 3, DTYPE, ALIGNED)
+        eas_ptr = _tensor_ptr(addr_ptr, 6 * t + 4, DTYPE, ALIGNED)
+        mx_ptr = _tensor_ptr(addr_ptr, 6 * t + 5, DTYPE, ALIGNED)
+        has_mask = ((offs * 0 + flags) & 1) != 0
+        if BOUNDED:
+            p = tl.load(p_ptr + offs, mask=valid, other=0.0).to(COMPUTE)
+            g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(COMPUTE)
+            keep = tl.load(m_ptr + offs, mask=valid & has_mask, other=1) != 0
+            m = tl.load(ea_ptr + offs, mask=valid, other=0.0).to(COMPUTE)
+            v = tl.load(eas_ptr + offs, mask=valid, other=0.0).to(COMPUTE)
+        else:
+            p = tl.load(p_ptr + offs).to(COMPUTE)
+            g = tl.load(g_ptr + offs).to(COMPUTE)
+            keep = _full_chunk_keep(m_ptr, offs, flags)
+            m = tl.load(ea_ptr + offs).to(COMPUTE)
+            v = tl.load(eas_ptr + offs).to(COMPUTE)
+        if MAXIMIZE:
+            g = -g
+        if HAS_WD:
+            if DECOUPLED:
+                p = p * (1.0 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        g = tl.where(keep, g, 0.0)
+        m = tl.where(keep, m + (1.0 - beta1) * (g - m), 0.0)
+        v = tl.where(keep, v * beta2 + (1.0 - beta2) * (g * g), 0.0)
+        if AMSGRAD:
+            if BOUNDED:
+                vmax = tl.load(mx_ptr + offs, mask=valid, other=0.0).to(COMPUTE)
+            else:
+                vmax = tl.load(mx_ptr + offs).to(COMPUTE)
+            vmax = tl.where(keep, tl.maximum(vmax, v), 0.0)
+            denom = tl.sqrt_rn(vmax) * inv_bc2_sqrt + eps
+            if BOUNDED:
+                tl.store(mx_ptr + offs, vmax.to(DTYPE), mask=valid)
+            else:
+                tl.store(mx_ptr + offs, vmax.to(DTYPE))
+        else:
+            denom = tl.sqrt_rn(v) * inv_bc2_sqrt + eps
+        p = tl.where(keep, p - step_size * tl.div_rn(m, denom), 0.0)
+        if BOUNDED:
+            tl.store(p_ptr + offs, p.to(DTYPE), mask=valid)
+            tl.store(ea_ptr + offs, m.to(DTYPE), mask=valid)
+            tl.store(eas_ptr + offs, v.to(DTYPE), mask=valid)
+        else:
+            tl.store(p_ptr + offs, p.to(DTYPE))
+            tl.store(ea_ptr + offs, m.to(DTYPE))
+            tl.store(eas_ptr + offs, v.to(DTYPE))
+
+    @triton.jit
+    def adam_kernel(addr_ptr, meta_ptr, chunk_ptr, lr, beta1, beta2, eps, weight_decay, step_size, inv_bc2_sqrt,
+                    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    ALIGNED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+                    DECOUPLED: tl.constexpr):
+        t, offs, valid, full, flags = _chunk_geometry(chunk_ptr, meta_ptr, BN, BK, ALIGNED)
+        if full:
+            _adam_apply(addr_ptr, t, offs, valid, flags, lr, beta1, beta2, eps, weight_decay, step_size,
+                        inv_bc2_sqrt, DTYPE, COMPUTE, ALIGNED, False, AMSGRAD, MAXIMIZE, HAS_WD, DECOUPLED)
+        else:
+            _adam_apply(addr_ptr, t, offs, valid, flags, lr, beta1, beta2, eps, weight_decay, step_size,
+                        inv_bc2_sqrt, DTYPE, COMPUTE, ALIGNED, True, AMSGRAD, MAXIMIZE, HAS_WD, DECOUPLED)
+
+    _kernels.update(sgd=sgd_kernel, adam=adam_kernel)
+
+
+
+
+def _build_kernels() -> dict:
+    if not HAS_TRITON:
+        raise RuntimeError("the triton backend needs triton installed")
+    return _kernels
+
+
+def _compute_dtype(dtype: torch.dtype):
+    _, tl = _triton()
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _num_warps(block: Tuple[int, int]) -> int:
+    return 8 if block[0] * block[1] >= 4096 else 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton: launchers (same signatures as the list references above, plus tile maps and block size)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def sgd_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+              masks: Sequence[Optional[torch.Tensor]], momentum_buffers: List[Optional[torch.Tensor]], *,
+              lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
+              tile_maps: Optional[Sequence[object]] = None, block: Tuple[int, int] = DEFAULT_TILE) -> None:
+    """Masked SGD, one Triton launch per (device, dtype) bucket; `tile_maps[i]` (or None) selects the
+    live-tile-only path for tensor i. New momentum buffers are stored into `momentum_buffers`."""
+    tile_maps = list(tile_maps) if tile_maps is not None else [None] * len(params)
+    buckets: dict = {}
+    for i, (p, g, m) in enumerate(zip(params, grads, masks)):
+        buf = momentum_buffers[i]
+        if p.dtype != g.dtype or not kernel_supported(p, g, m, buf) or (buf is not None and buf.dtype != p.dtype):
+            momentum_buffers[i] = sgd_reference_(p, g, m, buf, lr=lr, momentum=momentum, dampening=dampening,
+                                                 nesterov=nesterov, weight_decay=weight_decay, maximize=maximize)
+            continue
+        buckets.setdefault((p.device, p.dtype), []).append(i)
+    if not buckets:
+        return
+    kernel = _build_kernels()["sgd"]
+    for (device, dtype), idx in buckets.items():
+        table = TensorTable(device, block)
+        for i in idx:
+            p, g, m, tm = params[i], grads[i], masks[i], tile_maps[i]
+            flags = (FLAG_MASK if m is not None else 0) | (FLAG_TILE if tm is not None else 0)
+            buf = momentum_buffers[i]
+            if momentum != 0 and buf is None:
+                flags |= FLAG_FIRST
+                # Zeroed: dead tiles are never visited, and the kernel reads the buffer unconditionally.
+                buf = torch.zeros_like(p)
+                momentum_buffers[i] = buf
+            rows, cols = (tm.shape if tm is not None else (1, p.numel()))
+            table.add([p, g, m.view(torch.int8) if m is not None and m.dtype == torch.bool else m,
+                       buf if momentum != 0 else None], p.numel(), rows, cols, flags, tm)
+        addr, meta, chunks, n_chunks = table.build()
+        if n_chunks == 0:
+            continue
+        kernel[(n_chunks,)](addr, meta, chunks, float(lr), float(momentum), float(dampening), float(weight_decay),
+                            DTYPE=_tl_dtype(dtype), COMPUTE=_compute_dtype(dtype), BN=block[0], BK=block[1],
+                            ALIGNED=table.aligned, HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov),
+                            MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, num_warps=_num_warps(block))
+
+
+def adam_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
+               exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+               max_exp_avg_sqs: Sequence[Optional[torch.Tensor]], steps: Sequence[int], *, lr: float, beta1: float,
+               beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool, decoupled: bool,
+               tile_maps: Optional[Sequence[object]] = None, block: Tuple[int, int] = DEFAULT_TILE) -> None:
+    """Masked Adam/AdamW, one Triton launch per (device, dtype, step) bucket (tensors of a group almost
+    always share the step count, so this is one launch per group in practice)."""
+    tile_maps = list(tile_maps) if tile_maps is not None else [None] * len(params)
+    buckets: dict = {}
+    for i, (p, g, m) in enumerate(zip(params, grads, masks)):
+        ea, eas, mx = exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i]
+        same = all(t is None or t.dtype == p.dtype for t in (g, ea, eas, mx))
+        if not same or not kernel_supported(p, g, m, ea, eas, mx):
+            adam_reference_(p, g, m, ea, eas, mx, step=steps[i], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled=decoupled)
+            continue
+        buckets.setdefault((p.device, p.dtype, int(steps[i])), []).append(i)
+    if not buckets:
+        return
+    kernel = _build_kernels()["adam"]
+    for (device, dtype, step), idx in buckets.items():
+        table = TensorTable(device, block)
+        for i in idx:
+            p, m, tm = params[i], masks[i], tile_maps[i]
+            flags = (FLAG_MASK if m is not None else 0) | (FLAG_TILE if tm is not None else 0)
+            rows, cols = (tm.shape if tm is not None else (1, p.numel()))
+            table.add([p, grads[i], m.view(torch.int8) if m is not None and m.dtype == torch.bool else m,
+                       exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None],
+                      p.numel(), rows, cols, flags, tm)
+        addr, meta, chunks, n_chunks = table.build()
+        if n_chunks == 0:
+            continue
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+        kernel[(n_chunks,)](addr, meta, chunks, float(lr), float(beta1), float(beta2), float(eps),
+                            float(weight_decay), float(lr / bias_correction1), float(1.0 / bias_correction2_sqrt),
+                            DTYPE=_tl_dtype(dtype), COMPUTE=_compute_dtype(dtype), BN=block[0], BK=block[1],
+                            ALIGNED=table.aligned, AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
+                            HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled), num_warps=_num_warps(block))

@@ -1,0 +1,140 @@
+"""The dW+update fusion (kernels/linear_dw_sgd.py) against the unfused path and a float64 reference."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fastticket import optim as fopt
+from fastticket.backend import use_backend
+from fastticket.kernels import linear_dw_sgd as F
+from fastticket.kernels.masked_linear import block_sizes
+from fastticket.kernels.tile_map import build_tile_map
+from fastticket.nn import MaskedLinear
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _mask_with_dead_tiles(shape, block, seed) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(shape, generator=g) > 0.4
+    m[: block[0], : block[1]] = False  # one dead tile at least
+    return m
+
+
+@pytest.mark.parametrize("hp", [dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=1e-2, maximize=False),
+                                dict(momentum=0.8, dampening=0.2, nesterov=False, weight_decay=0.0, maximize=True),
+                                dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=1e-3,
+                                     maximize=False)])
+def test_kernel_matches_float64_reference(hp, device) -> None:
+    n, k, m = 37, 45, 21  # not multiples of any tile
+    block = block_sizes(device, torch.float32)
+    mask = _mask_with_dead_tiles((n, k), block, seed=1).to(device)
+    tile_map = build_tile_map(mask, *block)
+    assert tile_map.n_live < tile_map.n_tiles
+    g = torch.Generator().manual_seed(2)
+    w64 = (torch.randn(n, k, generator=g, dtype=torch.float64) * mask.cpu()).to(device)
+    w = w64.float()
+    dead = ~tile_map.live.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:n, :k]
+    buf, buf64 = None, None
+    for step in range(3):
+        dy = torch.randn(m, n, generator=g, dtype=torch.float64).to(device)
+        x = torch.randn(m, k, generator=g, dtype=torch.float64).to(device)
+        buf64 = F.linear_dw_sgd_reference_(dy, x, w64, mask, buf64, lr=0.05, **hp)
+        buf = F.linear_dw_sgd_(dy.float(), x.float(), w, mask, tile_map, buf, lr=0.05, **hp)
+        if step == 0 and buf is not None:
+            buf[dead] = float("nan")  # dead tiles of the buffer must never be read or written again
+    assert _rel(w, w64) < 1e-5
+    assert bool((w[~mask] == 0).all())
+    if hp["momentum"]:
+        assert bool(buf[dead].isnan().all())
+        assert _rel(buf[~dead], buf64[~dead]) < 1e-5
+
+
+def _mlp(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(MaskedLinear(20, 40), nn.ReLU(), MaskedLinear(40, 24), nn.Tanh(), MaskedLinear(24, 5))
+    block = block_sizes(torch.device("cpu"), torch.float32)
+    for i, layer in enumerate(l for l in model if isinstance(l, MaskedLinear)):
+        layer.set_mask_(_mask_with_dead_tiles(layer.weight.shape, block, seed=10 + i))
+    return model
+
+
+def _train(model, opt, sched, steps: int, fused: bool, device):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(12, 20, generator=g).to(device)
+        y = torch.randint(0, 5, (12,), generator=g).to(device)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if fused:
+            # The fusion applied the weight updates inside backward: no weight gradient was produced.
+            assert all(l.weight.grad is None for l in model if isinstance(l, MaskedLinear))
+        opt.step()
+        sched.step()
+
+
+def test_fused_equals_unfused_over_20_steps(device) -> None:
+    base = _mlp(0).to(device)
+    runs = {}
+    with use_backend("triton"):
+        for fused in (False, True):
+            model = copy.deepcopy(base)
+            opt = fopt.MaskedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+            if fused:
+                assert fopt.enable_fused_dw_update(model, opt)
+            _train(model, opt, sched, 20, fused, device)
+            if fused:
+                base_weights = {id(l): w for l, w in zip(model, [getattr(b, 'weight', None) for b in base])}
+            runs[fused] = (model, opt)
+    (m0, o0), (m1, o1) = runs[False], runs[True]
+    for (name, p0), p1 in zip(m0.named_parameters(), m1.parameters()):
+        assert _rel(p1.detach(), p0.detach()) < 1e-5, name
+        assert _rel(o1.state[p1]["momentum_buffer"], o0.state[p0]["momentum_buffer"]) < 1e-5, name
+    for l0, l1 in zip(m0, m1):
+        if isinstance(l1, MaskedLinear):
+            assert bool((l1.weight[~l1.weight_mask] == 0).all())
+            assert _rel(l1.weight.detach(), base_weights[id(l1)]) > 1e-2  # training did move the weights
+    # The state the fused path kept is torch's: a state dict round trip onto the unfused path works.
+    fopt.disable_fused_dw_update(m1)
+    assert all(getattr(l, "fused_update", None) is None for l in m1)
+    o0.load_state_dict(o1.state_dict())
+
+
+def test_fallback_warns_once_and_stays_unfused(device) -> None:
+    model = _mlp(1).to(device)
+    fopt._warned_reasons.clear()
+    adam = fopt.MaskedAdam(model.parameters(), lr=1e-3)
+    with use_backend("triton"):
+        with pytest.warns(RuntimeWarning, match="needs MaskedSGD"):
+            assert not fopt.enable_fused_dw_update(model, adam)
+    assert all(getattr(l, "fused_update", None) is None for l in model)
+    sgd = fopt.MaskedSGD(model.parameters(), lr=0.1)
+    with use_backend("torch"):
+        with pytest.warns(RuntimeWarning, match="not triton"):
+            assert not fopt.enable_fused_dw_update(model, sgd)
+    sgd.register_step_pre_hook(lambda *a: None)
+    with use_backend("triton"):
+        with pytest.warns(RuntimeWarning, match="step hooks"):
+            assert not fopt.enable_fused_dw_update(model, sgd)
+    assert all(getattr(l, "fused_update", None) is None for l in model)
+
+
+def test_gradient_accumulation_is_refused(device) -> None:
+    model = _mlp(2).to(device)
+    opt = fopt.MaskedSGD(model.parameters(), lr=0.1, momentum=0.9)
+    with use_backend("triton"):
+        assert fopt.enable_fused_dw_update(model, opt)
+        x = torch.randn(4, 20, device=device)
+        model(x).sum().backward()
+        with pytest.raises(RuntimeError, match="twice before optimizer.step"):
+            model(x).sum().backward()
+        opt.step()
+        model(x).sum().backward()  # the guard resets at each optimizer.step()
