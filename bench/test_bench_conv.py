@@ -1,0 +1,98 @@
+"""Conv2d benchmarks (pytest-benchmark): fastticket's masked Conv2d vs dense cuDNN and the prune-style path.
+
+The same cases as `fastticket bench conv` (fastticket.bench.conv): conv layers of Conv-6, VGG-19 and
+ResNet-20 on CIFAR-10 inputs and an ImageNet-sized layer, fwd / bwd / fwd+bwd, element and block:64x64
+masks at densities 100..2 %. Each benchmark's group is one (case, mask, density, op), so
+`pytest bench/test_bench_conv.py --benchmark-group-by=group` lines the implementations up; `extra_info`
+carries the do_bench median (the number the results tables use), the live-tile fraction and, for
+fastticket, the parity against the float64 reference. Timed calls end with torch.cuda.synchronize() so
+pytest-benchmark's wall-clock timer sees the GPU work. Skipped without CUDA (bench/conftest.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import zlib
+
+import pytest
+import torch
+
+from fastticket.bench import conv as suite
+from fastticket.bench import time_ms
+
+QUICK = os.environ.get("FASTTICKET_BENCH_QUICK", "0") not in ("", "0")
+
+if QUICK:
+    CASES = suite.quick_gpu_cases()
+    DENSITIES = (1.0, 0.5, 0.1)
+else:
+    CASES = suite.full_cases()
+    DENSITIES = suite.DENSITIES
+MASKS = ("element", "block:64x64")
+IMPLS = ("dense", "fastticket", "fastticket-skip", "prune")
+
+_layers: dict = {}
+
+
+@pytest.fixture(scope="module")
+def conv_tf32(bench_dtype):
+    """FASTTICKET_BENCH_DTYPE=tf32 means TF32 convolutions: cuDNN's flag, which the kernels follow too."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = os.environ.get("FASTTICKET_BENCH_DTYPE", "bf16").lower() == "tf32"
+    yield torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = old
+
+
+def get_layer(case, mask, density, dtype):
+    """Layers are built once per (case, mask, density, dtype) and shared by the implementations."""
+    key = (case.name, mask, density, dtype)
+    if key not in _layers:
+        _layers.clear()  # one layer at a time: the ImageNet-sized inputs are ~400 MB per set in fp32
+        torch.cuda.empty_cache()
+        _layers[key] = suite.BenchLayer(case, mask, density, dtype, torch.device("cuda"),
+                                        seed=zlib.crc32(repr(key).encode()) & 0xFFFF)
+    return _layers[key]
+
+
+PARAMS = [pytest.param(c, m, d, op, impl, id=f"{c.name}-{m}-d{d}-{op}-{impl}")
+          for c, m, d, op, impl in itertools.product(CASES, MASKS, DENSITIES, suite.OPS, IMPLS)]
+
+
+@pytest.mark.parametrize("case,mask,density,op,impl", PARAMS)
+def test_conv(benchmark, bench_dtype, conv_tf32, case, mask, density, op, impl):
+    layer = get_layer(case, mask, density, bench_dtype)
+    fn = {"dense": layer.dense, "prune": layer.prune, "fastticket": layer.fastticket,
+          "fastticket-skip": layer.fastticket}[impl]
+    ctx = suite.forced_skip if impl == "fastticket-skip" else contextlib.nullcontext
+    sets = list(zip(layer.xs, layer.gs))
+    grads = suite._grads
+
+    with ctx():
+        if op == "fwd":
+            def run(x, g):
+                return fn(x)
+        elif op == "bwd":
+            ys = {id(x): fn(x) for x, _ in sets}  # graphs built once, backward timed with retain_graph
+
+            def run(x, g):
+                return grads(ys[id(x)], layer, x, g, retain=True)
+        else:
+            def run(x, g):
+                return grads(fn(x), layer, x, g, retain=False)
+
+        cycle = itertools.cycle(sets)
+
+        def timed():
+            run(*next(cycle))
+            torch.cuda.synchronize()
+
+        benchmark.group = f"{case.name} {mask} d={density} {op}"
+        benchmark.extra_info["do_bench_median_ms"] = time_ms(run, sets)
+        benchmark.extra_info["live_fraction"] = suite.live_fraction(layer)
+        if impl.startswith("fastticket"):
+            parity = suite._parity(layer)["skip" if impl == "fastticket-skip" else "dispatch"][op]
+            benchmark.extra_info["parity"] = parity
+            tol = 1e-2 if bench_dtype != torch.float32 else (1e-3 if conv_tf32 else 1e-5)
+            assert parity < tol, f"parity {parity}"
+        benchmark.pedantic(timed, warmup_rounds=5, rounds=30, iterations=1)

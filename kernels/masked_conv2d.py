@@ -1,0 +1,733 @@
+"""Masked Conv2d: implicit-GEMM Triton kernels that skip pruned weight tiles, a float64 reference, autograd.
+
+GEMM view (DESIGN.md section 4). With X [N, C_in, H, W], W [C_out, C_in, kh, kw], Y [N, C_out, H_out, W_out]:
+
+    M = N * H_out * W_out   output pixels (rows)
+    N = C_out               output channels (columns)
+    K = C_in * kh * kw      in the filter's own flattening order (c_in major, then kh, kw)
+
+so the layer's tile map of `mask.view(C_out, -1)` (kernels/tile_map.py) indexes the K tiles directly.
+No im2col buffer is ever materialised: every kernel gathers its input patch from X on the fly, with
+stride, padding ('same' included) and dilation, out-of-image taps masked to zero.
+
+- forward: one program per (pixel tile, C_out tile); it loops over the live K tiles of its C_out tile-row
+  (CSR row_ptr/col_idx) only; bias fused in the epilogue. Every output element is written, also for a
+  tile-row with no live tile (then Y = bias), so an output poisoned before the launch comes back clean.
+- dX: the transposed convolution as "GEMM then col2im": one program per (pixel tile, K tile) computes the
+  column-gradient tile dCols = dY[pixels, live C_out tiles] @ W[live C_out tiles, K tile] over the
+  transposed live-tile list (CSR col_ptr/row_idx) and scatters it into dX with atomic adds. Chosen because
+  it is correct for every stride / padding / dilation with one code path and skips exactly the mask's dead
+  tiles. The alternative, a gather per input pixel (dX = conv of dY with the flipped filter, one GEMM per
+  filter tap), cannot: K is c_in-major, so the weights of one tap and one c_in tile are spread over several
+  K tiles, and with a 10%-dense block mask roughly 30-60% of those (tap, c_in tile, C_out tile) blocks
+  would hold a live weight. Its cost is M * K_live fp32 atomics, i.e. about live_fraction * kh * kw adds
+  per dX element; GPU timings decide whether it pays (unmeasured so far).
+  Atomic fp32 adds make dX's rounding order nondeterministic (like cuDNN's non-deterministic algorithms);
+  a 1x1 filter maps every (pixel, K) pair to a distinct input element, so it stores without atomics.
+  K tiles with no live tile launch a program that exits at once; their dX stays zero (exact: the tile's
+  weights are zero).
+- dW = (dY^T @ cols(X)) * M: one program per live tile (COO list), optionally split over M with fp32
+  atomics to fill the GPU; the element mask is applied in the epilogue; dead tiles are never written.
+- dbias: one reduction of dY over (N, H_out, W_out).
+
+Dispatch: `masked_conv2d` runs dense cuDNN (`F.conv2d`, exact under the zero invariant of DESIGN.md
+section 3, with the weight gradient masked) when the layer's live-tile fraction is at or above
+`kernels.dispatch.dense_threshold("conv2d")`, and the tile-skipping kernels below it (override for experiments
+with FASTTICKET_DENSE_THRESHOLD_CONV2D; 1.01 forces the kernels, 0.0 forces cuDNN). groups != 1 always falls
+back to cuDNN with the masked weight gradient: the kernels implement groups == 1 only.
+
+Memory formats: NCHW and channels_last inputs (and weights) are read through their strides; the output
+and dX use the input's memory format (channels_last if X or W is, as cuDNN does). dtypes: fp32 (IEEE, or
+TF32 when torch.backends.cudnn.allow_tf32 is set, as for cuDNN), bf16 and fp16, all with fp32 accumulation.
+Autotuning (CUDA only) keys on the problem size and the live-tile count; under the interpreter a fixed
+small configuration runs. The GPU build of every kernel is checked without a GPU by compiling for sm_90
+(tests/test_masked_conv2d_kernels.py); GPU numerics and speed are checked only where a GPU is present.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from fastticket.kernels._common import dot_input_precision, interpreter_active, next_power_of_2, sm_count
+from fastticket.kernels.dispatch import use_tile_skipping
+from fastticket.kernels.tile_map import TileMap
+
+__all__ = [
+    "ConvGeometry", "conv_geometry", "conv2d_tile_sizes", "conv2d_forward", "conv2d_input_grad",
+    "conv2d_weight_grad", "MaskedConv2dFunction", "masked_conv2d", "reference_masked_conv2d",
+    "reference_masked_conv2d_grads", "tile_map_expand",
+]
+
+IntPair = Union[int, Sequence[int]]
+Padding = Union[int, Sequence[int], str]
+TileMapProvider = Callable[[int, int], TileMap]
+
+# Interpreter-only tiles: small enough that test layers (<= 16 channels) have several tiles per dimension,
+# so tile skipping and the transposed lists are exercised. tl.dot on a GPU needs every dim >= 16, which
+# conv2d_tile_sizes guarantees off the interpreter.
+_INTERPRETER_TILE = (8, 16)
+_INTERPRETER_BLOCK_M = 64
+
+
+# --------------------------------------------------------------------------------------------- geometry
+
+def _pair(value: IntPair, name: str) -> Tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    pair = tuple(int(v) for v in value)
+    if len(pair) == 1:
+        return (pair[0], pair[0])
+    if len(pair) != 2:
+        raise ValueError(f"conv2d {name} must be an int or a pair, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything the kernels need to map output pixels to input taps. `pad` is the top/left padding;
+    bottom/right padding (asymmetric for 'same' with an even receptive field) is implied by H_out/W_out and
+    the kernels' bounds masks."""
+
+    stride: Tuple[int, int]
+    pad: Tuple[int, int]
+    dilation: Tuple[int, int]
+    kernel: Tuple[int, int]
+    in_hw: Tuple[int, int]
+    out_hw: Tuple[int, int]
+
+
+def conv_geometry(input_hw: Tuple[int, int], kernel_hw: Tuple[int, int], stride: IntPair = 1,
+                  padding: Padding = 0, dilation: IntPair = 1) -> ConvGeometry:
+    """Output size and top/left padding, with F.conv2d's semantics (including 'same' and 'valid')."""
+    stride_p, dil_p = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if min(stride_p) < 1 or min(dil_p) < 1:
+        raise ValueError(f"conv2d stride and dilation must be positive, got {stride_p} and {dil_p}")
+    (h, w), (kh, kw) = input_hw, kernel_hw
+    span = (dil_p[0] * (kh - 1), dil_p[1] * (kw - 1))
+    if isinstance(padding, str):
+        if padding == "valid":
+            pad = (0, 0)
+        elif padding == "same":
+            if stride_p != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions (as in F.conv2d)")
+            # F.conv2d pads the extra element of an odd total at the bottom/right.
+            pad = (span[0] // 2, span[1] // 2)
+            return ConvGeometry(stride_p, pad, dil_p, (kh, kw), (h, w), (h, w))
+        else:
+            raise ValueError(f"conv2d padding string must be 'same' or 'valid', got {padding!r}")
+    else:
+        pad = _pair(padding, "padding")
+        if min(pad) < 0:
+            raise ValueError(f"conv2d padding must be non-negative, got {pad}")
+    h_out = (h + 2 * pad[0] - span[0] - 1) // stride_p[0] + 1
+    w_out = (w + 2 * pad[1] - span[1] - 1) // stride_p[1] + 1
+    if h_out <= 0 or w_out <= 0:
+        raise ValueError(f"conv2d output size would be {h_out}x{w_out} for input {h}x{w}, kernel {kh}x{kw}, "
+                         f"padding {pad}, dilation {dil_p}: the kernel is larger than the padded input")
+    return ConvGeometry(stride_p, pad, dil_p, (kh, kw), (h, w), (h_out, w_out))
+
+
+def conv2d_tile_sizes(c_out: int, k: int, dtype: torch.dtype, device: torch.device) -> Tuple[int, int]:
+    """(BN, BK): the weight tile the kernels skip by, i.e. the tile map the layer must provide.
+
+    Fixed per layer shape (not autotuned), because the tile map, and with it the dispatch decision, depends
+    on it. 64 x 32 on the GPU: every gathered input element carries its own address and bounds bit, and
+    with BK = 64 ptxas (sm_90) spills registers in every launch configuration; with BK = 32 the forward,
+    dX and dW kernels compile without spills at BLOCK_M = 128 / 8 warps and 64 / 4 warps. A `block:64x64`
+    mask is two whole tiles. Narrow layers get narrower tiles so little of a tile is padding.
+    """
+    if interpreter_active() or device.type != "cuda":
+        return _INTERPRETER_TILE
+    return (min(64, max(16, next_power_of_2(c_out))), min(32, max(16, next_power_of_2(k))))
+
+
+def _wants_channels_last(*tensors: torch.Tensor) -> bool:
+    # cuDNN's rule: the result is channels_last when the input or the weight is (and not plain contiguous).
+    return any(t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+               for t in tensors)
+
+
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+# --------------------------------------------------------------------------------------------- kernels
+
+# Rows past M (or taps off the image) must fail the bounds test below without int32 overflow.
+_FAR_OUTSIDE = tl.constexpr(-(1 << 30))
+# Filters with at most this many taps test input bounds with a per-pixel bitmask (see _tap_bits).
+_MAX_BITMASK_TAPS = 31
+
+
+@triton.jit
+def _tap_bits(ih0, iw0, m_ok, H, W, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr):
+    # Bit t of a pixel's word says whether filter tap t (kh-major) reads inside the image. K is ordered
+    # c_in-major, so every column of a K tile can have a different tap; a per-element bounds test would need
+    # [BLOCK_M, BLOCK_K] row and column indices live in registers. With the word, the test is one shift.
+    bits = tl.zeros_like(ih0)
+    for t in tl.static_range(KH * KW):
+        ih = ih0 + (t // KW) * dil_h
+        iw = iw0 + (t % KW) * dil_w
+        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & m_ok
+        bits = bits | (inside.to(tl.int32) << t)
+    return bits
+
+
+@triton.jit
+def _gather_ok(bits, ih0, iw0, m_ok, tap, k_ok, H, W, dil_h, dil_w, KW: tl.constexpr, USE_BITS: tl.constexpr):
+    # [BLOCK_M, BLOCK_K] validity of gathered input taps: inside the image, real pixel, real k.
+    if USE_BITS:
+        # Padding columns (k >= K) get tap 31, a bit no filter with <= 31 taps sets.
+        shift = tl.where(k_ok, tap, 31)
+        ok = ((bits[:, None] >> shift[None, :]) & 1) != 0
+    else:
+        ih = tl.where(m_ok, ih0, _FAR_OUTSIDE)[:, None] + ((tap // KW) * dil_h)[None, :]
+        iw = iw0[:, None] + ((tap % KW) * dil_w)[None, :]
+        ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & k_ok[None, :]
+    return ok
+
+
+@triton.jit
+def _conv2d_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, row_ptr_ptr, col_idx_ptr,
+    M, C_in, H, W, C_out, H_out, W_out, n_live,
+    sx_n, sx_c, sx_h, sx_w,
+    sw_o, sw_i, sw_h, sw_w,
+    sy_n, sy_c, sy_h, sy_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_I64: tl.constexpr, USE_BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    K = C_in * KH * KW
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    img = offs_m // (H_out * W_out)
+    pix = offs_m % (H_out * W_out)
+    oh = pix // W_out
+    ow = pix % W_out
+    if INDEX_I64:  # only when a tensor's extent passes 2**31 elements: 64-bit offsets cost registers
+        img = img.to(tl.int64)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    # Offsets split into a per-pixel part (here) and a per-k part (in the loop): the [BLOCK_M, BLOCK_K]
+    # gather then costs one broadcast add, and little stays live across iterations.
+    x_row = img * sx_n + ih0 * sx_h + iw0 * sx_w
+    if USE_BITS:
+        bits = _tap_bits(ih0, iw0, m_ok, H, W, dil_h, dil_w, KH, KW)
+    else:
+        bits = ih0  # unused by _gather_ok
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C_out
+    w_row = offs_n * sw_o
+
+    lo = tl.load(row_ptr_ptr + pid_n)
+    hi = tl.load(row_ptr_ptr + pid_n + 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(lo, hi):
+        kt = tl.load(col_idx_ptr + i)
+        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        ci = offs_k // (KH * KW)
+        tap = offs_k % (KH * KW)
+        rh = tap // KW
+        rw = tap % KW
+        a_ok = _gather_ok(bits, ih0, iw0, m_ok, tap, k_ok, H, W, dil_h, dil_w, KW, USE_BITS)
+        x_col = ci * sx_c + (rh * dil_h) * sx_h + (rw * dil_w) * sx_w
+        a = tl.load(x_ptr + (x_row[:, None] + x_col[None, :]), mask=a_ok, other=0.0)
+        b = tl.load(w_ptr + (w_row[None, :] + (ci * sw_i + rh * sw_h + rw * sw_w)[:, None]),
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_rows = y_ptr + (img * sy_n + oh * sy_h + ow * sy_w)
+    tl.store(y_rows[:, None] + (offs_n * sy_c)[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _conv2d_dx_kernel(
+    dy_ptr, w_ptr, dx_ptr, col_ptr_ptr, row_idx_ptr,
+    M, C_in, H, W, C_out, H_out, W_out, n_live,
+    sdy_n, sdy_c, sdy_h, sdy_w,
+    sw_o, sw_i, sw_h, sw_w,
+    sdx_n, sdx_c, sdx_h, sdx_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, ATOMIC: tl.constexpr, INDEX_I64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    kt = tl.program_id(1)
+    lo = tl.load(col_ptr_ptr + kt)
+    hi = tl.load(col_ptr_ptr + kt + 1)
+    if hi > lo:  # a K tile with no live weight tile adds nothing: dX there stays as zeroed by the launcher
+        K = C_in * KH * KW
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        img = offs_m // (H_out * W_out)
+        pix = offs_m % (H_out * W_out)
+        oh = pix // W_out
+        ow = pix % W_out
+        if INDEX_I64:
+            img = img.to(tl.int64)
+        dy_row = img * sdy_n + oh * sdy_h + ow * sdy_w
+
+        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        ci = offs_k // (KH * KW)
+        tap = offs_k % (KH * KW)
+        rh = tap // KW
+        rw = tap % KW
+        w_col = ci * sw_i + rh * sw_h + rw * sw_w
+
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for i in range(lo, hi):
+            nt = tl.load(row_idx_ptr + i)
+            offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < C_out
+            a = tl.load(dy_ptr + (dy_row[:, None] + (offs_n * sdy_c)[None, :]),
+                        mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + (w_col[None, :] + (offs_n * sw_o)[:, None]), mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+        # col2im: column (pixel, k) is the gradient of input tap (img, ci, ih, iw); taps in the padding drop.
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        dh = rh * dil_h
+        dw = rw * dil_w
+        ih = tl.where(m_ok, ih0, _FAR_OUTSIDE)[:, None] + dh[None, :]
+        iw = iw0[:, None] + dw[None, :]
+        ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & k_ok[None, :]
+        dx_rows = dx_ptr + (img * sdx_n + ih0 * sdx_h + iw0 * sdx_w)
+        dx_ptrs = dx_rows[:, None] + (ci * sdx_c + dh * sdx_h + dw * sdx_w)[None, :]
+        if ATOMIC:
+            tl.atomic_add(dx_ptrs, acc, mask=ok, sem="relaxed")
+        else:
+            tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _conv2d_dw_kernel(
+    x_ptr, dy_ptr, mask_ptr, dw_ptr, coo_rows_ptr, coo_cols_ptr,
+    M, C_in, H, W, C_out, H_out, W_out, m_per_split, n_live,
+    sx_n, sx_c, sx_h, sx_w,
+    sdy_n, sdy_c, sdy_h, sdy_w,
+    sm_o, sm_i, sm_h, sm_w,
+    sdw_o, sdw_i, sdw_h, sdw_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, ATOMIC: tl.constexpr, INDEX_I64: tl.constexpr, USE_BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    t = tl.program_id(0)
+    split = tl.program_id(1)
+    K = C_in * KH * KW
+    tile_n = tl.load(coo_rows_ptr + t)
+    tile_k = tl.load(coo_cols_ptr + t)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C_out
+    offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    ci = offs_k // (KH * KW)
+    tap = offs_k % (KH * KW)
+    rh = tap // KW
+    rw = tap % KW
+    x_col = ci * sx_c + (rh * dil_h) * sx_h + (rw * dil_w) * sx_w
+    dy_col = offs_n * sdy_c
+
+    m_lo = split * m_per_split
+    m_hi = tl.minimum(m_lo + m_per_split, M)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_hi
+        img = offs_m // (H_out * W_out)
+        pix = offs_m % (H_out * W_out)
+        oh = pix // W_out
+        ow = pix % W_out
+        if INDEX_I64:
+            img = img.to(tl.int64)
+        a = tl.load(dy_ptr + (dy_col[:, None] + (img * sdy_n + oh * sdy_h + ow * sdy_w)[None, :]),
+                    mask=n_ok[:, None] & m_ok[None, :], other=0.0)
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        if USE_BITS:
+            bits = _tap_bits(ih0, iw0, m_ok, H, W, dil_h, dil_w, KH, KW)
+        else:
+            bits = ih0  # unused by _gather_ok
+        b_ok = _gather_ok(bits, ih0, iw0, m_ok, tap, k_ok, H, W, dil_h, dil_w, KW, USE_BITS)
+        x_row = img * sx_n + ih0 * sx_h + iw0 * sx_w
+        b = tl.load(x_ptr + (x_row[:, None] + x_col[None, :]), mask=b_ok, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    # The element mask inside a live tile: pruned weights get an exactly-zero gradient.
+    tile_ok = n_ok[:, None] & k_ok[None, :]
+    keep = tl.load(mask_ptr + (offs_n * sm_o)[:, None] + (ci * sm_i + rh * sm_h + rw * sm_w)[None, :],
+                   mask=tile_ok, other=0)
+    acc = tl.where(keep != 0, acc, 0.0)
+    dw_ptrs = dw_ptr + (offs_n * sdw_o)[:, None] + (ci * sdw_i + rh * sdw_h + rw * sdw_w)[None, :]
+    if ATOMIC:
+        tl.atomic_add(dw_ptrs, acc, mask=tile_ok, sem="relaxed")
+    else:
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=tile_ok)
+
+
+# ------------------------------------------------------------------------------ CUDA autotuning (lazy)
+
+def _gpu_configs() -> list:
+    # BLOCK_M 128 needs 8 warps and 64 needs 4 to stay clear of register spills (checked with ptxas, sm_90).
+    shapes = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 8, 2), (128, 8, 3), (128, 8, 4)]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages) for bm, warps, stages in shapes]
+
+
+_AUTOTUNED: dict = {}
+
+
+def _kernel(name: str, atomic: bool = False):
+    """The kernel to launch: autotuned over BLOCK_M / warps / stages on CUDA, the plain jit function under the
+    interpreter. BN/BK are never tuned: they are the tile map's tile. Keys include the live-tile count so a
+    sparser layer gets its own config (DESIGN.md section 4)."""
+    raw = {"fwd": _conv2d_fwd_kernel, "dx": _conv2d_dx_kernel, "dw": _conv2d_dw_kernel}[name]
+    if interpreter_active():
+        return raw
+    tag = (name, atomic)
+    if tag not in _AUTOTUNED:
+        key = ["M", "C_in", "C_out", "H_out", "W_out", "n_live", "KH", "KW"]
+        if name == "dw":
+            key = key + ["m_per_split"]
+        # Atomic outputs must start from zero for every timed run and again before the real one. Plain stores
+        # are idempotent and get no reset, so dead tiles of a caller's dW buffer are never touched.
+        zero = {"dx": ["dx_ptr"], "dw": ["dw_ptr"]}.get(name) if atomic else None
+        _AUTOTUNED[tag] = triton.autotune(configs=_gpu_configs(), key=key, reset_to_zero=zero)(raw)
+    return _AUTOTUNED[tag]
+
+
+def _launch_meta() -> dict:
+    return {"BLOCK_M": _INTERPRETER_BLOCK_M} if interpreter_active() else {}
+
+
+def _grid_m(m: int, other: int):
+    if interpreter_active():
+        return (triton.cdiv(m, _INTERPRETER_BLOCK_M), other)
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), other)
+
+
+def _check_tile_map(tile_map: TileMap, c_out: int, k: int) -> Tuple[int, int]:
+    if tuple(tile_map.shape) != (c_out, k):
+        raise ValueError(f"tile map is for a [{tile_map.shape[0]}, {tile_map.shape[1]}] weight, the filter is "
+                         f"[{c_out}, {k}] (C_out x C_in*kh*kw)")
+    return tile_map.block
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return dot_input_precision(dtype, torch.backends.cudnn.allow_tf32)
+
+
+def _needs_i64(*tensors: torch.Tensor) -> bool:
+    """True when some element offset of these tensors (or a padding tap next to one) may pass int32."""
+    span = max(sum((size - 1) * abs(step) for size, step in zip(t.shape, t.stride())) if t.numel() else 0
+               for t in tensors)
+    return span >= 2 ** 31 - 2 ** 24  # margin for the negative offsets of padding taps, which are masked
+
+
+def _device_guard(t: torch.Tensor):
+    # Triton launches on the current CUDA device, which need not be the tensors' device.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_out(out: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device, what: str) -> None:
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(f"{what} out= must be {tuple(shape)} {dtype} on {device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+
+
+# ------------------------------------------------------------------------------------------- launchers
+
+def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tile_map: TileMap,
+                   stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1, *,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Y = conv2d(X, W) + b over the live tiles of `tile_map` only (exact when dead tiles of W are zero).
+
+    `out` (optional) receives Y; every element is written. Without it Y is allocated in X's memory format.
+    """
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"conv2d_forward needs matching dtypes, got input {x.dtype}, weight {weight.dtype}")
+    geom = conv_geometry((h, w), (kh, kw), stride, padding, dilation)
+    bn, bk = _check_tile_map(tile_map, c_out, c_in * kh * kw)
+    h_out, w_out = geom.out_hw
+    if out is None:
+        out = torch.empty((n, c_out, h_out, w_out), device=x.device, dtype=x.dtype,
+                          memory_format=_memory_format(_wants_channels_last(x, weight)))
+    else:
+        _check_out(out, (n, c_out, h_out, w_out), x.dtype, x.device, "conv2d_forward")
+    m = n * h_out * w_out
+    if m == 0:
+        return out
+    with _device_guard(out):
+        _kernel("fwd")[_grid_m(m, tile_map.tiles[0])](
+            x, weight, bias if bias is not None else x, out, tile_map.row_ptr, tile_map.col_idx,
+            m, c_in, h, w, c_out, h_out, w_out, tile_map.n_live,
+            *x.stride(), *weight.stride(), *out.stride(),
+            *geom.stride, *geom.pad, *geom.dilation,
+            KH=kh, KW=kw, HAS_BIAS=bias is not None, INDEX_I64=_needs_i64(x, out),
+            USE_BITS=kh * kw <= _MAX_BITMASK_TAPS, BLOCK_N=bn, BLOCK_K=bk,
+            INPUT_PRECISION=_precision(x.dtype), **_launch_meta(),
+        )
+    return out
+
+
+def conv2d_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, tile_map: TileMap,
+                      input_shape: Sequence[int], stride: IntPair = 1, padding: Padding = 0,
+                      dilation: IntPair = 1, *, channels_last: Optional[bool] = None,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dX = conv_transpose2d(dY, W) over the transposed live-tile lists (see the module docstring).
+
+    `out` (optional, X's shape and dtype) is zeroed here and receives dX. 3x3 and larger filters accumulate
+    in an fp32 buffer with atomic adds (directly in `out` when it is fp32).
+    """
+    n, c_in, h, w = (int(v) for v in input_shape)
+    c_out, _, kh, kw = weight.shape
+    geom = conv_geometry((h, w), (kh, kw), stride, padding, dilation)
+    bn, bk = _check_tile_map(tile_map, c_out, c_in * kh * kw)
+    h_out, w_out = geom.out_hw
+    if tuple(grad_out.shape) != (n, c_out, h_out, w_out):
+        raise ValueError(f"grad_out is {tuple(grad_out.shape)}, expected {(n, c_out, h_out, w_out)}")
+    if channels_last is None:
+        channels_last = _wants_channels_last(grad_out, weight)
+    fmt = _memory_format(channels_last)
+    if out is None:
+        out = torch.empty((n, c_in, h, w), device=grad_out.device, dtype=weight.dtype, memory_format=fmt)
+    else:
+        _check_out(out, (n, c_in, h, w), weight.dtype, grad_out.device, "conv2d_input_grad")
+    grad_out = grad_out.to(weight.dtype)
+    # Distinct (pixel, k) pairs of a 1x1 filter hit distinct input elements, so plain stores are race-free.
+    atomic = (kh, kw) != (1, 1)
+    acc = out if (not atomic or out.dtype == torch.float32) else torch.empty_like(out, dtype=torch.float32)
+    acc.zero_()  # padding-only / stride-skipped input pixels and dead K tiles receive nothing
+    m = n * h_out * w_out
+    if m == 0 or tile_map.n_live == 0:
+        return out.zero_()
+    with _device_guard(out):
+        _kernel("dx", atomic)[_grid_m(m, tile_map.tiles[1])](
+            grad_out, weight, acc, tile_map.col_ptr, tile_map.row_idx,
+            m, c_in, h, w, c_out, h_out, w_out, tile_map.n_live,
+            *grad_out.stride(), *weight.stride(), *acc.stride(),
+            *geom.stride, *geom.pad, *geom.dilation,
+            KH=kh, KW=kw, ATOMIC=atomic, INDEX_I64=_needs_i64(grad_out, acc), BLOCK_N=bn, BLOCK_K=bk,
+            INPUT_PRECISION=_precision(weight.dtype), **_launch_meta(),
+        )
+    if acc is not out:
+        out.copy_(acc)
+    return out
+
+
+def _default_split_m(m: int, n_live: int, device: torch.device) -> int:
+    """How many programs share one dW tile's M reduction: enough to fill the GPU when few tiles are live."""
+    if interpreter_active() or device.type != "cuda":
+        return 1
+    want = triton.cdiv(4 * sm_count(device.index or 0), max(1, n_live))
+    # Each split should still loop over several BLOCK_M chunks, or the atomics dominate.
+    return max(1, min(want, triton.cdiv(m, 1024)))
+
+
+def conv2d_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tensor, tile_map: TileMap,
+                       stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1, *,
+                       out: Optional[torch.Tensor] = None, split_m: Optional[int] = None) -> torch.Tensor:
+    """dW = (dY^T @ cols(X)) * mask, computed and written for the live tiles of `tile_map` only.
+
+    Without `out`, dW is a fresh zero tensor shaped (and strided) like `mask`, its dtype X's. With `out`,
+    dead tiles of `out` are left untouched (the caller's zeros stay zeros: the invariant says they must be)
+    and every element of a live tile is written. `split_m > 1` (default on CUDA: enough programs to fill
+    the GPU) splits each tile's reduction over output pixels across programs that add into an fp32 buffer
+    with atomics; `split_m == 1` is deterministic.
+    """
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = mask.shape
+    geom = conv_geometry((h, w), (kh, kw), stride, padding, dilation)
+    bn, bk = _check_tile_map(tile_map, c_out, c_in * kh * kw)
+    h_out, w_out = geom.out_hw
+    if tuple(grad_out.shape) != (n, c_out, h_out, w_out):
+        raise ValueError(f"grad_out is {tuple(grad_out.shape)}, expected {(n, c_out, h_out, w_out)}")
+    fresh = out is None
+    if fresh:
+        out = torch.zeros_like(mask, dtype=x.dtype, device=x.device,
+                               memory_format=_memory_format(_wants_channels_last(mask)))
+    else:
+        _check_out(out, tuple(mask.shape), x.dtype, x.device, "conv2d_weight_grad")
+    m = n * h_out * w_out
+    if tile_map.n_live == 0:
+        return out
+    if m == 0:
+        # Empty batch: the gradient is zero, live tiles included.
+        return out.masked_fill_(tile_map_expand(tile_map, mask.shape, out.device), 0.0)
+    grad_out = grad_out.to(x.dtype)
+    split = _default_split_m(m, tile_map.n_live, x.device) if split_m is None else max(1, int(split_m))
+    split = min(split, m)
+    m_per_split = triton.cdiv(m, split)
+    split = triton.cdiv(m, m_per_split)
+    atomic = split > 1
+    acc = out
+    if atomic and not (fresh and out.dtype == torch.float32):
+        # Atomics need a zeroed fp32 buffer (which the CUDA autotuner also re-zeroes between timed runs); a
+        # caller's buffer only receives the live tiles from it.
+        acc = torch.zeros_like(out, dtype=torch.float32)
+    mask_bytes = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    with _device_guard(out):
+        _kernel("dw", atomic)[(tile_map.n_live, split)](
+            x, grad_out, mask_bytes, acc, tile_map.coo_rows, tile_map.coo_cols,
+            m, c_in, h, w, c_out, h_out, w_out, m_per_split, tile_map.n_live,
+            *x.stride(), *grad_out.stride(), *mask_bytes.stride(), *acc.stride(),
+            *geom.stride, *geom.pad, *geom.dilation,
+            KH=kh, KW=kw, ATOMIC=atomic, INDEX_I64=_needs_i64(x, grad_out),
+            USE_BITS=kh * kw <= _MAX_BITMASK_TAPS, BLOCK_N=bn, BLOCK_K=bk,
+            INPUT_PRECISION=_precision(x.dtype), **_launch_meta(),
+        )
+    if acc is not out:
+        live = tile_map_expand(tile_map, mask.shape, out.device)
+        out.copy_(torch.where(live, acc.to(out.dtype), out))
+    return out
+
+
+def tile_map_expand(tile_map: TileMap, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """bool tensor of the weight's shape: True on elements inside a live tile."""
+    bn, bk = tile_map.block
+    c_out, k = tile_map.shape
+    live = tile_map.live.to(device).repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:c_out, :k]
+    return live.reshape(tuple(shape))
+
+
+# ------------------------------------------------------------------------------------------- autograd
+
+def _grad_bias(grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return grad_out.sum(dim=(0, 2, 3), dtype=torch.float32).to(dtype)
+
+
+class MaskedConv2dFunction(torch.autograd.Function):
+    """Y = conv2d(X, W) + b with the tile-skipping kernels in forward and backward (groups == 1).
+
+    The weight gradient is masked (pruned weights never receive gradient); X and W gradients are exact
+    under the zero invariant.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor,
+                tile_map: TileMap, stride: Tuple[int, int], padding: Padding, dilation: Tuple[int, int]):
+        y = conv2d_forward(x, weight, bias, tile_map, stride, padding, dilation)
+        ctx.save_for_backward(x, weight, mask)
+        ctx.tile_map = tile_map
+        ctx.conv = (stride, padding, dilation)
+        ctx.has_bias = bias is not None
+        ctx.channels_last = _wants_channels_last(x, weight)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, mask = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = conv2d_input_grad(grad_out, weight, ctx.tile_map, x.shape, stride, padding, dilation,
+                                       channels_last=ctx.channels_last)
+        if ctx.needs_input_grad[1]:
+            grad_w = conv2d_weight_grad(x, grad_out, mask, ctx.tile_map, stride, padding, dilation)
+            if grad_w.dtype != weight.dtype:
+                grad_w = grad_w.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = _grad_bias(grad_out, x.dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _dense_masked_conv2d(x, weight, bias, mask, stride, padding, dilation, groups) -> torch.Tensor:
+    # Local import: fastticket.functional imports this module lazily, and vice versa.
+    from fastticket.functional import mask_gradient
+
+    return F.conv2d(x, mask_gradient(weight, mask), bias, stride, padding, dilation, groups)
+
+
+def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor,
+                  tile_maps: TileMapProvider, stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1,
+                  groups: int = 1) -> torch.Tensor:
+    """Masked conv2d on the triton backend (what `MaskedConv2d.forward` calls).
+
+    Picks per call between dense cuDNN (`F.conv2d` on the stored weight, exact because pruned weights are
+    zero, with the weight gradient masked) and the tile-skipping kernels, from the live-tile fraction of
+    `tile_maps(BN, BK)` and `kernels.dispatch`. `groups != 1` always takes the dense cuDNN path with the
+    masked weight gradient: the kernels implement groups == 1 only. So does a CUDA layer under
+    torch.use_deterministic_algorithms(True): the kernels' atomic adds (dX, split dW) are not deterministic.
+    Accepts [N, C, H, W] or unbatched [C, H, W] input, like nn.Conv2d.
+    """
+    if groups != 1:
+        return _dense_masked_conv2d(x, weight, bias, mask, stride, padding, dilation, groups)
+    if x.dim() == 3:
+        return masked_conv2d(x.unsqueeze(0), weight, bias, mask, tile_maps, stride, padding, dilation, groups)[0]
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"masked_conv2d expects a 4-D input and filter, "
+                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"input has {x.shape[1]} channels, the filter expects {weight.shape[1]} (groups=1)")
+    stride_p, dil_p = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if not isinstance(padding, str):
+        padding = _pair(padding, "padding")
+    c_out, c_in, kh, kw = weight.shape
+    bn, bk = conv2d_tile_sizes(c_out, c_in * kh * kw, weight.dtype, x.device)
+    tile_map = tile_maps(bn, bk)
+    if not use_tile_skipping(tile_map.live_fraction, "conv2d"):
+        return _dense_masked_conv2d(x, weight, bias, mask, stride, padding, dilation, groups)
+    if x.device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
+        # dX and split dW accumulate with atomics in an order that varies run to run; cuDNN honours the flag.
+        return _dense_masked_conv2d(x, weight, bias, mask, stride, padding, dilation, groups)
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        # Autocast does not see inside a custom Function: cast as F.conv2d would, then run without autocast.
+        dtype = torch.get_autocast_dtype("cuda")
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast("cuda", enabled=False):
+            return MaskedConv2dFunction.apply(x, weight, bias, mask, tile_map, stride_p, padding, dil_p)
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(f"masked_conv2d needs matching dtypes, got input {x.dtype}, weight {weight.dtype}"
+                        + (f", bias {bias.dtype}" if bias is not None else ""))
+    return MaskedConv2dFunction.apply(x, weight, bias, mask, tile_map, stride_p, padding, dil_p)
+
+
+# ------------------------------------------------------------------------------------------- reference
+
+def reference_masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            mask: torch.Tensor, stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1,
+                            groups: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """conv2d(X, W * M) + b in `dtype` (float64 by default): the math every kernel here must reproduce."""
+    w = weight.to(dtype) * (mask != 0).to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    return F.conv2d(x.to(dtype), w, b, stride, padding, dilation, groups)
+
+
+def reference_masked_conv2d_grads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                  mask: torch.Tensor, grad_out: torch.Tensor, stride: IntPair = 1,
+                                  padding: Padding = 0, dilation: IntPair = 1, groups: int = 1,
+                                  dtype: torch.dtype = torch.float64):
+    """(Y, dX, dW, db) by float64 autograd through F.conv2d; dW masked, db None without a bias."""
+    x_r = x.detach().to(dtype).requires_grad_(True)
+    w_r = weight.detach().to(dtype).requires_grad_(True)
+    b_r = bias.detach().to(dtype).requires_grad_(True) if bias is not None else None
+    keep = (mask != 0).to(dtype)
+    with warnings.catch_warnings():
+        # 'same' with an even receptive field pads a copy of the input in float64; fine for a reference.
+        warnings.filterwarnings("ignore", message="Using padding='same'")
+        y = F.conv2d(x_r, w_r * keep, b_r, stride, padding, dilation, groups)
+        y.backward(grad_out.to(dtype))
+    grad_w = w_r.grad * keep  # d(W*M)/dW = M already; this keeps the reference explicit about masking
+    return y.detach(), x_r.grad, grad_w, (b_r.grad if b_r is not None else None)

@@ -1,0 +1,336 @@
+"""Masked Conv2d kernels against a float64 F.conv2d reference: forward, dX, dW, dbias.
+
+Kernels run on the GPU when there is one, else in the Triton interpreter (tests/conftest.py), so shapes are
+small and the cases a representative cross-section (kernel 1x1/3x3/5x5, stride 1/2, padding 0/1/'same'/
+'valid', dilation 1/2, odd spatial sizes, element/block/all-dead/all-live masks, channels_last) rather than
+their cartesian product.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastticket.kernels.masked_conv2d import (
+    conv2d_forward, conv2d_input_grad, conv2d_tile_sizes, conv2d_weight_grad, conv_geometry, masked_conv2d,
+    reference_masked_conv2d_grads, tile_map_expand,
+)
+from fastticket.kernels.tile_map import TileMapCache, build_tile_map
+
+FP32_TOL = 1e-5
+HALF_TOL = 1e-2
+
+
+@pytest.fixture(autouse=True)
+def ieee_fp32(monkeypatch):
+    # The fp32 bound is for IEEE products; on a GPU cuDNN's TF32 default would make the kernels round like TF32.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, inf when out holds a NaN/inf so a poisoned or broken result never passes."""
+    out64 = out.detach().to(torch.float64).cpu()
+    ref64 = ref.detach().to(torch.float64).cpu()
+    if not torch.isfinite(out64).all():
+        return math.inf
+    denom = ref64.norm().item()
+    if denom == 0.0:
+        return out64.norm().item()  # an all-zero reference (all-dead layer) must be matched exactly
+    return (out64 - ref64).norm().item() / denom
+
+
+def make_mask(kind: str, shape, tile, gen: torch.Generator) -> torch.Tensor:
+    """element: ~45% of entries live; block: whole (BN x BK) tiles of the [C_out, K] view dead or alive
+    (with at least one of each), live tiles themselves element-pruned so the dW epilogue mask matters."""
+    c_out = shape[0]
+    k = math.prod(shape[1:])
+    if kind == "live":
+        return torch.ones(shape, dtype=torch.bool)
+    if kind == "dead":
+        return torch.zeros(shape, dtype=torch.bool)
+    if kind == "element":
+        return torch.rand(shape, generator=gen) < 0.45
+    assert kind == "block"
+    bn, bk = tile
+    tn, tk = -(-c_out // bn), -(-k // bk)
+    live = torch.rand(tn, tk, generator=gen) < 0.5
+    live.view(-1)[0], live.view(-1)[-1] = True, False
+    dense = live.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:c_out, :k]
+    inside = torch.rand(c_out, k, generator=gen) < 0.8
+    return (dense & inside).reshape(shape)
+
+
+def make_case(n, c_in, c_out, hw, kernel, mask_kind, seed, dtype=torch.float32, device="cpu", bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = torch.randn(n, c_in, *hw, generator=gen)
+    tile = conv2d_tile_sizes(c_out, c_in * kh * kw, dtype, torch.device(device))
+    mask = make_mask(mask_kind, (c_out, c_in, kh, kw), tile, gen)
+    # The zero invariant: pruned weights are exactly zero in storage.
+    weight = torch.randn(c_out, c_in, kh, kw, generator=gen) * mask
+    b = torch.randn(c_out, generator=gen) if bias else None
+    to = dict(device=device, dtype=dtype)
+    return (x.to(**to), weight.to(**to), b.to(**to) if b is not None else None, mask.to(device), tile)
+
+
+# (batch, C_in, C_out, (H, W), kernel, stride, padding, dilation, mask, bias)
+CASES = [
+    (2, 6, 12, (7, 9), 3, 1, 1, 1, "block", True),
+    (2, 5, 12, (9, 7), 3, 2, 0, 2, "element", True),
+    (1, 4, 10, (7, 9), 5, 1, "same", 1, "block", True),
+    (3, 16, 16, (7, 5), 1, 2, 0, 1, "block", True),
+    (2, 16, 9, (5, 7), 1, 1, 0, 1, "element", False),
+    (2, 6, 12, (8, 9), 3, 1, "same", 2, "block", False),
+    (3, 3, 8, (9, 9), 5, 2, 1, 1, "element", True),
+    (2, 4, 12, (7, 9), 3, 2, "valid", 1, "live", True),
+    (2, 4, 12, (7, 9), 3, 1, 1, 1, "dead", True),
+    (2, 6, 12, (7, 8), (1, 3), (2, 1), (0, 1), (1, 2), "block", True),
+    (2, 3, 12, (6, 9), (2, 4), 1, "same", 1, "element", True),  # even kernel: asymmetric 'same' padding
+    (1, 2, 10, (9, 8), 7, 2, 3, 1, "block", True),  # 49 taps: bounds tested per element, not by bitmask
+]
+
+
+def _ids(case):
+    n, ci, co, hw, k, s, p, d, m, b = case
+    return f"k{k}-s{s}-p{p}-d{d}-{m}-{hw[0]}x{hw[1]}" + ("" if b else "-nobias")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_launchers_match_float64_reference(case, device):
+    n, c_in, c_out, hw, kernel, stride, padding, dilation, mask_kind, bias = case
+    x, weight, b, mask, tile = make_case(n, c_in, c_out, hw, kernel, mask_kind, seed=CASES.index(case),
+                                         device=device, bias=bias)
+    tile_map = build_tile_map(mask, *tile)
+    geom = conv_geometry(hw, weight.shape[2:], stride, padding, dilation)
+    gen = torch.Generator().manual_seed(7)
+    grad_out = torch.randn(n, c_out, *geom.out_hw, generator=gen).to(device)
+    y_ref, dx_ref, dw_ref, db_ref = reference_masked_conv2d_grads(x, weight, b, mask, grad_out, stride, padding,
+                                                                  dilation)
+
+    y = torch.full_like(y_ref, float("nan"), dtype=x.dtype)
+    conv2d_forward(x, weight, b, tile_map, stride, padding, dilation, out=y)
+    assert rel_error(y, y_ref) < FP32_TOL
+
+    dx = torch.full_like(x, float("nan"))
+    conv2d_input_grad(grad_out, weight, tile_map, x.shape, stride, padding, dilation, out=dx)
+    assert rel_error(dx, dx_ref) < FP32_TOL
+
+    # dW, single program per live tile: live tiles poisoned with NaN must be fully written; dead tiles hold a
+    # sentinel that must survive, proving they are never written.
+    live = tile_map_expand(tile_map, weight.shape, device)
+    dw = torch.where(live, torch.full_like(weight, float("nan")), torch.full_like(weight, 7.0))
+    conv2d_weight_grad(x, grad_out, mask, tile_map, stride, padding, dilation, out=dw, split_m=1)
+    assert torch.all(dw[~live] == 7.0)
+    assert rel_error(torch.where(live, dw, 0.0), dw_ref) < FP32_TOL
+    assert torch.all(dw[live & ~mask] == 0.0)  # the element mask of the epilogue
+
+    # dW split over output pixels (atomic adds): the path large GPUs take when few tiles are live.
+    dw_split = conv2d_weight_grad(x, grad_out, mask, tile_map, stride, padding, dilation, split_m=3)
+    assert rel_error(dw_split, dw_ref) < FP32_TOL
+    assert torch.all(dw_split[~mask] == 0.0)
+    dw_split_out = torch.where(live, torch.full_like(weight, float("nan")), torch.full_like(weight, 7.0))
+    conv2d_weight_grad(x, grad_out, mask, tile_map, stride, padding, dilation, out=dw_split_out, split_m=2)
+    assert torch.all(dw_split_out[~live] == 7.0)
+    assert rel_error(torch.where(live, dw_split_out, 0.0), dw_ref) < FP32_TOL
+
+    if mask_kind == "dead":
+        assert tile_map.n_live == 0 and torch.all(y == b.view(1, -1, 1, 1)) and torch.all(dx == 0)
+    if mask_kind == "block":
+        assert 0 < tile_map.n_live < tile_map.n_tiles  # the case really skips tiles
+
+
+def _autograd_run(x, weight, b, mask, tile_maps, grad_out, stride, padding, dilation, groups=1):
+    x = x.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    bb = b.detach().clone().requires_grad_(True) if b is not None else None
+    y = masked_conv2d(x, w, bb, mask, tile_maps, stride, padding, dilation, groups)
+    y.backward(grad_out)
+    return y, x.grad, w.grad, (bb.grad if bb is not None else None)
+
+
+ENTRY_CASES = [
+    # (batch, C_in, C_out, (H, W), kernel, stride, padding, dilation, mask)
+    (2, 6, 12, (7, 9), 3, 2, 1, 1, "block"),
+    (3, 5, 10, (9, 7), 5, 1, "same", 2, "element"),
+    (2, 4, 12, (7, 9), 3, 1, 1, 1, "dead"),
+]
+
+
+@pytest.mark.parametrize("path,threshold", [("skip", "1.01"), ("dense", "0.0")])
+@pytest.mark.parametrize("case", ENTRY_CASES, ids=lambda c: f"k{c[4]}-s{c[5]}-p{c[6]}-d{c[7]}-{c[8]}")
+def test_autograd_entry_point_both_dispatch_paths(case, path, threshold, device, monkeypatch):
+    monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_CONV2D", threshold)
+    n, c_in, c_out, hw, kernel, stride, padding, dilation, mask_kind = case
+    x, weight, b, mask, _ = make_case(n, c_in, c_out, hw, kernel, mask_kind, seed=11, device=device)
+    cache = TileMapCache()
+    geom = conv_geometry(hw, weight.shape[2:], stride, padding, dilation)
+    grad_out = torch.randn(n, c_out, *geom.out_hw, generator=torch.Generator().manual_seed(3)).to(device)
+    y, dx, dw, db = _autograd_run(x, weight, b, mask, lambda bn, bk: cache.get(mask, bn, bk), grad_out,
+                                  stride, padding, dilation)
+    refs = reference_masked_conv2d_grads(x, weight, b, mask, grad_out, stride, padding, dilation)
+    for got, ref in zip((y, dx, dw, db), refs):
+        assert rel_error(got, ref) < FP32_TOL
+    assert torch.all(dw[~mask] == 0.0)
+    # The env threshold really picked the path: the kernels' Function or cuDNN's convolution node.
+    assert ("MaskedConv2dFunction" in type(y.grad_fn).__name__) == (path == "skip")
+
+
+def test_channels_last_in_and_out(device, monkeypatch):
+    monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")
+    x, weight, b, mask, tile = make_case(2, 6, 12, (7, 9), 3, "block", seed=5, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(2, 4, 5, 12, generator=torch.Generator().manual_seed(1)).to(device).permute(0, 3, 1, 2)
+    cache = TileMapCache()
+    y, dx, dw, db = _autograd_run(x, weight, b, mask, lambda bn, bk: cache.get(mask, bn, bk), grad_out, 2, 1, 1)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    refs = reference_masked_conv2d_grads(x, weight, b, mask, grad_out, 2, 1, 1)
+    for got, ref in zip((y, dx, dw, db), refs):
+        assert rel_error(got, ref) < FP32_TOL
+
+    # A channels_last filter (what model.to(memory_format=channels_last) makes) read through its strides.
+    weight_cl = weight.contiguous(memory_format=torch.channels_last)
+    mask_cl = mask.contiguous(memory_format=torch.channels_last)
+    tile_map = build_tile_map(mask_cl, *tile)
+    y2 = conv2d_forward(x.contiguous(), weight_cl, b, tile_map, 2, 1, 1)
+    assert y2.is_contiguous(memory_format=torch.channels_last)
+    assert rel_error(y2, refs[0]) < FP32_TOL
+    dw2 = conv2d_weight_grad(x, grad_out, mask_cl, tile_map, 2, 1, 1)
+    assert rel_error(dw2, refs[2]) < FP32_TOL
+
+
+def test_fp16_with_fp32_accumulation(device, monkeypatch):
+    monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")
+    x, weight, b, mask, _ = make_case(2, 6, 12, (7, 9), 3, "block", seed=9, dtype=torch.float16, device=device)
+    cache = TileMapCache()
+    grad_out = torch.randn(2, 12, 7, 9, generator=torch.Generator().manual_seed(2)).to(device, torch.float16)
+    y, dx, dw, db = _autograd_run(x, weight, b, mask, lambda bn, bk: cache.get(mask, bn, bk), grad_out, 1, "same", 1)
+    assert y.dtype == dx.dtype == dw.dtype == db.dtype == torch.float16
+    refs = reference_masked_conv2d_grads(x, weight, b, mask, grad_out, 1, "same", 1)
+    for got, ref in zip((y, dx, dw, db), refs):
+        assert rel_error(got, ref) < HALF_TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 arithmetic needs a GPU (the interpreter has none)")
+def test_bf16_with_fp32_accumulation(device, monkeypatch):
+    monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")
+    x, weight, b, mask, _ = make_case(4, 32, 96, (15, 13), 3, "block", seed=4, dtype=torch.bfloat16, device=device)
+    cache = TileMapCache()
+    grad_out = torch.randn(4, 96, 8, 7, device=device, dtype=torch.bfloat16)
+    y, dx, dw, db = _autograd_run(x, weight, b, mask, lambda bn, bk: cache.get(mask, bn, bk), grad_out, 2, 1, 1)
+    refs = reference_masked_conv2d_grads(x, weight, b, mask, grad_out, 2, 1, 1)
+    for got, ref in zip((y, dx, dw, db), refs):
+        assert rel_error(got, ref) < HALF_TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists on GPUs only")
+def test_tf32_follows_cudnn_flag(device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    x, weight, b, mask, tile = make_case(4, 64, 128, (17, 15), 3, "block", seed=6, device=device)
+    tile_map = build_tile_map(mask, *tile)
+    y = conv2d_forward(x, weight, b, tile_map, 1, 1, 1)
+    assert rel_error(y, reference_masked_conv2d_grads(x, weight, b, mask, torch.ones_like(y), 1, 1, 1)[0]) < 1e-3
+
+
+def test_groups_fall_back_to_cudnn_with_masked_weight_gradient(device, monkeypatch):
+    monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")  # would pick the kernels if groups were 1
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 6, 7, 9, generator=gen).to(device)
+    mask = (torch.rand(8, 3, 3, 3, generator=gen) < 0.5).to(device)
+    weight = torch.randn(8, 3, 3, 3, generator=gen).to(device) * mask
+    b = torch.randn(8, generator=gen).to(device)
+    grad_out = torch.randn(2, 8, 7, 9, generator=gen).to(device)
+    cache = TileMapCache()
+    got = _autograd_run(x, weight, b, mask, lambda bn, bk: cache.get(mask, bn, bk), grad_out, 1, 1, 1, groups=2)
+    refs = reference_masked_conv2d_grads(x, weight, b, mask, grad_out, 1, 1, 1, groups=2)
+    for g, r in zip(got, refs):
+        assert rel_error(g, r) < FP32_TOL
+    assert torch.all(got[2][~mask] == 0.0)
+
+
+def test_geometry_matches_conv2d_rules():
+    assert conv_geometry((7, 9), (3, 3), 2, 1, 1).out_hw == (4, 5)
+    same = conv_geometry((7, 8), (2, 4), 1, "same", (1, 2))
+    assert same.out_hw == (7, 8) and same.pad == (0, 3)  # F.conv2d puts the odd extra pad bottom/right
+    assert conv_geometry((7, 9), (3, 3), 1, "valid", 1).out_hw == (5, 7)
+    with pytest.raises(ValueError, match="strided"):
+        conv_geometry((7, 9), (3, 3), 2, "same", 1)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        conv_geometry((3, 3), (5, 5), 1, 0, 1)
+
+
+def test_edge_inputs_unbatched_empty_batch_and_dtype_mismatch(device, monkeypatch):
+    monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")
+    x, weight, b, mask, _ = make_case(1, 4, 12, (7, 9), 3, "block", seed=21, device=device)
+    cache = TileMapCache()
+    tile_maps = lambda bn, bk: cache.get(mask, bn, bk)  # noqa: E731
+    # Unbatched [C, H, W] input, as nn.Conv2d accepts.
+    y = masked_conv2d(x[0], weight, b, mask, tile_maps, 1, 1, 1)
+    ref = reference_masked_conv2d_grads(x, weight, b, mask, torch.ones(1, 12, 7, 9, device=device), 1, 1, 1)[0]
+    assert y.shape == (12, 7, 9) and rel_error(y, ref[0]) < FP32_TOL
+    # An empty batch gives empty outputs and zero weight / bias gradients, not garbage.
+    empty = x[:0].clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    bb = b.clone().requires_grad_(True)
+    out = masked_conv2d(empty, w, bb, mask, tile_maps, 1, 1, 1)
+    out.sum().backward()
+    assert out.shape == (0, 12, 7, 9) and torch.all(w.grad == 0) and torch.all(bb.grad == 0)
+    with pytest.raises(TypeError, match="matching dtypes"):
+        masked_conv2d(x.double(), weight, b, mask, tile_maps, 1, 1, 1)
+
+
+# Compiles the three kernels for Hopper (sm_90) the way a GPU run would, without a GPU: the interpreter
+# accepts code the compiler rejects (it once let a non-constexpr global through), so CPU-only CI would
+# otherwise never see a GPU compile error.
+_GPU_COMPILE_SCRIPT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except Exception as exc:  # older triton without this API
+    print(f"SKIP: triton {getattr(triton, '__version__', '?')} lacks the offline compile API: {exc}")
+    sys.exit(77)
+import fastticket.kernels.masked_conv2d as mc
+
+def compile_kernel(fn, pointers, constexprs):
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
+    try:
+        src = ASTSource(fn, signature, constexprs=constexprs)
+    except TypeError as exc:
+        print(f"SKIP: ASTSource signature differs in triton {triton.__version__}: {exc}")
+        sys.exit(77)
+    try:
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+    except FileNotFoundError as exc:
+        print(f"SKIP: no ptxas: {exc}")
+        sys.exit(77)
+
+common = dict(KH=3, KW=3, INDEX_I64=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, INPUT_PRECISION="tf32")
+bf16 = "*bf16"
+compile_kernel(mc._conv2d_fwd_kernel, {"x_ptr": bf16, "w_ptr": bf16, "b_ptr": bf16, "y_ptr": bf16,
+               "row_ptr_ptr": "*i32", "col_idx_ptr": "*i32"}, dict(common, HAS_BIAS=True, USE_BITS=True))
+compile_kernel(mc._conv2d_dx_kernel, {"dy_ptr": bf16, "w_ptr": bf16, "dx_ptr": "*fp32",
+               "col_ptr_ptr": "*i32", "row_idx_ptr": "*i32"}, dict(common, ATOMIC=True))
+compile_kernel(mc._conv2d_dw_kernel, {"x_ptr": bf16, "dy_ptr": bf16, "mask_ptr": "*u8", "dw_ptr": "*fp32",
+               "coo_rows_ptr": "*i32", "coo_cols_ptr": "*i32"}, dict(common, ATOMIC=True, USE_BITS=False))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU every other test compiles the kernels for real")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _GPU_COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "compiled" in proc.stdout
