@@ -1,0 +1,6 @@
+"""`python -m fastticket ...` is the `fastticket` command."""
+import sys
+
+from fastticket.cli import main
+
+sys.exit(main())

@@ -1,0 +1,259 @@
+"""The `fastticket` command: `search` (an IMP ticket search), `report` (plots and tables), `bench`.
+
+Bad input never shows a traceback: errors fastticket raises for the user (fastticket.errors, and the
+ValueErrors of presets/models/data) become one line on stderr and exit status 2 (bad arguments or settings)
+or 1 (the run directory, the data or a saved file cannot be used).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional, Sequence
+
+from fastticket.errors import ConfigError, FastTicketError, MaskError, RunDirError
+
+EXIT_RUNTIME, EXIT_USAGE = 1, 2
+
+SEARCH_EPILOG = """\
+examples:
+  fastticket search                                  # default preset lenet-mnist5k: 10 levels + reinit, minutes on CPU
+  fastticket search --levels 3 --iterations 300 --out runs/quick
+  fastticket search --preset conv2-cifar10 --device cuda --data-dir ~/data --controls reinit,random --trials 3
+  fastticket search --preset resnet20-cifar10 --rewind-iter 500 --granularity block:16x16 --device cuda
+  fastticket search --out runs/quick --levels 3 --iterations 300 --resume   # continue an interrupted run
+
+Flags override the preset's fields. --rate R sets the per-level rate of fc layers (layerwise) or of the global
+pool, and scales the preset's conv and output-layer rates by the same factor (R / preset rate), so their
+ratios to the fc rate stay as in the paper (e.g. lenet: fc 20%%, output 10%%; --rate 0.4 gives 40%% / 20%%).
+The run directory defaults to runs/<preset> (deterministic, so --resume finds it again without --out).
+"""
+
+REPORT_EPILOG = """\
+example:
+  fastticket report runs/lenet-mnist5k     # writes runs/lenet-mnist5k/report/{results.csv,results.md,*.png}
+"""
+
+BENCH_EPILOG = """\
+examples:
+  fastticket bench --quick                          # every suite, small shapes
+  fastticket bench --suite linear,conv --dtype bf16 --out bench/results
+Without a GPU only the parity checks run (Triton interpreter); timings need a GPU.
+"""
+
+
+class _OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but its usage errors are one line (argparse prints the usage block first otherwise)."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1) (the fraction of surviving weights removed per "
+                                         f"level), got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _controls(text: str) -> List[str]:
+    if text.strip().lower() in ("none", ""):
+        return []
+    items = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in items if c not in ("reinit", "random")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown control(s) {bad}; use reinit, random, both (reinit,random) "
+                                         f"or none")
+    return list(dict.fromkeys(items))
+
+
+def _granularity(text: str) -> str:
+    from fastticket.prune import parse_granularity
+    try:
+        parse_granularity(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineArgumentParser(
+        prog="fastticket",
+        description="Lottery-ticket search: iterative magnitude pruning with rewinding (Frankle & Carbin, ICLR "
+                    "2019), with random-reinit and random-pruning controls, and fast masked training.",
+        epilog="Run `fastticket <command> --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{search,report,bench}", parser_class=_OneLineArgumentParser)
+
+    s = sub.add_parser("search", help="run (or resume) an IMP ticket search",
+                       description="Run iterative magnitude pruning: train, prune, rewind, repeat for levels "
+                                   "0..N, with controls; write results under --out and draw the report.",
+                       epilog=SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from fastticket.presets import DEFAULT_PRESET, list_presets
+    s.add_argument("--preset", metavar="NAME", default=None, help=f"named settings to start from (default {DEFAULT_PRESET}): "
+                                                  f"{', '.join(list_presets())}")
+    s.add_argument("--model", metavar="NAME", help="model name (lenet300, conv2, conv4, conv6, vgg19, resnet20, torchvision:<name>)")
+    s.add_argument("--dataset", metavar="NAME", help="mnist5k (embedded, offline), mnist, cifar10")
+    s.add_argument("--data-dir", metavar="DIR", help="where MNIST / CIFAR-10 live or are downloaded to")
+    s.add_argument("--levels", metavar="N", type=_nonneg_int, help="pruning levels after the dense level 0")
+    s.add_argument("--rate", metavar="R", type=_rate, help="fraction of surviving weights pruned per level, in (0, 1); "
+                                              "conv/output rates scale with it")
+    s.add_argument("--iterations", metavar="N", type=_positive_int, help="training iterations per level")
+    s.add_argument("--batch-size", metavar="N", type=_positive_int, help="training batch size")
+    s.add_argument("--lr", metavar="LR", type=_positive_float, help="learning rate")
+    s.add_argument("--eval-every", metavar="N", type=_positive_int, help="evaluate (and checkpoint) every N iterations")
+    s.add_argument("--rewind-iter", metavar="K", type=_nonneg_int, help="0: rewind to init; K: late rewinding to iteration K")
+    s.add_argument("--controls", metavar="LIST", type=_controls, help="comma list of reinit, random; or none")
+    s.add_argument("--trials", metavar="T", type=_positive_int, help="independent trials (seeds seed..seed+T-1)")
+    s.add_argument("--granularity", metavar="G", type=_granularity, help="element, or block:RxC (prune whole RxC tiles)")
+    s.add_argument("--device", metavar="DEV", help="cpu or cuda")
+    s.add_argument("--seed", metavar="S", type=_int, help="base seed: trial t uses S+t for init and batches")
+    s.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset>); must be empty unless --resume")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out (same settings required)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("report", help="draw plots and tables of a run directory",
+                       description="Plots (test accuracy and early-stopping iteration vs %% weights remaining, "
+                                   "tickets against controls with error bars over trials) and CSV/markdown "
+                                   "tables, written to RUN_DIR/report/.",
+                       epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `fastticket search`")
+
+    b = sub.add_parser("bench", help="kernel benchmarks with parity checks against dense PyTorch",
+                       description="Benchmark the masked kernels against dense PyTorch (timings on a GPU; "
+                                   "parity everywhere).",
+                       epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--suite", default="", help="comma list of suites: linear, conv, optim (default: all)")
+    b.add_argument("--out", help="directory to write JSON + markdown results into")
+    b.add_argument("--dtype", help="fp32, tf32, bf16 or fp16")
+    b.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    """The preset with the command line's overrides applied (see SEARCH_EPILOG for --rate)."""
+    from fastticket.presets import DEFAULT_PRESET, get_preset
+    config = get_preset(args.preset or DEFAULT_PRESET)
+    changes = {}
+    for flag, field in (("model", "model"), ("dataset", "dataset"), ("data_dir", "data_dir"),
+                        ("levels", "levels"), ("iterations", "iterations"), ("batch_size", "batch_size"),
+                        ("lr", "lr"), ("eval_every", "eval_every"), ("rewind_iter", "rewind_iter"),
+                        ("controls", "controls"), ("trials", "trials"), ("granularity", "granularity"),
+                        ("device", "device"), ("seed", "seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            changes[field] = value
+    if args.rate is not None:
+        factor = args.rate / config.rate
+        changes["rate"] = args.rate
+        # Keep the preset's conv/output rates in proportion to the fc rate (the paper's ratios).
+        for field in ("conv_rate", "output_rate"):
+            preset_value = getattr(config, field)
+            if preset_value is not None:
+                scaled = preset_value * factor
+                if not 0.0 < scaled < 1.0:
+                    raise ConfigError(f"--rate {args.rate} scales the preset's {field} {preset_value} to "
+                                      f"{scaled:.3g}, outside (0, 1); choose a smaller --rate")
+                changes[field] = round(scaled, 12)
+    return config.replace(**changes)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from fastticket.presets import DEFAULT_PRESET
+    from fastticket.search import run_search
+    config = config_from_args(args)
+    out = args.out or os.path.join("runs", args.preset or DEFAULT_PRESET)
+    rows = run_search(config, out, resume=args.resume, progress=not args.no_progress)
+    if args.no_progress:
+        from fastticket.report import summary_table
+        print(summary_table(rows))
+    print(f"run directory: {out}")
+    from fastticket.report import make_report
+    for path in make_report(out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fastticket.report import collect_results, make_report, summary_table
+    if not os.path.isdir(args.run_dir):
+        raise RunDirError(f"no run directory at {args.run_dir}")
+    paths = make_report(args.run_dir)
+    print(summary_table(collect_results(args.run_dir)))
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from fastticket.bench import run_cli
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    return run_cli(suites, out=args.out, dtype=args.dtype, quick=args.quick)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `fastticket` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    handler = {"search": _search, "report": _report, "bench": _bench}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("fastticket: interrupted; continue with the same command plus --resume", file=sys.stderr)
+        return 130
+    except (RunDirError, MaskError) as exc:
+        print(f"fastticket: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except (FastTicketError, ValueError) as exc:
+        # ValueError: unknown preset/model/dataset (presets, models, data) and DatasetUnavailableError.
+        from fastticket.data import DatasetUnavailableError
+        code = EXIT_RUNTIME if isinstance(exc, DatasetUnavailableError) else EXIT_USAGE
+        print(f"fastticket: error: {_one_line(exc)}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

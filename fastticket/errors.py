@@ -1,0 +1,21 @@
+"""User-facing errors: the CLI turns these (and other ValueErrors) into one line on stderr, never a traceback.
+
+They subclass ValueError so library callers that already catch ValueError keep working.
+"""
+from __future__ import annotations
+
+
+class FastTicketError(Exception):
+    """Base of every error fastticket raises for bad input or an unusable run directory."""
+
+
+class ConfigError(FastTicketError, ValueError):
+    """A search setting is invalid (rate outside (0, 1), bad granularity, unknown optimizer, ...)."""
+
+
+class RunDirError(FastTicketError, ValueError):
+    """The run directory cannot be used: not empty without --resume, or its config.json differs."""
+
+
+class MaskError(FastTicketError, ValueError):
+    """A saved mask does not fit the model (corrupted or foreign mask.pt)."""

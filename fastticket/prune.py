@@ -1,0 +1,375 @@
+"""Pruning: which surviving weights of a masked model to remove at the end of an IMP level.
+
+Semantics (DESIGN.md section 5), the contract the search and the tests rely on:
+
+- `rate` is the fraction of the weights *still alive* that one call removes; masks only shrink.
+- Exact counts. A layer (layerwise scope) or the pool of all prunable layers (global scope) with `alive`
+  surviving units loses exactly ``k = floor(rate * alive + 1/2)`` units: round half up, computed in exact
+  rational arithmetic on the decimal the user wrote (``Fraction(repr(rate))``), so 0.1 * 15 = 1.5 rounds to
+  2 and 0.2 * 5 = 1 is exactly 1 (no binary floating-point drift). Layerwise pruning never removes the last
+  surviving unit of a layer (a layer with nothing left would cut the network); global pruning removes
+  exactly k, wherever they are.
+- Ties are broken deterministically: units are ranked by score with a stable sort over their flat index
+  (global scope: layers in registration order, then flat index), and the lowest-ranked k go. So among equal
+  scores the unit with the smaller index is pruned first. NaN scores count as -inf (pruned first).
+- Granularity `element` prunes single weights. `block:RxC` prunes whole RxC tiles of the 2-D weight view
+  [out, in*kh*kw] (the tiles the kernels skip); the rate then counts *tiles*, a tile is alive while any of its
+  entries is, and pruning a tile zeroes all of its entries. Tiles at the right/bottom edges are partial;
+  their norm is normalised by the number of entries they hold (mean |w| for L1, root-mean-square for L2)
+  so a small edge tile is not pruned merely for being small.
+- Scope `layerwise`: every layer at its own rate (conv layers `conv_rate`, fc layers `rate`, the output layer
+  `output_rate`; None means `rate`). Scope `global`: one threshold across all prunable layers at `rate`.
+  In both scopes `exclude` (names or fnmatch patterns; "output" means the output layer) keeps layers dense.
+
+Criteria are pluggable: ``@criterion("name")`` registers a function ``fn(ctx: ScoreContext) -> scores``
+where higher means keep. Scores have the unit shape: the weight's shape (element) or the tile grid (block);
+`ctx.norm(t)` returns per-unit magnitudes of any weight-shaped tensor at the current granularity.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from fastticket.errors import ConfigError
+from fastticket.kernels.tile_map import live_tiles
+from fastticket.nn import masked_modules
+
+Block = Optional[Tuple[int, int]]  # None: element granularity; (R, C): block granularity
+SCOPES = ("layerwise", "global")
+BLOCK_NORMS = ("l1", "l2")
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+def check_rate(value: object, what: str = "rate") -> float:
+    """`value` as a float in the open interval (0, 1), or a ConfigError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) < 1.0):
+        raise ConfigError(f"{what} must be in (0, 1) (the fraction of surviving weights removed per level), "
+                          f"got {value!r}")
+    return float(value)
+
+
+def parse_granularity(spec: str) -> Block:
+    """"element" -> None; "block:RxC" -> (R, C) with R, C >= 1; anything else is a ConfigError."""
+    if spec == "element":
+        return None
+    match = re.fullmatch(r"block:(\d+)x(\d+)", str(spec).strip())
+    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise ConfigError(f"granularity must be 'element' or 'block:RxC' with positive R and C "
+                          f"(e.g. block:16x16), got {spec!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def remove_count(rate: float, alive: int) -> int:
+    """How many of `alive` units one pruning step at `rate` removes: floor(rate * alive + 1/2), exactly."""
+    return min(alive, math.floor(Fraction(repr(float(rate))) * alive + Fraction(1, 2)))
+
+
+# ------------------------------------------------------------------------------------------------ tile views
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _tile_sums(t2d: torch.Tensor, block: Tuple[int, int]) -> torch.Tensor:
+    """Sum of each (R x C) tile of a 2-D tensor; partial edge tiles sum what they hold."""
+    (n, k), (r, c) = t2d.shape, block
+    tn, tk = -(-n // r), -(-k // c)
+    padded = t2d.new_zeros(tn * r, tk * c)
+    padded[:n, :k] = t2d
+    return padded.view(tn, r, tk, c).sum(dim=(1, 3))
+
+
+def _tile_counts(shape2d: Tuple[int, int], block: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    return _tile_sums(torch.ones(shape2d, device=device), block)
+
+
+def tile_norms(t: torch.Tensor, block: Tuple[int, int], norm: str = "l1") -> torch.Tensor:
+    """Per-tile norm of a weight-shaped tensor, normalised by the tile's entry count (mean |x| or RMS)."""
+    t2d = _as_2d(t).float()
+    counts = _tile_counts(tuple(t2d.shape), block, t2d.device)
+    if norm == "l1":
+        return _tile_sums(t2d.abs(), block) / counts
+    if norm == "l2":
+        return (_tile_sums(t2d * t2d, block) / counts).sqrt()
+    raise ConfigError(f"block norm must be one of {BLOCK_NORMS}, got {norm!r}")
+
+
+def expand_tiles(tile_mask: torch.Tensor, block: Tuple[int, int], weight_shape: Sequence[int]) -> torch.Tensor:
+    """A [tiles_n, tiles_k] bool grid as an element mask of `weight_shape` (edge tiles cropped)."""
+    r, c = block
+    n = weight_shape[0]
+    k = math.prod(weight_shape[1:])
+    full = tile_mask.repeat_interleave(r, dim=0).repeat_interleave(c, dim=1)[:n, :k]
+    return full.reshape(tuple(weight_shape))
+
+
+def alive_units(mask: torch.Tensor, block: Block) -> torch.Tensor:
+    """Which units (weights, or tiles holding any surviving weight) are alive, in the unit shape."""
+    if block is None:
+        return mask.bool()
+    return live_tiles(_as_2d(mask), block[0], block[1])
+
+
+# -------------------------------------------------------------------------------------------------- criteria
+
+@dataclass
+class ScoreContext:
+    """What a criterion sees for one layer."""
+
+    name: str
+    weight: torch.Tensor                 # the trained weights (pruned entries are zero)
+    initial: Optional[torch.Tensor]      # the weights at the rewind point / init, if the caller passed them
+    generator: Optional[torch.Generator]  # CPU generator for stochastic criteria
+    block: Block
+    block_norm: str = "l1"
+
+    @property
+    def unit_shape(self) -> Tuple[int, ...]:
+        if self.block is None:
+            return tuple(self.weight.shape)
+        n, k = _as_2d(self.weight).shape
+        return (-(-n // self.block[0]), -(-k // self.block[1]))
+
+    def norm(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-unit magnitude of `t`: |t| per element, or the normalised tile norm per tile."""
+        if self.block is None:
+            return t.detach().float().abs()
+        return tile_norms(t.detach(), self.block, self.block_norm)
+
+
+Criterion = Callable[[ScoreContext], torch.Tensor]
+CRITERIA: Dict[str, Criterion] = {}
+
+
+def criterion(name: str) -> Callable[[Criterion], Criterion]:
+    """Register a pruning criterion under `name` (higher score = keep)."""
+    def register(fn: Criterion) -> Criterion:
+        CRITERIA[name] = fn
+        return fn
+    return register
+
+
+def get_criterion(name: str) -> Criterion:
+    if name not in CRITERIA:
+        raise ConfigError(f"unknown pruning criterion {name!r}; known: {sorted(CRITERIA)}")
+    return CRITERIA[name]
+
+
+@criterion("magnitude")
+def _magnitude(ctx: ScoreContext) -> torch.Tensor:
+    return ctx.norm(ctx.weight)
+
+
+@criterion("movement")
+def _movement(ctx: ScoreContext) -> torch.Tensor:
+    # Magnitude increase |w_T| - |w_0| (Zhou et al. 2019): keeps weights that grew during training.
+    if ctx.initial is None:
+        raise ConfigError("the movement criterion needs the initial (rewind-point) weights: pass initial=...")
+    return ctx.norm(ctx.weight) - ctx.norm(ctx.initial.to(ctx.weight.device))
+
+
+@criterion("random")
+def _random(ctx: ScoreContext) -> torch.Tensor:
+    # Drawn on the CPU so a seeded generator gives the same mask on any device.
+    return torch.rand(ctx.unit_shape, generator=ctx.generator).to(ctx.weight.device)
+
+
+# ---------------------------------------------------------------------------------------------- layer rates
+
+def _default_output_layer(model: nn.Module) -> Optional[str]:
+    try:
+        from fastticket.models import output_layer_name
+        return output_layer_name(model)
+    except (ImportError, ValueError, AttributeError, KeyError):
+        # Models not from our registry: the last masked layer in registration order is the classifier.
+        names = [n for n, _ in masked_modules(model)]
+        return names[-1] if names else None
+
+
+def _excluded(name: str, exclude: Iterable[str], output_layer: Optional[str]) -> bool:
+    for pattern in exclude:
+        if pattern == "output" and name == output_layer:
+            return True
+        if fnmatch.fnmatchcase(name, pattern):
+            return True
+    return False
+
+
+def layer_rates(model: nn.Module, rate: float, *, scope: str = "layerwise", conv_rate: Optional[float] = None,
+                output_rate: Optional[float] = None, exclude: Iterable[str] = (),
+                output_layer: Optional[str] = None) -> Dict[str, Optional[float]]:
+    """name -> rate for every masked layer; None for layers that stay dense (excluded).
+
+    Global scope gives every prunable layer `rate` (the pool is pruned together at that rate).
+    """
+    if scope not in SCOPES:
+        raise ConfigError(f"scope must be one of {SCOPES}, got {scope!r}")
+    check_rate(rate, "rate")
+    if conv_rate is not None:
+        check_rate(conv_rate, "conv_rate")
+    if output_rate is not None:
+        check_rate(output_rate, "output_rate")
+    exclude = list(exclude or ())
+    if output_layer is None:
+        output_layer = _default_output_layer(model)
+    rates: Dict[str, Optional[float]] = {}
+    for name, module in masked_modules(model):
+        if _excluded(name, exclude, output_layer):
+            rates[name] = None
+        elif scope == "global":
+            rates[name] = rate
+        elif name == output_layer:
+            rates[name] = output_rate if output_rate is not None else rate
+        elif isinstance(module, nn.Conv2d):
+            rates[name] = conv_rate if conv_rate is not None else rate
+        else:
+            rates[name] = rate
+    return rates
+
+
+# ---------------------------------------------------------------------------------------------------- pruning
+
+def _lookup_initial(initial: Optional[Mapping[str, torch.Tensor]], name: str) -> Optional[torch.Tensor]:
+    # Accept {layer name: weight} or a model state dict ({"layer.weight": ...}).
+    if initial is None:
+        return None
+    if name in initial:
+        return initial[name]
+    return initial.get(f"{name}.weight")
+
+
+def _ranked_for_removal(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions (into `scores`) of the k lowest scores; ties go to the lower position (stable sort)."""
+    scores = torch.nan_to_num(scores.float(), nan=-math.inf)
+    order = torch.sort(scores, stable=True).indices
+    return order[:k]
+
+
+def _unit_mask_to_element(keep_units: torch.Tensor, old_mask: torch.Tensor, block: Block) -> torch.Tensor:
+    if block is None:
+        return keep_units.reshape(old_mask.shape) & old_mask.bool()
+    return expand_tiles(keep_units, block, old_mask.shape) & old_mask.bool()
+
+
+@torch.no_grad()
+def prune(model: nn.Module, rate: float = 0.2, *, scope: str = "layerwise", conv_rate: Optional[float] = None,
+          output_rate: Optional[float] = None, exclude: Iterable[str] = (), granularity: str = "element",
+          criterion: str = "magnitude", initial: Optional[Mapping[str, torch.Tensor]] = None,
+          generator: Optional[torch.Generator] = None, output_layer: Optional[str] = None,
+          block_norm: str = "l1", apply: bool = True) -> Dict[str, torch.Tensor]:
+    """One pruning step on a sparsified model: the new bool mask of every masked layer (name -> mask).
+
+    With apply=True (default) the masks are installed in place (`set_mask_`, which zeroes pruned weights).
+    `initial`: {layer name or "name.weight": weights at the rewind point}, needed by the movement criterion.
+    See the module docstring for rates, rounding, ties and granularity.
+    """
+    block = parse_granularity(granularity)
+    if block_norm not in BLOCK_NORMS:
+        raise ConfigError(f"block norm must be one of {BLOCK_NORMS}, got {block_norm!r}")
+    score_fn = get_criterion(criterion)
+    rates = layer_rates(model, rate, scope=scope, conv_rate=conv_rate, output_rate=output_rate,
+                        exclude=exclude, output_layer=output_layer)
+    layers = dict(masked_modules(model))
+    new_masks: Dict[str, torch.Tensor] = {name: m.weight_mask.clone() for name, m in layers.items()}
+
+    # Scores and alive units of every prunable layer, flattened, in registration order.
+    entries = []
+    for name, module in layers.items():
+        if rates[name] is None:
+            continue
+        ctx = ScoreContext(name, module.weight.detach(), _lookup_initial(initial, name), generator, block,
+                           block_norm)
+        scores = score_fn(ctx)
+        if tuple(scores.shape) != ctx.unit_shape:
+            raise ValueError(f"criterion {criterion!r} returned scores of shape {tuple(scores.shape)} for "
+                             f"layer {name!r}; expected the unit shape {ctx.unit_shape}")
+        alive = alive_units(module.weight_mask, block).reshape(-1)
+        entries.append((name, module, scores.reshape(-1).to(alive.device), alive))
+
+    def finish(name: str, module: nn.Module, alive: torch.Tensor) -> None:
+        unit_shape = ScoreContext(name, module.weight, None, None, block).unit_shape
+        new_masks[name] = _unit_mask_to_element(alive.reshape(unit_shape), module.weight_mask, block)
+
+    if scope == "layerwise":
+        for name, module, scores, alive in entries:
+            alive_idx = alive.nonzero().flatten()
+            # Never empty a layer: a layer with no weights left disconnects everything after it.
+            k = min(remove_count(rates[name], alive_idx.numel()), max(0, alive_idx.numel() - 1))
+            alive = alive.clone()
+            alive[alive_idx[_ranked_for_removal(scores[alive_idx], k)]] = False
+            finish(name, module, alive)
+    else:
+        alive_idx = [a.nonzero().flatten() for _, _, _, a in entries]
+        pooled = torch.cat([s[i].to(torch.float32).cpu() for (_, _, s, _), i in zip(entries, alive_idx)]) \
+            if entries else torch.zeros(0)
+        k = remove_count(rate, pooled.numel())
+        removed = torch.zeros(pooled.numel(), dtype=torch.bool)
+        removed[_ranked_for_removal(pooled, k)] = True
+        offset = 0
+        for (name, module, _, alive), idx in zip(entries, alive_idx):
+            gone = removed[offset:offset + idx.numel()].to(idx.device)
+            offset += idx.numel()
+            alive = alive.clone()
+            alive[idx[gone]] = False
+            finish(name, module, alive)
+
+    if apply:
+        for name, mask in new_masks.items():
+            layers[name].set_mask_(mask)
+    return new_masks
+
+
+def prune_with_config(model: nn.Module, config, *, initial: Optional[Mapping[str, torch.Tensor]] = None,
+                      generator: Optional[torch.Generator] = None, apply: bool = True,
+                      output_layer: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """`prune` with the pruning fields of a SearchConfig (scope, rates, exclude, granularity, criterion)."""
+    return prune(model, config.rate, scope=config.scope, conv_rate=config.conv_rate,
+                 output_rate=config.output_rate, exclude=config.exclude, granularity=config.granularity,
+                 criterion=config.criterion, initial=initial, generator=generator, output_layer=output_layer,
+                 apply=apply)
+
+
+# ----------------------------------------------------------------------------------------- random controls
+
+def random_masks_like(model_or_masks: Union[nn.Module, Mapping[str, torch.Tensor]],
+                      densities: Optional[Mapping[str, float]] = None,
+                      generator: Optional[torch.Generator] = None,
+                      granularity: str = "element") -> Dict[str, torch.Tensor]:
+    """Random masks with the same per-layer density as the given masks (the random-pruning control).
+
+    Counts are exact: each layer keeps exactly as many units as its given mask has alive (or, with
+    `densities` {name: fraction}, floor(density * units + 1/2)). Positions are uniform without replacement,
+    drawn from `generator` on the CPU layer by layer in order, so a seed fixes the masks on any device.
+    With block granularity whole tiles are drawn (same live-tile count); partial edge tiles then make the
+    element density differ slightly from the given mask's.
+    """
+    block = parse_granularity(granularity)
+    if isinstance(model_or_masks, nn.Module):
+        masks = {name: m.weight_mask for name, m in masked_modules(model_or_masks)}
+    else:
+        masks = dict(model_or_masks)
+    out: Dict[str, torch.Tensor] = {}
+    for name, mask in masks.items():
+        units = alive_units(mask, block)
+        n_units = units.numel()
+        if densities is not None and name in densities:
+            d = float(densities[name])
+            if not 0.0 <= d <= 1.0:
+                raise ConfigError(f"density for {name!r} must be in [0, 1], got {d}")
+            keep = min(n_units, math.floor(Fraction(repr(d)) * n_units + Fraction(1, 2)))
+        else:
+            keep = int(units.sum())
+        chosen = torch.randperm(n_units, generator=generator)[:keep]
+        flat = torch.zeros(n_units, dtype=torch.bool)
+        flat[chosen] = True
+        flat = flat.reshape(units.shape).to(mask.device)
+        out[name] = flat if block is None else expand_tiles(flat, block, mask.shape)
+    return out

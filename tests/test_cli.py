@@ -1,0 +1,173 @@
+"""The `fastticket` command: help, one-line errors for bad input, and a tiny search + report end to end."""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastticket import cli
+from fastticket.presets import get_preset
+
+ONE_THREAD_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+TINY = ["--levels", "1", "--iterations", "20", "--eval-every", "10", "--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def run_main(argv, capsys):
+    """(exit code, stdout, stderr) of cli.main, whether it returns or exits through argparse."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code not in (0, None), err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--help"], ["search", "report", "bench"]),
+    (["search", "--help"], ["--preset", "--rewind-iter", "--granularity", "--resume", "examples:", "runs/<preset>"]),
+    (["report", "--help"], ["RUN_DIR", "example:"]),
+    (["bench", "--help"], ["--suite", "--quick", "--dtype"]),
+])
+def test_help(argv, expected, capsys):
+    code, out, err = run_main(argv, capsys)
+    assert code == 0
+    for text in expected:
+        assert text in out
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = run_main([], capsys)
+    assert code == 2 and "search" in out
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["search", "--rate", "1.5"], ["(0, 1)"]),
+    (["search", "--rate", "0"], ["(0, 1)"]),
+    (["search", "--rate", "abc"], ["not a number"]),
+    (["search", "--preset", "nope"], ["unknown preset", "lenet-mnist5k"]),
+    (["search", "--model", "resnet9000"], ["unknown model"]),
+    (["search", "--dataset", "imagenet"], ["unknown dataset"]),
+    (["search", "--granularity", "block:4"], ["granularity"]),
+    (["search", "--granularity", "tiles"], ["granularity"]),
+    (["search", "--levels", "-1"], [">= 0"]),
+    (["search", "--iterations", "0"], ["positive"]),
+    (["search", "--controls", "reinit,shuffle"], ["unknown control"]),
+    (["search", "--rewind-iter", "5000"], ["rewind_iter"]),
+    (["search", "--optimizer", "sgd"], ["unrecognized arguments"]),
+])
+def test_bad_search_input_is_one_line(argv, fragments, capsys, tmp_path):
+    code, _, err = run_main(argv + ["--out", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert_one_line_error(code, err, *fragments)
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_gpu(capsys, tmp_path):
+    code, _, err = run_main(["search", "--device", "cuda", "--out", str(tmp_path / "r")], capsys)
+    assert_one_line_error(code, err, "no CUDA GPU", "--device cpu")
+
+
+def test_nonempty_out_without_resume(capsys, tmp_path):
+    (tmp_path / "something.txt").write_text("mine")
+    code, _, err = run_main(["search", "--out", str(tmp_path)] + TINY, capsys)
+    assert_one_line_error(code, err, "not empty", "--resume", "another --out")
+    assert os.listdir(tmp_path) == ["something.txt"]
+
+
+def test_resume_with_a_different_config(capsys, tmp_path):
+    saved = get_preset("lenet-mnist5k").replace(levels=1, iterations=20, eval_every=10, lr=0.5)
+    (tmp_path / "config.json").write_text(saved.to_json())
+    code, _, err = run_main(["search", "--out", str(tmp_path), "--resume"] + TINY, capsys)
+    assert_one_line_error(code, err, "differs", "lr")
+
+
+def test_missing_data_offline(capsys, tmp_path, monkeypatch):
+    import fastticket.data
+
+    def offline(name, root):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(fastticket.data, "_download", offline)
+    code, _, err = run_main(["search", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
+                             "--out", str(tmp_path / "run")] + TINY, capsys)
+    assert_one_line_error(code, err, "--data-dir")
+    assert not os.path.exists(tmp_path / "run")  # a corrected command can reuse the same --out
+
+
+def test_foreign_mask_on_resume(capsys, tmp_path):
+    config = get_preset("lenet-mnist5k").replace(levels=1, iterations=20, eval_every=10)
+    (tmp_path / "config.json").write_text(config.to_json())
+    level0 = tmp_path / "levels" / "level_00" / "ticket_trial0"
+    level0.mkdir(parents=True)
+    torch.save({"fc.0": torch.ones(300, 5, dtype=torch.bool), "fc.1": torch.ones(100, 300, dtype=torch.bool),
+                "output": torch.ones(10, 100, dtype=torch.bool)}, level0 / "mask.pt")
+    code, _, err = run_main(["search", "--out", str(tmp_path), "--resume"] + TINY, capsys)
+    assert_one_line_error(code, err, "mask", "fc.0", "(300, 5)")
+    (level0 / "mask.pt").write_bytes(b"not a torch file")
+    code, _, err = run_main(["search", "--out", str(tmp_path), "--resume"] + TINY, capsys)
+    assert_one_line_error(code, err, "mask", "cannot read")
+
+
+def test_report_of_missing_dir(capsys, tmp_path):
+    code, _, err = run_main(["report", str(tmp_path / "nothing")], capsys)
+    assert_one_line_error(code, err, "no run directory")
+
+
+def test_rate_scales_the_preset_ratios():
+    parser = cli.build_parser()
+    config = cli.config_from_args(parser.parse_args(["search", "--rate", "0.4"]))
+    assert (config.rate, config.output_rate, config.conv_rate) == (0.4, 0.2, None)
+    config = cli.config_from_args(parser.parse_args(["search", "--preset", "conv2-cifar10", "--rate", "0.3"]))
+    assert (config.rate, config.conv_rate, config.output_rate) == (0.3, 0.15, 0.15)
+    config = cli.config_from_args(parser.parse_args(["search", "--controls", "none", "--trials", "2"]))
+    assert config.controls == [] and config.trials == 2
+    assert cli.config_from_args(parser.parse_args(["search"])) == get_preset("lenet-mnist5k")
+
+
+def test_search_then_report_end_to_end(tmp_path):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "fastticket", "search", "--levels", "1", "--iterations", "20", "--eval-every",
+           "10", "--controls", "reinit", "--out", out]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ONE_THREAD_ENV, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "ticket acc@stop" in done.stdout and f"run directory: {out}" in done.stdout
+    results = sorted(glob.glob(os.path.join(out, "levels", "*", "*", "result.json")))
+    assert [os.path.relpath(p, out) for p in results] == [
+        os.path.join("levels", "level_00", "ticket_trial0", "result.json"),
+        os.path.join("levels", "level_01", "reinit_trial0", "result.json"),
+        os.path.join("levels", "level_01", "ticket_trial0", "result.json")]
+    for p in results:
+        with open(p) as f:
+            assert json.load(f)["status"] == "ok"
+    pngs = glob.glob(os.path.join(out, "report", "*.png"))
+    assert len(pngs) >= 2 and all(os.path.getsize(p) > 1000 for p in pngs)
+
+    shutil.rmtree(os.path.join(out, "report"))
+    exe = shutil.which("fastticket")
+    report_cmd = [exe, "report", out] if exe else [sys.executable, "-m", "fastticket", "report", out]
+    done = subprocess.run(report_cmd, capture_output=True, text=True, env=ONE_THREAD_ENV, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "reinit acc@stop" in done.stdout and ".png" in done.stdout
+    assert len(glob.glob(os.path.join(out, "report", "*.png"))) >= 2
