@@ -25,7 +25,7 @@ examples:
 
 Flags override the preset's fields. --rate R sets the per-level rate of fc layers (layerwise) or of the global
 pool, and scales the preset's conv and output-layer rates by the same factor (R / preset rate), so their
-ratios to the fc rate stay as in the paper (e.g. lenet: fc 20%%, output 10%%; --rate 0.4 gives 40%% / 20%%).
+ratios to the fc rate stay as in the paper (e.g. lenet: fc 20%, output 10%; --rate 0.4 gives 40% / 20%).
 The run directory defaults to runs/<preset> (deterministic, so --resume finds it again without --out).
 """
 
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     r = sub.add_parser("report", help="draw plots and tables of a run directory",
-                       description="Plots (test accuracy and early-stopping iteration vs %% weights remaining, "
+                       description="Plots (test accuracy and early-stopping iteration vs % weights remaining, "
                                    "tickets against controls with error bars over trials) and CSV/markdown "
                                    "tables, written to RUN_DIR/report/.",
                        epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
