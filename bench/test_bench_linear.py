@@ -8,7 +8,6 @@ pytest-benchmark's wall-clock timer sees the GPU work.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import zlib
@@ -17,7 +16,6 @@ import pytest
 import torch
 
 from fastticket.bench import linear as suite
-from fastticket.bench import time_ms
 
 HAS_CUDA = torch.cuda.is_available()
 QUICK = os.environ.get("FASTTICKET_BENCH_QUICK", "0") not in ("", "0")
@@ -52,7 +50,7 @@ PARAMS = [pytest.param(c, m, d, op, impl, id=f"{c.name}-{m}-d{d}-{op}-{impl}")
 
 
 @pytest.mark.parametrize("case,mask,density,op,impl", PARAMS)
-def test_linear(benchmark, bench_dtype, case, mask, density, op, impl):
+def test_linear(layer_op_benchmark, benchmark, bench_dtype, case, mask, density, op, impl):
     layer = get_layer(case, mask, density, bench_dtype)
     if impl == "bsr":
         if op != "fwd":
@@ -63,35 +61,14 @@ def test_linear(benchmark, bench_dtype, case, mask, density, op, impl):
     else:
         fn = {"dense": layer.dense, "prune": layer.prune, "fastticket": layer.fastticket,
               "fastticket-skip": layer.fastticket}[impl]
-    ctx = suite.forced_skip if impl == "fastticket-skip" else contextlib.nullcontext
-    sets = list(zip(layer.xs, layer.gs))
-    grads = suite._grads
 
-    with ctx():
-        if op == "fwd":
-            def run(x, g):
-                return fn(x)
-        elif op == "bwd":
-            ys = {id(x): fn(x) for x, _ in sets}
-
-            def run(x, g):
-                return grads(ys[id(x)], layer, x, g, retain=True)
-        else:
-            def run(x, g):
-                return grads(fn(x), layer, x, g, retain=False)
-
-        cycle = itertools.cycle(sets)
-
-        def timed():
-            run(*next(cycle))
-            torch.cuda.synchronize()
-
-        benchmark.group = f"{case.name} {mask} d={density} {op}"
-        benchmark.extra_info["do_bench_median_ms"] = time_ms(run, sets)
+    def record():
         benchmark.extra_info["live_fraction"] = suite._live_fraction(layer, torch.device("cuda"), bench_dtype)
         if impl.startswith("fastticket"):
             parity = suite._parity(layer, bench_dtype)["skip" if impl == "fastticket-skip" else "dispatch"][op]
             benchmark.extra_info["parity"] = parity
             assert parity < (1e-5 if bench_dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
                              else 1e-3 if bench_dtype == torch.float32 else 1e-2), f"parity {parity}"
-        benchmark.pedantic(timed, warmup_rounds=5, rounds=30, iterations=1)
+
+    layer_op_benchmark(layer, fn, op, suite._grads, suite.forced_skip if impl == "fastticket-skip" else None,
+                       f"{case.name} {mask} d={density} {op}", record)

@@ -27,6 +27,8 @@ def triton_importable() -> bool:
 
 
 def triton_interpreter_active() -> bool:
+    """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1): CPU tensors can take the triton
+    backend, and the kernels' launchers use small fixed tiles and no autotuning."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

@@ -113,6 +113,30 @@ class _MaskedOptimizer(Optimizer):
         return p.grad
 
     @staticmethod
+    def _closure_loss(closure: Optional[Callable[[], float]]) -> Optional[float]:
+        """The closure's loss, evaluated with grad enabled (step() itself runs under no_grad), or None."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _stepped(self, group: Dict[str, Any]
+                 ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[Optional[torch.Tensor]]]:
+        """The parameters of `group` that have a gradient (the ones a step updates), their gradients and
+        masks."""
+        params = [p for p in group["params"] if p.grad is not None]
+        return params, [self._grad_of(p) for p in params], [self.mask_for(p) for p in params]
+
+    def _by_backend(self, params: Sequence[torch.Tensor]):
+        """(backend, indices into params) for each backend the parameters' devices resolve to."""
+        return _split_by([self._backend(p.device) for p in params]).items()
+
+    def _tile_kwargs(self, params: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
+                     idx: Sequence[int]) -> Dict[str, Any]:
+        """The live-tile arguments of a triton step over params[i] for i in idx."""
+        return dict(tile_maps=[self.tile_map_for(params[i], masks[i]) for i in idx], block=self.block_tile)
+
+    @staticmethod
     def _backend(device: torch.device) -> str:
         return resolve_backend(device)
 
@@ -161,25 +185,19 @@ class MaskedSGD(_MaskedOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params, grads, masks = self._stepped(group)
             if not params:
                 continue
-            grads = [self._grad_of(p) for p in params]
-            masks = [self.mask_for(p) for p in params]
             bufs = [self.state[p].get("momentum_buffer") for p in params]
             hp = dict(lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
                       nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"])
-            for backend, idx in _split_by([self._backend(p.device) for p in params]).items():
+            for backend, idx in self._by_backend(params):
                 sub_bufs = [bufs[i] for i in idx]
                 args = ([params[i] for i in idx], [grads[i] for i in idx], [masks[i] for i in idx], sub_bufs)
                 if backend == "triton":
-                    _k.sgd_step_(*args, tile_maps=[self.tile_map_for(params[i], masks[i]) for i in idx],
-                                 block=self.block_tile, **hp)
+                    _k.sgd_step_(*args, **self._tile_kwargs(params, masks, idx), **hp)
                 else:
                     _k.sgd_step_reference_(*args, **hp)
                 for i, b in zip(idx, sub_bufs):
@@ -243,17 +261,12 @@ class MaskedAdam(_MaskedOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params, grads, masks = self._stepped(group)
             if not params:
                 continue
             amsgrad = group["amsgrad"]
-            grads = [self._grad_of(p) for p in params]
-            masks = [self.mask_for(p) for p in params]
             states = [self._init_state(p, amsgrad) for p in params]
             steps = []
             for s in states:
@@ -263,13 +276,12 @@ class MaskedAdam(_MaskedOptimizer):
             hp = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
                       weight_decay=group["weight_decay"], amsgrad=amsgrad, maximize=group["maximize"],
                       decoupled=group.get("decoupled_weight_decay", self._decoupled_default))
-            for backend, idx in _split_by([self._backend(p.device) for p in params]).items():
+            for backend, idx in self._by_backend(params):
                 args = ([params[i] for i in idx], [grads[i] for i in idx], [masks[i] for i in idx],
                         [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
                         [states[i].get("max_exp_avg_sq") if amsgrad else None for i in idx], [steps[i] for i in idx])
                 if backend == "triton":
-                    _k.adam_step_(*args, tile_maps=[self.tile_map_for(params[i], masks[i]) for i in idx],
-                                  block=self.block_tile, **hp)
+                    _k.adam_step_(*args, **self._tile_kwargs(params, masks, idx), **hp)
                 else:
                     _k.adam_step_reference_(*args, **hp)
         return loss

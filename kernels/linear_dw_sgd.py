@@ -34,7 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastticket.kernels.masked_linear import _input_precision, block_sizes
+from fastticket.kernels._common import dot_input_precision
+from fastticket.kernels.masked_linear import block_sizes, dw_tile
+from fastticket.kernels.masked_optim import sgd_update
 from fastticket.kernels.tile_map import TileMap
 
 # Fixed launch config on CUDA: autotuning would run the in-place update several times per call.
@@ -53,47 +55,22 @@ def _dw_sgd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     t = tl.program_id(0)
-    nt = tl.load(coo_rows + t)
-    kt = tl.load(coo_cols + t)
-    offs_n = (nt * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_k = (kt * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    n_ok = offs_n < N
-    k_ok = offs_k < K
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        m_ok = offs_m < M
-        dyt = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
-                      mask=m_ok[None, :] & n_ok[:, None], other=0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(dyt, x, acc, input_precision=INPUT_PRECISION)
-    tile_ok = n_ok[:, None] & k_ok[None, :]
+    acc, offs_n, offs_k, tile_ok = dw_tile(
+        dy_ptr, x_ptr, tl.load(coo_rows + t), tl.load(coo_cols + t), M, N, K,
+        stride_dym, stride_dyn, stride_xm, stride_xk, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     # Weight, mask and momentum buffer are contiguous [N, K] (checked when the fusion is enabled).
     offs = offs_n[:, None] * K + offs_k[None, :]
     keep = tl.load(mask_ptr + offs, mask=tile_ok, other=0) != 0
     w = tl.load(w_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
     # The dW tile is rounded to the weight dtype first, as the unfused path stores it before stepping.
     g = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
-    if MAXIMIZE:
-        g = -g
-    if HAS_WD:
-        g = g + weight_decay * w
-    g = tl.where(keep, g, 0.0)
-    d = g
+    buf = g  # placeholder: without momentum, or on the first step (whose buffer is the gradient itself)
+    if HAS_MOMENTUM and not FIRST:
+        buf = tl.load(buf_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
+    w, buf = sgd_update(w, g, keep, buf, FIRST, lr, momentum, dampening, weight_decay,
+                        HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD)
     if HAS_MOMENTUM:
-        if FIRST:
-            buf = g
-        else:
-            buf = tl.load(buf_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
-            buf = buf * momentum + (1.0 - dampening) * g
-        buf = tl.where(keep, buf, 0.0)
         tl.store(buf_ptr + offs, buf.to(buf_ptr.dtype.element_ty), mask=tile_ok)
-        if NESTEROV:
-            d = g + momentum * buf
-        else:
-            d = buf
-    w = tl.where(keep, w - lr * d, 0.0)
     tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -124,7 +101,7 @@ def linear_dw_sgd_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
         tile_map.coo_rows, tile_map.coo_cols,
         m, n, k, grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),
         float(lr), float(momentum), float(dampening), float(weight_decay),
-        INPUT_PRECISION=_input_precision(x.dtype), HAS_MOMENTUM=momentum != 0, FIRST=first,
+        INPUT_PRECISION=dot_input_precision(x.dtype, "matmul"), HAS_MOMENTUM=momentum != 0, FIRST=first,
         NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
         BLOCK_N=bn, BLOCK_K=bk, **meta,
     )

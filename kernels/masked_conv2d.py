@@ -168,16 +168,40 @@ _MAX_BITMASK_TAPS = 31
 
 
 @triton.jit
-def _tap_bits(ih0, iw0, m_ok, H, W, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr):
+def _output_pixels(offs_m, H_out, W_out, INDEX_I64: tl.constexpr):
+    # GEMM row m -> output pixel (image, row, column), m = (img * H_out + oh) * W_out + ow.
+    img = offs_m // (H_out * W_out)
+    pix = offs_m % (H_out * W_out)
+    oh = pix // W_out
+    ow = pix % W_out
+    if INDEX_I64:  # only when a tensor's extent passes 2**31 elements: 64-bit offsets cost registers
+        img = img.to(tl.int64)
+    return img, oh, ow
+
+
+@triton.jit
+def _filter_columns(offs_k, K, KH: tl.constexpr, KW: tl.constexpr):
+    # GEMM column k -> (k < K, input channel, filter tap (kh-major), tap row, tap column), k = ci * KH*KW + tap.
+    k_ok = offs_k < K
+    ci = offs_k // (KH * KW)
+    tap = offs_k % (KH * KW)
+    return k_ok, ci, tap, tap // KW, tap % KW
+
+
+@triton.jit
+def _tap_bits(ih0, iw0, m_ok, H, W, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr, USE_BITS: tl.constexpr):
     # Bit t of a pixel's word says whether filter tap t (kh-major) reads inside the image. K is ordered
     # c_in-major, so every column of a K tile can have a different tap; a per-element bounds test would need
     # [BLOCK_M, BLOCK_K] row and column indices live in registers. With the word, the test is one shift.
+    # Without USE_BITS (filters with more than _MAX_BITMASK_TAPS taps) the result is a placeholder that
+    # _gather_ok ignores.
     bits = tl.zeros_like(ih0)
-    for t in tl.static_range(KH * KW):
-        ih = ih0 + (t // KW) * dil_h
-        iw = iw0 + (t % KW) * dil_w
-        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & m_ok
-        bits = bits | (inside.to(tl.int32) << t)
+    if USE_BITS:
+        for t in tl.static_range(KH * KW):
+            ih = ih0 + (t // KW) * dil_h
+            iw = iw0 + (t % KW) * dil_w
+            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & m_ok
+            bits = bits | (inside.to(tl.int32) << t)
     return bits
 
 
@@ -212,21 +236,13 @@ def _conv2d_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    img = offs_m // (H_out * W_out)
-    pix = offs_m % (H_out * W_out)
-    oh = pix // W_out
-    ow = pix % W_out
-    if INDEX_I64:  # only when a tensor's extent passes 2**31 elements: 64-bit offsets cost registers
-        img = img.to(tl.int64)
+    img, oh, ow = _output_pixels(offs_m, H_out, W_out, INDEX_I64)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
     # Offsets split into a per-pixel part (here) and a per-k part (in the loop): the [BLOCK_M, BLOCK_K]
     # gather then costs one broadcast add, and little stays live across iterations.
     x_row = img * sx_n + ih0 * sx_h + iw0 * sx_w
-    if USE_BITS:
-        bits = _tap_bits(ih0, iw0, m_ok, H, W, dil_h, dil_w, KH, KW)
-    else:
-        bits = ih0  # unused by _gather_ok
+    bits = _tap_bits(ih0, iw0, m_ok, H, W, dil_h, dil_w, KH, KW, USE_BITS)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < C_out
@@ -238,11 +254,7 @@ def _conv2d_fwd_kernel(
     for i in range(lo, hi):
         kt = tl.load(col_idx_ptr + i)
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        ci = offs_k // (KH * KW)
-        tap = offs_k % (KH * KW)
-        rh = tap // KW
-        rw = tap % KW
+        k_ok, ci, tap, rh, rw = _filter_columns(offs_k, K, KH, KW)
         a_ok = _gather_ok(bits, ih0, iw0, m_ok, tap, k_ok, H, W, dil_h, dil_w, KW, USE_BITS)
         x_col = ci * sx_c + (rh * dil_h) * sx_h + (rw * dil_w) * sx_w
         a = tl.load(x_ptr + (x_row[:, None] + x_col[None, :]), mask=a_ok, other=0.0)
@@ -276,20 +288,11 @@ def _conv2d_dx_kernel(
         K = C_in * KH * KW
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        img = offs_m // (H_out * W_out)
-        pix = offs_m % (H_out * W_out)
-        oh = pix // W_out
-        ow = pix % W_out
-        if INDEX_I64:
-            img = img.to(tl.int64)
+        img, oh, ow = _output_pixels(offs_m, H_out, W_out, INDEX_I64)
         dy_row = img * sdy_n + oh * sdy_h + ow * sdy_w
 
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        ci = offs_k // (KH * KW)
-        tap = offs_k % (KH * KW)
-        rh = tap // KW
-        rw = tap % KW
+        k_ok, ci, tap, rh, rw = _filter_columns(offs_k, K, KH, KW)
         w_col = ci * sw_i + rh * sw_h + rw * sw_w
 
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -339,11 +342,7 @@ def _conv2d_dw_kernel(
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < C_out
     offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < K
-    ci = offs_k // (KH * KW)
-    tap = offs_k % (KH * KW)
-    rh = tap // KW
-    rw = tap % KW
+    k_ok, ci, tap, rh, rw = _filter_columns(offs_k, K, KH, KW)
     x_col = ci * sx_c + (rh * dil_h) * sx_h + (rw * dil_w) * sx_w
     dy_col = offs_n * sdy_c
 
@@ -353,20 +352,12 @@ def _conv2d_dw_kernel(
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < m_hi
-        img = offs_m // (H_out * W_out)
-        pix = offs_m % (H_out * W_out)
-        oh = pix // W_out
-        ow = pix % W_out
-        if INDEX_I64:
-            img = img.to(tl.int64)
+        img, oh, ow = _output_pixels(offs_m, H_out, W_out, INDEX_I64)
         a = tl.load(dy_ptr + (dy_col[:, None] + (img * sdy_n + oh * sdy_h + ow * sdy_w)[None, :]),
                     mask=n_ok[:, None] & m_ok[None, :], other=0.0)
         ih0 = oh * stride_h - pad_h
         iw0 = ow * stride_w - pad_w
-        if USE_BITS:
-            bits = _tap_bits(ih0, iw0, m_ok, H, W, dil_h, dil_w, KH, KW)
-        else:
-            bits = ih0  # unused by _gather_ok
+        bits = _tap_bits(ih0, iw0, m_ok, H, W, dil_h, dil_w, KH, KW, USE_BITS)
         b_ok = _gather_ok(bits, ih0, iw0, m_ok, tap, k_ok, H, W, dil_h, dil_w, KW, USE_BITS)
         x_row = img * sx_n + ih0 * sx_h + iw0 * sx_w
         b = tl.load(x_ptr + (x_row[:, None] + x_col[None, :]), mask=b_ok, other=0.0)
@@ -431,10 +422,6 @@ def _check_tile_map(tile_map: TileMap, c_out: int, k: int) -> Tuple[int, int]:
     return tile_map.block
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return dot_input_precision(dtype, torch.backends.cudnn.allow_tf32)
-
-
 def _needs_i64(*tensors: torch.Tensor) -> bool:
     """True when some element offset of these tensors (or a padding tap next to one) may pass int32."""
     span = max(sum((size - 1) * abs(step) for size, step in zip(t.shape, t.stride())) if t.numel() else 0
@@ -485,7 +472,7 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
             *geom.stride, *geom.pad, *geom.dilation,
             KH=kh, KW=kw, HAS_BIAS=bias is not None, INDEX_I64=_needs_i64(x, out),
             USE_BITS=kh * kw <= _MAX_BITMASK_TAPS, BLOCK_N=bn, BLOCK_K=bk,
-            INPUT_PRECISION=_precision(x.dtype), **_launch_meta(),
+            INPUT_PRECISION=dot_input_precision(x.dtype, "cudnn"), **_launch_meta(),
         )
     return out
 
@@ -528,7 +515,7 @@ def conv2d_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, tile_map: Ti
             *grad_out.stride(), *weight.stride(), *acc.stride(),
             *geom.stride, *geom.pad, *geom.dilation,
             KH=kh, KW=kw, ATOMIC=atomic, INDEX_I64=_needs_i64(grad_out, acc), BLOCK_N=bn, BLOCK_K=bk,
-            INPUT_PRECISION=_precision(weight.dtype), **_launch_meta(),
+            INPUT_PRECISION=dot_input_precision(weight.dtype, "cudnn"), **_launch_meta(),
         )
     if acc is not out:
         out.copy_(acc)
@@ -594,7 +581,7 @@ def conv2d_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tens
             *geom.stride, *geom.pad, *geom.dilation,
             KH=kh, KW=kw, ATOMIC=atomic, INDEX_I64=_needs_i64(x, grad_out),
             USE_BITS=kh * kw <= _MAX_BITMASK_TAPS, BLOCK_N=bn, BLOCK_K=bk,
-            INPUT_PRECISION=_precision(x.dtype), **_launch_meta(),
+            INPUT_PRECISION=dot_input_precision(x.dtype, "cudnn"), **_launch_meta(),
         )
     if acc is not out:
         live = tile_map_expand(tile_map, mask.shape, out.device)

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from fastticket.kernels._common import dot_input_precision
 from fastticket.kernels.dispatch import use_tile_skipping
 from fastticket.kernels.tile_map import TileMap
 
@@ -85,15 +86,6 @@ def _cuda_configs() -> List[triton.Config]:
     return configs
 
 
-def _input_precision(dtype: torch.dtype) -> Optional[str]:
-    """tl.dot's input_precision: IEEE for fp32 unless the user allowed TF32 for matmuls (the same switch
-    cuBLAS obeys). None (triton's default) for 16-bit inputs, whose products tensor cores compute exactly;
-    naming "tf32" there would be rejected by backends that do not list it (e.g. AMD)."""
-    if dtype != torch.float32:
-        return None
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 # ------------------------------------------------------------------------------------------------ kernels
 
 @triton.jit
@@ -109,6 +101,31 @@ def _grouped_tile(pid, tiles_m, tiles_other, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _live_tiles_dot(
+    list_ptr, list_idx, tile,
+    a_ptr, offs_m, m_ok, stride_am, stride_aj,
+    b_ptr, offs_c, c_ok, stride_bj, stride_bc,
+    J, acc,
+    INPUT_PRECISION: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """acc + A[offs_m, j] @ B[j, offs_c], summed over the j-tiles that the CSR lists (list_ptr, list_idx) name
+    for row `tile`: the main loop of the forward (j = the live K-tiles of an output tile-row; A = X, B = W^T)
+    and of dX (j = the live N-tiles of a K tile-column; A = dY, B = W). J bounds j."""
+    start = tl.load(list_ptr + tile)
+    end = tl.load(list_ptr + tile + 1)
+    arange_j = tl.arange(0, BLOCK_J)
+    for i in range(start, end):
+        offs_j = tl.load(list_idx + i) * BLOCK_J + arange_j
+        j_ok = offs_j < J
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_j[None, :] * stride_aj,
+                    mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_j[:, None] * stride_bj + offs_c[None, :] * stride_bc,
+                    mask=j_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, row_ptr, col_idx,
     M, N, K,
@@ -121,22 +138,13 @@ def _fwd_kernel(
     # int64 row offsets: M * K can exceed 2^31 for long token batches.
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    arange_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    start = tl.load(row_ptr + pid_n)
-    end = tl.load(row_ptr + pid_n + 1)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(start, end):
-        kt = tl.load(col_idx + i)
-        offs_k = kt * BLOCK_K + arange_k
-        k_ok = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        # W^T tile [BLOCK_K, BLOCK_N] read straight from W's [N, K] layout.
-        wt = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                     mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(x, wt, acc, input_precision=INPUT_PRECISION)
+    # X tiles times W^T tiles [BLOCK_K, BLOCK_N], read straight from W's [N, K] layout (k strides as rows).
+    acc = _live_tiles_dot(row_ptr, col_idx, pid_n,
+                          x_ptr, offs_m, m_ok, stride_xm, stride_xk,
+                          w_ptr, offs_n, n_ok, stride_wk, stride_wn,
+                          K, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, BLOCK_K)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc += bias[None, :]
@@ -156,37 +164,29 @@ def _dx_kernel(
     pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    arange_n = tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     k_ok = offs_k < K
-    start = tl.load(col_ptr + pid_k)
-    end = tl.load(col_ptr + pid_k + 1)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for i in range(start, end):
-        nt = tl.load(row_idx + i)
-        offs_n = nt * BLOCK_N + arange_n
-        n_ok = offs_n < N
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
+    # dY tiles times W tiles [BLOCK_N, BLOCK_K] over the transposed lists (the live N-tiles of K-tile pid_k).
+    acc = _live_tiles_dot(col_ptr, row_idx, pid_k,
+                          dy_ptr, offs_m, m_ok, stride_dym, stride_dyn,
+                          w_ptr, offs_k, k_ok, stride_wn, stride_wk,
+                          N, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INPUT_PRECISION, BLOCK_N)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
-def _dw_kernel(
-    dy_ptr, x_ptr, mask_ptr, dw_ptr, coo_rows, coo_cols,
+def dw_tile(
+    dy_ptr, x_ptr, nt, kt,
     M, N, K,
-    stride_dym, stride_dyn, stride_xm, stride_xk, stride_mn, stride_mk, stride_dwn, stride_dwk,
-    N_LIVE,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_dym, stride_dyn, stride_xm, stride_xk,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    nt = tl.load(coo_rows + t)
-    kt = tl.load(coo_cols + t)
+    """The (nt, kt) tile of dY^T @ X, reduced over all M rows in fp32, unmasked: the main loop of the dW
+    kernel here and of the fused dW + SGD kernel (kernels/linear_dw_sgd.py).
+
+    Returns (acc [BLOCK_N, BLOCK_K] fp32, offs_n, offs_k (int64), tile_ok (the in-bounds part of the tile)).
+    """
     offs_n = (nt * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = (kt * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     n_ok = offs_n < N
@@ -201,7 +201,22 @@ def _dw_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(dyt, x, acc, input_precision=INPUT_PRECISION)
-    tile_ok = n_ok[:, None] & k_ok[None, :]
+    return acc, offs_n, offs_k, n_ok[:, None] & k_ok[None, :]
+
+
+@triton.jit
+def _dw_kernel(
+    dy_ptr, x_ptr, mask_ptr, dw_ptr, coo_rows, coo_cols,
+    M, N, K,
+    stride_dym, stride_dyn, stride_xm, stride_xk, stride_mn, stride_mk, stride_dwn, stride_dwk,
+    N_LIVE,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0)
+    acc, offs_n, offs_k, tile_ok = dw_tile(
+        dy_ptr, x_ptr, tl.load(coo_rows + t), tl.load(coo_cols + t), M, N, K,
+        stride_dym, stride_dyn, stride_xm, stride_xk, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     # Element mask in the epilogue: pruned entries of a live tile get exactly zero gradient.
     keep = tl.load(mask_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=tile_ok, other=0)
     acc = tl.where(keep != 0, acc, 0.0)
@@ -257,7 +272,7 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         m, n, k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
         tile_map.n_live,
-        HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(x.dtype),
+        HAS_BIAS=bias is not None, INPUT_PRECISION=dot_input_precision(x.dtype, "matmul"),
         BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, **_launch_meta(x.device),
     )
     return out
@@ -280,7 +295,7 @@ def linear_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, tile_map: Ti
         m, n, k,
         grad_out.stride(0), grad_out.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
         tile_map.n_live,
-        INPUT_PRECISION=_input_precision(grad_out.dtype),
+        INPUT_PRECISION=dot_input_precision(grad_out.dtype, "matmul"),
         BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, **_launch_meta(grad_out.device),
     )
     return out
@@ -309,7 +324,7 @@ def linear_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tens
         grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),
         mask_u8.stride(0), mask_u8.stride(1), out.stride(0), out.stride(1),
         tile_map.n_live,
-        INPUT_PRECISION=_input_precision(x.dtype),
+        INPUT_PRECISION=dot_input_precision(x.dtype, "matmul"),
         BLOCK_N=bn, BLOCK_K=bk, **_launch_meta(x.device),
     )
     return out

@@ -339,6 +339,29 @@ if HAS_TRITON:
         return keep
 
     @triton.jit
+    def sgd_update(p, g, keep, buf, first, lr, momentum, dampening, weight_decay, HAS_MOMENTUM: tl.constexpr,
+                   NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr):
+        """torch.optim.SGD's step on one block of a masked tensor, in the compute dtype: returns the new
+        parameter and momentum buffer (the `buf` given, unused, without momentum). `first`: the first step,
+        whose buffer is the gradient itself (`buf` is ignored then). Pruned entries (keep False) get a zero
+        gradient and come back as exact zeros in both. Shared by the multi-tensor step here and the fused
+        dW + SGD kernel (kernels/linear_dw_sgd.py)."""
+        if MAXIMIZE:
+            g = -g
+        if HAS_WD:
+            g = g + weight_decay * p
+        g = tl.where(keep, g, 0.0)
+        d = g
+        if HAS_MOMENTUM:
+            buf = tl.where(first, g, buf * momentum + (1.0 - dampening) * g)
+            buf = tl.where(keep, buf, 0.0)
+            if NESTEROV:
+                d = g + momentum * buf
+            else:
+                d = buf
+        return tl.where(keep, p - lr * d, 0.0), buf
+
+    @triton.jit
     def _sgd_apply(addr_ptr, t, offs, valid, flags, lr, momentum, dampening, weight_decay,
                    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, BOUNDED: tl.constexpr,
                    HAS_MOMENTUM: tl.constexpr,
@@ -358,30 +381,20 @@ if HAS_TRITON:
             p = tl.load(p_ptr + offs).to(COMPUTE)
             g = tl.load(g_ptr + offs).to(COMPUTE)
             keep = _full_chunk_keep(m_ptr, offs, flags)
-        if MAXIMIZE:
-            g = -g
-        if HAS_WD:
-            g = g + weight_decay * p
-        g = tl.where(keep, g, 0.0)
-        d = g
+        buf = g  # placeholder without momentum
         if HAS_MOMENTUM:
-            # The first step's buffer is the gradient itself (torch.optim.SGD); the launcher hands a zeroed
-            # fresh buffer then, so the unconditional read is harmless.
+            # On the first step the launcher hands a zeroed fresh buffer, so the unconditional read is harmless.
             if BOUNDED:
                 buf = tl.load(b_ptr + offs, mask=valid, other=0.0).to(COMPUTE)
             else:
                 buf = tl.load(b_ptr + offs).to(COMPUTE)
-            buf = tl.where(first, g, buf * momentum + (1.0 - dampening) * g)
-            buf = tl.where(keep, buf, 0.0)
+        p, buf = sgd_update(p, g, keep, buf, first, lr, momentum, dampening, weight_decay,
+                            HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD)
+        if HAS_MOMENTUM:
             if BOUNDED:
                 tl.store(b_ptr + offs, buf.to(DTYPE), mask=valid)
             else:
                 tl.store(b_ptr + offs, buf.to(DTYPE))
-            if NESTEROV:
-                d = g + momentum * buf
-            else:
-                d = buf
-        p = tl.where(keep, p - lr * d, 0.0)
         if BOUNDED:
             tl.store(p_ptr + offs, p.to(DTYPE), mask=valid)
         else:

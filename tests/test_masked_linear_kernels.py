@@ -233,3 +233,31 @@ def test_no_grad_inference(device, path):
         y = ml.masked_linear(x, w, b, mask, lambda bn, bk: cache.get(mask, bn, bk))
     assert not y.requires_grad
     assert_parity(y, ml.reference_masked_linear(x, w, b, mask), 1e-5, "forward")
+
+
+# Compiles the linear kernels and the fused dW + SGD kernel for Hopper (sm_90) without a GPU (the
+# compile_for_sm90 fixture, tests/conftest.py), as tests/test_masked_conv2d_kernels.py does for the conv kernels.
+_GPU_COMPILE_BODY = r"""
+import fastticket.kernels.linear_dw_sgd as ds
+import fastticket.kernels.masked_linear as ml
+
+for t, precision in (("*bf16", None), ("*fp32", "tf32")):
+    common = dict(INPUT_PRECISION=precision, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64)
+    compile_kernel(ml._fwd_kernel, {"x_ptr": t, "w_ptr": t, "b_ptr": t, "y_ptr": t, "row_ptr": "*i32",
+                   "col_idx": "*i32"}, dict(common, HAS_BIAS=True, GROUP_M=8))
+    compile_kernel(ml._dx_kernel, {"dy_ptr": t, "w_ptr": t, "dx_ptr": t, "col_ptr": "*i32", "row_idx": "*i32"},
+                   dict(common, GROUP_M=8))
+    compile_kernel(ml._dw_kernel, {"dy_ptr": t, "x_ptr": t, "mask_ptr": "*u8", "dw_ptr": t, "coo_rows": "*i32",
+                   "coo_cols": "*i32"}, common)
+    compile_kernel(ds._dw_sgd_kernel, {"dy_ptr": t, "x_ptr": t, "mask_ptr": "*u8", "w_ptr": t, "buf_ptr": t,
+                   "coo_rows": "*i32", "coo_cols": "*i32", "lr": "fp32", "momentum": "fp32", "dampening": "fp32",
+                   "weight_decay": "fp32"},
+                   dict(common, BLOCK_M=64, HAS_MOMENTUM=True, FIRST=False, NESTEROV=True, MAXIMIZE=False,
+                        HAS_WD=True), num_warps=4)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(ON_CUDA, reason="with a GPU every other test compiles the kernels for real")
+def test_kernels_compile_for_sm90_without_a_gpu(compile_for_sm90):
+    compile_for_sm90(_GPU_COMPILE_BODY)

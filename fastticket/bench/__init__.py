@@ -12,10 +12,12 @@ sets rotated so a working set that fits in L2 does not flatter the kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import importlib
 import json
+import math
 import os
 import platform
 import re
@@ -25,13 +27,14 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 __all__ = [
     "BenchOptions", "BenchRow", "SUITES", "suite", "environment", "time_ms", "rel_error", "run_suites",
     "format_table", "write_results", "run_cli", "KNOWN_SUITES", "device_slug", "summaries", "parse_dtype",
+    "env_override", "make_mask", "nan_max", "time_impls", "crossover",
 ]
 
 # Suites the CLI knows about; each lives in fastticket.bench.<name> (written by different helpers).
@@ -218,6 +221,125 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     if norm == 0.0:
         return 0.0 if diff == 0.0 else float("inf")
     return diff / norm
+
+
+def nan_max(*values: float) -> float:
+    """max() of relative errors in which a NaN wins (a NaN error must never hide behind a finite one)."""
+    return max(values, key=lambda v: float("inf") if v != v else v)
+
+
+def time_impls(op: str, impls: Dict[str, Callable[[Any], Any]], sets: Sequence[Tuple[Any, Any]],
+               grads: Callable[[Any, Any, Any, bool], Any],
+               forced_skip: Callable[[], contextlib.AbstractContextManager]) -> Dict[str, float]:
+    """Median ms of each layer implementation (name -> fn(x) -> y) for one op, rotating the (x, g) `sets`.
+
+    op "fwd" times fn(x); "bwd" builds each set's graph once and times `grads(y, x, g, retain=True)` alone;
+    "fwd+bwd" times both. The implementation named "fastticket-skip" runs under `forced_skip()` (tile
+    skipping forced on), every other one as is.
+    """
+    times: Dict[str, float] = {}
+    for name, fn in impls.items():
+        ctx = forced_skip if name == "fastticket-skip" else contextlib.nullcontext
+        with ctx():
+            if op == "fwd":
+                times[name] = time_ms(lambda x, g, fn=fn: fn(x), sets)
+            elif op == "bwd":
+                ys = {id(x): fn(x) for x, _ in sets}  # graphs built once, backward timed with retain_graph
+                times[name] = time_ms(lambda x, g, ys=ys: grads(ys[id(x)], x, g, True), sets)
+                del ys
+            else:
+                times[name] = time_ms(lambda x, g, fn=fn: grads(fn(x), x, g, False), sets)
+    return times
+
+
+# --------------------------------------------------------------------------------------------- cases
+
+@contextlib.contextmanager
+def env_override(name: str, value: Optional[str]) -> Iterator[None]:
+    """Set (or, with None, unset) environment variable `name` inside a `with` block; restored afterwards.
+    The suites force a dispatch path with it (e.g. FASTTICKET_DENSE_THRESHOLD_LINEAR=1.01)."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def make_mask(shape: Sequence[int], kind: str, density: float, generator: torch.Generator, *,
+              keep_one_block: bool = False) -> torch.Tensor:
+    """A bool mask of `shape` on the generator's device.
+
+    "element": iid Bernoulli(density). "block:RxC": whole R x C blocks of the 2-D view
+    [shape[0], prod(shape[1:])] (a conv filter as [C_out, C_in*kh*kw]) alive with probability `density`
+    (what block pruning produces), all entries of a live block kept. keep_one_block: at a density > 0, make
+    the first block live when the draw left none (the linear and conv suites want a non-empty layer).
+    """
+    shape = tuple(int(v) for v in shape)
+    if kind == "element":
+        return torch.rand(shape, generator=generator, device=generator.device) < density
+    if not kind.startswith("block:"):
+        raise ValueError(f"unknown mask kind {kind!r}: use element or block:RxC")
+    r, c = (int(v) for v in kind.split(":", 1)[1].lower().split("x"))
+    rows, cols = shape[0], math.prod(shape[1:])
+    live = torch.rand((-(-rows // r), -(-cols // c)), generator=generator, device=generator.device) < density
+    if keep_one_block and density > 0 and not live.any():
+        live.view(-1)[0] = True
+    return live.repeat_interleave(r, 0).repeat_interleave(c, 1)[:rows, :cols].reshape(shape).contiguous()
+
+
+# --------------------------------------------------------------------------------------------- crossover
+
+def _crossover_of(points: List[Tuple[float, bool]]) -> Dict[str, object]:
+    points = sorted(points)
+    any_win = [f for f, w in points if w]
+    last_win, first_loss = None, None
+    for f, w in points:
+        if w:
+            last_win = f
+        else:
+            first_loss = f
+            break
+    if first_loss is None:
+        suggested = 1.01  # skipping won at every measured point
+    elif last_win is None:
+        suggested = 0.0   # skipping lost even at the sparsest point
+    else:
+        suggested = (last_win + first_loss) / 2
+    return {"largest_winning_live_fraction": max(any_win) if any_win else None,
+            "crossover_live_fraction": last_win, "first_loss": first_loss, "suggested_threshold": suggested,
+            "points": len(points)}
+
+
+def crossover(rows: Sequence[BenchRow], op: str = "fwd+bwd", pooled_prefix: str = "large."
+              ) -> Dict[str, Dict[str, object]]:
+    """Where forced tile skipping stops beating dense, from the timed rows of `op`.
+
+    Per case family (case/mask) and pooled over the cases whose name starts with `pooled_prefix` (key
+    "pooled"): `crossover_live_fraction` walks up from the sparsest point and stops at the first loss (a win
+    above a loss is treated as noise), `largest_winning_live_fraction` is the largest win anywhere, and
+    `suggested_threshold` is the midpoint between the last win and the first loss: the value for
+    kernels/dispatch.py (tile skipping runs when live_fraction < threshold).
+    """
+    families: Dict[str, List[Tuple[float, bool]]] = {}
+    pooled: List[Tuple[float, bool]] = []
+    for r in rows:
+        if r.op != op or "fastticket-skip" not in r.times_ms or "dense" not in r.times_ms:
+            continue
+        point = (float(r.extra["live_fraction"]), r.times_ms["fastticket-skip"] < r.times_ms["dense"])
+        families.setdefault(f"{r.case}/{r.mask}", []).append(point)
+        if r.case.startswith(pooled_prefix):
+            pooled.append(point)
+    result = {fam: _crossover_of(points) for fam, points in families.items()}
+    if pooled:
+        result["pooled"] = _crossover_of(pooled)
+    return result
 
 
 # --------------------------------------------------------------------------------------------- running

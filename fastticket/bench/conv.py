@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Tuple, Union
+from typing import Dict, Iterator, List, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from fastticket.bench import BenchOptions, BenchRow, rel_error, suite, time_ms
-# Shared with the linear suite: the same mask generator (in the filter's [C_out, C_in*kh*kw] view), the
-# env-override helper and the crossover analysis.
-from fastticket.bench.linear import _env, crossover, make_mask
+# Shared with the linear suite (the harness): the mask generator (block masks in the filter's
+# [C_out, C_in*kh*kw] view), the env-override helper, the timing loop and the crossover analysis.
+from fastticket.bench import (BenchOptions, BenchRow, crossover, env_override, make_mask, nan_max, rel_error, suite,
+                              time_impls)
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
 OPS = ("fwd", "bwd", "fwd+bwd")
@@ -101,7 +101,7 @@ def _tile(case: ConvCase, dtype: torch.dtype, device: torch.device) -> Tuple[int
 
 
 def forced_skip() -> contextlib.AbstractContextManager:
-    return _env("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")
+    return env_override("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")
 
 
 @contextlib.contextmanager
@@ -125,7 +125,7 @@ class BenchLayer:
         gen = torch.Generator().manual_seed(seed)
         k = case.c_in * case.kernel ** 2
         shape4 = (case.c_out, case.c_in, case.kernel, case.kernel)
-        self.mask = make_mask(mask_kind, case.c_out, k, density, gen).reshape(shape4).to(device)
+        self.mask = make_mask(shape4, mask_kind, density, gen, keep_one_block=True).to(device)
         w = torch.randn(shape4, generator=gen) / k ** 0.5
         self.weight = (w.to(device) * self.mask).to(dtype).requires_grad_(True)  # zero invariant
         self.bias = (torch.randn(case.c_out, generator=gen) * 0.1).to(device=device, dtype=dtype).requires_grad_(True)
@@ -163,10 +163,6 @@ def _grads(y: torch.Tensor, layer: BenchLayer, x: torch.Tensor, g: torch.Tensor,
     return torch.autograd.grad(y, [x, layer.weight, layer.bias], g, retain_graph=retain)
 
 
-def _nan_max(*values: float) -> float:
-    return max(values, key=lambda v: float("inf") if v != v else v)  # a NaN error must win every max
-
-
 def _parity(layer: BenchLayer) -> Dict[str, Dict[str, float]]:
     """Relative errors of fastticket (forced tile skipping and dispatched) vs float64, per op."""
     from fastticket.kernels.masked_conv2d import reference_masked_conv2d_grads
@@ -180,27 +176,9 @@ def _parity(layer: BenchLayer) -> Dict[str, Dict[str, float]]:
             y = layer.fastticket(x)
             dx, dw, db = _grads(y, layer, x, g, retain=False)
         fwd = rel_error(y, ref_y)
-        bwd = _nan_max(rel_error(dx, ref_dx), rel_error(dw, ref_dw), rel_error(db, ref_db))
-        out[label] = {"fwd": fwd, "bwd": bwd, "fwd+bwd": _nan_max(fwd, bwd)}
+        bwd = nan_max(rel_error(dx, ref_dx), rel_error(dw, ref_dw), rel_error(db, ref_db))
+        out[label] = {"fwd": fwd, "bwd": bwd, "fwd+bwd": nan_max(fwd, bwd)}
     return out
-
-
-def _time_impls(layer: BenchLayer, op: str, impls: Dict[str, Callable[[torch.Tensor], torch.Tensor]]
-                ) -> Dict[str, float]:
-    times: Dict[str, float] = {}
-    sets = list(zip(layer.xs, layer.gs))
-    for name, fn in impls.items():
-        ctx = forced_skip if name == "fastticket-skip" else contextlib.nullcontext
-        with ctx():
-            if op == "fwd":
-                times[name] = time_ms(lambda x, g, fn=fn: fn(x), sets)
-            elif op == "bwd":
-                ys = {id(x): fn(x) for x, _ in sets}  # graphs built once, backward timed with retain_graph
-                times[name] = time_ms(lambda x, g, ys=ys: _grads(ys[id(x)], layer, x, g, retain=True), sets)
-                del ys
-            else:
-                times[name] = time_ms(lambda x, g, fn=fn: _grads(fn(x), layer, x, g, retain=False), sets)
-    return times
 
 
 @suite("conv")
@@ -234,12 +212,13 @@ def conv_suite(options: BenchOptions) -> List[BenchRow]:
                         if timing:
                             impls = {"dense": layer.dense, "fastticket": layer.fastticket,
                                      "fastticket-skip": layer.fastticket, "prune": layer.prune}
-                            times = _time_impls(layer, op, impls)
+                            times = time_impls(op, impls, list(zip(layer.xs, layer.gs)),
+                                               lambda y, x, g, retain: _grads(y, layer, x, g, retain), forced_skip)
                         ratios = {name: times["dense"] / t for name, t in times.items() if name != "dense" and t > 0}
                         rows.append(BenchRow(
                             suite="conv", case=case.name, op=op, shape=case.shape, dtype=options.dtype,
                             mask=mask_kind, density=density, times_ms=times, ratio_vs_dense=ratios,
-                            parity=_nan_max(parity["skip"][op], parity["dispatch"][op]), extra=extra))
+                            parity=nan_max(parity["skip"][op], parity["dispatch"][op]), extra=extra))
                     del layer
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

@@ -22,14 +22,14 @@ Without a GPU the suite runs the parity part only, in the Triton interpreter on 
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from fastticket.bench import BenchOptions, BenchRow, rel_error, suite, time_ms
+from fastticket.bench import (BenchOptions, BenchRow, crossover, env_override, make_mask, nan_max, rel_error, suite,
+                              time_impls)
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
 GPU_MASKS = ("element", "block:64x64", "block:32x32")
@@ -76,38 +76,8 @@ def cpu_cases() -> List[LinearCase]:
             LinearCase("lenet.fc2-small", 60, 100, 96)]
 
 
-def make_mask(kind: str, n: int, k: int, density: float, gen: torch.Generator) -> torch.Tensor:
-    """"element": iid Bernoulli(density). "block:RxC": whole RxC blocks alive with probability `density`
-    (what block pruning produces), all entries of a live block kept."""
-    if kind == "element":
-        return torch.rand(n, k, generator=gen) < density
-    if kind.startswith("block:"):
-        r, c = (int(v) for v in kind.split(":", 1)[1].split("x"))
-        blocks = torch.rand(-(-n // r), -(-k // c), generator=gen) < density
-        if density > 0 and not blocks.any():
-            blocks.view(-1)[0] = True
-        return blocks.repeat_interleave(r, 0).repeat_interleave(c, 1)[:n, :k].contiguous()
-    raise ValueError(f"unknown mask kind {kind!r}")
-
-
-@contextlib.contextmanager
-def _env(name: str, value: Optional[str]) -> Iterator[None]:
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def forced_skip() -> contextlib.AbstractContextManager:
-    return _env("FASTTICKET_DENSE_THRESHOLD_LINEAR", "1.01")
+    return env_override("FASTTICKET_DENSE_THRESHOLD_LINEAR", "1.01")
 
 
 @contextlib.contextmanager
@@ -129,7 +99,7 @@ class BenchLayer:
 
         gen = torch.Generator().manual_seed(seed)
         n, k = case.out_features, case.in_features
-        self.mask = make_mask(mask_kind, n, k, density, gen).to(device)
+        self.mask = make_mask((n, k), mask_kind, density, gen, keep_one_block=True).to(device)
         w = torch.randn(n, k, generator=gen) / k ** 0.5
         self.weight = (w.to(device) * self.mask).to(dtype).requires_grad_(True)  # zero invariant
         self.bias = (torch.randn(n, generator=gen) * 0.1).to(device=device, dtype=dtype).requires_grad_(True)
@@ -190,83 +160,15 @@ def _parity(layer: BenchLayer, dtype: torch.dtype) -> Dict[str, Dict[str, float]
             y = layer.fastticket(x)
             dx, dw, db = _grads(y, layer, x, g, retain=False)
         fwd = rel_error(y, ref_y)
-        bwd = max(rel_error(dx, ref_dx), rel_error(dw, ref_dw), rel_error(db, ref_db), key=_nan_max_key)
-        out[label] = {"fwd": fwd, "bwd": bwd, "fwd+bwd": max(fwd, bwd, key=_nan_max_key)}
+        bwd = nan_max(rel_error(dx, ref_dx), rel_error(dw, ref_dw), rel_error(db, ref_db))
+        out[label] = {"fwd": fwd, "bwd": bwd, "fwd+bwd": nan_max(fwd, bwd)}
     return out
-
-
-def _nan_max_key(v: float) -> float:
-    return float("inf") if v != v else v  # a NaN error must win every max
-
-
-def _time_impls(layer: BenchLayer, op: str, impls: Dict[str, Callable[[torch.Tensor], torch.Tensor]]
-                ) -> Dict[str, float]:
-    times: Dict[str, float] = {}
-    sets = list(zip(layer.xs, layer.gs))
-    for name, fn in impls.items():
-        ctx = forced_skip if name == "fastticket-skip" else contextlib.nullcontext
-        with ctx():
-            if op == "fwd":
-                times[name] = time_ms(lambda x, g, fn=fn: fn(x), sets)
-            elif op == "bwd":
-                ys = {id(x): fn(x) for x, _ in sets}  # graphs built once, backward timed with retain_graph
-                times[name] = time_ms(lambda x, g, ys=ys: _grads(ys[id(x)], layer, x, g, retain=True), sets)
-                del ys
-            else:
-                times[name] = time_ms(lambda x, g, fn=fn: _grads(fn(x), layer, x, g, retain=False), sets)
-    return times
 
 
 def _live_fraction(layer: BenchLayer, device: torch.device, dtype: torch.dtype) -> float:
     from fastticket.kernels.masked_linear import block_sizes
 
     return layer.tile_map(*block_sizes(device, dtype)).live_fraction
-
-
-def _crossover_of(points: List[Tuple[float, bool]]) -> Dict[str, object]:
-    points = sorted(points)
-    any_win = [f for f, w in points if w]
-    last_win, first_loss = None, None
-    for f, w in points:
-        if w:
-            last_win = f
-        else:
-            first_loss = f
-            break
-    if first_loss is None:
-        suggested = 1.01  # skipping won at every measured point
-    elif last_win is None:
-        suggested = 0.0   # skipping lost even at the sparsest point
-    else:
-        suggested = (last_win + first_loss) / 2
-    return {"largest_winning_live_fraction": max(any_win) if any_win else None,
-            "crossover_live_fraction": last_win, "first_loss": first_loss, "suggested_threshold": suggested,
-            "points": len(points)}
-
-
-def crossover(rows: Sequence[BenchRow], op: str = "fwd+bwd", pooled_prefix: str = "large."
-              ) -> Dict[str, Dict[str, object]]:
-    """Where forced tile skipping stops beating dense, from the timed rows of `op`.
-
-    Per case family (case/mask) and pooled over the cases whose name starts with `pooled_prefix` (key
-    "pooled"): `crossover_live_fraction` walks up from the sparsest point and stops at the first loss (a win
-    above a loss is treated as noise), `largest_winning_live_fraction` is the largest win anywhere, and
-    `suggested_threshold` is the midpoint between the last win and the first loss: the value for
-    kernels/dispatch.py (tile skipping runs when live_fraction < threshold).
-    """
-    families: Dict[str, List[Tuple[float, bool]]] = {}
-    pooled: List[Tuple[float, bool]] = []
-    for r in rows:
-        if r.op != op or "fastticket-skip" not in r.times_ms or "dense" not in r.times_ms:
-            continue
-        point = (float(r.extra["live_fraction"]), r.times_ms["fastticket-skip"] < r.times_ms["dense"])
-        families.setdefault(f"{r.case}/{r.mask}", []).append(point)
-        if r.case.startswith(pooled_prefix):
-            pooled.append(point)
-    result = {fam: _crossover_of(points) for fam, points in families.items()}
-    if pooled:
-        result["pooled"] = _crossover_of(pooled)
-    return result
 
 
 @suite("linear")
@@ -302,12 +204,13 @@ def linear_suite(options: BenchOptions) -> List[BenchRow]:
                                      "fastticket-skip": layer.fastticket, "prune": layer.prune}
                             if op == "fwd" and bsr_fn is not None:
                                 impls["bsr"] = bsr_fn
-                            times = _time_impls(layer, op, impls)
+                            times = time_impls(op, impls, list(zip(layer.xs, layer.gs)),
+                                               lambda y, x, g, retain: _grads(y, layer, x, g, retain), forced_skip)
                         ratios = {name: times["dense"] / t for name, t in times.items() if name != "dense" and t > 0}
                         rows.append(BenchRow(
                             suite="linear", case=case.name, op=op, shape=case.shape, dtype=options.dtype,
                             mask=mask_kind, density=density, times_ms=times, ratio_vs_dense=ratios,
-                            parity=max(parity["skip"][op], parity["dispatch"][op], key=_nan_max_key), extra=extra))
+                            parity=nan_max(parity["skip"][op], parity["dispatch"][op]), extra=extra))
                     del layer
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fastticket.bench import BenchOptions, BenchRow, rel_error, suite, time_ms
+from fastticket.bench import BenchOptions, BenchRow, make_mask, rel_error, suite, time_ms
 
 DENSITIES = (1.0, 0.5, 0.1, 0.02)
 MASKS = ("element", "block:64x64")
@@ -79,21 +79,6 @@ def synthetic_set(total: int = 1_000_000_000, width: int = 4096) -> ParamSet:
 
 def quick_set() -> ParamSet:
     return ParamSet("tiny", ((40, 30), (30,), (17, 13), (9, 4, 3, 3)), (True, False, True, True))
-
-
-def make_mask(shape: Tuple[int, ...], kind: str, density: float, generator: torch.Generator) -> torch.Tensor:
-    """A bool mask of `shape` on the generator's device: element-wise Bernoulli(density), or whole (r x c)
-    tiles of the 2-D view."""
-    if kind == "element":
-        return torch.rand(shape, generator=generator, device=generator.device) < density
-    if not kind.startswith("block:"):
-        raise ValueError(f"mask kind {kind!r}: use element or block:RxC")
-    r, c = (int(v) for v in kind.split(":")[1].lower().split("x"))
-    rows, cols = shape[0], math.prod(shape[1:])
-    tiles = (-(-rows // r), -(-cols // c))
-    live = torch.rand(tiles, generator=generator, device=generator.device) < density
-    full = live.repeat_interleave(r, 0).repeat_interleave(c, 1)[:rows, :cols]
-    return full.reshape(shape).contiguous()
 
 
 class StepBench:
