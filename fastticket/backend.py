@@ -7,7 +7,7 @@ triton backend runs only under the Triton interpreter (`TRITON_INTERPRET=1`), wh
 from __future__ import annotations
 
 import contextlib
-import functools
+import importlib.util
 import os
 from typing import Iterator, Optional
 
@@ -17,13 +17,13 @@ BACKENDS = ("torch", "triton", "auto")
 _override: Optional[str] = None
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once, without importing triton: importing it here would fix TRITON_INTERPRET before a test suite
+# or `fastticket bench` sets it. A plain module constant also keeps torch.compile from tracing a cache wrapper.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def triton_interpreter_active() -> bool:
