@@ -69,3 +69,13 @@ def compile_for_sm90():
         assert "compiled" in proc.stdout
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for modules that train small models: on a shared 2-core machine oversubscribed
+    threads slow tiny models down many-fold, and runs compared bit for bit must use the same thread count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

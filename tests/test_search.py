@@ -17,17 +17,12 @@ from fastticket.presets import get_preset
 from fastticket.search import arm_dir, build_masked_model, rewind_to, run_search
 
 LAYERS = ("fc.0", "fc.1", "output")
-# One intra-op thread: on a shared 2-core machine oversubscribed threads slow tiny models down many-fold, and
-# the subprocesses below must use the same thread count as each other for bit-identical numbers.
+# One intra-op thread (see the one_torch_thread fixture in conftest.py): subprocesses compared bit for bit
+# must use the same thread count as each other.
 ONE_THREAD_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**changes):
