@@ -319,11 +319,12 @@ if HAS_TRITON:
         return t, offs, valid, full, flags
 
     @triton.jit
-    def _tensor_ptr(addr_ptr, i, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    def _tensor_ptr(addr_ptr, i, PTR_TY: tl.constexpr, ALIGNED: tl.constexpr):
         """Address i of the table as a typed pointer. In aligned launches the pointer carries a 16-byte
         divisibility hint so full chunks compile to 128-bit accesses (checked in the PTX of an sm90 compile:
-        the hint must sit on the pointer; on the int64 before the cast it is lost)."""
-        p = tl.load(addr_ptr + i).to(tl.pointer_type(DTYPE))
+        the hint must sit on the pointer; on the int64 before the cast it is lost). PTR_TY is a pointer type
+        built on the host: triton 3.1 cannot build `tl.pointer_type` of a constexpr dtype inside a kernel."""
+        p = tl.load(addr_ptr + i).to(PTR_TY)
         if ALIGNED:
             p = tl.multiple_of(p, 16)
         return p
@@ -363,13 +364,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _sgd_apply(addr_ptr, t, offs, valid, flags, lr, momentum, dampening, weight_decay,
-                   DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, BOUNDED: tl.constexpr,
-                   HAS_MOMENTUM: tl.constexpr,
+                   DTYPE: tl.constexpr, PTR_TY: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr,
+                   BOUNDED: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr):
-        p_ptr = _tensor_ptr(addr_ptr, 6 * t, DTYPE, ALIGNED)
-        g_ptr = _tensor_ptr(addr_ptr, 6 * t + 1, DTYPE, ALIGNED)
-        m_ptr = _tensor_ptr(addr_ptr, 6 * t + 2, tl.int8, ALIGNED)
-        b_ptr = _tensor_ptr(addr_ptr, 6 * t + 3, DTYPE, ALIGNED)
+        p_ptr = _tensor_ptr(addr_ptr, 6 * t, PTR_TY, ALIGNED)
+        g_ptr = _tensor_ptr(addr_ptr, 6 * t + 1, PTR_TY, ALIGNED)
+        m_ptr = _tensor_ptr(addr_ptr, 6 * t + 2, tl.pointer_type(tl.int8), ALIGNED)
+        b_ptr = _tensor_ptr(addr_ptr, 6 * t + 3, PTR_TY, ALIGNED)
         # Per-tensor flags as full tensors: the interpreter rejects a load mask combined from a scalar.
         has_mask = ((offs * 0 + flags) & 1) != 0
         first = (flags & 4) != 0
@@ -402,28 +403,29 @@ if HAS_TRITON:
 
     @triton.jit
     def sgd_kernel(addr_ptr, meta_ptr, chunk_ptr, lr, momentum, dampening, weight_decay,
-                   DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   DTYPE: tl.constexpr, PTR_TY: tl.constexpr, COMPUTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                    ALIGNED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr):
         t, offs, valid, full, flags = _chunk_geometry(chunk_ptr, meta_ptr, BN, BK, ALIGNED)
         if full:
-            _sgd_apply(addr_ptr, t, offs, valid, flags, lr, momentum, dampening, weight_decay, DTYPE, COMPUTE,
+            _sgd_apply(addr_ptr, t, offs, valid, flags, lr, momentum, dampening, weight_decay, DTYPE, PTR_TY, COMPUTE,
                        ALIGNED, False, HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD)
         else:
-            _sgd_apply(addr_ptr, t, offs, valid, flags, lr, momentum, dampening, weight_decay, DTYPE, COMPUTE,
+            _sgd_apply(addr_ptr, t, offs, valid, flags, lr, momentum, dampening, weight_decay, DTYPE, PTR_TY, COMPUTE,
                        ALIGNED, True, HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD)
 
     @triton.jit
     def _adam_apply(addr_ptr, t, offs, valid, flags, lr, beta1, beta2, eps, weight_decay, step_size,
-                    inv_bc2_sqrt, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr,
+                    inv_bc2_sqrt, DTYPE: tl.constexpr, PTR_TY: tl.constexpr, COMPUTE: tl.constexpr,
+                    ALIGNED: tl.constexpr,
                     BOUNDED: tl.constexpr,
                     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr):
-        p_ptr = _tensor_ptr(addr_ptr, 6 * t, DTYPE, ALIGNED)
-        g_ptr = _tensor_ptr(addr_ptr, 6 * t + 1, DTYPE, ALIGNED)
-        m_ptr = _tensor_ptr(addr_ptr, 6 * t + 2, tl.int8, ALIGNED)
-        ea_ptr = _tensor_ptr(addr_ptr, 6 * t + 3, DTYPE, ALIGNED)
-        eas_ptr = _tensor_ptr(addr_ptr, 6 * t + 4, DTYPE, ALIGNED)
-        mx_ptr = _tensor_ptr(addr_ptr, 6 * t + 5, DTYPE, ALIGNED)
+        p_ptr = _tensor_ptr(addr_ptr, 6 * t, PTR_TY, ALIGNED)
+        g_ptr = _tensor_ptr(addr_ptr, 6 * t + 1, PTR_TY, ALIGNED)
+        m_ptr = _tensor_ptr(addr_ptr, 6 * t + 2, tl.pointer_type(tl.int8), ALIGNED)
+        ea_ptr = _tensor_ptr(addr_ptr, 6 * t + 3, PTR_TY, ALIGNED)
+        eas_ptr = _tensor_ptr(addr_ptr, 6 * t + 4, PTR_TY, ALIGNED)
+        mx_ptr = _tensor_ptr(addr_ptr, 6 * t + 5, PTR_TY, ALIGNED)
         has_mask = ((offs * 0 + flags) & 1) != 0
         if BOUNDED:
             p = tl.load(p_ptr + offs, mask=valid, other=0.0).to(COMPUTE)
@@ -472,16 +474,16 @@ if HAS_TRITON:
 
     @triton.jit
     def adam_kernel(addr_ptr, meta_ptr, chunk_ptr, lr, beta1, beta2, eps, weight_decay, step_size, inv_bc2_sqrt,
-                    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    DTYPE: tl.constexpr, PTR_TY: tl.constexpr, COMPUTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     ALIGNED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
                     DECOUPLED: tl.constexpr):
         t, offs, valid, full, flags = _chunk_geometry(chunk_ptr, meta_ptr, BN, BK, ALIGNED)
         if full:
             _adam_apply(addr_ptr, t, offs, valid, flags, lr, beta1, beta2, eps, weight_decay, step_size,
-                        inv_bc2_sqrt, DTYPE, COMPUTE, ALIGNED, False, AMSGRAD, MAXIMIZE, HAS_WD, DECOUPLED)
+                        inv_bc2_sqrt, DTYPE, PTR_TY, COMPUTE, ALIGNED, False, AMSGRAD, MAXIMIZE, HAS_WD, DECOUPLED)
         else:
             _adam_apply(addr_ptr, t, offs, valid, flags, lr, beta1, beta2, eps, weight_decay, step_size,
-                        inv_bc2_sqrt, DTYPE, COMPUTE, ALIGNED, True, AMSGRAD, MAXIMIZE, HAS_WD, DECOUPLED)
+                        inv_bc2_sqrt, DTYPE, PTR_TY, COMPUTE, ALIGNED, True, AMSGRAD, MAXIMIZE, HAS_WD, DECOUPLED)
 
     _kernels.update(sgd=sgd_kernel, adam=adam_kernel)
 
@@ -492,6 +494,12 @@ def _build_kernels() -> dict:
     if not HAS_TRITON:
         raise RuntimeError("the triton backend needs triton installed")
     return _kernels
+
+
+def _pointer_type(dtype: torch.dtype):
+    """The kernels' PTR_TY: a pointer to `dtype`, built here because triton 3.1 cannot build it in a kernel."""
+    _, tl = _triton()
+    return tl.pointer_type(_tl_dtype(dtype))
 
 
 def _compute_dtype(dtype: torch.dtype):
@@ -544,7 +552,7 @@ def sgd_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         if n_chunks == 0:
             continue
         kernel[(n_chunks,)](addr, meta, chunks, float(lr), float(momentum), float(dampening), float(weight_decay),
-                            DTYPE=_tl_dtype(dtype), COMPUTE=_compute_dtype(dtype), BN=block[0], BK=block[1],
+                            DTYPE=_tl_dtype(dtype), PTR_TY=_pointer_type(dtype), COMPUTE=_compute_dtype(dtype), BN=block[0], BK=block[1],
                             ALIGNED=table.aligned, HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov),
                             MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, num_warps=_num_warps(block))
 
@@ -585,6 +593,6 @@ def adam_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ma
         bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
         kernel[(n_chunks,)](addr, meta, chunks, float(lr), float(beta1), float(beta2), float(eps),
                             float(weight_decay), float(lr / bias_correction1), float(1.0 / bias_correction2_sqrt),
-                            DTYPE=_tl_dtype(dtype), COMPUTE=_compute_dtype(dtype), BN=block[0], BK=block[1],
+                            DTYPE=_tl_dtype(dtype), PTR_TY=_pointer_type(dtype), COMPUTE=_compute_dtype(dtype), BN=block[0], BK=block[1],
                             ALIGNED=table.aligned, AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
                             HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled), num_warps=_num_warps(block))

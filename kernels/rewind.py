@@ -42,7 +42,7 @@ def update_masks_reference_(masks: Sequence[torch.Tensor], new_masks: Sequence[t
 # Triton: one launch per (device, dtype) covering every tensor, through masked_optim's address tables.
 # ----------------------------------------------------------------------------------------------------------
 
-from fastticket.kernels.masked_optim import HAS_TRITON, TensorTable, kernel_supported  # noqa: E402
+from fastticket.kernels.masked_optim import HAS_TRITON, TensorTable, _pointer_type, kernel_supported  # noqa: E402
 
 if HAS_TRITON:
     import triton
@@ -51,11 +51,11 @@ if HAS_TRITON:
     from fastticket.kernels.masked_optim import _chunk_geometry
 
     @triton.jit
-    def _rewind_kernel(addr_ptr, meta_ptr, chunk_ptr, DTYPE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def _rewind_kernel(addr_ptr, meta_ptr, chunk_ptr, PTR_TY: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """Per tensor: dst = where(mask, src, 0); without a source (flag bit 8 clear) dst = 0 (state reset)."""
         t, offs, valid, full, flags = _chunk_geometry(chunk_ptr, meta_ptr, BN, BK, False)
-        dst_ptr = tl.load(addr_ptr + 6 * t).to(tl.pointer_type(DTYPE))
-        src_ptr = tl.load(addr_ptr + 6 * t + 1).to(tl.pointer_type(DTYPE))
+        dst_ptr = tl.load(addr_ptr + 6 * t).to(PTR_TY)
+        src_ptr = tl.load(addr_ptr + 6 * t + 1).to(PTR_TY)
         m_ptr = tl.load(addr_ptr + 6 * t + 2).to(tl.pointer_type(tl.int8))
         has_mask = ((offs * 0 + flags) & 1) != 0
         has_src = ((offs * 0 + flags) & 8) != 0
@@ -64,7 +64,7 @@ if HAS_TRITON:
         tl.store(dst_ptr + offs, src, mask=valid)
 
     @triton.jit
-    def _update_mask_kernel(addr_ptr, meta_ptr, chunk_ptr, DTYPE: tl.constexpr, BN: tl.constexpr,
+    def _update_mask_kernel(addr_ptr, meta_ptr, chunk_ptr, PTR_TY: tl.constexpr, BN: tl.constexpr,
                             BK: tl.constexpr):
         """mask &= new_mask, and up to four tensors zeroed where the mask is now False (flag bits 16..19)."""
         t, offs, valid, full, flags = _chunk_geometry(chunk_ptr, meta_ptr, BN, BK, False)
@@ -73,10 +73,10 @@ if HAS_TRITON:
         keep = (tl.load(m_ptr + offs, mask=valid, other=0) != 0) & (tl.load(n_ptr + offs, mask=valid, other=0) != 0)
         tl.store(m_ptr + offs, keep.to(tl.int8), mask=valid)
         for j in tl.static_range(4):
-            x_ptr = tl.load(addr_ptr + 6 * t + 2 + j).to(tl.pointer_type(DTYPE))
+            x_ptr = tl.load(addr_ptr + 6 * t + 2 + j).to(PTR_TY)
             present = ((offs * 0 + flags) & (16 << j)) != 0
             # Only pruned entries are touched: live ones are neither read nor written.
-            tl.store(x_ptr + offs, tl.zeros(offs.shape, DTYPE), mask=valid & present & (keep == 0))
+            tl.store(x_ptr + offs, tl.zeros(offs.shape, x_ptr.dtype.element_ty), mask=valid & present & (keep == 0))
 
 FLAG_SRC = 8
 
@@ -91,12 +91,6 @@ def _bump_versions(tensors: Sequence[torch.Tensor]) -> None:
 
 def _as_int8(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.int8) if mask.dtype == torch.bool else mask
-
-
-def _tl(dtype: torch.dtype):
-    from fastticket.kernels.masked_optim import _tl_dtype
-
-    return _tl_dtype(dtype)
 
 
 @torch.no_grad()
@@ -126,7 +120,7 @@ def rewind_and_zero_(params: Sequence[torch.Tensor], sources: Sequence[torch.Ten
             table.add([dst, src, None if m is None else _as_int8(m)], dst.numel(), 1, dst.numel(), flags)
         addr, meta, chunks, n_chunks = table.build()
         if n_chunks:
-            _rewind_kernel[(n_chunks,)](addr, meta, chunks, DTYPE=_tl(dtype), BN=block[0], BK=block[1])
+            _rewind_kernel[(n_chunks,)](addr, meta, chunks, PTR_TY=_pointer_type(dtype), BN=block[0], BK=block[1])
         _bump_versions([dst for dst, _, _ in entries])
 
 
@@ -166,5 +160,5 @@ def update_masks_(masks: Sequence[torch.Tensor], new_masks: Sequence[torch.Tenso
             table.add([_as_int8(m), _as_int8(new)] + list(ts), m.numel(), 1, m.numel(), flags)
         addr, meta, chunks, n_chunks = table.build()
         if n_chunks:
-            _update_mask_kernel[(n_chunks,)](addr, meta, chunks, DTYPE=_tl(dtype), BN=block[0], BK=block[1])
+            _update_mask_kernel[(n_chunks,)](addr, meta, chunks, PTR_TY=_pointer_type(dtype), BN=block[0], BK=block[1])
         _bump_versions([m for m, _, _ in entries] + [t for _, _, ts in entries for t in ts])

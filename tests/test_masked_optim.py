@@ -358,3 +358,30 @@ def test_masks_found_after_sparsify_of_an_optimized_model() -> None:
             opt.step()
         assert bool((model[0].weight[~mask] == 0).all())
         assert bool((opt.state[model[0].weight]["exp_avg"][~mask] == 0).all())
+
+
+_GPU_COMPILE_BODY = r"""
+import triton.language as tl
+import fastticket.kernels.masked_optim as mo
+import fastticket.kernels.rewind as rw
+
+tables = {"addr_ptr": "*i64", "meta_ptr": "*i64", "chunk_ptr": "*i32"}
+for dtype in (tl.float32, tl.bfloat16):
+    geometry = dict(DTYPE=dtype, PTR_TY=tl.pointer_type(dtype), COMPUTE=tl.float32, BN=64, BK=64)
+    for aligned in (True, False):
+        compile_kernel(mo._kernels["sgd"], dict(tables, lr="fp32", momentum="fp32", dampening="fp32",
+                       weight_decay="fp32"), dict(geometry, ALIGNED=aligned, HAS_MOMENTUM=True, NESTEROV=True,
+                       MAXIMIZE=False, HAS_WD=True), num_warps=4)
+        compile_kernel(mo._kernels["adam"], dict(tables, lr="fp32", beta1="fp32", beta2="fp32", eps="fp32",
+                       weight_decay="fp32", step_size="fp32", inv_bc2_sqrt="fp32"),
+                       dict(geometry, ALIGNED=aligned, AMSGRAD=True, MAXIMIZE=False, HAS_WD=True, DECOUPLED=True),
+                       num_warps=4)
+    compile_kernel(rw._rewind_kernel, tables, dict(PTR_TY=tl.pointer_type(dtype), BN=64, BK=64), num_warps=4)
+    compile_kernel(rw._update_mask_kernel, tables, dict(PTR_TY=tl.pointer_type(dtype), BN=64, BK=64), num_warps=4)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU every other test compiles the kernels for real")
+def test_kernels_compile_for_sm90_without_a_gpu(compile_for_sm90):
+    compile_for_sm90(_GPU_COMPILE_BODY)
