@@ -46,11 +46,11 @@ def sgd_reference_(param: torch.Tensor, grad: torch.Tensor, mask: Optional[torch
         else:
             momentum_buffer.mul_(momentum).add_(d, alpha=1 - dampening)
             if mask is not None:
-                momentum_buffer.copy_(_masked(momentum_buffer, mask))
+                momentum_buffer.masked_fill_(~mask, 0.0)
         d = d + momentum * momentum_buffer if nesterov else momentum_buffer
     param.add_(d, alpha=-lr)
     if mask is not None:
-        param.copy_(_masked(param, mask))
+        param.masked_fill_(~mask, 0.0)
     return momentum_buffer
 
 
@@ -78,8 +78,9 @@ def adam_reference_(param: torch.Tensor, grad: torch.Tensor, mask: Optional[torc
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
     if mask is not None:
+        pruned = ~mask
         for t in (param, exp_avg, exp_avg_sq) + ((max_exp_avg_sq,) if amsgrad else ()):
-            t.copy_(_masked(t, mask))
+            t.masked_fill_(pruned, 0.0)  # in place, and exact zeros even where t held NaN/inf
 
 
 # ----------------------------------------------------------------------------------------------------------
