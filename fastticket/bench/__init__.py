@@ -342,6 +342,30 @@ def crossover(rows: Sequence[BenchRow], op: str = "fwd+bwd", pooled_prefix: str 
     return result
 
 
+def crossover_row(suite_name: str, rows: Sequence[BenchRow], dtype: str, timing: bool, pooled_prefix: str,
+                  pooled_what: str) -> BenchRow:
+    """A layer suite's closing row: where tile skipping stops beating dense on fwd+bwd (`crossover`, pooled over
+    the cases named `pooled_prefix*`, described as `pooled_what`), and the kernels/dispatch.py threshold that
+    suggests, with a one-line `summary`. Without timings it says the crossover is unmeasured."""
+    threshold_key = {"linear": "linear", "conv": "conv2d"}[suite_name]
+    extra: Dict[str, object] = {"parity": "n/a", "crossover_live_fraction": None, "suggested_threshold": None,
+                                "note": "unmeasured: the crossover needs GPU timings"}
+    if timing:
+        per_family = crossover(rows, pooled_prefix=pooled_prefix)
+        pooled = per_family.get("pooled", {})
+        extra.update(crossover=per_family, crossover_live_fraction=pooled.get("crossover_live_fraction"),
+                     suggested_threshold=pooled.get("suggested_threshold"),
+                     note=f"set kernels/dispatch.py DENSE_THRESHOLDS[{threshold_key!r}] from suggested_threshold")
+    if extra["suggested_threshold"] is not None:
+        extra["summary"] = (f"{suite_name}: tile skipping beats dense (fwd+bwd, {pooled_what}) up to a live-tile "
+                            f"fraction of {extra['crossover_live_fraction']}; suggested "
+                            f"DENSE_THRESHOLDS[{threshold_key!r}] = {extra['suggested_threshold']:.3f}")
+    else:
+        extra["summary"] = f"{suite_name}: dispatch crossover unmeasured (needs GPU timings of {pooled_what})"
+    return BenchRow(suite=suite_name, case="crossover", op="fwd+bwd", shape="-", dtype=dtype, mask="-",
+                    density=float("nan"), parity=float("nan"), extra=extra)
+
+
 # --------------------------------------------------------------------------------------------- running
 
 def run_suites(names: Sequence[str], options: BenchOptions) -> List[BenchRow]:

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 # Shared with the linear suite (the harness): the mask generator (block masks in the filter's
 # [C_out, C_in*kh*kw] view), the env-override helper, the timing loop and the crossover analysis.
-from fastticket.bench import (BenchOptions, BenchRow, crossover, env_override, make_mask, nan_max, rel_error, suite,
-                              time_impls)
+from fastticket.bench import (BenchOptions, BenchRow, crossover_row, env_override, make_mask, nan_max, rel_error,
+                              suite, time_impls)
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
 OPS = ("fwd", "bwd", "fwd+bwd")
@@ -222,19 +222,6 @@ def conv_suite(options: BenchOptions) -> List[BenchRow]:
                     del layer
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-    summary_extra: Dict[str, object] = {"parity": "n/a"}
-    if timing:
-        per_family = crossover(rows, pooled_prefix="imagenet.")
-        pooled = per_family.get("pooled", {})
-        summary_extra.update({
-            "crossover": per_family,
-            # From the ImageNet-sized layer: the CIFAR layers are small enough to be launch-bound.
-            "crossover_live_fraction": pooled.get("crossover_live_fraction"),
-            "suggested_threshold": pooled.get("suggested_threshold"),
-            "note": "set kernels/dispatch.py DENSE_THRESHOLDS['conv2d'] from suggested_threshold",
-        })
-    else:
-        summary_extra.update({"crossover_live_fraction": None, "note": "unmeasured: the crossover needs GPU timings"})
-    rows.append(BenchRow(suite="conv", case="crossover", op="fwd+bwd", shape="-", dtype=options.dtype,
-                         mask="-", density=float("nan"), parity=float("nan"), extra=summary_extra))
+    # From the ImageNet-sized layer: the CIFAR layers are small enough to be launch-bound.
+    rows.append(crossover_row("conv", rows, options.dtype, timing, "imagenet.", "the ImageNet-sized layer"))
     return rows

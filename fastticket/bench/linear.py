@@ -28,8 +28,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fastticket.bench import (BenchOptions, BenchRow, crossover, env_override, make_mask, nan_max, rel_error, suite,
-                              time_impls)
+from fastticket.bench import (BenchOptions, BenchRow, crossover_row, env_override, make_mask, nan_max, rel_error,
+                              suite, time_impls)
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
 GPU_MASKS = ("element", "block:64x64", "block:32x32")
@@ -214,26 +214,6 @@ def linear_suite(options: BenchOptions) -> List[BenchRow]:
                     del layer
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-    summary_extra: Dict[str, object] = {"parity": "n/a"}
-    if timing:
-        per_family = crossover(rows)
-        pooled = per_family.get("pooled", {})
-        summary_extra.update({
-            "crossover": per_family,
-            # From the large layers pooled: small layers are launch-bound and say little about the kernels.
-            "crossover_live_fraction": pooled.get("crossover_live_fraction"),
-            "suggested_threshold": pooled.get("suggested_threshold"),
-            "note": "set kernels/dispatch.py DENSE_THRESHOLDS['linear'] from suggested_threshold",
-        })
-    else:
-        summary_extra.update({"crossover_live_fraction": None,
-                              "note": "unmeasured: the crossover needs GPU timings"})
-    if timing and summary_extra.get("suggested_threshold") is not None:
-        summary_extra["summary"] = (f"linear: tile skipping beats dense (fwd+bwd, large layers) up to a live-tile "
-                                    f"fraction of {summary_extra['crossover_live_fraction']}; suggested "
-                                    f"DENSE_THRESHOLDS['linear'] = {summary_extra['suggested_threshold']:.3f}")
-    else:
-        summary_extra["summary"] = "linear: dispatch crossover unmeasured (needs GPU timings of the large layers)"
-    rows.append(BenchRow(suite="linear", case="crossover", op="fwd+bwd", shape="-", dtype=options.dtype,
-                         mask="-", density=float("nan"), parity=float("nan"), extra=summary_extra))
+    # From the large layers pooled: small layers are launch-bound and say little about the kernels.
+    rows.append(crossover_row("linear", rows, options.dtype, timing, "large.", "the large layers"))
     return rows
