@@ -342,6 +342,22 @@ def crossover(rows: Sequence[BenchRow], op: str = "fwd+bwd", pooled_prefix: str 
     return result
 
 
+def layer_op_row(suite_name: str, case: str, op: str, shape: str, mask: str, density: float, dtype: str, layer,
+                 parity: Dict[str, Dict[str, float]], extra: Dict[str, object], timing: bool, grads,
+                 forced_skip, extra_impls: Optional[Dict[str, Callable]] = None) -> BenchRow:
+    """One row of a layer suite: on a GPU, `op` timed for fastticket (dispatched and forced tile skipping),
+    dense and the prune-style path (plus `extra_impls`) in the same run; always the parity of both paths."""
+    times: Dict[str, float] = {}
+    if timing:
+        impls = {"dense": layer.dense, "fastticket": layer.fastticket, "fastticket-skip": layer.fastticket,
+                 "prune": layer.prune, **(extra_impls or {})}
+        times = time_impls(op, impls, list(zip(layer.xs, layer.gs)), grads, forced_skip)
+    ratios = {name: times["dense"] / t for name, t in times.items() if name != "dense" and t > 0}
+    return BenchRow(suite=suite_name, case=case, op=op, shape=shape, dtype=dtype, mask=mask, density=density,
+                    times_ms=times, ratio_vs_dense=ratios,
+                    parity=nan_max(parity["skip"][op], parity["dispatch"][op]), extra=extra)
+
+
 def crossover_row(suite_name: str, rows: Sequence[BenchRow], dtype: str, timing: bool, pooled_prefix: str,
                   pooled_what: str) -> BenchRow:
     """A layer suite's closing row: where tile skipping stops beating dense on fwd+bwd (`crossover`, pooled over

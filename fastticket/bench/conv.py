@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 # Shared with the linear suite (the harness): the mask generator (block masks in the filter's
 # [C_out, C_in*kh*kw] view), the env-override helper, the timing loop and the crossover analysis.
-from fastticket.bench import (BenchOptions, BenchRow, crossover_row, env_override, make_mask, nan_max, rel_error,
-                              suite, time_impls)
+from fastticket.bench import (BenchOptions, BenchRow, crossover_row, env_override, layer_op_row, make_mask, nan_max,
+                              rel_error, suite)
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
 OPS = ("fwd", "bwd", "fwd+bwd")
@@ -208,17 +208,9 @@ def conv_suite(options: BenchOptions) -> List[BenchRow]:
                         extra = {"live_fraction": live, "dispatch": path, "tile": f"{tile[0]}x{tile[1]}",
                                  "actual_density": float(layer.mask.float().mean()),
                                  "parity_skip": parity["skip"][op], "parity_dispatch": parity["dispatch"][op]}
-                        times: Dict[str, float] = {}
-                        if timing:
-                            impls = {"dense": layer.dense, "fastticket": layer.fastticket,
-                                     "fastticket-skip": layer.fastticket, "prune": layer.prune}
-                            times = time_impls(op, impls, list(zip(layer.xs, layer.gs)),
-                                               lambda y, x, g, retain: _grads(y, layer, x, g, retain), forced_skip)
-                        ratios = {name: times["dense"] / t for name, t in times.items() if name != "dense" and t > 0}
-                        rows.append(BenchRow(
-                            suite="conv", case=case.name, op=op, shape=case.shape, dtype=options.dtype,
-                            mask=mask_kind, density=density, times_ms=times, ratio_vs_dense=ratios,
-                            parity=nan_max(parity["skip"][op], parity["dispatch"][op]), extra=extra))
+                        rows.append(layer_op_row(
+                            "conv", case.name, op, case.shape, mask_kind, density, options.dtype, layer, parity,
+                            extra, timing, lambda y, x, g, retain: _grads(y, layer, x, g, retain), forced_skip))
                     del layer
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

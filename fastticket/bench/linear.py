@@ -28,8 +28,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fastticket.bench import (BenchOptions, BenchRow, crossover_row, env_override, make_mask, nan_max, rel_error,
-                              suite, time_impls)
+from fastticket.bench import (BenchOptions, BenchRow, crossover_row, env_override, layer_op_row, make_mask, nan_max,
+                              rel_error, suite)
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
 GPU_MASKS = ("element", "block:64x64", "block:32x32")
@@ -198,19 +198,11 @@ def linear_suite(options: BenchOptions) -> List[BenchRow]:
                                  "actual_density": float(layer.mask.float().mean()),
                                  "parity_skip": parity["skip"][op], "parity_dispatch": parity["dispatch"][op],
                                  "bsr": bsr_note if op == "fwd" else "n/a: torch has no BSR weight gradient"}
-                        times: Dict[str, float] = {}
-                        if timing:
-                            impls = {"dense": layer.dense, "fastticket": layer.fastticket,
-                                     "fastticket-skip": layer.fastticket, "prune": layer.prune}
-                            if op == "fwd" and bsr_fn is not None:
-                                impls["bsr"] = bsr_fn
-                            times = time_impls(op, impls, list(zip(layer.xs, layer.gs)),
-                                               lambda y, x, g, retain: _grads(y, layer, x, g, retain), forced_skip)
-                        ratios = {name: times["dense"] / t for name, t in times.items() if name != "dense" and t > 0}
-                        rows.append(BenchRow(
-                            suite="linear", case=case.name, op=op, shape=case.shape, dtype=options.dtype,
-                            mask=mask_kind, density=density, times_ms=times, ratio_vs_dense=ratios,
-                            parity=nan_max(parity["skip"][op], parity["dispatch"][op]), extra=extra))
+                        bsr = {"bsr": bsr_fn} if op == "fwd" and bsr_fn is not None else None
+                        rows.append(layer_op_row(
+                            "linear", case.name, op, case.shape, mask_kind, density, options.dtype, layer, parity,
+                            extra, timing, lambda y, x, g, retain: _grads(y, layer, x, g, retain), forced_skip,
+                            extra_impls=bsr))
                     del layer
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
