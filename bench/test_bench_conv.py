@@ -1,45 +1,37 @@
 """Conv2d benchmarks (pytest-benchmark): fastticket's masked Conv2d vs dense cuDNN and the prune-style path.
 
-The same cases as `fastticket bench conv` (fastticket.bench.conv): conv layers of Conv-6, VGG-19 and
+The same cases as `fastticket bench conv` (fastticket.bench.conv.grid): conv layers of Conv-6, VGG-19 and
 ResNet-20 on CIFAR-10 inputs and an ImageNet-sized layer, fwd / bwd / fwd+bwd, element and block:64x64
-masks at densities 100..2 %. Each benchmark's group is one (case, mask, density, op), so
+masks. Each benchmark's group is one (case, mask, density, op), so
 `pytest bench/test_bench_conv.py --benchmark-group-by=group` lines the implementations up; `extra_info`
 carries the do_bench median (the number the results tables use), the live-tile fraction and, for
-fastticket, the parity against the float64 reference. Timed calls end with torch.cuda.synchronize() so
-pytest-benchmark's wall-clock timer sees the GPU work. Skipped without CUDA (bench/conftest.py).
+fastticket, its parity against the float64 reference, which must be within the precision's tolerance.
+Skipped without CUDA (bench/conftest.py).
 """
 from __future__ import annotations
 
 import itertools
-import os
 import zlib
 
 import pytest
 import torch
 
 from fastticket.bench import conv as suite
+from fastticket.bench import options_from_env
+from fastticket.testing import parity_tolerance
 
-QUICK = os.environ.get("FASTTICKET_BENCH_QUICK", "0") not in ("", "0")
-
-if QUICK:
-    CASES = suite.quick_gpu_cases()
-    DENSITIES = (1.0, 0.5, 0.1)
-else:
-    CASES = suite.full_cases()
-    DENSITIES = suite.DENSITIES
-MASKS = ("element", "block:64x64")
+OPTIONS = options_from_env()
+CASES, MASKS, DENSITIES = suite.grid(OPTIONS)
 IMPLS = ("dense", "fastticket", "fastticket-skip", "prune")
 
 _layers: dict = {}
 
 
-@pytest.fixture(scope="module")
-def conv_tf32(bench_dtype):
+@pytest.fixture(scope="module", autouse=True)
+def conv_precision(bench_options):
     """FASTTICKET_BENCH_DTYPE=tf32 means TF32 convolutions: cuDNN's flag, which the kernels follow too."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = os.environ.get("FASTTICKET_BENCH_DTYPE", "bf16").lower() == "tf32"
-    yield torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = old
+    with suite.tf32(bench_options.dtype == "tf32"):
+        yield
 
 
 def get_layer(case, mask, density, dtype):
@@ -58,7 +50,7 @@ PARAMS = [pytest.param(c, m, d, op, impl, id=f"{c.name}-{m}-d{d}-{op}-{impl}")
 
 
 @pytest.mark.parametrize("case,mask,density,op,impl", PARAMS)
-def test_conv(layer_op_benchmark, benchmark, bench_dtype, conv_tf32, case, mask, density, op, impl):
+def test_conv(layer_op_benchmark, benchmark, bench_options, bench_dtype, case, mask, density, op, impl):
     layer = get_layer(case, mask, density, bench_dtype)
     fn = {"dense": layer.dense, "prune": layer.prune, "fastticket": layer.fastticket,
           "fastticket-skip": layer.fastticket}[impl]
@@ -66,10 +58,9 @@ def test_conv(layer_op_benchmark, benchmark, bench_dtype, conv_tf32, case, mask,
     def record():
         benchmark.extra_info["live_fraction"] = suite.live_fraction(layer)
         if impl.startswith("fastticket"):
-            parity = suite._parity(layer)["skip" if impl == "fastticket-skip" else "dispatch"][op]
+            parity = suite.parity(layer)["skip" if impl == "fastticket-skip" else "dispatch"][op]
             benchmark.extra_info["parity"] = parity
-            tol = 1e-2 if bench_dtype != torch.float32 else (1e-3 if conv_tf32 else 1e-5)
-            assert parity < tol, f"parity {parity}"
+            assert parity <= parity_tolerance(bench_options.dtype), f"parity {parity}"
 
-    layer_op_benchmark(layer, fn, op, suite._grads, suite.forced_skip if impl == "fastticket-skip" else None,
+    layer_op_benchmark(layer, fn, op, suite.forced_skip if impl == "fastticket-skip" else None,
                        f"{case.name} {mask} d={density} {op}", record)

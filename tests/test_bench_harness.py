@@ -1,5 +1,9 @@
 """The benchmark harness's analysis: the dense-vs-skip crossover that sets kernels/dispatch.py's thresholds."""
+import json
 import math
+
+import pytest
+import torch
 
 from fastticket.bench import BenchRow, crossover_row
 
@@ -29,3 +33,78 @@ def test_crossover_row_without_timings_says_unmeasured():
                         pooled_prefix="imagenet.", pooled_what="the ImageNet-sized layer")
     assert row.extra["suggested_threshold"] is None and "crossover" not in row.extra
     assert row.extra["summary"] == "conv: dispatch crossover unmeasured (needs GPU timings of the ImageNet-sized layer)"
+
+
+def test_options_from_env_is_the_one_reader_of_the_bench_variables():
+    from fastticket.bench import DTYPE_ENV, QUICK_ENV, options_from_env
+
+    assert options_from_env({}).quick is False and options_from_env({}).dtype == "bf16"
+    opts = options_from_env({QUICK_ENV: "1", DTYPE_ENV: "TF32"})
+    assert (opts.quick, opts.dtype, opts.device, opts.timing) == (True, "tf32", "cuda", True)
+    assert options_from_env({QUICK_ENV: "0"}).quick is False
+    with pytest.raises(ValueError, match="fp64"):
+        options_from_env({DTYPE_ENV: "fp64"})
+
+
+def test_bench_suites_and_cli_share_one_case_grid():
+    from fastticket.bench import BenchOptions, conv, linear, optim
+
+    gpu_quick, gpu_full = (BenchOptions(quick=q, dtype="bf16", timing=True, device="cuda") for q in (True, False))
+    assert [c.name for c in linear.grid(gpu_quick)[0]] == [c.name for c in linear.quick_gpu_cases()]
+    assert linear.grid(gpu_full)[1:] == (linear.GPU_MASKS, linear.DENSITIES)
+    assert conv.grid(gpu_full)[2] == conv.DENSITIES and len(conv.grid(gpu_quick)[0]) == 2
+    sets, pairs = optim.step_grid(gpu_full)
+    assert [s.name for s in sets] == ["vgg19", "synthetic-1b"]
+    assert ("block:64x64", 1.0) not in pairs and ("element", 1.0) in pairs  # 100 % once, not per mask kind
+    cpu = BenchOptions(quick=False, dtype="fp32", timing=False, device="cpu")
+    assert [s.name for s in optim.step_grid(cpu)[0]] == ["tiny"] and optim.dw_grid(cpu)[0][0][0] == "tiny"
+
+
+def test_op_step_builds_the_timed_work_of_each_op():
+    from fastticket.bench import op_step, rotating
+
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    sets = [(torch.randn(2, 4, dtype=torch.float64, requires_grad=True), torch.randn(2, 3, dtype=torch.float64))
+            for _ in range(2)]
+    fn = lambda x: x @ w.t()  # noqa: E731
+    grads = lambda y, x, g, retain: torch.autograd.grad(y, [x, w], g, retain_graph=retain)  # noqa: E731
+    x, g = sets[1]
+    assert torch.equal(op_step("fwd", fn, sets, grads)(x, g), fn(x))
+    bwd = op_step("bwd", fn, sets, grads)
+    for _ in range(2):  # the graph is built once and kept, so the backward can be timed repeatedly
+        dx, dw = bwd(x, g)
+        assert torch.allclose(dx, g @ w) and torch.allclose(dw, g.t() @ x)
+    assert torch.allclose(op_step("fwd+bwd", fn, sets, grads)(x, g)[1], g.t() @ x)
+    with pytest.raises(ValueError, match="op"):
+        op_step("step", fn, sets, grads)
+    seen = []
+    call = rotating(lambda *args: seen.append(args), [(1, 2), 3])
+    for _ in range(3):
+        call()
+    assert seen == [(1, 2), (3,), (1, 2)]
+
+
+def test_write_results_is_atomic_and_complete(tmp_path):
+    from fastticket.bench import environment, write_results
+
+    rows = [timed_row("large.a", 0.1, 0.5)]
+    json_path, md_path = write_results(rows, environment(), tmp_path / "results")
+    assert json.loads(json_path.read_text())["rows"][0]["case"] == "large.a"
+    assert "| linear | large.a |" in md_path.read_text()
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == sorted([json_path.name, md_path.name])
+
+
+def test_cli_fails_a_row_outside_the_shared_tolerance(monkeypatch, capsys):
+    import fastticket.bench as bench
+    from fastticket.testing import parity_tolerance
+
+    def fake(options):
+        tol = parity_tolerance(options.dtype)
+        return [BenchRow(suite="fake", case="ok", op="fwd", shape="s", dtype=options.dtype, mask="element",
+                         density=1.0, parity=tol),
+                BenchRow(suite="fake", case="bad", op="fwd", shape="s", dtype=options.dtype, mask="element",
+                         density=1.0, parity=tol * 1.5)]
+
+    monkeypatch.setitem(bench.SUITES, "fake", fake)
+    assert bench.run_cli(["fake"]) == 1
+    assert "parity FAILED for 1 row(s): fake/bad/fwd" in capsys.readouterr().err

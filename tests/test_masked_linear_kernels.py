@@ -12,7 +12,7 @@ import zlib
 import pytest
 import torch
 
-from fastticket.bench import rel_error
+from fastticket.testing import rel_error
 from fastticket.kernels import masked_linear as ml
 from fastticket.kernels.tile_map import TileMapCache, build_tile_map
 

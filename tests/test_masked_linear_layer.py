@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fastticket.backend import use_backend
-from fastticket.bench import rel_error
+from fastticket.testing import rel_error
 from fastticket.nn import MaskedLinear, masked_modules
 
 

@@ -4,11 +4,14 @@ A suite is a function `BenchOptions -> list[BenchRow]` registered with `@suite("
 `fastticket.bench.<name>`; `run_suites` imports those modules lazily, so a missing suite is skipped with
 a note instead of failing the others. Every row carries a parity column (relative error against a float64
 reference), so the same suites are useful on a machine without a GPU: there they run the Triton kernels in
-the interpreter on small shapes and report parity only (timings need a GPU; DESIGN.md section 8 forbids
-reporting numbers that were not measured on one).
+the interpreter on small shapes and report parity only (timings need a GPU; a number that was not measured
+on one is never reported).
 
-Timing follows DESIGN.md section 8: median of `triton.testing.do_bench` after warm-up, with several input
-sets rotated so a working set that fits in L2 does not flatter the kernel.
+Timing (docs/architecture.md, "Benchmarks"): median of `triton.testing.do_bench` after warm-up, with several
+input sets rotated so a working set that fits in L2 does not flatter the kernel. `time_ms`, `op_step` and
+`rotating` are the one timing path: `fastticket bench` and the pytest-benchmark suites in bench/ both use them.
+Parity uses fastticket.testing (rel_error, nan_max, parity_tolerance); results are written with
+fastticket.atomic_io.
 """
 from __future__ import annotations
 
@@ -24,23 +27,31 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from fastticket.atomic_io import atomic_write_text
+from fastticket.testing import nan_max, parity_tolerance
+
 __all__ = [
-    "BenchOptions", "BenchRow", "SUITES", "suite", "environment", "time_ms", "rel_error", "run_suites",
+    "BenchOptions", "BenchRow", "SUITES", "suite", "environment", "time_ms", "run_suites",
     "format_table", "write_results", "run_cli", "KNOWN_SUITES", "device_slug", "summaries", "parse_dtype",
-    "env_override", "make_mask", "nan_max", "time_impls", "crossover",
+    "env_override", "make_mask", "time_impls", "crossover", "op_step", "rotating", "options_from_env",
+    "QUICK_ENV", "DTYPE_ENV", "layer_op_row", "crossover_row",
 ]
 
 # Suites the CLI knows about; each lives in fastticket.bench.<name> (written by different helpers).
 KNOWN_SUITES = ("linear", "conv", "optim")
 
 OPS = ("fwd", "bwd", "fwd+bwd", "step")
+
+
+# Environment of the pytest-benchmark suites in bench/ (`fastticket bench` takes flags instead).
+QUICK_ENV = "FASTTICKET_BENCH_QUICK"  # "1": the small case grid (a smoke run of the harness on a GPU)
+DTYPE_ENV = "FASTTICKET_BENCH_DTYPE"  # bf16 (default) | fp16 | fp32 | tf32
 
 
 @dataclass
@@ -66,6 +77,17 @@ class BenchOptions:
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
+
+
+def options_from_env(environ: Optional[Dict[str, str]] = None) -> BenchOptions:
+    """The options of a pytest-benchmark run (bench/), from FASTTICKET_BENCH_QUICK and FASTTICKET_BENCH_DTYPE:
+    the one place those variables are read. Always a GPU run (bench/ skips every benchmark without CUDA), so
+    collecting the suites on a CPU lists the cases a GPU would run."""
+    environ = os.environ if environ is None else environ
+    quick = environ.get(QUICK_ENV, "0").strip() not in ("", "0")
+    dtype = environ.get(DTYPE_ENV, "bf16").strip().lower() or "bf16"
+    parse_dtype(dtype)  # fail early on a bad name
+    return BenchOptions(quick=quick, dtype=dtype, timing=True, device="cuda")
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -175,17 +197,7 @@ def time_ms(fn: Callable[..., Any], inputs: Optional[Sequence[Any]] = None) -> f
     """
     if not torch.cuda.is_available():
         raise RuntimeError("time_ms needs a CUDA device; on CPU only parity is measured")
-    if inputs:
-        sets = [a if isinstance(a, tuple) else (a,) for a in inputs]
-        state = {"i": 0}
-
-        def call() -> Any:
-            args = sets[state["i"] % len(sets)]
-            state["i"] += 1
-            return fn(*args)
-    else:
-        call = fn  # type: ignore[assignment]
-
+    call = rotating(fn, inputs)
     try:
         from triton.testing import do_bench
 
@@ -208,47 +220,48 @@ def time_ms(fn: Callable[..., Any], inputs: Optional[Sequence[Any]] = None) -> f
     return float(statistics.median(samples))
 
 
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; nan if `out` holds any NaN (NaN never passes); 0 when both are zero."""
-    out64 = out.detach().to(torch.float64).cpu()
-    ref64 = ref.detach().to(torch.float64).cpu()
-    if out64.shape != ref64.shape:
-        raise ValueError(f"shape mismatch: {tuple(out64.shape)} vs reference {tuple(ref64.shape)}")
-    if torch.isnan(out64).any() or torch.isnan(ref64).any():
-        return float("nan")
-    diff = torch.linalg.vector_norm(out64 - ref64).item()
-    norm = torch.linalg.vector_norm(ref64).item()
-    if norm == 0.0:
-        return 0.0 if diff == 0.0 else float("inf")
-    return diff / norm
+def rotating(fn: Callable[..., Any], inputs: Optional[Sequence[Any]] = None) -> Callable[[], Any]:
+    """A zero-argument call of `fn` that takes the next of `inputs` (argument tuples or single arguments) each
+    time, round robin, so consecutive timed calls touch different working sets; `fn` itself without inputs."""
+    if not inputs:
+        return fn
+    sets = [a if isinstance(a, tuple) else (a,) for a in inputs]
+    state = {"i": 0}
+
+    def call() -> Any:
+        args = sets[state["i"] % len(sets)]
+        state["i"] += 1
+        return fn(*args)
+
+    return call
 
 
-def nan_max(*values: float) -> float:
-    """max() of relative errors in which a NaN wins (a NaN error must never hide behind a finite one)."""
-    return max(values, key=lambda v: float("inf") if v != v else v)
+def op_step(op: str, fn: Callable[[Any], Any], sets: Sequence[Tuple[Any, Any]],
+            grads: Callable[[Any, Any, Any, bool], Any]) -> Callable[[Any, Any], Any]:
+    """The timed work of one layer op as a function of an (x, g) input set: "fwd" runs fn(x); "bwd" builds
+    each set's graph once, here, and runs `grads(y, x, g, True)` alone (retain_graph, so it can repeat);
+    "fwd+bwd" runs both. Call it inside the dispatch context the timing needs (e.g. forced tile skipping)."""
+    if op == "fwd":
+        return lambda x, g: fn(x)
+    if op == "bwd":
+        ys = {id(x): fn(x) for x, _ in sets}
+        return lambda x, g: grads(ys[id(x)], x, g, True)
+    if op == "fwd+bwd":
+        return lambda x, g: grads(fn(x), x, g, False)
+    raise ValueError(f"unknown op {op!r}: use fwd, bwd or fwd+bwd")
 
 
 def time_impls(op: str, impls: Dict[str, Callable[[Any], Any]], sets: Sequence[Tuple[Any, Any]],
                grads: Callable[[Any, Any, Any, bool], Any],
                forced_skip: Callable[[], contextlib.AbstractContextManager]) -> Dict[str, float]:
-    """Median ms of each layer implementation (name -> fn(x) -> y) for one op, rotating the (x, g) `sets`.
-
-    op "fwd" times fn(x); "bwd" builds each set's graph once and times `grads(y, x, g, retain=True)` alone;
-    "fwd+bwd" times both. The implementation named "fastticket-skip" runs under `forced_skip()` (tile
-    skipping forced on), every other one as is.
-    """
+    """Median ms (`time_ms`) of each layer implementation (name -> fn(x) -> y) for one op (`op_step`),
+    rotating the (x, g) `sets`. The implementation named "fastticket-skip" runs under `forced_skip()` (tile
+    skipping forced on), every other one as is."""
     times: Dict[str, float] = {}
     for name, fn in impls.items():
         ctx = forced_skip if name == "fastticket-skip" else contextlib.nullcontext
         with ctx():
-            if op == "fwd":
-                times[name] = time_ms(lambda x, g, fn=fn: fn(x), sets)
-            elif op == "bwd":
-                ys = {id(x): fn(x) for x, _ in sets}  # graphs built once, backward timed with retain_graph
-                times[name] = time_ms(lambda x, g, ys=ys: grads(ys[id(x)], x, g, True), sets)
-                del ys
-            else:
-                times[name] = time_ms(lambda x, g, fn=fn: grads(fn(x), x, g, False), sets)
+            times[name] = time_ms(op_step(op, fn, sets, grads), sets)
     return times
 
 
@@ -343,15 +356,17 @@ def crossover(rows: Sequence[BenchRow], op: str = "fwd+bwd", pooled_prefix: str 
 
 
 def layer_op_row(suite_name: str, case: str, op: str, shape: str, mask: str, density: float, dtype: str, layer,
-                 parity: Dict[str, Dict[str, float]], extra: Dict[str, object], timing: bool, grads,
+                 parity: Dict[str, Dict[str, float]], extra: Dict[str, object], timing: bool,
                  forced_skip, extra_impls: Optional[Dict[str, Callable]] = None) -> BenchRow:
     """One row of a layer suite: on a GPU, `op` timed for fastticket (dispatched and forced tile skipping),
-    dense and the prune-style path (plus `extra_impls`) in the same run; always the parity of both paths."""
+    dense and the prune-style path (plus `extra_impls`) in the same run; always the parity of both paths.
+    `layer` is a suite's BenchLayer: input sets `xs`/`gs`, implementations `dense`/`fastticket`/`prune`
+    (x -> y) and `grads(y, x, g, retain)`."""
     times: Dict[str, float] = {}
     if timing:
         impls = {"dense": layer.dense, "fastticket": layer.fastticket, "fastticket-skip": layer.fastticket,
                  "prune": layer.prune, **(extra_impls or {})}
-        times = time_impls(op, impls, list(zip(layer.xs, layer.gs)), grads, forced_skip)
+        times = time_impls(op, impls, list(zip(layer.xs, layer.gs)), layer.grads, forced_skip)
     ratios = {name: times["dense"] / t for name, t in times.items() if name != "dense" and t > 0}
     return BenchRow(suite=suite_name, case=case, op=op, shape=shape, dtype=dtype, mask=mask, density=density,
                     times_ms=times, ratio_vs_dense=ratios,
@@ -449,38 +464,24 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_results(rows: Sequence[BenchRow], env: Dict[str, Any], out_dir: str | os.PathLike
                   ) -> Tuple[Path, Path]:
     """Write `<suites>-<device-slug>-<date>.json` and `.md` under out_dir atomically; returns both paths."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     suites = sorted({r.suite for r in rows}) or ["empty"]
     date = str(env.get("timestamp_utc", ""))[:10] or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     stem = f"{'+'.join(suites)}-{device_slug(env)}-{date}"
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     payload = {"environment": env, "rows": [r.to_dict() for r in rows]}
-    _atomic_write(json_path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(str(json_path), json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
     md = [f"# fastticket benchmark: {', '.join(suites)}", ""]
     md += [f"- {k}: {v}" for k, v in env.items()]
     md += ["", format_table(rows)]
     md += [f"- {line}" for line in summaries(rows)] + [""]
     if not any(r.times_ms for r in rows):
         md += ["No timings: this run had no GPU, so only parity was measured.", ""]
-    _atomic_write(md_path, "\n".join(md))
+    atomic_write_text(str(md_path), "\n".join(md))
     return json_path, md_path
 
 
@@ -531,7 +532,7 @@ def run_cli(suites: Sequence[str], out: Optional[str] = None, dtype: Optional[st
     for line in summaries(rows):
         print(line)
     bad = [r for r in rows if r.extra.get("parity") != "n/a"
-           and (not (r.parity == r.parity) or r.parity > _parity_tolerance(r.dtype))]
+           and (not (r.parity == r.parity) or r.parity > parity_tolerance(r.dtype))]
     if out:
         json_path, md_path = write_results(rows, env, out)
         print(f"wrote {json_path} and {md_path}")
@@ -542,13 +543,3 @@ def run_cli(suites: Sequence[str], out: Optional[str] = None, dtype: Optional[st
               file=sys.stderr)
         return 1
     return 0
-
-
-def _parity_tolerance(dtype: str) -> float:
-    """DESIGN.md section 7 tolerances, by the dtype column of a row."""
-    d = dtype.lower()
-    if d in ("fp32", "float32"):
-        return 1e-5
-    if d == "tf32":
-        return 1e-3
-    return 1e-2

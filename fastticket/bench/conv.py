@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 # Shared with the linear suite (the harness): the mask generator (block masks in the filter's
-# [C_out, C_in*kh*kw] view), the env-override helper, the timing loop and the crossover analysis.
-from fastticket.bench import (BenchOptions, BenchRow, crossover_row, env_override, layer_op_row, make_mask, nan_max,
-                              rel_error, suite)
+# [C_out, C_in*kh*kw] view), the env-override helper, the row builder (timing) and the crossover analysis.
+from fastticket.bench import BenchOptions, BenchRow, crossover_row, env_override, layer_op_row, make_mask, suite
+from fastticket.testing import nan_max, rel_error
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
 OPS = ("fwd", "bwd", "fwd+bwd")
@@ -100,13 +100,27 @@ def _tile(case: ConvCase, dtype: torch.dtype, device: torch.device) -> Tuple[int
     return conv2d_tile_sizes(case.c_out, case.c_in * case.kernel ** 2, dtype, device)
 
 
+def grid(options: BenchOptions) -> Tuple[List[ConvCase], Tuple[str, ...], Tuple[float, ...]]:
+    """(cases, mask kinds, densities) the suite runs for `options`: the full or quick GPU grid, or on a CPU the
+    interpreter-sized one (block masks of the kernels' own tile size there, so tiles really are skipped).
+    `fastticket bench` and bench/test_bench_conv.py both take their cases from here."""
+    if options.torch_device.type != "cuda":
+        bn, bk = _tile(cpu_cases()[0], options.torch_dtype, options.torch_device)
+        return cpu_cases(), ("element", f"block:{bn}x{bk}"), (1.0, 0.2, 0.05)
+    masks = ("element", "block:64x64")
+    if options.quick:
+        return quick_gpu_cases(), masks, (1.0, 0.5, 0.1)
+    return full_cases(), masks, DENSITIES
+
+
 def forced_skip() -> contextlib.AbstractContextManager:
     return env_override("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")
 
 
 @contextlib.contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
-    # The kernels follow cuDNN's flag for fp32, so one switch sets both sides of the comparison.
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 convolutions on or off inside the block. The kernels follow cuDNN's flag for fp32, so one switch
+    sets both sides of the comparison."""
     old = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = enabled
     try:
@@ -142,6 +156,10 @@ class BenchLayer:
     def tile_map(self, bn: int, bk: int):
         return self.cache.get(self.mask, bn, bk)
 
+    def grads(self, y: torch.Tensor, x: torch.Tensor, g: torch.Tensor, retain: bool):
+        """(dX, dW, db) of `y` for grad-output `g`."""
+        return torch.autograd.grad(y, [x, self.weight, self.bias], g, retain_graph=retain)
+
     def fastticket(self, x: torch.Tensor) -> torch.Tensor:
         from fastticket.kernels.masked_conv2d import masked_conv2d
 
@@ -159,11 +177,7 @@ def live_fraction(layer: BenchLayer) -> float:
     return layer.tile_map(*layer.tile).live_fraction
 
 
-def _grads(y: torch.Tensor, layer: BenchLayer, x: torch.Tensor, g: torch.Tensor, retain: bool):
-    return torch.autograd.grad(y, [x, layer.weight, layer.bias], g, retain_graph=retain)
-
-
-def _parity(layer: BenchLayer) -> Dict[str, Dict[str, float]]:
+def parity(layer: BenchLayer) -> Dict[str, Dict[str, float]]:
     """Relative errors of fastticket (forced tile skipping and dispatched) vs float64, per op."""
     from fastticket.kernels.masked_conv2d import reference_masked_conv2d_grads
 
@@ -174,7 +188,7 @@ def _parity(layer: BenchLayer) -> Dict[str, Dict[str, float]]:
     for label, ctx in (("skip", forced_skip), ("dispatch", contextlib.nullcontext)):
         with ctx():
             y = layer.fastticket(x)
-            dx, dw, db = _grads(y, layer, x, g, retain=False)
+            dx, dw, db = layer.grads(y, x, g, retain=False)
         fwd = rel_error(y, ref_y)
         bwd = nan_max(rel_error(dx, ref_dx), rel_error(dw, ref_dw), rel_error(db, ref_db))
         out[label] = {"fwd": fwd, "bwd": bwd, "fwd+bwd": nan_max(fwd, bwd)}
@@ -187,15 +201,9 @@ def conv_suite(options: BenchOptions) -> List[BenchRow]:
 
     device, dtype = options.torch_device, options.torch_dtype
     timing = options.timing and device.type == "cuda"
-    if device.type == "cuda":
-        cases = quick_gpu_cases() if options.quick else full_cases()
-        densities = (1.0, 0.5, 0.1) if options.quick else DENSITIES
-        masks = ("element", "block:64x64")
-    else:
-        bn, bk = _tile(cpu_cases()[0], dtype, device)
-        cases, densities, masks = cpu_cases(), (1.0, 0.2, 0.05), ("element", f"block:{bn}x{bk}")
+    cases, masks, densities = grid(options)
     rows: List[BenchRow] = []
-    with _tf32(options.dtype.lower() == "tf32"):
+    with tf32(options.dtype.lower() == "tf32"):
         for ci, case in enumerate(cases):
             for mi, mask_kind in enumerate(masks):
                 for di, density in enumerate(densities):
@@ -203,14 +211,14 @@ def conv_suite(options: BenchOptions) -> List[BenchRow]:
                     tile = layer.tile
                     live = live_fraction(layer)
                     path = "skip" if use_tile_skipping(live, "conv2d") else "dense"
-                    parity = _parity(layer)
+                    errors = parity(layer)
                     for op in OPS:
                         extra = {"live_fraction": live, "dispatch": path, "tile": f"{tile[0]}x{tile[1]}",
                                  "actual_density": float(layer.mask.float().mean()),
-                                 "parity_skip": parity["skip"][op], "parity_dispatch": parity["dispatch"][op]}
+                                 "parity_skip": errors["skip"][op], "parity_dispatch": errors["dispatch"][op]}
                         rows.append(layer_op_row(
-                            "conv", case.name, op, case.shape, mask_kind, density, options.dtype, layer, parity,
-                            extra, timing, lambda y, x, g, retain: _grads(y, layer, x, g, retain), forced_skip))
+                            "conv", case.name, op, case.shape, mask_kind, density, options.dtype, layer, errors,
+                            extra, timing, forced_skip))
                     del layer
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

@@ -28,8 +28,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fastticket.bench import (BenchOptions, BenchRow, crossover_row, env_override, layer_op_row, make_mask, nan_max,
-                              rel_error, suite)
+from fastticket.bench import BenchOptions, BenchRow, crossover_row, env_override, layer_op_row, make_mask, suite
+from fastticket.testing import nan_max, rel_error
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
 GPU_MASKS = ("element", "block:64x64", "block:32x32")
@@ -76,12 +76,23 @@ def cpu_cases() -> List[LinearCase]:
             LinearCase("lenet.fc2-small", 60, 100, 96)]
 
 
+def grid(options: BenchOptions) -> Tuple[List[LinearCase], Tuple[str, ...], Tuple[float, ...]]:
+    """(cases, mask kinds, densities) the suite runs for `options`: the full or quick GPU grid, or on a CPU the
+    interpreter-sized one. `fastticket bench` and bench/test_bench_linear.py both take their cases from here."""
+    if options.torch_device.type != "cuda":
+        return cpu_cases(), ("element", "block:16x16"), (1.0, 0.2, 0.05)
+    if options.quick:
+        return quick_gpu_cases(), ("element", "block:64x64"), (1.0, 0.5, 0.1)
+    return full_cases(), GPU_MASKS, DENSITIES
+
+
 def forced_skip() -> contextlib.AbstractContextManager:
     return env_override("FASTTICKET_DENSE_THRESHOLD_LINEAR", "1.01")
 
 
 @contextlib.contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 matmuls on or off inside the block (fp32 storage; the "tf32" precision of the suite)."""
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
@@ -95,6 +106,7 @@ class BenchLayer:
 
     def __init__(self, case: LinearCase, mask_kind: str, density: float, dtype: torch.dtype,
                  device: torch.device, seed: int) -> None:
+        from fastticket.kernels.masked_linear import linear_tile_sizes
         from fastticket.kernels.tile_map import TileMapCache
 
         gen = torch.Generator().manual_seed(seed)
@@ -109,9 +121,14 @@ class BenchLayer:
                    for _ in range(N_INPUT_SETS)]
         self.cache = TileMapCache()
         self.mask_kind = mask_kind
+        self.tile = linear_tile_sizes(device, dtype)
 
     def tile_map(self, bn: int, bk: int):
         return self.cache.get(self.mask, bn, bk)
+
+    def grads(self, y: torch.Tensor, x: torch.Tensor, g: torch.Tensor, retain: bool):
+        """(dX, dW, db) of `y` for grad-output `g`."""
+        return torch.autograd.grad(y, [x, self.weight, self.bias], g, retain_graph=retain, allow_unused=True)
 
     def fastticket(self, x: torch.Tensor) -> torch.Tensor:
         from fastticket.kernels.masked_linear import masked_linear
@@ -143,11 +160,7 @@ class BenchLayer:
         return (lambda x: F.linear(x, w_bsr, bias)), "ok (forward only: torch has no BSR weight gradient)"
 
 
-def _grads(y: torch.Tensor, layer: BenchLayer, x: torch.Tensor, g: torch.Tensor, retain: bool):
-    return torch.autograd.grad(y, [x, layer.weight, layer.bias], g, retain_graph=retain, allow_unused=True)
-
-
-def _parity(layer: BenchLayer, dtype: torch.dtype) -> Dict[str, Dict[str, float]]:
+def parity(layer: BenchLayer) -> Dict[str, Dict[str, float]]:
     """Relative errors of fastticket (forced tile skipping and dispatched) vs float64, per op."""
     from fastticket.kernels.masked_linear import reference_masked_linear, reference_masked_linear_grads
 
@@ -158,17 +171,16 @@ def _parity(layer: BenchLayer, dtype: torch.dtype) -> Dict[str, Dict[str, float]
     for label, ctx in (("skip", forced_skip), ("dispatch", contextlib.nullcontext)):
         with ctx():
             y = layer.fastticket(x)
-            dx, dw, db = _grads(y, layer, x, g, retain=False)
+            dx, dw, db = layer.grads(y, x, g, retain=False)
         fwd = rel_error(y, ref_y)
         bwd = nan_max(rel_error(dx, ref_dx), rel_error(dw, ref_dw), rel_error(db, ref_db))
         out[label] = {"fwd": fwd, "bwd": bwd, "fwd+bwd": nan_max(fwd, bwd)}
     return out
 
 
-def _live_fraction(layer: BenchLayer, device: torch.device, dtype: torch.dtype) -> float:
-    from fastticket.kernels.masked_linear import block_sizes
-
-    return layer.tile_map(*block_sizes(device, dtype)).live_fraction
+def live_fraction(layer: BenchLayer) -> float:
+    """Live-tile fraction of the layer's mask at the kernels' tile size: what the dispatch decides on."""
+    return layer.tile_map(*layer.tile).live_fraction
 
 
 @suite("linear")
@@ -177,32 +189,26 @@ def linear_suite(options: BenchOptions) -> List[BenchRow]:
 
     device, dtype = options.torch_device, options.torch_dtype
     timing = options.timing and device.type == "cuda"
-    if device.type == "cuda":
-        cases = quick_gpu_cases() if options.quick else full_cases()
-        densities = (1.0, 0.5, 0.1) if options.quick else DENSITIES
-        masks = ("element", "block:64x64") if options.quick else GPU_MASKS
-    else:
-        cases, densities, masks = cpu_cases(), (1.0, 0.2, 0.05), ("element", "block:16x16")
+    cases, masks, densities = grid(options)
     rows: List[BenchRow] = []
-    with _tf32(options.dtype.lower() == "tf32"):
+    with tf32(options.dtype.lower() == "tf32"):
         for ci, case in enumerate(cases):
             for mi, mask_kind in enumerate(masks):
                 for di, density in enumerate(densities):
                     layer = BenchLayer(case, mask_kind, density, dtype, device, seed=1000 * ci + 100 * mi + di)
-                    live = _live_fraction(layer, device, dtype)
+                    live = live_fraction(layer)
                     path = "skip" if use_tile_skipping(live, "linear") else "dense"
-                    parity = _parity(layer, dtype)
+                    errors = parity(layer)
                     bsr_fn, bsr_note = layer.bsr_forward() if timing else (None, "not timed (no GPU)")
                     for op in OPS:
                         extra = {"live_fraction": live, "dispatch": path,
                                  "actual_density": float(layer.mask.float().mean()),
-                                 "parity_skip": parity["skip"][op], "parity_dispatch": parity["dispatch"][op],
+                                 "parity_skip": errors["skip"][op], "parity_dispatch": errors["dispatch"][op],
                                  "bsr": bsr_note if op == "fwd" else "n/a: torch has no BSR weight gradient"}
                         bsr = {"bsr": bsr_fn} if op == "fwd" and bsr_fn is not None else None
                         rows.append(layer_op_row(
-                            "linear", case.name, op, case.shape, mask_kind, density, options.dtype, layer, parity,
-                            extra, timing, lambda y, x, g, retain: _grads(y, layer, x, g, retain), forced_skip,
-                            extra_impls=bsr))
+                            "linear", case.name, op, case.shape, mask_kind, density, options.dtype, layer, errors,
+                            extra, timing, forced_skip, extra_impls=bsr))
                     del layer
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

@@ -20,7 +20,8 @@ dW+update fusion rows (op "dw+step", MaskedLinear shapes): `fastticket-fused` (k
 never written) vs `dw-kernel+step` (fastticket's masked dW kernel, then the fused step) vs `cublas-dw+torch-fused`
 (cuBLAS dW, mask multiply, torch fused SGD).
 
-Without a GPU (or with quick=True) tiny sets run in the Triton interpreter and only parity is reported.
+Without a GPU tiny sets run in the Triton interpreter and only parity is reported; quick=True on a GPU runs
+VGG-19 and one fusion shape (`step_grid`, `dw_grid`).
 Parity: fastticket's updated parameters (and for the fusion, the weight) against a float64 reference of the
 same step, on a subset of tensors for the large sets (the float64 copy of 1B parameters would not fit).
 """
@@ -32,13 +33,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fastticket.bench import BenchOptions, BenchRow, make_mask, rel_error, suite, time_ms
+from fastticket.bench import BenchOptions, BenchRow, make_mask, suite, time_ms
+from fastticket.testing import rel_error
 
 DENSITIES = (1.0, 0.5, 0.1, 0.02)
 MASKS = ("element", "block:64x64")
 SGD_HP = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
 ADAM_HP = dict(lr=1e-3)
 PARITY_TENSORS = 6  # tensors of a set checked against float64 (the largest sets do not fit twice in float64)
+STEP_IMPLS = ("fastticket", "torch-fused", "torch-fused+mask", "torch-foreach+mask")
+DW_IMPLS = ("fastticket-fused", "dw-kernel+step", "cublas-dw+torch-fused")
+DW_HP = dict(lr=0.01, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=1e-4, maximize=False)
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,32 @@ def synthetic_set(total: int = 1_000_000_000, width: int = 4096) -> ParamSet:
 
 def quick_set() -> ParamSet:
     return ParamSet("tiny", ((40, 30), (30,), (17, 13), (9, 4, 3, 3)), (True, False, True, True))
+
+
+def mask_densities(masks: Sequence[str], densities: Sequence[float]) -> List[Tuple[str, float]]:
+    """(mask kind, density) pairs; 100 % is the same case for every mask kind, so it comes once."""
+    return [(m, d) for m in masks for d in densities if d < 1.0 or m == masks[0]]
+
+
+def step_grid(opts: BenchOptions) -> Tuple[List[ParamSet], List[Tuple[str, float]]]:
+    """(parameter sets, (mask, density) pairs) of the step rows: tiny and parity only without timing (CPU,
+    interpreter), VGG-19 for a quick GPU run, VGG-19 and the 1B set otherwise. `fastticket bench` and
+    bench/test_bench_optim.py both take their cases from here."""
+    if not opts.timing:
+        return [quick_set()], mask_densities(("element", "block:8x8"), (1.0, 0.1))
+    if opts.quick:
+        return [vgg19_set()], mask_densities(MASKS, (1.0, 0.1))
+    return [vgg19_set(), synthetic_set()], mask_densities(MASKS, DENSITIES)
+
+
+def dw_grid(opts: BenchOptions) -> Tuple[List[Tuple[str, int, int, int]], List[Tuple[str, float]]]:
+    """((name, M, N, K) MaskedLinear shapes, (mask, density) pairs) of the dW+update fusion rows."""
+    if not opts.timing:
+        return [("tiny", 24, 37, 45)], mask_densities(("element", "block:16x16"), (1.0, 0.1))
+    if opts.quick:
+        return [("fc4096", 1024, 4096, 4096)], mask_densities(MASKS, (1.0, 0.1))
+    return ([("vgg19.fc", 64, 10, 512), ("fc4096.b4k", 4096, 4096, 4096), ("fc8192.b8k", 8192, 8192, 8192)],
+            mask_densities(MASKS, DENSITIES))
 
 
 class StepBench:
@@ -126,6 +157,15 @@ class StepBench:
 
         return step, opt
 
+    def implementation(self, kind: str, name: str):
+        """(step, optimizer) of implementation `name` (one of STEP_IMPLS) for "sgd" or "adam"."""
+        if name == "fastticket":
+            return self.fastticket(kind)
+        if name not in STEP_IMPLS:
+            raise ValueError(f"unknown step implementation {name!r}; known: {STEP_IMPLS}")
+        return self.torch_step(kind, "fused" if name.startswith("torch-fused") else "foreach",
+                               mask=name.endswith("+mask"))
+
     def bytes_moved(self, kind: str, block: Tuple[int, int] = (64, 64)) -> int:
         """Bytes the fused step must move: per stepped element read p, g, state and the mask byte, write p
         and state (SGD: 1 state tensor, Adam: 2); block masks count live tiles only."""
@@ -158,14 +198,14 @@ class StepBench:
         masks = self.masks[:n]
         if kind == "sgd":
             opt = MaskedSGD(ps, masks=masks, **SGD_HP)
-            bufs: List[Optional[torch.Tensor]] = [None] * n
-            K.sgd_step_reference_(ref, grads, masks, bufs, dampening=0.0, nesterov=False, maximize=False, **SGD_HP)
+            for r, g, m in zip(ref, grads, masks):
+                K.sgd_reference_(r, g, m, None, dampening=0.0, nesterov=False, maximize=False, **SGD_HP)
         else:
             opt = MaskedAdam(ps, masks=masks, **ADAM_HP)
-            K.adam_step_reference_(ref, grads, masks, [torch.zeros_like(r) for r in ref],
-                                   [torch.zeros_like(r) for r in ref], [None] * n, [1] * n, lr=ADAM_HP["lr"],
-                                   beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
-                                   maximize=False, decoupled=False)
+            for r, g, m in zip(ref, grads, masks):
+                K.adam_reference_(r, g, m, torch.zeros_like(r), torch.zeros_like(r), None, step=1,
+                                  lr=ADAM_HP["lr"], beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                  amsgrad=False, maximize=False, decoupled=False)
         opt.step()
         out = torch.cat([p.detach().reshape(-1) for p in ps])
         return rel_error(out, torch.cat([r.reshape(-1) for r in ref]))
@@ -181,130 +221,138 @@ def copy_bandwidth_gbs(numel: int, device: torch.device) -> Tuple[float, float]:
     return ms, 2 * numel * 4 / (ms * 1e-3) / 1e9
 
 
-def _step_rows(opts: BenchOptions, psets: Sequence[ParamSet], densities: Sequence[float],
-               masks: Sequence[str]) -> List[BenchRow]:
+def _step_rows(opts: BenchOptions) -> List[BenchRow]:
     from fastticket.backend import use_backend
 
     rows: List[BenchRow] = []
     device = opts.torch_device
+    psets, pairs = step_grid(opts)
     for pset in psets:
         copy_ms = copy_gbs = None
         if opts.timing:
             copy_ms, copy_gbs = copy_bandwidth_gbs(pset.numel, device)
         for kind in ("sgd", "adam"):
-            for mask_kind in masks:
-                for density in densities:
-                    if density >= 1.0 and mask_kind != masks[0]:
-                        continue  # 100 % is the same case for every mask kind
-                    bench = StepBench(pset, mask_kind, density, device)
-                    with use_backend("triton"):
-                        parity = bench.parity(kind)
-                        row = BenchRow(suite="optim", case=f"{pset.name}.{kind}", op="step", shape=pset.shape,
-                                       dtype="fp32", mask=mask_kind if density < 1.0 else "none", density=density,
-                                       parity=parity)
-                        row.extra["bytes_fastticket"] = bench.bytes_moved(kind)
-                        if opts.timing:
-                            impls: Dict[str, Callable[[], Tuple[Callable[[], None], object]]] = {
-                                "fastticket": lambda: bench.fastticket(kind),
-                                "torch-fused": lambda: bench.torch_step(kind, "fused", mask=False),
-                                "torch-fused+mask": lambda: bench.torch_step(kind, "fused", mask=True),
-                                "torch-foreach+mask": lambda: bench.torch_step(kind, "foreach", mask=True),
-                            }
-                            for name, build in impls.items():
-                                fn, opt = build()
-                                fn()  # state allocation outside the timed region
-                                row.times_ms[name] = time_ms(fn)
-                                del fn, opt
-                                torch.cuda.empty_cache()
-                            row.times_ms["copy"] = copy_ms
-                            dense = row.times_ms["torch-fused"]
-                            row.ratio_vs_dense = {k: dense / v for k, v in row.times_ms.items() if k != "copy"}
-                            gbs = row.extra["bytes_fastticket"] / (row.times_ms["fastticket"] * 1e-3) / 1e9
-                            row.extra.update(bw_gbs=gbs, copy_gbs=copy_gbs, bw_fraction=gbs / copy_gbs,
-                                             speedup_vs_foreach_mask=row.times_ms["torch-foreach+mask"]
-                                             / row.times_ms["fastticket"])
-                    rows.append(row)
-                    del bench
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+            for mask_kind, density in pairs:
+                bench = StepBench(pset, mask_kind, density, device)
+                with use_backend("triton"):
+                    parity = bench.parity(kind)
+                    row = BenchRow(suite="optim", case=f"{pset.name}.{kind}", op="step", shape=pset.shape,
+                                   dtype="fp32", mask=mask_kind if density < 1.0 else "none", density=density,
+                                   parity=parity)
+                    row.extra["bytes_fastticket"] = bench.bytes_moved(kind)
+                    if opts.timing:
+                        for name in STEP_IMPLS:
+                            fn, opt = bench.implementation(kind, name)
+                            fn()  # state allocation outside the timed region
+                            row.times_ms[name] = time_ms(fn)
+                            del fn, opt
+                            torch.cuda.empty_cache()
+                        row.times_ms["copy"] = copy_ms
+                        dense = row.times_ms["torch-fused"]
+                        row.ratio_vs_dense = {k: dense / v for k, v in row.times_ms.items() if k != "copy"}
+                        gbs = row.extra["bytes_fastticket"] / (row.times_ms["fastticket"] * 1e-3) / 1e9
+                        row.extra.update(bw_gbs=gbs, copy_gbs=copy_gbs, bw_fraction=gbs / copy_gbs,
+                                         speedup_vs_foreach_mask=row.times_ms["torch-foreach+mask"]
+                                         / row.times_ms["fastticket"])
+                rows.append(row)
+                del bench
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return rows
 
 
-def _dw_rows(opts: BenchOptions, cases: Sequence[Tuple[str, int, int, int]], densities: Sequence[float],
-             masks: Sequence[str]) -> List[BenchRow]:
-    from fastticket.kernels import linear_dw_sgd as F
-    from fastticket.kernels import masked_optim as K
-    from fastticket.kernels.masked_linear import block_sizes, linear_grad_weight
-    from fastticket.kernels.tile_map import build_tile_map
+class DwUpdateBench:
+    """One MaskedLinear weight, mask, dY and X for the dW+SGD fusion, shared by its implementations (DW_IMPLS):
 
+    fastticket-fused        kernels/linear_dw_sgd.py: the SGD update in the dW kernel's epilogue, dW never written
+    dw-kernel+step          fastticket's masked dW kernel, then the fused optimizer step
+    cublas-dw+torch-fused   cuBLAS dW, mask multiply, torch fused SGD: the dense baseline
+    """
+
+    def __init__(self, m: int, n: int, k: int, mask_kind: str, density: float, device: torch.device) -> None:
+        from fastticket.kernels.masked_linear import linear_tile_sizes
+        from fastticket.kernels.tile_map import build_tile_map
+
+        g = torch.Generator(device=device).manual_seed(1)
+        self.mask = (make_mask((n, k), mask_kind, density, g) if density < 1.0
+                     else torch.ones(n, k, dtype=torch.bool, device=device))
+        self.w = (torch.randn(n, k, generator=g, device=device) * 0.05) * self.mask
+        self.dy = torch.randn(m, n, generator=g, device=device)
+        self.x = torch.randn(m, k, generator=g, device=device)
+        bn, bk = linear_tile_sizes(device, torch.float32)
+        self.tile_map = build_tile_map(self.mask, bn, bk)
+
+    @property
+    def precision(self) -> str:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+    def parity(self) -> float:
+        """Two fused steps against the float64 reference (first-step and later-step paths), on copies."""
+        from fastticket.kernels import linear_dw_sgd as F
+
+        w_f, buf_f = self.w.clone(), None
+        w_r, buf_r = self.w.double(), None
+        for _ in range(2):
+            buf_f = F.linear_dw_sgd_(self.dy, self.x, w_f, self.mask, self.tile_map, buf_f, **DW_HP)
+            buf_r = F.linear_dw_sgd_reference_(self.dy.double(), self.x.double(), w_r, self.mask, buf_r, **DW_HP)
+        return rel_error(w_f, w_r)
+
+    def implementation(self, name: str) -> Callable[[], None]:
+        """A zero-argument step of implementation `name` (one of DW_IMPLS), updating the bench's weight."""
+        from fastticket.kernels import linear_dw_sgd as F
+        from fastticket.kernels import masked_optim as K
+        from fastticket.kernels.masked_linear import linear_grad_weight
+
+        dy, x, w, mask, tile_map = self.dy, self.x, self.w, self.mask, self.tile_map
+        buf = torch.zeros_like(w)
+        if name == "fastticket-fused":
+            return lambda: F.linear_dw_sgd_(dy, x, w, mask, tile_map, buf, **DW_HP)
+        if name == "dw-kernel+step":
+            step_tiles = [K.tile_map_for(mask, K.DEFAULT_TILE)]
+
+            def unfused() -> None:
+                dw = linear_grad_weight(dy, x, mask, tile_map)
+                K.sgd_step_([w], [dw], [mask], [buf], tile_maps=step_tiles, **DW_HP)
+
+            return unfused
+        if name == "cublas-dw+torch-fused":
+            fmask = mask.float()
+            wp = torch.nn.Parameter(w.clone())
+            topt = torch.optim.SGD([wp], lr=DW_HP["lr"], momentum=DW_HP["momentum"],
+                                   weight_decay=DW_HP["weight_decay"], fused=True)
+
+            def cublas_torch() -> None:
+                wp.grad = (dy.t() @ x).mul_(fmask)
+                topt.step()
+
+            return cublas_torch
+        raise ValueError(f"unknown dW+update implementation {name!r}; known: {DW_IMPLS}")
+
+
+def _dw_rows(opts: BenchOptions) -> List[BenchRow]:
     rows: List[BenchRow] = []
     device = opts.torch_device
-    hp = dict(lr=0.01, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=1e-4, maximize=False)
+    cases, pairs = dw_grid(opts)
     for name, m, n, k in cases:
-        for mask_kind in masks:
-            for density in densities:
-                if density >= 1.0 and mask_kind != masks[0]:
-                    continue
-                g = torch.Generator(device=device).manual_seed(1)
-                mask = (make_mask((n, k), mask_kind, density, g) if density < 1.0
-                        else torch.ones(n, k, dtype=torch.bool, device=device))
-                w = (torch.randn(n, k, generator=g, device=device) * 0.05) * mask
-                dy = torch.randn(m, n, generator=g, device=device)
-                x = torch.randn(m, k, generator=g, device=device)
-                bn, bk = block_sizes(device, torch.float32)
-                tile_map = build_tile_map(mask, bn, bk)
-                # Parity: two fused steps against the float64 reference (first-step and later-step paths).
-                w_f, buf_f = w.clone(), None
-                w_r, buf_r = w.double(), None
-                for _ in range(2):
-                    buf_f = F.linear_dw_sgd_(dy, x, w_f, mask, tile_map, buf_f, **hp)
-                    buf_r = F.linear_dw_sgd_reference_(dy.double(), x.double(), w_r, mask, buf_r, **hp)
-                row = BenchRow(suite="optim", case=f"dw+sgd.{name}", op="dw+step", shape=f"{m}x{k}->{n}",
-                               dtype="tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32",
-                               mask=mask_kind if density < 1.0 else "none", density=density,
-                               parity=rel_error(w_f, w_r), extra={"live_fraction": tile_map.live_fraction})
-                if opts.timing:
-                    buf = torch.zeros_like(w)
-                    fmask = mask.float()
-                    row.times_ms["fastticket-fused"] = time_ms(
-                        lambda: F.linear_dw_sgd_(dy, x, w, mask, tile_map, buf, **hp))
-
-                    step_tiles = [K.tile_map_for(mask, K.DEFAULT_TILE)]
-
-                    def unfused() -> None:
-                        dw = linear_grad_weight(dy, x, mask, tile_map)
-                        K.sgd_step_([w], [dw], [mask], [buf], tile_maps=step_tiles, **hp)
-
-                    row.times_ms["dw-kernel+step"] = time_ms(unfused)
-                    wp = torch.nn.Parameter(w.clone())
-                    topt = torch.optim.SGD([wp], lr=hp["lr"], momentum=hp["momentum"],
-                                           weight_decay=hp["weight_decay"], fused=True)
-
-                    def cublas_torch() -> None:
-                        wp.grad = (dy.t() @ x).mul_(fmask)
-                        topt.step()
-
-                    cublas_torch()
-                    row.times_ms["cublas-dw+torch-fused"] = time_ms(cublas_torch)
-                    dense = row.times_ms["cublas-dw+torch-fused"]
-                    row.ratio_vs_dense = {kk: dense / v for kk, v in row.times_ms.items()}
-                    row.extra["bytes_saved"] = 2 * int(mask.numel() * tile_map.live_fraction) * w.element_size()
-                rows.append(row)
+        for mask_kind, density in pairs:
+            bench = DwUpdateBench(m, n, k, mask_kind, density, device)
+            row = BenchRow(suite="optim", case=f"dw+sgd.{name}", op="dw+step", shape=f"{m}x{k}->{n}",
+                           dtype=bench.precision, mask=mask_kind if density < 1.0 else "none", density=density,
+                           parity=bench.parity(), extra={"live_fraction": bench.tile_map.live_fraction})
+            if opts.timing:
+                for impl in DW_IMPLS:
+                    fn = bench.implementation(impl)
+                    fn()  # state allocation outside the timed region
+                    row.times_ms[impl] = time_ms(fn)
+                dense = row.times_ms["cublas-dw+torch-fused"]
+                row.ratio_vs_dense = {kk: dense / v for kk, v in row.times_ms.items()}
+                row.extra["bytes_saved"] = (2 * int(bench.mask.numel() * bench.tile_map.live_fraction)
+                                            * bench.w.element_size())
+            rows.append(row)
     return rows
 
 
 @suite("optim")
 def run(opts: BenchOptions) -> List[BenchRow]:
-    quick = opts.quick or not opts.timing
-    if quick:
-        # Interpreter-sized: parity only (CPU), or a smoke run of every implementation (GPU, quick=True).
-        psets = [quick_set()] if not opts.timing else [vgg19_set()]
-        rows = _step_rows(opts, psets, densities=(1.0, 0.1), masks=("element", "block:8x8" if not opts.timing
-                                                                    else "block:64x64"))
-        rows += _dw_rows(opts, [("tiny", 24, 37, 45)] if not opts.timing else [("fc4096", 1024, 4096, 4096)],
-                         densities=(1.0, 0.1), masks=("element", "block:16x16" if not opts.timing else "block:64x64"))
-        return rows
-    rows = _step_rows(opts, [vgg19_set(), synthetic_set()], DENSITIES, MASKS)
-    rows += _dw_rows(opts, [("vgg19.fc", 64, 10, 512), ("fc4096.b4k", 4096, 4096, 4096),
-                            ("fc8192.b8k", 8192, 8192, 8192)], DENSITIES, MASKS)
-    return rows
+    """Step rows, then dW+update fusion rows, over `step_grid(opts)` and `dw_grid(opts)`."""
+    return _step_rows(opts) + _dw_rows(opts)
