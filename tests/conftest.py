@@ -15,14 +15,17 @@ import pytest  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-# Tests that launch Triton kernels; without a GPU they run in the interpreter, which before triton 3.7 cannot
-# run loops whose bounds are loaded from memory (every live-tile loop here). The sm_90 compile checks do not
-# use the interpreter and always run.
-_KERNEL_MODULES = {"test_masked_linear_kernels.py", "test_masked_linear_layer.py", "test_masked_conv2d_kernels.py",
-                   "test_masked_conv2d_layer.py", "test_fused_dw_update.py"}
+LAUNCHES_TRITON = ("launches_triton: the test launches Triton kernels (without a GPU, in the Triton interpreter); "
+                   "skipped when that interpreter is too old (triton < 3.7) to run them")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", LAUNCHES_TRITON)
 
 
 def _interpreter_too_old() -> bool:
+    """Without a GPU the kernels run in the interpreter, which before triton 3.7 cannot run loops whose bounds
+    are loaded from memory (every live-tile loop here)."""
     if torch.cuda.is_available():
         return False
     try:
@@ -34,6 +37,8 @@ def _interpreter_too_old() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked `launches_triton` when the interpreter cannot run them. The sm_90 compile checks
+    (tests using the `compile_for_sm90` fixture) never use the interpreter and always run, marked or not."""
     if not _interpreter_too_old():
         return
     import triton
@@ -41,14 +46,9 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=f"the Triton {triton.__version__} interpreter cannot run data-dependent loop "
                                    "bounds; run these on a GPU or with triton >= 3.7")
     for item in items:
-        if "compile" in item.name:
+        if item.get_closest_marker("launches_triton") is None or "compile_for_sm90" in item.fixturenames:
             continue
-        module = item.fspath.basename
-        callspec = getattr(item, "callspec", None)
-        backend = callspec.params.get("backend") if callspec is not None else None
-        if module in _KERNEL_MODULES or (module == "test_masked_optim.py" and backend != "torch") \
-                or "triton_backend" in item.name:
-            item.add_marker(skip)
+        item.add_marker(skip)
 
 
 @pytest.fixture
