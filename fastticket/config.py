@@ -1,52 +1,165 @@
 """One dataclass holds every knob of a ticket search (OpenLTH's hparams idea, without its ceremony).
 
-Presets are instances of it; CLI flags override fields; `config.json` in a run directory is its `asdict`.
+Presets are instances of it; CLI flags override fields (each field's `help` metadata is its flag's help);
+`config.json` in a run directory is its `asdict`. A SearchConfig checks itself when it is built (also by
+`replace` and `from_dict`): an invalid one raises ConfigError, so every consumer sees valid settings.
+Settings that depend on the machine (is the requested GPU there?) are checked where the search starts.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Tuple, get_args
+
+from fastticket.errors import ConfigError
+
+# The arms of a search: the ticket and its controls. Every module names arms through these constants.
+ArmName = Literal["ticket", "reinit", "random"]
+ARMS: Tuple[str, ...] = get_args(ArmName)
+TICKET, REINIT, RANDOM = ARMS
+CONTROLS: Tuple[str, ...] = (REINIT, RANDOM)
+
+# Typing aliases for the fields with a closed set of values; validate() checks membership.
+Optimizer = Literal["adam", "adamw", "sgd"]
+Scope = Literal["layerwise", "global"]
+CriterionName = Literal["magnitude", "movement", "random"]  # the built-ins; fastticket.prune can register more
+OPTIMIZERS: Tuple[str, ...] = get_args(Optimizer)
+SCOPES: Tuple[str, ...] = get_args(Scope)
+
+Block = Optional[Tuple[int, int]]  # None: element granularity; (R, C): block granularity
+
+
+def check_rate(value: object, what: str = "rate") -> float:
+    """`value` as a float in the open interval (0, 1), or a ConfigError naming `what`.
+    The one rate check: the config, fastticket.prune and the CLI all use it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) < 1.0):
+        raise ConfigError(f"{what} must be in (0, 1) (the fraction of surviving weights removed per level), "
+                          f"got {value!r}")
+    return float(value)
+
+
+def parse_granularity(spec: str) -> Block:
+    """"element" -> None; "block:RxC" -> (R, C) with R, C >= 1; anything else is a ConfigError."""
+    if spec == "element":
+        return None
+    match = re.fullmatch(r"block:(\d+)x(\d+)", str(spec).strip())
+    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise ConfigError(f"granularity must be 'element' or 'block:RxC' with positive R and C "
+                          f"(e.g. block:16x16), got {spec!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _help(text: str, **default: Any) -> Any:
+    """A dataclass field documented by `text` (shown as its CLI flag's help where it has one)."""
+    return field(metadata={"help": text}, **default)
 
 
 @dataclass
 class SearchConfig:
     # what to train
-    model: str = "lenet300"            # a name in fastticket.models' registry, or "torchvision:<name>"
-    dataset: str = "mnist5k"           # "mnist5k" (embedded, offline), "mnist", "cifar10"
-    data_dir: Optional[str] = None     # where torchvision datasets live (or are downloaded to)
-    val_size: int = 500                # validation images held out of the training split
+    model: str = _help("model name (lenet300, conv2, conv4, conv6, vgg19, resnet20, torchvision:<name>)",
+                       default="lenet300")
+    dataset: str = _help("mnist5k (embedded, offline), mnist, cifar10", default="mnist5k")
+    data_dir: Optional[str] = _help("where MNIST / CIFAR-10 live or are downloaded to", default=None)
+    val_size: int = _help("validation images held out of the training split", default=500)
 
     # how to train one level
-    iterations: int = 2000
-    batch_size: int = 60
-    optimizer: str = "adam"            # "adam" | "adamw" | "sgd"
-    lr: float = 1.2e-3
-    momentum: float = 0.9              # SGD only
-    weight_decay: float = 0.0
-    lr_milestones: list = field(default_factory=list)  # iterations where lr *= lr_gamma
-    lr_gamma: float = 0.1
-    warmup_iters: int = 0              # linear lr warmup from 0 over this many iterations
-    augment: bool = False              # GPU-side random flip + crop (CIFAR)
-    eval_every: int = 100              # validation/test evaluation period in iterations
+    iterations: int = _help("training iterations per level", default=2000)
+    batch_size: int = _help("training batch size", default=60)
+    optimizer: Optimizer = _help("adam, adamw or sgd", default="adam")
+    lr: float = _help("learning rate", default=1.2e-3)
+    momentum: float = _help("SGD momentum (sgd only)", default=0.9)
+    weight_decay: float = _help("weight decay", default=0.0)
+    lr_milestones: Tuple[int, ...] = _help("iterations where lr *= lr_gamma", default=())
+    lr_gamma: float = _help("lr factor at each milestone", default=0.1)
+    warmup_iters: int = _help("linear lr warmup from 0 over this many iterations", default=0)
+    augment: bool = _help("GPU-side random flip + crop (CIFAR)", default=False)
+    eval_every: int = _help("evaluate (and checkpoint) every N iterations", default=100)
 
     # how to prune
-    levels: int = 10                   # pruning levels after the dense level 0 (levels 0..L are trained)
-    scope: str = "layerwise"           # "layerwise" | "global"
-    rate: float = 0.2                  # fraction of surviving weights removed per level (fc layers / global)
-    conv_rate: Optional[float] = None  # layerwise rate for conv layers (None: same as `rate`)
-    output_rate: Optional[float] = None  # layerwise rate for the output layer (None: same as `rate`)
-    exclude: list = field(default_factory=list)  # layer names never pruned ("output" means the output layer)
-    granularity: str = "element"       # "element" | "block:RxC"
-    criterion: str = "magnitude"       # "magnitude" | "movement" | "random"
-    rewind_iter: int = 0               # 0: rewind to init; k > 0: late rewinding to iteration k
+    levels: int = _help("pruning levels after the dense level 0", default=10)
+    scope: Scope = _help("layerwise (per-layer rates) or global (one threshold)", default="layerwise")
+    rate: float = _help("fraction of surviving weights pruned per level, in (0, 1); conv/output rates scale "
+                        "with it", default=0.2)
+    conv_rate: Optional[float] = _help("layerwise rate of conv layers (None: same as rate)", default=None)
+    output_rate: Optional[float] = _help("layerwise rate of the output layer (None: same as rate)", default=None)
+    exclude: Tuple[str, ...] = _help("layer names or patterns never pruned (\"output\": the output layer)",
+                                     default=())
+    granularity: str = _help("element, or block:RxC (prune whole RxC tiles)", default="element")
+    criterion: CriterionName = _help("pruning criterion: magnitude, movement, random", default="magnitude")
+    rewind_iter: int = _help("0: rewind to init; K: late rewinding to iteration K", default=0)
 
     # experiment design
-    controls: list = field(default_factory=lambda: ["reinit"])  # subset of ["reinit", "random"]
-    trials: int = 1
-    seed: int = 0
-    device: str = "cpu"
+    controls: Tuple[ArmName, ...] = _help("comma list of reinit, random; or none", default=(REINIT,))
+    trials: int = _help("independent trials (seeds seed..seed+T-1)", default=1)
+    seed: int = _help("base seed: trial t uses S+t for init and batches", default=0)
+    device: str = _help("cpu or cuda", default="cpu")
+
+    def __post_init__(self) -> None:
+        # JSON (config.json) and callers give lists; the config holds tuples (hashable, not shared by copies).
+        for name in ("lr_milestones", "exclude", "controls"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError (one clear line) for any setting the search cannot run with."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        need(is_int(self.iterations) and self.iterations > 0,
+             f"iterations must be a positive integer, got {self.iterations!r}")
+        need(is_int(self.levels) and self.levels >= 0,
+             f"levels must be an integer >= 0 (level 0 is the dense network), got {self.levels!r}")
+        need(is_int(self.batch_size) and self.batch_size > 0,
+             f"batch_size must be a positive integer, got {self.batch_size!r}")
+        need(is_int(self.eval_every) and self.eval_every > 0,
+             f"eval_every must be a positive integer, got {self.eval_every!r}")
+        need(is_int(self.trials) and self.trials >= 1, f"trials must be an integer >= 1, got {self.trials!r}")
+        need(is_int(self.val_size) and self.val_size > 0,
+             f"val_size must be a positive integer, got {self.val_size!r}")
+        need(is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        need(isinstance(self.lr, (int, float)) and self.lr > 0, f"lr must be a positive number, got {self.lr!r}")
+        need(is_int(self.warmup_iters) and self.warmup_iters >= 0,
+             f"warmup_iters must be an integer >= 0, got {self.warmup_iters!r}")
+        need(isinstance(self.lr_milestones, tuple) and all(is_int(m) and m >= 0 for m in self.lr_milestones),
+             f"lr_milestones must be iterations (integers >= 0), got {self.lr_milestones!r}")
+        # k = iterations would leave levels >= 1 nothing to train (and nothing to evaluate).
+        need(is_int(self.rewind_iter) and 0 <= self.rewind_iter < self.iterations,
+             f"rewind_iter must be an integer in [0, iterations={self.iterations}), got {self.rewind_iter!r}")
+        need(self.optimizer in OPTIMIZERS,
+             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        need(isinstance(self.controls, tuple), f"controls must be a list of names, got {self.controls!r}")
+        unknown = [c for c in self.controls if c not in CONTROLS]
+        need(not unknown, f"unknown control(s) {unknown}; controls are a subset of {', '.join(CONTROLS)} (or none)")
+        need(len(set(self.controls)) == len(self.controls), f"controls repeat an entry: {list(self.controls)}")
+        need(isinstance(self.exclude, tuple) and all(isinstance(e, str) for e in self.exclude),
+             f"exclude must be a list of layer names or patterns, got {self.exclude!r}")
+        check_rate(self.rate, "rate")
+        if self.conv_rate is not None:
+            check_rate(self.conv_rate, "conv_rate")
+        if self.output_rate is not None:
+            check_rate(self.output_rate, "output_rate")
+        need(self.scope in SCOPES, f"scope must be 'layerwise' or 'global', got {self.scope!r}")
+        parse_granularity(self.granularity)
+        # The registries (criteria, datasets, models) live in the modules that fill them.
+        from fastticket.prune import get_criterion
+        get_criterion(self.criterion)
+        from fastticket.data import DATASETS
+        need(self.dataset in DATASETS,
+             f"unknown dataset {self.dataset!r}; known datasets are {', '.join(DATASETS)}")
+        from fastticket import models
+        if not self.model.startswith(models.TORCHVISION_PREFIX):
+            known = [m for m in models.list_models() if not m.startswith(models.TORCHVISION_PREFIX)]
+            need(self.model in known, f"unknown model {self.model!r}; known models are "
+                                      f"{', '.join(models.list_models())}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

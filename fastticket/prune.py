@@ -1,6 +1,6 @@
 """Pruning: which surviving weights of a masked model to remove at the end of an IMP level.
 
-Semantics (DESIGN.md section 5), the contract the search and the tests rely on:
+Semantics (docs/architecture.md, "Pruning and IMP"), the contract the search and the tests rely on:
 
 - `rate` is the fraction of the weights *still alive* that one call removes; masks only shrink.
 - Exact counts. A layer (layerwise scope) or the pool of all prunable layers (global scope) with `alive`
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
@@ -37,34 +36,14 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple,
 import torch
 from torch import nn
 
+# check_rate and parse_granularity are the config's (one check for the config, pruning and the CLI); importable
+# from here too.
+from fastticket.config import SCOPES, Block, check_rate, parse_granularity  # noqa: F401
 from fastticket.errors import ConfigError
 from fastticket.kernels.tile_map import live_tiles
 from fastticket.nn import masked_modules
 
-Block = Optional[Tuple[int, int]]  # None: element granularity; (R, C): block granularity
-SCOPES = ("layerwise", "global")
 BLOCK_NORMS = ("l1", "l2")
-
-
-# ----------------------------------------------------------------------------------------------- validation
-
-def check_rate(value: object, what: str = "rate") -> float:
-    """`value` as a float in the open interval (0, 1), or a ConfigError naming `what`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) < 1.0):
-        raise ConfigError(f"{what} must be in (0, 1) (the fraction of surviving weights removed per level), "
-                          f"got {value!r}")
-    return float(value)
-
-
-def parse_granularity(spec: str) -> Block:
-    """"element" -> None; "block:RxC" -> (R, C) with R, C >= 1; anything else is a ConfigError."""
-    if spec == "element":
-        return None
-    match = re.fullmatch(r"block:(\d+)x(\d+)", str(spec).strip())
-    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
-        raise ConfigError(f"granularity must be 'element' or 'block:RxC' with positive R and C "
-                          f"(e.g. block:16x16), got {spec!r}")
-    return int(match.group(1)), int(match.group(2))
 
 
 def remove_count(rate: float, alive: int) -> int:
