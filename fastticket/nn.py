@@ -1,19 +1,20 @@
 """Drop-in masked layers: `MaskedLinear`, `MaskedConv2d`, and `sparsify` / `densify` / `density`.
 
-The invariant (DESIGN.md section 3): pruned weights are exactly zero in storage. `weight` stays an ordinary
+The invariant (docs/architecture.md, "The invariant"): pruned weights are exactly zero in storage. `weight` stays an ordinary
 Parameter; `weight_mask` is a bool buffer of the same shape saved in state dicts. Loading a state dict
 re-applies the mask; `apply_mask_()` re-zeroes pruned entries after a user edits weights by hand.
 """
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, Iterable, Iterator, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastticket import _mask_registry, functional
+from fastticket.errors import MaskError
 from fastticket.kernels.tile_map import TileMap, TileMapCache
 
 
@@ -210,3 +211,44 @@ def density(model: nn.Module) -> Dict[str, Union[int, float, dict]]:
         size_total += size
     return {"layers": layers, "alive": alive_total, "size": size_total,
             "density": alive_total / size_total if size_total else 1.0}
+
+
+def densities(model: nn.Module, prunable: Sequence[str]) -> Tuple[float, Dict[str, float]]:
+    """(total density over the `prunable` layers, {layer: density} over all masked layers), from `density`."""
+    d = density(model)
+    per_layer = {name: float(v["density"]) for name, v in d["layers"].items()}
+    alive = sum(d["layers"][n]["alive"] for n in prunable)
+    size = sum(d["layers"][n]["size"] for n in prunable)
+    return (alive / size if size else 1.0), per_layer
+
+
+def model_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """{layer name: a CPU copy of its bool mask} for every masked layer."""
+    return {name: layer.weight_mask.detach().to("cpu", copy=True) for name, layer in masked_modules(model)}
+
+
+def install_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> None:
+    """Set every masked layer's mask from {layer name: mask} (`set_mask_`: newly pruned weights become zero)."""
+    for name, layer in masked_modules(model):
+        layer.set_mask_(masks[name].to(layer.weight.device))
+
+
+def load_mask_file(path: str, model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Read a saved {layer name: mask} file and check it fits `model` (same layers, same shapes), else a
+    MaskError naming the file."""
+    try:
+        masks = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file can fail in many ways inside torch.load
+        raise MaskError(f"cannot read mask file {path}: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
+    layers = dict(masked_modules(model))
+    if not isinstance(masks, dict) or set(masks) != set(layers):
+        got = sorted(masks) if isinstance(masks, dict) else type(masks).__name__
+        raise MaskError(f"mask file {path} does not fit the model: it has layers {got}, the model has "
+                        f"{sorted(layers)} (corrupted or from another run)")
+    for name, layer in layers.items():
+        m = masks[name]
+        if not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(layer.weight.shape):
+            shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise MaskError(f"mask file {path}: layer {name!r} has a mask of shape {shape} but the model's "
+                            f"weight has shape {tuple(layer.weight.shape)} (corrupted or from another run)")
+    return {name: masks[name].bool() for name in layers}
