@@ -1,22 +1,23 @@
 """Tables and paper-style plots from a search's run directory.
 
-Reads run_dir/levels/level_LL/{arm}_trial{t}/result.json (+ metrics.jsonl) as written by fastticket.search and
+Reads the results (result.json + metrics.jsonl of every arm) of a run directory (fastticket.rundir) and
 writes run_dir/report/: results.csv, results.md, accuracy_vs_weights.png, early_stop_vs_weights.png, curves.png.
 Accuracies are stored as fractions in [0, 1]; every table and plot shows them in percent.
 """
 from __future__ import annotations
 
 import csv
-import glob
-import json
 import math
 import os
 import statistics
 from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
-ARM_ORDER = ("ticket", "reinit", "random")
-ARM_LABELS = {"ticket": "winning ticket (IMP)", "reinit": "random reinit", "random": "random pruning"}
-ARM_COLORS = {"ticket": "tab:blue", "reinit": "tab:orange", "random": "tab:green"}
+from fastticket.config import ARMS, RANDOM, REINIT, TICKET
+from fastticket.rundir import ArmDir, RunDir
+
+ARM_ORDER = ARMS
+ARM_LABELS = {TICKET: "winning ticket (IMP)", REINIT: "random reinit", RANDOM: "random pruning"}
+ARM_COLORS = {TICKET: "tab:blue", REINIT: "tab:orange", RANDOM: "tab:green"}
 
 CSV_COLUMNS = ("level", "arm", "weights_remaining_pct", "test_acc_at_early_stop_mean", "test_acc_at_early_stop_std",
                "final_test_acc_mean", "final_test_acc_std", "early_stop_iter_mean", "early_stop_iter_std",
@@ -34,15 +35,7 @@ def collect_results(run_dir: str) -> List[Dict[str, Any]]:
     """
     if not os.path.isdir(run_dir):
         raise ValueError(f"no run directory at {run_dir}: run `fastticket search --out {run_dir}` first")
-    results = []
-    for path in glob.glob(os.path.join(run_dir, "levels", "level_*", "*", "result.json")):
-        try:
-            with open(path) as f:
-                result = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            continue  # a level still being written by a live search is simply not finished yet
-        result["path"] = os.path.dirname(path)
-        results.append(result)
+    results = RunDir(run_dir).results()
     results.sort(key=lambda r: (r["level"], _arm_key(r["arm"]), r["trial"]))
     return results
 
@@ -198,27 +191,16 @@ def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, titl
     plt.close(fig)
 
 
-def _read_metrics(directory: str) -> List[Dict[str, Any]]:
-    entries = []
-    path = os.path.join(directory, "metrics.jsonl")
-    if not os.path.exists(path):
-        return entries
-    with open(path) as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a killed process
-            if entry.get("test_acc") is not None and entry.get("iteration") is not None:
-                entries.append(entry)
-    return entries
+def _read_metrics(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    entries = ArmDir(result["path"], result["level"], result["arm"], result["trial"]).read_metrics()
+    return [e for e in entries if e.get("test_acc") is not None and e.get("iteration") is not None]
 
 
 def _mean_curve(results: Sequence[Dict[str, Any]]) -> Tuple[List[int], List[float]]:
     """Test accuracy (percent) per iteration, averaged over the trials that recorded that iteration."""
     per_iter: Dict[int, List[float]] = {}
     for r in results:
-        for e in _read_metrics(r["path"]):
+        for e in _read_metrics(r):
             per_iter.setdefault(int(e["iteration"]), []).append(100.0 * float(e["test_acc"]))
     its = sorted(per_iter)
     return its, [statistics.fmean(per_iter[i]) for i in its]
@@ -236,7 +218,7 @@ def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any
     import matplotlib.pyplot as plt
 
     density = {(r["level"], r["arm"]): r["weights_remaining_pct"] for r in rows}
-    ticket_levels = sorted({r["level"] for r in results if r["arm"] == "ticket"})
+    ticket_levels = sorted({r["level"] for r in results if r["arm"] == TICKET})
     if not ticket_levels:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -245,11 +227,11 @@ def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any
     drew = False
     for i, level in enumerate(picks):
         color = cmap(i / max(1, len(picks) - 1) * 0.9)
-        for arm, style in (("ticket", "-"), ("reinit", "--")):
+        for arm, style in ((TICKET, "-"), (REINIT, "--")):
             its, accs = _mean_curve([r for r in results if r["level"] == level and r["arm"] == arm])
             if not its:
                 continue
-            label = f"{density[(level, arm)]:.1f}%" + ("" if arm == "ticket" else " reinit")
+            label = f"{density[(level, arm)]:.1f}%" + ("" if arm == TICKET else " reinit")
             ax.plot(its, accs, style, color=color, label=label, linewidth=1.4)
             drew = True
     if not drew:
@@ -275,14 +257,11 @@ def make_report(run_dir: str) -> List[str]:
 
     matplotlib.use("Agg")  # files only; never needs a display
 
-    config: Dict[str, Any] = {}
-    config_path = os.path.join(run_dir, "config.json")
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            config = json.load(f)
+    run = RunDir(run_dir)
+    config = run.read_config()
 
     rows = aggregate(results)
-    out = os.path.join(run_dir, "report")
+    out = run.report_dir
     os.makedirs(out, exist_ok=True)
     written = []
 
