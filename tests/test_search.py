@@ -14,7 +14,9 @@ from fastticket.data import load_dataset
 from fastticket.errors import ConfigError, MaskError, RunDirError
 from fastticket.nn import masked_modules
 from fastticket.presets import get_preset
-from fastticket.search import arm_dir, build_masked_model, rewind_to, run_search
+from fastticket.rundir import arm_dir
+from fastticket.search import run_search
+from fastticket.train import build_masked_model, rewind_to
 
 LAYERS = ("fc.0", "fc.1", "output")
 # One intra-op thread (see the one_torch_thread fixture in conftest.py): subprocesses compared bit for bit
@@ -357,6 +359,7 @@ def test_global_block_search_with_exclusions_and_movement(tmp_path):
     assert result(out, 1, "ticket")["layer_density"]["output"] == 1.0
 
 
+@pytest.mark.launches_triton
 def test_search_on_the_triton_backend_matches_the_torch_backend(tmp_path, monkeypatch):
     """The IMP driver on the triton backend: fused Triton optimizer steps (here in the interpreter), the
     same numbers as the PyTorch backend within fp32 rounding, pruned weights exactly zero."""
@@ -383,3 +386,20 @@ def test_search_on_the_triton_backend_matches_the_torch_backend(tmp_path, monkey
                 assert torch.all(ours[key[:-len("_mask")]][~value] == 0)
             else:
                 torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_config_validates_itself_and_round_trips_through_config_json():
+    from fastticket.config import SearchConfig
+    config = get_preset("resnet20-cifar10")
+    assert isinstance(config.lr_milestones, tuple) and isinstance(config.exclude, tuple)
+    # config.json holds lists; reading it back (as --resume does) gives the same config, with tuples.
+    saved = json.loads(config.to_json())
+    assert saved["lr_milestones"] == [20_000, 25_000] and saved["controls"] == ["reinit"]
+    assert SearchConfig.from_dict(saved) == config
+    # Building or replacing a config checks it: the same message the search and the CLI give.
+    with pytest.raises(ConfigError, match=r"output_rate must be in \(0, 1\)"):
+        config.replace(output_rate=1.5)
+    with pytest.raises(ConfigError, match="scope"):
+        SearchConfig(scope="everywhere")
+    with pytest.raises(ConfigError, match="criterion"):
+        SearchConfig(criterion="gradient")
