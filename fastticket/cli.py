@@ -7,10 +7,12 @@ or 1 (the run directory, the data or a saved file cannot be used).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
+from fastticket.config import CONTROLS, SearchConfig, check_rate, parse_granularity
 from fastticket.errors import ConfigError, FastTicketError, MaskError, RunDirError
 
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
@@ -75,10 +77,10 @@ def _rate(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1) (the fraction of surviving weights removed per "
-                                         f"level), got {text}")
-    return value
+    try:
+        return check_rate(value, "rate")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_float(text: str) -> float:
@@ -91,24 +93,60 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _controls(text: str) -> List[str]:
+def _controls(text: str) -> Tuple[str, ...]:
     if text.strip().lower() in ("none", ""):
-        return []
+        return ()
     items = [c.strip() for c in text.split(",") if c.strip()]
-    bad = [c for c in items if c not in ("reinit", "random")]
+    bad = [c for c in items if c not in CONTROLS]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown control(s) {bad}; use reinit, random, both (reinit,random) "
-                                         f"or none")
-    return list(dict.fromkeys(items))
+        raise argparse.ArgumentTypeError(f"unknown control(s) {bad}; use {', '.join(CONTROLS)}, both "
+                                         f"({','.join(CONTROLS)}) or none")
+    return tuple(dict.fromkeys(items))
 
 
 def _granularity(text: str) -> str:
-    from fastticket.prune import parse_granularity
     try:
         parse_granularity(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """How a SearchConfig field appears on the command line: --field-name METAVAR, parsed by `type`; the help
+    text is the field's own (its `help` metadata)."""
+
+    metavar: str
+    type: Optional[Callable[[str], Any]] = None
+
+
+# `fastticket search` flags, in --help order: config field -> flag. Every SearchConfig field is either here or in
+# NOT_FLAGS (build_parser refuses a field in neither), so a new field cannot be forgotten by the CLI.
+SEARCH_FLAGS: Dict[str, Flag] = {
+    "model": Flag("NAME"), "dataset": Flag("NAME"), "data_dir": Flag("DIR"), "levels": Flag("N", _nonneg_int),
+    "rate": Flag("R", _rate), "iterations": Flag("N", _positive_int), "batch_size": Flag("N", _positive_int),
+    "lr": Flag("LR", _positive_float), "eval_every": Flag("N", _positive_int), "rewind_iter": Flag("K", _nonneg_int),
+    "controls": Flag("LIST", _controls), "trials": Flag("T", _positive_int), "granularity": Flag("G", _granularity),
+    "device": Flag("DEV"), "seed": Flag("S", _int),
+}
+# Fields only a preset sets (the paper's training recipe and pruning layout travel together in a preset).
+NOT_FLAGS = frozenset({"val_size", "optimizer", "momentum", "weight_decay", "lr_milestones", "lr_gamma",
+                       "warmup_iters", "augment", "scope", "conv_rate", "output_rate", "exclude", "criterion"})
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _config_fields() -> Dict[str, dataclasses.Field]:
+    fields = {f.name: f for f in dataclasses.fields(SearchConfig)}
+    missing = sorted(set(fields) - set(SEARCH_FLAGS) - NOT_FLAGS)
+    unknown = sorted((set(SEARCH_FLAGS) | NOT_FLAGS) - set(fields))
+    if missing or unknown:
+        raise RuntimeError(f"cli.SEARCH_FLAGS / NOT_FLAGS are out of date with SearchConfig: fields without a flag "
+                           f"or a NOT_FLAGS entry {missing}, entries naming no field {unknown}")
+    return fields
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,22 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     from fastticket.presets import DEFAULT_PRESET, list_presets
     s.add_argument("--preset", metavar="NAME", default=None, help=f"named settings to start from (default {DEFAULT_PRESET}): "
                                                   f"{', '.join(list_presets())}")
-    s.add_argument("--model", metavar="NAME", help="model name (lenet300, conv2, conv4, conv6, vgg19, resnet20, torchvision:<name>)")
-    s.add_argument("--dataset", metavar="NAME", help="mnist5k (embedded, offline), mnist, cifar10")
-    s.add_argument("--data-dir", metavar="DIR", help="where MNIST / CIFAR-10 live or are downloaded to")
-    s.add_argument("--levels", metavar="N", type=_nonneg_int, help="pruning levels after the dense level 0")
-    s.add_argument("--rate", metavar="R", type=_rate, help="fraction of surviving weights pruned per level, in (0, 1); "
-                                              "conv/output rates scale with it")
-    s.add_argument("--iterations", metavar="N", type=_positive_int, help="training iterations per level")
-    s.add_argument("--batch-size", metavar="N", type=_positive_int, help="training batch size")
-    s.add_argument("--lr", metavar="LR", type=_positive_float, help="learning rate")
-    s.add_argument("--eval-every", metavar="N", type=_positive_int, help="evaluate (and checkpoint) every N iterations")
-    s.add_argument("--rewind-iter", metavar="K", type=_nonneg_int, help="0: rewind to init; K: late rewinding to iteration K")
-    s.add_argument("--controls", metavar="LIST", type=_controls, help="comma list of reinit, random; or none")
-    s.add_argument("--trials", metavar="T", type=_positive_int, help="independent trials (seeds seed..seed+T-1)")
-    s.add_argument("--granularity", metavar="G", type=_granularity, help="element, or block:RxC (prune whole RxC tiles)")
-    s.add_argument("--device", metavar="DEV", help="cpu or cuda")
-    s.add_argument("--seed", metavar="S", type=_int, help="base seed: trial t uses S+t for init and batches")
+    fields = _config_fields()
+    for name, flag in SEARCH_FLAGS.items():
+        s.add_argument(flag_name(name), dest=name, metavar=flag.metavar, type=flag.type,
+                       help=fields[name].metadata["help"])
     s.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset>); must be empty unless --resume")
     s.add_argument("--resume", action="store_true", help="continue the run in --out (same settings required)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -169,15 +195,8 @@ def config_from_args(args: argparse.Namespace):
     """The preset with the command line's overrides applied (see SEARCH_EPILOG for --rate)."""
     from fastticket.presets import DEFAULT_PRESET, get_preset
     config = get_preset(args.preset or DEFAULT_PRESET)
-    changes = {}
-    for flag, field in (("model", "model"), ("dataset", "dataset"), ("data_dir", "data_dir"),
-                        ("levels", "levels"), ("iterations", "iterations"), ("batch_size", "batch_size"),
-                        ("lr", "lr"), ("eval_every", "eval_every"), ("rewind_iter", "rewind_iter"),
-                        ("controls", "controls"), ("trials", "trials"), ("granularity", "granularity"),
-                        ("device", "device"), ("seed", "seed")):
-        value = getattr(args, flag)
-        if value is not None:
-            changes[field] = value
+    changes = {name: getattr(args, name) for name in SEARCH_FLAGS
+               if name != "rate" and getattr(args, name) is not None}
     if args.rate is not None:
         factor = args.rate / config.rate
         changes["rate"] = args.rate
@@ -193,17 +212,58 @@ def config_from_args(args: argparse.Namespace):
     return config.replace(**changes)
 
 
+def _progress_bars():
+    """A fastticket.train.Progress that draws tqdm bars on stderr: one over the search's arms, one per training."""
+    from tqdm import tqdm
+
+    from fastticket.train import Progress
+
+    class Bars(Progress):
+        def __init__(self) -> None:
+            self.arms = self.bar = None
+
+        def search_started(self, total_arms: int) -> None:
+            self.arms = tqdm(total=total_arms, desc="arms", dynamic_ncols=True, file=sys.stderr)
+
+        def arm_started(self, level: int, levels: int, arm: str, trial: int) -> None:
+            self.arms.set_description(f"level {level}/{levels} {arm} trial {trial}")
+
+        def arms_done(self, count: int = 1) -> None:
+            self.arms.update(count)
+
+        def search_finished(self) -> None:
+            self.arms.close()
+
+        def training_started(self, label: str, total: int, initial: int) -> None:
+            self.bar = tqdm(total=total, initial=initial, desc=label, leave=False, dynamic_ncols=True,
+                            mininterval=0.5, file=sys.stderr)
+
+        def step(self, iteration: int, loss: float) -> None:
+            self.bar.update(1)
+            if iteration % 20 == 0:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+        def evaluated(self, iteration: int, loss: float, val_acc: float) -> None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", val_acc=f"{val_acc:.4f}", refresh=False)
+
+        def training_finished(self) -> None:
+            self.bar.close()
+
+        def message(self, text: str) -> None:
+            tqdm.write(text, file=sys.stderr)  # keeps an active bar intact
+
+    return Bars()
+
+
 def _search(args: argparse.Namespace) -> int:
     from fastticket.presets import DEFAULT_PRESET
+    from fastticket.report import make_report, summary_table
     from fastticket.search import run_search
     config = config_from_args(args)
     out = args.out or os.path.join("runs", args.preset or DEFAULT_PRESET)
-    rows = run_search(config, out, resume=args.resume, progress=not args.no_progress)
-    if args.no_progress:
-        from fastticket.report import summary_table
-        print(summary_table(rows))
+    rows = run_search(config, out, resume=args.resume, progress=None if args.no_progress else _progress_bars())
+    print(summary_table(rows))
     print(f"run directory: {out}")
-    from fastticket.report import make_report
     for path in make_report(out):
         print(f"wrote {path}")
     return 0

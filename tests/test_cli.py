@@ -135,8 +135,44 @@ def test_rate_scales_the_preset_ratios():
     config = cli.config_from_args(parser.parse_args(["search", "--preset", "conv2-cifar10", "--rate", "0.3"]))
     assert (config.rate, config.conv_rate, config.output_rate) == (0.3, 0.15, 0.15)
     config = cli.config_from_args(parser.parse_args(["search", "--controls", "none", "--trials", "2"]))
-    assert config.controls == [] and config.trials == 2
+    assert config.controls == () and config.trials == 2
     assert cli.config_from_args(parser.parse_args(["search"])) == get_preset("lenet-mnist5k")
+
+
+def test_every_config_field_is_a_flag_or_listed_as_not_one():
+    import dataclasses
+
+    from fastticket.config import SearchConfig
+    fields = {f.name for f in dataclasses.fields(SearchConfig)}
+    assert set(cli.SEARCH_FLAGS) | cli.NOT_FLAGS == fields
+    assert not set(cli.SEARCH_FLAGS) & cli.NOT_FLAGS
+    search = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "search")[1]
+    by_dest = {a.dest: a for a in search._actions}
+    for name in cli.SEARCH_FLAGS:
+        # Reachable: the flag exists, parses into the field, and shows the field's own help.
+        assert by_dest[name].option_strings == [cli.flag_name(name)]
+        assert by_dest[name].help == SearchConfig.__dataclass_fields__[name].metadata["help"]
+    # A field with neither a flag nor a NOT_FLAGS entry stops the parser from being built.
+    original = cli.NOT_FLAGS
+    try:
+        cli.NOT_FLAGS = original - {"criterion"}
+        with pytest.raises(RuntimeError, match="criterion"):
+            cli.build_parser()
+    finally:
+        cli.NOT_FLAGS = original
+
+
+def test_flags_override_the_preset_fields(capsys):
+    parser = cli.build_parser()
+    argv = ["search", "--model", "conv2", "--dataset", "cifar10", "--data-dir", "/d", "--levels", "3",
+            "--iterations", "50", "--batch-size", "8", "--lr", "0.5", "--eval-every", "5", "--rewind-iter", "2",
+            "--controls", "random,reinit", "--trials", "2", "--granularity", "block:2x4", "--device", "cpu",
+            "--seed", "7"]
+    config = cli.config_from_args(parser.parse_args(argv))
+    assert (config.model, config.dataset, config.data_dir, config.levels, config.iterations, config.batch_size,
+            config.lr, config.eval_every, config.rewind_iter, config.controls, config.trials, config.granularity,
+            config.device, config.seed) == ("conv2", "cifar10", "/d", 3, 50, 8, 0.5, 5, 2, ("random", "reinit"), 2,
+                                             "block:2x4", "cpu", 7)
 
 
 def test_search_then_report_end_to_end(tmp_path):
