@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from typing import Iterator, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
+
+# triton-free: the interpreter decision lives with the kernels' launchers, which read it the same way.
+from fastticket.kernels._common import interpreter_active as triton_interpreter_active
 
 BACKENDS = ("torch", "triton", "auto")
 _override: Optional[str] = None
@@ -24,12 +27,6 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 def triton_importable() -> bool:
     return _TRITON_INSTALLED
-
-
-def triton_interpreter_active() -> bool:
-    """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1): CPU tensors can take the triton
-    backend, and the kernels' launchers use small fixed tiles and no autotuning."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def requested_backend() -> str:
@@ -60,6 +57,15 @@ def resolve_backend(device: torch.device) -> str:
             )
         return "triton"
     return "triton" if device.type == "cuda" and triton_importable() else "torch"
+
+
+def indices_by_backend(devices: Sequence[torch.device]) -> Dict[str, List[int]]:
+    """{backend: indices into `devices`} for the backend each device resolves to now (first-seen order), so
+    a multi-tensor operation runs once per backend over its share of the tensors."""
+    buckets: Dict[str, List[int]] = {}
+    for i, device in enumerate(devices):
+        buckets.setdefault(resolve_backend(device), []).append(i)
+    return buckets
 
 
 @contextlib.contextmanager

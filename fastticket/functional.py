@@ -1,7 +1,7 @@
 """The one place a masked layer's forward/backward picks its implementation (see fastticket.backend).
 
 torch backend: the dense op on the stored weight, exact because pruned weights are exactly zero in storage
-(DESIGN.md section 3), with the weight gradient masked so no optimizer can revive a pruned weight.
+(docs/architecture.md, "The invariant"), with the weight gradient masked so no optimizer can revive a pruned weight.
 triton backend: the tile-skipping kernels in fastticket.kernels, which choose per layer between cuBLAS /
 cuDNN and tile skipping from the layer's live-tile fraction.
 """
@@ -13,35 +13,18 @@ import torch
 import torch.nn.functional as F
 
 from fastticket.backend import resolve_backend
+from fastticket.kernels._common import mask_gradient
 from fastticket.kernels.tile_map import TileMap
 
+__all__ = ["masked_linear", "masked_conv2d", "mask_gradient"]
+
 TileMapProvider = Callable[[int, int], TileMap]
-
-
-class _MaskGradient(torch.autograd.Function):
-    """Identity on the weight; multiplies the weight's gradient by the mask."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(mask)
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (mask,) = ctx.saved_tensors
-        return grad.masked_fill(~mask, 0.0), None
-
-
-def mask_gradient(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`weight` unchanged in the forward pass; its gradient arrives multiplied by `mask`."""
-    if torch.is_grad_enabled() and weight.requires_grad:
-        return _MaskGradient.apply(weight, mask)
-    return weight
 
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tensor,
                   tile_maps: TileMapProvider, fused_update=None) -> torch.Tensor:
     if resolve_backend(x.device) == "triton":
+        # Imported on use: triton is optional (not installed off Linux) and the torch backend must not need it.
         from fastticket.kernels.masked_linear import masked_linear as triton_masked_linear
 
         return triton_masked_linear(x, weight, bias, mask, tile_maps, fused_update)

@@ -1,15 +1,17 @@
-"""Masked optimizers (drop-in for torch.optim.SGD / Adam / AdamW), rewinding and the dW+update fusion.
+"""Masked optimizers (drop-in for torch.optim.SGD / Adam / AdamW) and the opt-in dW+update fusion.
 
 `MaskedSGD(model.parameters(), lr=...)` finds the masks of masked layers' weights by itself (through
 `fastticket._mask_registry`); masks for other tensors are given as `masks=[...]` aligned with the params, or
 as a param-group key `"mask"` (a list aligned with the group's params). For a masked parameter the step
 masks the gradient, keeps optimizer state zero on pruned entries and writes pruned weights as exact zeros,
-so no step can revive them (DESIGN.md section 3). State lives in `self.state` under torch.optim's keys
-('step', 'momentum_buffer', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'), so state dicts and LR schedulers work
-as with torch.optim, and state dicts are interchangeable with torch.optim's.
+so no step can revive them (docs/architecture.md, "The invariant"). State lives in `self.state` under
+torch.optim's keys ('step', 'momentum_buffer', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'), so state dicts and
+LR schedulers work as with torch.optim, and state dicts are interchangeable with torch.optim's.
 
 Backend (fastticket.backend.resolve_backend of the parameter's device): "triton" runs the fused multi-tensor
-kernels of fastticket.kernels.masked_optim, "torch" the PyTorch reference of the same math.
+kernels of fastticket.kernels.masked_optim, "torch" steps each tensor with the per-tensor PyTorch reference
+kept beside those kernels (one copy of each formula; the tests check the kernels against it in float64).
+Rewinding and optimizer-state resets live in fastticket.rewind.
 """
 from __future__ import annotations
 
@@ -22,15 +24,13 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fastticket import _mask_registry
-from fastticket.backend import resolve_backend
-from fastticket.kernels import masked_optim as _k
+from fastticket import _mask_registry, fused_update
+from fastticket.backend import indices_by_backend
+from fastticket.kernels import masked_optim
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]]]
 
-__all__ = ["MaskedSGD", "MaskedAdam", "MaskedAdamW", "rewind_", "reset_state_", "rewind_and_reset_",
-           "update_masks_",
-           "enable_fused_dw_update", "disable_fused_dw_update"]
+__all__ = ["MaskedSGD", "MaskedAdam", "MaskedAdamW", "enable_fused_dw_update", "disable_fused_dw_update"]
 
 
 def _as_bool_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ class _MaskedOptimizer(Optimizer):
         self._explicit_masks: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._owner_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
         # Tile size of block-mask skipping: masks with a dead (BN x BK) tile are stepped over live tiles only.
-        self.block_tile: Tuple[int, int] = tuple(_k.DEFAULT_TILE)  # type: ignore[assignment]
+        self.block_tile: Tuple[int, int] = tuple(masked_optim.DEFAULT_TILE)  # type: ignore[assignment]
         super().__init__(params, defaults)
         if masks is not None:
             flat = [p for g in self.param_groups for p in g["params"]]
@@ -105,7 +105,7 @@ class _MaskedOptimizer(Optimizer):
             layer = cached[0]() if cached is not None and cached[0] is not None else None
             if layer is not None and hasattr(layer, "tile_map"):
                 provider = layer.tile_map
-        return _k.tile_map_for(mask, self.block_tile, provider)
+        return masked_optim.tile_map_for(mask, self.block_tile, provider)
 
     def _grad_of(self, p: torch.Tensor) -> torch.Tensor:
         if p.grad.is_sparse:
@@ -127,31 +127,49 @@ class _MaskedOptimizer(Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         return params, [self._grad_of(p) for p in params], [self.mask_for(p) for p in params]
 
-    def _by_backend(self, params: Sequence[torch.Tensor]):
+    @staticmethod
+    def _by_backend(params: Sequence[torch.Tensor]):
         """(backend, indices into params) for each backend the parameters' devices resolve to."""
-        return _split_by([self._backend(p.device) for p in params]).items()
+        return indices_by_backend([p.device for p in params]).items()
 
     def _tile_kwargs(self, params: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
                      idx: Sequence[int]) -> Dict[str, Any]:
         """The live-tile arguments of a triton step over params[i] for i in idx."""
         return dict(tile_maps=[self.tile_map_for(params[i], masks[i]) for i in idx], block=self.block_tile)
 
-    @staticmethod
-    def _backend(device: torch.device) -> str:
-        return resolve_backend(device)
-
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_explicit_masks", WeakIdKeyDictionary())
         self.__dict__.setdefault("_owner_cache", WeakIdKeyDictionary())
-        self.__dict__.setdefault("block_tile", tuple(_k.DEFAULT_TILE))
+        self.__dict__.setdefault("block_tile", tuple(masked_optim.DEFAULT_TILE))
 
 
-def _split_by(keys: Sequence[Any]) -> Dict[Any, List[int]]:
-    buckets: Dict[Any, List[int]] = {}
-    for i, k in enumerate(keys):
-        buckets.setdefault(k, []).append(i)
-    return buckets
+# ----------------------------------------------------------------------------------------------------------
+# Torch backend: the per-tensor reference of kernels/masked_optim.py over the lists the kernels take at once
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _sgd_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                    masks: Sequence[Optional[torch.Tensor]], momentum_buffers: List[Optional[torch.Tensor]], *,
+                    lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float,
+                    maximize: bool) -> None:
+    """Masked SGD over a list of tensors (fills `momentum_buffers` in place on the first step)."""
+    for i, (p, g, m) in enumerate(zip(params, grads, masks)):
+        momentum_buffers[i] = masked_optim.sgd_reference_(p, g, m, momentum_buffers[i], lr=lr, momentum=momentum,
+                                                          dampening=dampening, nesterov=nesterov,
+                                                          weight_decay=weight_decay, maximize=maximize)
+
+
+def _adam_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                     masks: Sequence[Optional[torch.Tensor]], exp_avgs: Sequence[torch.Tensor],
+                     exp_avg_sqs: Sequence[torch.Tensor], max_exp_avg_sqs: Sequence[Optional[torch.Tensor]],
+                     steps: Sequence[int], *, lr: float, beta1: float, beta2: float, eps: float,
+                     weight_decay: float, amsgrad: bool, maximize: bool, decoupled: bool) -> None:
+    """Masked Adam/AdamW over a list of tensors (`steps[i]`: tensor i's step count, already incremented)."""
+    for p, g, m, ea, eas, mx, s in zip(params, grads, masks, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
+        masked_optim.adam_reference_(p, g, m, ea, eas, mx, step=s, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                     weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                                     decoupled=decoupled)
 
 
 class MaskedSGD(_MaskedOptimizer):
@@ -197,9 +215,9 @@ class MaskedSGD(_MaskedOptimizer):
                 sub_bufs = [bufs[i] for i in idx]
                 args = ([params[i] for i in idx], [grads[i] for i in idx], [masks[i] for i in idx], sub_bufs)
                 if backend == "triton":
-                    _k.sgd_step_(*args, **self._tile_kwargs(params, masks, idx), **hp)
+                    masked_optim.sgd_step_(*args, **self._tile_kwargs(params, masks, idx), **hp)
                 else:
-                    _k.sgd_step_reference_(*args, **hp)
+                    _sgd_step_torch(*args, **hp)
                 for i, b in zip(idx, sub_bufs):
                     bufs[i] = b
             if group["momentum"] != 0:
@@ -281,9 +299,9 @@ class MaskedAdam(_MaskedOptimizer):
                         [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
                         [states[i].get("max_exp_avg_sq") if amsgrad else None for i in idx], [steps[i] for i in idx])
                 if backend == "triton":
-                    _k.adam_step_(*args, **self._tile_kwargs(params, masks, idx), **hp)
+                    masked_optim.adam_step_(*args, **self._tile_kwargs(params, masks, idx), **hp)
                 else:
-                    _k.adam_step_reference_(*args, **hp)
+                    _adam_step_torch(*args, **hp)
         return loss
 
 
@@ -299,101 +317,6 @@ class MaskedAdamW(MaskedAdam):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, masks=masks)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Rewinding, state reset, mask updates
-# ----------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def rewind_(params: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
-            masks: Sequence[Optional[torch.Tensor]]) -> None:
-    """`p = source * mask` in place for every parameter (mask None: plain copy), in one fused pass per
-    device and dtype on the triton backend. Pruned entries are written as exact zeros (NaN sources included)."""
-    params, sources, masks = list(params), list(sources), list(masks)
-    if not (len(params) == len(sources) == len(masks)):
-        raise ValueError(f"rewind_: {len(params)} params, {len(sources)} sources, {len(masks)} masks")
-    from fastticket.kernels import rewind as _rw
-
-    for backend, idx in _split_by([resolve_backend(p.device) for p in params]).items():
-        fn = _rw.rewind_ if backend == "triton" else _rw.rewind_reference_
-        fn([params[i] for i in idx], [sources[i] for i in idx], [masks[i] for i in idx])
-
-
-def _state_tensors_to_zero(optimizer: Optimizer) -> List[torch.Tensor]:
-    """Reset the step counters, drop momentum buffers where dampening makes a zero buffer differ from
-    "no buffer yet", and return the state tensors that must be zeroed."""
-    to_zero: List[torch.Tensor] = []
-    for group in optimizer.param_groups:
-        drop_buffers = group.get("dampening", 0) != 0
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if not state:
-                continue
-            for key in list(state.keys()):
-                value = state[key]
-                if key == "momentum_buffer" and drop_buffers:
-                    del state[key]
-                elif key == "step" and isinstance(value, torch.Tensor):
-                    value.zero_()
-                elif key == "step":
-                    state[key] = 0
-                elif isinstance(value, torch.Tensor):
-                    to_zero.append(value)
-    return to_zero
-
-
-@torch.no_grad()
-def rewind_and_reset_(params: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
-                      masks: Sequence[Optional[torch.Tensor]], optimizer: Optional[Optimizer] = None) -> None:
-    """A level's reset in one fused pass per device and dtype: `p = source * mask` for every parameter and
-    the optimizer's state zeroed (see `reset_state_` for the semantics)."""
-    params, sources, masks = list(params), list(sources), list(masks)
-    if not (len(params) == len(sources) == len(masks)):
-        raise ValueError(f"rewind: {len(params)} params, {len(sources)} sources, {len(masks)} masks")
-    from fastticket.kernels import rewind as _rw
-
-    zero = _state_tensors_to_zero(optimizer) if optimizer is not None else []
-    items = [("p", i, params[i].device) for i in range(len(params))] + [("z", j, t.device) for j, t in enumerate(zero)]
-    for backend, idx in _split_by([resolve_backend(d) for _, _, d in items]).items():
-        ps = [items[k][1] for k in idx if items[k][0] == "p"]
-        zs = [zero[items[k][1]] for k in idx if items[k][0] == "z"]
-        if backend == "triton":
-            _rw.rewind_and_zero_([params[i] for i in ps], [sources[i] for i in ps], [masks[i] for i in ps], zero=zs)
-        else:
-            _rw.rewind_reference_([params[i] for i in ps], [sources[i] for i in ps], [masks[i] for i in ps])
-            _rw.zero_reference_(zs)
-
-
-@torch.no_grad()
-def reset_state_(optimizer: Optimizer) -> None:
-    """Zero the optimizer's state in place, as for a freshly built optimizer (used at each rewind).
-
-    Tensors are zeroed where they are (no reallocation; one fused pass on the triton backend) and 'step'
-    counters set to 0. A zero momentum buffer is equivalent to torch SGD's "no buffer yet" only when
-    dampening is 0 (the first step then gives buf = grad exactly); with dampening the buffer is dropped so
-    the next step re-creates it as torch does.
-    """
-    from fastticket.kernels import rewind as _rw
-
-    to_zero = _state_tensors_to_zero(optimizer)
-    for backend, idx in _split_by([resolve_backend(t.device) for t in to_zero]).items():
-        fn = _rw.zero_ if backend == "triton" else _rw.zero_reference_
-        fn([to_zero[i] for i in idx])
-
-
-@torch.no_grad()
-def update_masks_(masks: Sequence[torch.Tensor], new_masks: Sequence[torch.Tensor],
-                  params: Sequence[Sequence[torch.Tensor]]) -> None:
-    """Apply a pruning decision: `mask &= new_mask` in place, and zero every tensor in `params[i]` (the
-    weight and its optimizer state) where the mask is now False, in the same pass."""
-    from fastticket.kernels import rewind as _rw
-
-    masks, new_masks, params = list(masks), list(new_masks), [list(ts) for ts in params]
-    for backend, idx in _split_by([resolve_backend(m.device) for m in masks]).items():
-        fn = _rw.update_masks_ if backend == "triton" else _rw.update_masks_reference_
-        fn([masks[i] for i in idx], [new_masks[i] for i in idx], [params[i] for i in idx])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -419,13 +342,12 @@ def enable_fused_dw_update(model: nn.Module, optimizer: Optimizer) -> bool:
     it warns once, in one line, and leaves the unfused path. Precondition the caller must keep: no gradient
     clipping or accumulation between backward and step (fused weights have no .grad; accumulation raises).
     """
-    from fastticket.kernels import linear_dw_sgd as _fused
-
-    return _fused.enable(model, optimizer, _warn_once)
+    if not isinstance(optimizer, MaskedSGD):
+        _warn_once(f"optimizer is {type(optimizer).__name__}, the fusion needs MaskedSGD")
+        return False
+    return fused_update.enable(model, optimizer, _warn_once)
 
 
 def disable_fused_dw_update(model: nn.Module) -> None:
     """Back to the unfused path: every MaskedLinear's `fused_update` is cleared."""
-    from fastticket.kernels import linear_dw_sgd as _fused
-
-    _fused.disable(model)
+    fused_update.disable(model)

@@ -1,18 +1,27 @@
 """Small helpers shared by the Triton kernels (linear, conv2d, the fused dW + SGD update).
 
-Kept free of any kernel: only host-side decisions every launcher makes the same way.
+Kept free of any kernel and of triton itself (fastticket.backend imports `interpreter_active` from here
+before triton may be imported): only host-side decisions every launcher makes the same way, and the
+masked-gradient identity the dense fallbacks share with the library's torch backend.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 from typing import Optional
 
 import torch
 
-# One definition of "running in the Triton interpreter" for the backend choice and the kernels' launchers.
-from fastticket.backend import triton_interpreter_active as interpreter_active
+__all__ = ["interpreter_active", "dot_input_precision", "sm_count", "next_power_of_2", "device_guard",
+           "mask_gradient"]
 
-__all__ = ["interpreter_active", "dot_input_precision", "sm_count", "next_power_of_2"]
+
+def interpreter_active() -> bool:
+    """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1): CPU tensors can take the triton
+    backend, and the kernels' launchers use small fixed tiles and no autotuning. The one definition, read by
+    the backend choice (fastticket.backend) and the launchers alike."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _tf32_flag(library: str) -> bool:
@@ -48,3 +57,30 @@ def sm_count(device_index: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device, which need not be the tensors' device: make it `t`'s."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+class _MaskGradient(torch.autograd.Function):
+    """Identity on the weight; multiplies the weight's gradient by the mask."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad.masked_fill(~mask, 0.0), None
+
+
+def mask_gradient(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`weight` unchanged in the forward pass; its gradient arrives multiplied by `mask`. The dense (vendor
+    op) paths use it: exact under the zero invariant, with no optimizer able to revive a pruned weight."""
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _MaskGradient.apply(weight, mask)
+    return weight

@@ -1,6 +1,6 @@
 """Masked Conv2d: implicit-GEMM Triton kernels that skip pruned weight tiles, a float64 reference, autograd.
 
-GEMM view (DESIGN.md section 4). With X [N, C_in, H, W], W [C_out, C_in, kh, kw], Y [N, C_out, H_out, W_out]:
+GEMM view (docs/architecture.md, "Kernels"). With X [N, C_in, H, W], W [C_out, C_in, kh, kw], Y [N, C_out, H_out, W_out]:
 
     M = N * H_out * W_out   output pixels (rows)
     N = C_out               output channels (columns)
@@ -30,10 +30,10 @@ stride, padding ('same' included) and dilation, out-of-image taps masked to zero
   atomics to fill the GPU; the element mask is applied in the epilogue; dead tiles are never written.
 - dbias: one reduction of dY over (N, H_out, W_out).
 
-Dispatch: `masked_conv2d` runs dense cuDNN (`F.conv2d`, exact under the zero invariant of DESIGN.md
-section 3, with the weight gradient masked) when the layer's live-tile fraction is at or above
-`kernels.dispatch.dense_threshold("conv2d")`, and the tile-skipping kernels below it (override for experiments
-with FASTTICKET_DENSE_THRESHOLD_CONV2D; 1.01 forces the kernels, 0.0 forces cuDNN). groups != 1 always falls
+Dispatch: `masked_conv2d` runs dense cuDNN (`F.conv2d`, exact under the zero invariant of
+docs/architecture.md, "The invariant", with the weight gradient masked) when the layer's live-tile fraction
+is at or above `kernels.dispatch.dense_threshold("conv2d")`, and the tile-skipping kernels below it (override
+for experiments with FASTTICKET_DENSE_THRESHOLD_CONV2D; 1.01 forces the kernels, 0.0 forces cuDNN). groups != 1 always falls
 back to cuDNN with the masked weight gradient: the kernels implement groups == 1 only.
 
 Memory formats: NCHW and channels_last inputs (and weights) are read through their strides; the output
@@ -45,7 +45,6 @@ small configuration runs. The GPU build of every kernel is checked without a GPU
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple, Union
@@ -56,13 +55,14 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fastticket.kernels._common import dot_input_precision, interpreter_active, next_power_of_2, sm_count
+from fastticket.kernels._common import (device_guard, dot_input_precision, interpreter_active, mask_gradient,
+                                        next_power_of_2, sm_count)
 from fastticket.kernels.dispatch import use_tile_skipping
 from fastticket.kernels.tile_map import TileMap
 
 __all__ = [
-    "ConvGeometry", "conv_geometry", "conv2d_tile_sizes", "conv2d_forward", "conv2d_input_grad",
-    "conv2d_weight_grad", "MaskedConv2dFunction", "masked_conv2d", "reference_masked_conv2d",
+    "ConvGeometry", "conv_geometry", "conv2d_tile_sizes", "conv2d_forward", "conv2d_grad_input",
+    "conv2d_grad_weight", "MaskedConv2dFunction", "masked_conv2d", "reference_masked_conv2d",
     "reference_masked_conv2d_grads", "tile_map_expand",
 ]
 
@@ -377,7 +377,7 @@ def _conv2d_dw_kernel(
 
 # ------------------------------------------------------------------------------ CUDA autotuning (lazy)
 
-def _gpu_configs() -> list:
+def _cuda_configs() -> list:
     # BLOCK_M 128 needs 8 warps and 64 needs 4 to stay clear of register spills (checked with ptxas, sm_90).
     shapes = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 8, 2), (128, 8, 3), (128, 8, 4)]
     return [triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages) for bm, warps, stages in shapes]
@@ -389,7 +389,7 @@ _AUTOTUNED: dict = {}
 def _kernel(name: str, atomic: bool = False):
     """The kernel to launch: autotuned over BLOCK_M / warps / stages on CUDA, the plain jit function under the
     interpreter. BN/BK are never tuned: they are the tile map's tile. Keys include the live-tile count so a
-    sparser layer gets its own config (DESIGN.md section 4)."""
+    sparser layer gets its own config."""
     raw = {"fwd": _conv2d_fwd_kernel, "dx": _conv2d_dx_kernel, "dw": _conv2d_dw_kernel}[name]
     if interpreter_active():
         return raw
@@ -401,7 +401,7 @@ def _kernel(name: str, atomic: bool = False):
         # Atomic outputs must start from zero for every timed run and again before the real one. Plain stores
         # are idempotent and get no reset, so dead tiles of a caller's dW buffer are never touched.
         zero = {"dx": ["dx_ptr"], "dw": ["dw_ptr"]}.get(name) if atomic else None
-        _AUTOTUNED[tag] = triton.autotune(configs=_gpu_configs(), key=key, reset_to_zero=zero)(raw)
+        _AUTOTUNED[tag] = triton.autotune(configs=_cuda_configs(), key=key, reset_to_zero=zero)(raw)
     return _AUTOTUNED[tag]
 
 
@@ -427,11 +427,6 @@ def _needs_i64(*tensors: torch.Tensor) -> bool:
     span = max(sum((size - 1) * abs(step) for size, step in zip(t.shape, t.stride())) if t.numel() else 0
                for t in tensors)
     return span >= 2 ** 31 - 2 ** 24  # margin for the negative offsets of padding taps, which are masked
-
-
-def _device_guard(t: torch.Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensors' device.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check_out(out: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device, what: str) -> None:
@@ -464,7 +459,7 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     m = n * h_out * w_out
     if m == 0:
         return out
-    with _device_guard(out):
+    with device_guard(out):
         _kernel("fwd")[_grid_m(m, tile_map.tiles[0])](
             x, weight, bias if bias is not None else x, out, tile_map.row_ptr, tile_map.col_idx,
             m, c_in, h, w, c_out, h_out, w_out, tile_map.n_live,
@@ -477,7 +472,7 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return out
 
 
-def conv2d_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, tile_map: TileMap,
+def conv2d_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, tile_map: TileMap,
                       input_shape: Sequence[int], stride: IntPair = 1, padding: Padding = 0,
                       dilation: IntPair = 1, *, channels_last: Optional[bool] = None,
                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -499,7 +494,7 @@ def conv2d_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, tile_map: Ti
     if out is None:
         out = torch.empty((n, c_in, h, w), device=grad_out.device, dtype=weight.dtype, memory_format=fmt)
     else:
-        _check_out(out, (n, c_in, h, w), weight.dtype, grad_out.device, "conv2d_input_grad")
+        _check_out(out, (n, c_in, h, w), weight.dtype, grad_out.device, "conv2d_grad_input")
     grad_out = grad_out.to(weight.dtype)
     # Distinct (pixel, k) pairs of a 1x1 filter hit distinct input elements, so plain stores are race-free.
     atomic = (kh, kw) != (1, 1)
@@ -508,7 +503,7 @@ def conv2d_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, tile_map: Ti
     m = n * h_out * w_out
     if m == 0 or tile_map.n_live == 0:
         return out.zero_()
-    with _device_guard(out):
+    with device_guard(out):
         _kernel("dx", atomic)[_grid_m(m, tile_map.tiles[1])](
             grad_out, weight, acc, tile_map.col_ptr, tile_map.row_idx,
             m, c_in, h, w, c_out, h_out, w_out, tile_map.n_live,
@@ -531,7 +526,7 @@ def _default_split_m(m: int, n_live: int, device: torch.device) -> int:
     return max(1, min(want, triton.cdiv(m, 1024)))
 
 
-def conv2d_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tensor, tile_map: TileMap,
+def conv2d_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tensor, tile_map: TileMap,
                        stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1, *,
                        out: Optional[torch.Tensor] = None, split_m: Optional[int] = None) -> torch.Tensor:
     """dW = (dY^T @ cols(X)) * mask, computed and written for the live tiles of `tile_map` only.
@@ -554,7 +549,7 @@ def conv2d_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tens
         out = torch.zeros_like(mask, dtype=x.dtype, device=x.device,
                                memory_format=_memory_format(_wants_channels_last(mask)))
     else:
-        _check_out(out, tuple(mask.shape), x.dtype, x.device, "conv2d_weight_grad")
+        _check_out(out, tuple(mask.shape), x.dtype, x.device, "conv2d_grad_weight")
     m = n * h_out * w_out
     if tile_map.n_live == 0:
         return out
@@ -573,7 +568,7 @@ def conv2d_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tens
         # caller's buffer only receives the live tiles from it.
         acc = torch.zeros_like(out, dtype=torch.float32)
     mask_bytes = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    with _device_guard(out):
+    with device_guard(out):
         _kernel("dw", atomic)[(tile_map.n_live, split)](
             x, grad_out, mask_bytes, acc, tile_map.coo_rows, tile_map.coo_cols,
             m, c_in, h, w, c_out, h_out, w_out, m_per_split, tile_map.n_live,
@@ -628,10 +623,10 @@ class MaskedConv2dFunction(torch.autograd.Function):
         stride, padding, dilation = ctx.conv
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = conv2d_input_grad(grad_out, weight, ctx.tile_map, x.shape, stride, padding, dilation,
+            grad_x = conv2d_grad_input(grad_out, weight, ctx.tile_map, x.shape, stride, padding, dilation,
                                        channels_last=ctx.channels_last)
         if ctx.needs_input_grad[1]:
-            grad_w = conv2d_weight_grad(x, grad_out, mask, ctx.tile_map, stride, padding, dilation)
+            grad_w = conv2d_grad_weight(x, grad_out, mask, ctx.tile_map, stride, padding, dilation)
             if grad_w.dtype != weight.dtype:
                 grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -640,9 +635,6 @@ class MaskedConv2dFunction(torch.autograd.Function):
 
 
 def _dense_masked_conv2d(x, weight, bias, mask, stride, padding, dilation, groups) -> torch.Tensor:
-    # Local import: fastticket.functional imports this module lazily, and vice versa.
-    from fastticket.functional import mask_gradient
-
     return F.conv2d(x, mask_gradient(weight, mask), bias, stride, padding, dilation, groups)
 
 

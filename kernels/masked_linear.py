@@ -1,7 +1,7 @@
 """Masked linear layer that skips pruned tiles: Triton kernels, launchers, float64 reference, autograd.
 
-Math (DESIGN.md sections 3-4), with W the stored weight [N, K] whose pruned entries are exactly zero and
-M its bool mask:
+Math (docs/architecture.md, "The invariant" and "Kernels"), with W the stored weight [N, K] whose pruned
+entries are exactly zero and M its bool mask:
 
     forward  Y  = X @ W^T + b          program per (M-tile, N-tile), loops over the live K-tiles of its
                                        output tile-row only (CSR `row_ptr` / `col_idx` of the tile map)
@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fastticket.kernels._common import dot_input_precision
+from fastticket.kernels._common import device_guard, dot_input_precision
 from fastticket.kernels.dispatch import use_tile_skipping
 from fastticket.kernels.tile_map import TileMap
 
@@ -53,14 +53,14 @@ TileMapProvider = Callable[[int, int], TileMap]
 FusedUpdate = Callable[[torch.Tensor, torch.Tensor], None]
 
 __all__ = [
-    "masked_linear", "MaskedLinearFunction", "block_sizes", "linear_forward", "linear_grad_input",
+    "masked_linear", "MaskedLinearFunction", "linear_tile_sizes", "linear_forward", "linear_grad_input",
     "linear_grad_weight", "reference_masked_linear", "reference_masked_linear_grads",
 ]
 
 
 # ------------------------------------------------------------------------------------------------ config
 
-def block_sizes(device: torch.device, dtype: torch.dtype) -> Tuple[int, int]:
+def linear_tile_sizes(device: torch.device, dtype: torch.dtype) -> Tuple[int, int]:
     """(BLOCK_N, BLOCK_K) the kernels use on `device` for `dtype`: also the tile size of the tile map.
 
     64 x 64 on CUDA for every dtype: one tile per K step keeps a bf16 tile at 8 KiB and an fp32 one at
@@ -74,7 +74,7 @@ def block_sizes(device: torch.device, dtype: torch.dtype) -> Tuple[int, int]:
 
 
 # Fixed BLOCK_M off-CUDA (interpreter).
-_INTERP_BLOCK_M = 16
+_INTERPRETER_BLOCK_M = 16
 # M-tiles per launch-order group (L2 reuse; see _grouped_tile).
 _GROUP_M = 8
 
@@ -224,7 +224,7 @@ def _dw_kernel(
              acc.to(dw_ptr.dtype.element_ty), mask=tile_ok)
 
 
-_autotuned = {}
+_AUTOTUNED: dict = {}
 
 
 def _kernel(name: str, device: torch.device):
@@ -232,17 +232,17 @@ def _kernel(name: str, device: torch.device):
     base = {"fwd": _fwd_kernel, "dx": _dx_kernel, "dw": _dw_kernel}[name]
     if device.type != "cuda":
         return base
-    if name not in _autotuned:
-        _autotuned[name] = triton.autotune(configs=_cuda_configs(), key=["M", "N", "K", "N_LIVE"])(base)
-    return _autotuned[name]
+    if name not in _AUTOTUNED:
+        _AUTOTUNED[name] = triton.autotune(configs=_cuda_configs(), key=["M", "N", "K", "N_LIVE"])(base)
+    return _AUTOTUNED[name]
 
 
 def _launch_meta(device: torch.device) -> dict:
-    return {} if device.type == "cuda" else {"BLOCK_M": _INTERP_BLOCK_M, "num_warps": 4}
+    return {} if device.type == "cuda" else {"BLOCK_M": _INTERPRETER_BLOCK_M, "num_warps": 4}
 
 
 def _check_tile_map(tile_map: TileMap, n: int, k: int, device: torch.device, dtype: torch.dtype) -> Tuple[int, int]:
-    bn, bk = block_sizes(device, dtype)
+    bn, bk = linear_tile_sizes(device, dtype)
     if tuple(tile_map.block) != (bn, bk):
         raise ValueError(f"tile map has tiles {tile_map.block}, the kernels on {device.type} use {(bn, bk)}")
     if tuple(tile_map.shape) != (n, k):
@@ -267,14 +267,15 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         return out
     kernel = _kernel("fwd", x.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, bn),)  # noqa: E731
-    kernel[grid](
-        x, weight, bias if bias is not None else x, out, tile_map.row_ptr, tile_map.col_idx,
-        m, n, k,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        tile_map.n_live,
-        HAS_BIAS=bias is not None, INPUT_PRECISION=dot_input_precision(x.dtype, "matmul"),
-        BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, **_launch_meta(x.device),
-    )
+    with device_guard(out):
+        kernel[grid](
+            x, weight, bias if bias is not None else x, out, tile_map.row_ptr, tile_map.col_idx,
+            m, n, k,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+            tile_map.n_live,
+            HAS_BIAS=bias is not None, INPUT_PRECISION=dot_input_precision(x.dtype, "matmul"),
+            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, **_launch_meta(x.device),
+        )
     return out
 
 
@@ -290,14 +291,15 @@ def linear_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, tile_map: Ti
         return out
     kernel = _kernel("dx", grad_out.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, bk),)  # noqa: E731
-    kernel[grid](
-        grad_out, weight, out, tile_map.col_ptr, tile_map.row_idx,
-        m, n, k,
-        grad_out.stride(0), grad_out.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        tile_map.n_live,
-        INPUT_PRECISION=dot_input_precision(grad_out.dtype, "matmul"),
-        BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, **_launch_meta(grad_out.device),
-    )
+    with device_guard(out):
+        kernel[grid](
+            grad_out, weight, out, tile_map.col_ptr, tile_map.row_idx,
+            m, n, k,
+            grad_out.stride(0), grad_out.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+            out.stride(1), tile_map.n_live,
+            INPUT_PRECISION=dot_input_precision(grad_out.dtype, "matmul"),
+            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, **_launch_meta(grad_out.device),
+        )
     return out
 
 
@@ -318,15 +320,16 @@ def linear_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tens
     # m == 0 needs no special case: the kernel's M loop runs zero times and stores zeros in live tiles.
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     kernel = _kernel("dw", x.device)
-    kernel[(tile_map.n_live,)](
-        grad_out, x, mask_u8, out, tile_map.coo_rows, tile_map.coo_cols,
-        m, n, k,
-        grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),
-        mask_u8.stride(0), mask_u8.stride(1), out.stride(0), out.stride(1),
-        tile_map.n_live,
-        INPUT_PRECISION=dot_input_precision(x.dtype, "matmul"),
-        BLOCK_N=bn, BLOCK_K=bk, **_launch_meta(x.device),
-    )
+    with device_guard(out):
+        kernel[(tile_map.n_live,)](
+            grad_out, x, mask_u8, out, tile_map.coo_rows, tile_map.coo_cols,
+            m, n, k,
+            grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),
+            mask_u8.stride(0), mask_u8.stride(1), out.stride(0), out.stride(1),
+            tile_map.n_live,
+            INPUT_PRECISION=dot_input_precision(x.dtype, "matmul"),
+            BLOCK_N=bn, BLOCK_K=bk, **_launch_meta(x.device),
+        )
     return out
 
 
@@ -366,7 +369,7 @@ class MaskedLinearFunction(torch.autograd.Function):
     """Y = X @ W^T + b with tile skipping or dense cuBLAS (chosen per layer), masked dW.
 
     apply(x, weight, bias, mask, tile_map, fused_update): x has any leading dims; tile_map is the layer's
-    TileMap for `block_sizes(x.device, x.dtype)`; fused_update, when given, is called in the backward as
+    TileMap for `linear_tile_sizes(x.device, x.dtype)`; fused_update, when given, is called in the backward as
     fused_update(grad_out_2d, x_2d) after dX is computed, updates the weight in place, and the weight gets no
     .grad (None is returned for it).
     """
@@ -453,7 +456,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(f"masked_linear: input dtype {x.dtype}, weight {weight.dtype}"
                         + (f", bias {bias.dtype}" if bias is not None else "") + " must match")
-    bn, bk = block_sizes(x.device, x.dtype)
+    bn, bk = linear_tile_sizes(x.device, x.dtype)
     tile_map = tile_maps(bn, bk)
     # Inputs are already in the compute dtype; autocast must not re-cast inside the dense path.
     no_autocast = (torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu")

@@ -2,12 +2,13 @@
 
 The math is torch.optim's, with a mask: the gradient (after weight decay) is zeroed on pruned entries, and
 the new weight and state are written as zero there, so no step can revive a pruned weight and state on
-pruned entries stays exactly zero (DESIGN.md section 3).
+pruned entries stays exactly zero (docs/architecture.md, "The invariant").
 
-This file holds the PyTorch reference (in place, float64-capable; it is also the torch backend's step) and
-the Triton kernels + launchers (see the second half). Triton launches are multi-tensor: one launch per group
-of same-dtype tensors covers all of them through device tables of addresses (see `TensorTable`); masks with
-dead (BN x BK) tiles are stepped over live tiles only. Tensors the kernel cannot take (non-contiguous, mixed
+This file holds the per-tensor PyTorch reference (in place, float64-capable: the tests check the kernels
+against it, the launchers fall back to it, and fastticket.optim's torch backend steps with it) and the
+Triton kernels + launchers. Triton launches are multi-tensor: one launch per group of same-dtype tensors
+covers all of them through device tables of addresses (kernels/_multi_tensor.py); masks with dead
+(BN x BK) tiles are stepped over live tiles only. Tensors the kernel cannot take (non-contiguous, mixed
 dtypes) go through the reference, per tensor.
 """
 from __future__ import annotations
@@ -16,9 +17,25 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from fastticket.kernels._multi_tensor import (DEFAULT_TILE, FLAG_MASK, FLAG_TILE, HAS_TRITON, TensorTable,
+                                              kernel_supported, pointer_type, tl_dtype)
+from fastticket.kernels.tile_map import TileMapCache
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from fastticket.kernels._multi_tensor import chunk_geometry, tensor_ptr
+
+__all__ = ["DEFAULT_TILE", "sgd_reference_", "adam_reference_", "sgd_step_", "adam_step_", "tile_map_for"]
+
+FLAG_FIRST = 4  # SGD: the first step, whose momentum buffer is the gradient itself
+
 
 # ----------------------------------------------------------------------------------------------------------
-# PyTorch reference (and torch-backend implementation)
+# PyTorch reference, per tensor (the torch backend of fastticket.optim steps with it)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -83,166 +100,10 @@ def adam_reference_(param: torch.Tensor, grad: torch.Tensor, mask: Optional[torc
             t.masked_fill_(pruned, 0.0)  # in place, and exact zeros even where t held NaN/inf
 
 
-# ----------------------------------------------------------------------------------------------------------
-# List versions of the reference: the torch backend's step
-# ----------------------------------------------------------------------------------------------------------
-
-
-def sgd_step_reference_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                        masks: Sequence[Optional[torch.Tensor]], momentum_buffers: List[Optional[torch.Tensor]], *,
-                        lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float,
-                        maximize: bool) -> None:
-    """Masked SGD over a list of tensors (fills `momentum_buffers` in place on the first step)."""
-    for i, (p, g, m) in enumerate(zip(params, grads, masks)):
-        momentum_buffers[i] = sgd_reference_(p, g, m, momentum_buffers[i], lr=lr, momentum=momentum,
-                                             dampening=dampening, nesterov=nesterov,
-                                             weight_decay=weight_decay, maximize=maximize)
-
-
-def adam_step_reference_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                         masks: Sequence[Optional[torch.Tensor]], exp_avgs: Sequence[torch.Tensor],
-                         exp_avg_sqs: Sequence[torch.Tensor], max_exp_avg_sqs: Sequence[Optional[torch.Tensor]],
-                         steps: Sequence[int], *, lr: float, beta1: float, beta2: float, eps: float,
-                         weight_decay: float, amsgrad: bool, maximize: bool, decoupled: bool) -> None:
-    """Masked Adam/AdamW over a list of tensors (`steps[i]`: tensor i's step count, already incremented)."""
-    for p, g, m, ea, eas, mx, s in zip(params, grads, masks, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
-        adam_reference_(p, g, m, ea, eas, mx, step=s, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled=decoupled)
-
-
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton: multi-tensor tables
+# Live-tile iteration
 # ----------------------------------------------------------------------------------------------------------
-#
-# One launch covers every tensor of a bucket (same dtype, same device, same hyperparameters). The kernel
-# finds its tensors through device tables instead of arguments:
-#   addr  int64 [T, 6]  addresses of p, grad, mask, state0, state1, state2 (0 where absent)
-#   meta  int64 [T, 4]  numel, rows N, cols K (the 2-D view the tiles cut), flags
-#   chunk int32 [C, 3]  per program: tensor index, a, b. Element chunks (a = chunk index, b = 0) cover
-#                       BN*BK consecutive elements; tile chunks (a, b) = live tile (row, col) of a block mask,
-#                       taken from the layer's tile map COO list, so dead tiles are never read or written.
-# The chunk table depends only on sizes and tile maps, so it is cached across steps; the address table is
-# rebuilt each step because gradients are reallocated after zero_grad(set_to_none=True).
-# Pointer tables work in the Triton interpreter too (checked: it dereferences raw host addresses), so the
-# CPU tests run the same single-launch code as the GPU.
-
-FLAG_MASK, FLAG_TILE, FLAG_FIRST = 1, 2, 4
-DEFAULT_TILE = (64, 64)  # BN x BK: the unit of block-mask skipping, and the element-chunk size (4096)
-
-
-def _triton():
-    import triton  # noqa: F401  (imported lazily: the torch backend must work without triton)
-    import triton.language as tl  # noqa: F401
-
-    return triton, tl
-
-
-_TL_DTYPES = {}
-
-
-def _tl_dtype(dtype: torch.dtype):
-    _, tl = _triton()
-    if not _TL_DTYPES:
-        _TL_DTYPES.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-                           torch.float64: tl.float64})
-    return _TL_DTYPES[dtype]
-
-
-def kernel_supported(param: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
-    """Whether the fused kernel can take this tensor: a float dtype it knows, contiguous storage shared
-    layout with its gradient/state/mask. Anything else goes through the reference (documented fallback)."""
-    if param.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) or param.numel() == 0:
-        return False
-    if not param.is_contiguous():
-        return False
-    for t in others:
-        if t is not None and (not t.is_contiguous() or t.shape != param.shape or t.device != param.device):
-            return False
-    return True
-
-
-class _ChunkCache:
-    """Chunk tables keyed by (sizes, tile maps); holds the tile maps so their identity keys stay valid."""
-
-    def __init__(self, capacity: int = 64) -> None:
-        self._store: dict = {}
-        self._capacity = capacity
-
-    def get(self, device: torch.device, entries: Sequence[tuple], block: Tuple[int, int]) -> Tuple[torch.Tensor, int]:
-        # entries: per tensor, ("e", numel) or ("t", tile_map)
-        key = (device, block, tuple((kind, x if kind == "e" else id(x)) for kind, x in entries))
-        hit = self._store.get(key)
-        if hit is not None and all(kind == "e" or hit[2][i] is x for i, (kind, x) in enumerate(entries)):
-            return hit[0], hit[1]
-        block_elems = block[0] * block[1]
-        parts, total = [], 0
-        for t, (kind, x) in enumerate(entries):
-            if kind == "e":
-                n = -(-x // block_elems)
-                a = torch.arange(n, dtype=torch.int32, device=device)
-                b = torch.zeros(n, dtype=torch.int32, device=device)
-            else:
-                n = x.n_live
-                a, b = x.coo_rows.to(device), x.coo_cols.to(device)
-            if n == 0:
-                continue
-            parts.append(torch.stack([torch.full((n,), t, dtype=torch.int32, device=device), a, b], dim=1))
-            total += n
-        table = (torch.cat(parts).contiguous() if parts
-                 else torch.zeros((0, 3), dtype=torch.int32, device=device))
-        if len(self._store) >= self._capacity:
-            self._store.pop(next(iter(self._store)))
-        self._store[key] = (table, total, [x for _, x in entries])
-        return table, total
-
-
-_chunk_cache = _ChunkCache()
-_address_tables: dict = {}
-
-
-class TensorTable:
-    """Address/meta/chunk tables for one multi-tensor launch (see the comment block above)."""
-
-    def __init__(self, device: torch.device, block: Tuple[int, int]) -> None:
-        self.device, self.block = device, block
-        self._addr: List[int] = []
-        self._meta: List[int] = []
-        self._entries: List[tuple] = []
-        # Hints claim 16-byte bases and offsets in multiples of 4 elements: BK must keep that too.
-        self.aligned = block[1] % 4 == 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def add(self, tensors: Sequence[Optional[torch.Tensor]], numel: int, rows: int, cols: int, flags: int,
-            tile_map=None) -> None:
-        addrs = [0 if t is None else t.data_ptr() for t in tensors] + [0] * (6 - len(tensors))
-        fallback = addrs[0]  # masked-off lanes never dereference; any valid address keeps sanitizers quiet
-        addrs = [a if a else fallback for a in addrs]
-        self._addr += addrs
-        self._meta += [numel, rows, cols, flags]
-        self._entries.append(("t", tile_map) if tile_map is not None else ("e", numel))
-        # The kernel's divisibility hints claim 16-byte aligned bases and row strides that are multiples of
-        # 4 elements; any tensor breaking that turns the hints off for the whole launch.
-        tile_misaligned = tile_map is not None and (cols % 4 or (cols * tensors[0].element_size()) % 16)
-        if any(a % 16 for a in addrs) or tile_misaligned:
-            self.aligned = False
-
-    def build(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        # The caching allocator hands gradients the same addresses step after step, so the device copy of
-        # the table is reused while its contents are unchanged (saves a host-to-device copy per launch).
-        key = (self.device, tuple(self._addr), tuple(self._meta))
-        hit = _address_tables.get(key)
-        if hit is None:
-            addr = torch.tensor(self._addr, dtype=torch.int64).to(self.device, non_blocking=True)
-            meta = torch.tensor(self._meta, dtype=torch.int64).to(self.device, non_blocking=True)
-            if len(_address_tables) >= 16:
-                _address_tables.pop(next(iter(_address_tables)))
-            _address_tables[key] = hit = (addr, meta)
-        addr, meta = hit
-        chunks, n_chunks = _chunk_cache.get(self.device, self._entries, self.block)
-        return addr, meta, chunks, n_chunks
 
 
 def tile_map_for(mask: Optional[torch.Tensor], block: Tuple[int, int], provider=None):
@@ -254,17 +115,10 @@ def tile_map_for(mask: Optional[torch.Tensor], block: Tuple[int, int], provider=
     return tile_map if tile_map.n_live < tile_map.n_tiles else None
 
 
-_explicit_maps = None
+_explicit_maps = WeakIdKeyDictionary()  # explicit mask tensor -> its TileMapCache
 
 
 def _explicit_tile_maps(mask: torch.Tensor, block: Tuple[int, int]):
-    global _explicit_maps
-    from torch.utils.weak import WeakIdKeyDictionary
-
-    from fastticket.kernels.tile_map import TileMapCache
-
-    if _explicit_maps is None:
-        _explicit_maps = WeakIdKeyDictionary()
     cache = _explicit_maps.get(mask)
     if cache is None:
         cache = _explicit_maps[mask] = TileMapCache()
@@ -275,60 +129,9 @@ def _explicit_tile_maps(mask: torch.Tensor, block: Tuple[int, int]):
 # Triton: kernels
 # ----------------------------------------------------------------------------------------------------------
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # the torch backend works without triton
-    HAS_TRITON = False
-
 _kernels: dict = {}
 
-
-
 if HAS_TRITON:
-
-    @triton.jit
-    def _chunk_geometry(chunk_ptr, meta_ptr, BN: tl.constexpr, BK: tl.constexpr, ALIGNED: tl.constexpr):
-        """Offsets of this program's [BN, BK] block of its tensor, its in-bounds lanes, and whether the
-        block lies wholly in bounds (then loads need no bounds mask and can vectorize)."""
-        c = tl.program_id(0).to(tl.int64)
-        t = tl.load(chunk_ptr + 3 * c).to(tl.int64)
-        a = tl.load(chunk_ptr + 3 * c + 1).to(tl.int64)
-        b = tl.load(chunk_ptr + 3 * c + 2).to(tl.int64)
-        numel = tl.load(meta_ptr + 4 * t)
-        n_rows = tl.load(meta_ptr + 4 * t + 1)
-        n_cols = tl.load(meta_ptr + 4 * t + 2)
-        flags = tl.load(meta_ptr + 4 * t + 3)
-        is_tile = (flags & 2) != 0
-        # Element chunk a: elements [a*BN*BK, (a+1)*BN*BK) seen as BN rows of BK. Tile (a, b): rows
-        # a*BN.., cols b*BK.. of the [n_rows, n_cols] view.
-        row_stride = tl.where(is_tile, n_cols, BK)
-        base = tl.where(is_tile, a * BN * n_cols + b * BK, a * (BN * BK))
-        row_limit = tl.where(is_tile, n_rows - a * BN, BN)
-        col_limit = tl.where(is_tile, n_cols - b * BK, BK)
-        lin_limit = tl.where(is_tile, numel, numel - a * (BN * BK))
-        if ALIGNED:
-            # Host-checked: addresses 16-byte aligned, tile row strides multiples of 16 bytes.
-            row_stride = tl.multiple_of(row_stride, 4)
-            base = tl.multiple_of(base, 4)
-        r = tl.arange(0, BN)[:, None]
-        k = tl.arange(0, BK)[None, :]
-        offs = base + r * row_stride + k
-        valid = (r < row_limit) & (k < col_limit) & (r * BK + k < lin_limit)
-        full = (row_limit >= BN) & (col_limit >= BK) & (lin_limit >= BN * BK)
-        return t, offs, valid, full, flags
-
-    @triton.jit
-    def _tensor_ptr(addr_ptr, i, PTR_TY: tl.constexpr, ALIGNED: tl.constexpr):
-        """Address i of the table as a typed pointer. In aligned launches the pointer carries a 16-byte
-        divisibility hint so full chunks compile to 128-bit accesses (checked in the PTX of an sm90 compile:
-        the hint must sit on the pointer; on the int64 before the cast it is lost). PTR_TY is a pointer type
-        built on the host: triton 3.1 cannot build `tl.pointer_type` of a constexpr dtype inside a kernel."""
-        p = tl.load(addr_ptr + i).to(PTR_TY)
-        if ALIGNED:
-            p = tl.multiple_of(p, 16)
-        return p
 
     @triton.jit
     def _full_chunk_keep(m_ptr, offs, flags):
@@ -368,10 +171,10 @@ if HAS_TRITON:
                    DTYPE: tl.constexpr, PTR_TY: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr,
                    BOUNDED: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr):
-        p_ptr = _tensor_ptr(addr_ptr, 6 * t, PTR_TY, ALIGNED)
-        g_ptr = _tensor_ptr(addr_ptr, 6 * t + 1, PTR_TY, ALIGNED)
-        m_ptr = _tensor_ptr(addr_ptr, 6 * t + 2, tl.pointer_type(tl.int8), ALIGNED)
-        b_ptr = _tensor_ptr(addr_ptr, 6 * t + 3, PTR_TY, ALIGNED)
+        p_ptr = tensor_ptr(addr_ptr, 6 * t, PTR_TY, ALIGNED)
+        g_ptr = tensor_ptr(addr_ptr, 6 * t + 1, PTR_TY, ALIGNED)
+        m_ptr = tensor_ptr(addr_ptr, 6 * t + 2, tl.pointer_type(tl.int8), ALIGNED)
+        b_ptr = tensor_ptr(addr_ptr, 6 * t + 3, PTR_TY, ALIGNED)
         # Per-tensor flags as full tensors: the interpreter rejects a load mask combined from a scalar.
         has_mask = ((offs * 0 + flags) & 1) != 0
         first = (flags & 4) != 0
@@ -407,7 +210,7 @@ if HAS_TRITON:
                    DTYPE: tl.constexpr, PTR_TY: tl.constexpr, COMPUTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                    ALIGNED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr):
-        t, offs, valid, full, flags = _chunk_geometry(chunk_ptr, meta_ptr, BN, BK, ALIGNED)
+        t, offs, valid, full, flags = chunk_geometry(chunk_ptr, meta_ptr, BN, BK, ALIGNED)
         if full:
             _sgd_apply(addr_ptr, t, offs, valid, flags, lr, momentum, dampening, weight_decay, DTYPE, PTR_TY, COMPUTE,
                        ALIGNED, False, HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD)
@@ -421,12 +224,12 @@ if HAS_TRITON:
                     ALIGNED: tl.constexpr,
                     BOUNDED: tl.constexpr,
                     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr):
-        p_ptr = _tensor_ptr(addr_ptr, 6 * t, PTR_TY, ALIGNED)
-        g_ptr = _tensor_ptr(addr_ptr, 6 * t + 1, PTR_TY, ALIGNED)
-        m_ptr = _tensor_ptr(addr_ptr, 6 * t + 2, tl.pointer_type(tl.int8), ALIGNED)
-        ea_ptr = _tensor_ptr(addr_ptr, 6 * t + 3, PTR_TY, ALIGNED)
-        eas_ptr = _tensor_ptr(addr_ptr, 6 * t + 4, PTR_TY, ALIGNED)
-        mx_ptr = _tensor_ptr(addr_ptr, 6 * t + 5, PTR_TY, ALIGNED)
+        p_ptr = tensor_ptr(addr_ptr, 6 * t, PTR_TY, ALIGNED)
+        g_ptr = tensor_ptr(addr_ptr, 6 * t + 1, PTR_TY, ALIGNED)
+        m_ptr = tensor_ptr(addr_ptr, 6 * t + 2, tl.pointer_type(tl.int8), ALIGNED)
+        ea_ptr = tensor_ptr(addr_ptr, 6 * t + 3, PTR_TY, ALIGNED)
+        eas_ptr = tensor_ptr(addr_ptr, 6 * t + 4, PTR_TY, ALIGNED)
+        mx_ptr = tensor_ptr(addr_ptr, 6 * t + 5, PTR_TY, ALIGNED)
         has_mask = ((offs * 0 + flags) & 1) != 0
         if BOUNDED:
             p = tl.load(p_ptr + offs, mask=valid, other=0.0).to(COMPUTE)
@@ -478,7 +281,7 @@ if HAS_TRITON:
                     DTYPE: tl.constexpr, PTR_TY: tl.constexpr, COMPUTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     ALIGNED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
                     DECOUPLED: tl.constexpr):
-        t, offs, valid, full, flags = _chunk_geometry(chunk_ptr, meta_ptr, BN, BK, ALIGNED)
+        t, offs, valid, full, flags = chunk_geometry(chunk_ptr, meta_ptr, BN, BK, ALIGNED)
         if full:
             _adam_apply(addr_ptr, t, offs, valid, flags, lr, beta1, beta2, eps, weight_decay, step_size,
                         inv_bc2_sqrt, DTYPE, PTR_TY, COMPUTE, ALIGNED, False, AMSGRAD, MAXIMIZE, HAS_WD, DECOUPLED)
@@ -497,14 +300,7 @@ def _build_kernels() -> dict:
     return _kernels
 
 
-def _pointer_type(dtype: torch.dtype):
-    """The kernels' PTR_TY: a pointer to `dtype`, built here because triton 3.1 cannot build it in a kernel."""
-    _, tl = _triton()
-    return tl.pointer_type(_tl_dtype(dtype))
-
-
 def _compute_dtype(dtype: torch.dtype):
-    _, tl = _triton()
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
@@ -513,7 +309,7 @@ def _num_warps(block: Tuple[int, int]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton: launchers (same signatures as the list references above, plus tile maps and block size)
+# Triton: launchers (list versions of the references above, plus tile maps and block size)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -553,7 +349,7 @@ def sgd_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         if n_chunks == 0:
             continue
         kernel[(n_chunks,)](addr, meta, chunks, float(lr), float(momentum), float(dampening), float(weight_decay),
-                            DTYPE=_tl_dtype(dtype), PTR_TY=_pointer_type(dtype), COMPUTE=_compute_dtype(dtype), BN=block[0], BK=block[1],
+                            DTYPE=tl_dtype(dtype), PTR_TY=pointer_type(dtype), COMPUTE=_compute_dtype(dtype), BN=block[0], BK=block[1],
                             ALIGNED=table.aligned, HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov),
                             MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, num_warps=_num_warps(block))
 
@@ -594,6 +390,6 @@ def adam_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ma
         bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
         kernel[(n_chunks,)](addr, meta, chunks, float(lr), float(beta1), float(beta2), float(eps),
                             float(weight_decay), float(lr / bias_correction1), float(1.0 / bias_correction2_sqrt),
-                            DTYPE=_tl_dtype(dtype), PTR_TY=_pointer_type(dtype), COMPUTE=_compute_dtype(dtype), BN=block[0], BK=block[1],
+                            DTYPE=tl_dtype(dtype), PTR_TY=pointer_type(dtype), COMPUTE=_compute_dtype(dtype), BN=block[0], BK=block[1],
                             ALIGNED=table.aligned, AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
                             HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled), num_warps=_num_warps(block))
