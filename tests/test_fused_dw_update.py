@@ -1,4 +1,5 @@
-"""The dW+update fusion (kernels/linear_dw_sgd.py) against the unfused path and a float64 reference."""
+"""The dW+update fusion (kernels/linear_dw_sgd.py, wired by fastticket/fused_update.py) against the unfused path
+and a float64 reference."""
 from __future__ import annotations
 
 import copy
@@ -9,15 +10,13 @@ from torch import nn
 
 from fastticket import optim as fopt
 from fastticket.backend import use_backend
-from fastticket.kernels import linear_dw_sgd as F
-from fastticket.kernels.masked_linear import block_sizes
+from fastticket.kernels import linear_dw_sgd
+from fastticket.kernels.masked_linear import linear_tile_sizes
 from fastticket.kernels.tile_map import build_tile_map
 from fastticket.nn import MaskedLinear
+from fastticket.testing import rel_error
 
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+pytestmark = pytest.mark.launches_triton  # every test here launches the Triton kernels
 
 
 def _mask_with_dead_tiles(shape, block, seed) -> torch.Tensor:
@@ -33,7 +32,7 @@ def _mask_with_dead_tiles(shape, block, seed) -> torch.Tensor:
                                      maximize=False)])
 def test_kernel_matches_float64_reference(hp, device) -> None:
     n, k, m = 37, 45, 21  # not multiples of any tile
-    block = block_sizes(device, torch.float32)
+    block = linear_tile_sizes(device, torch.float32)
     mask = _mask_with_dead_tiles((n, k), block, seed=1).to(device)
     tile_map = build_tile_map(mask, *block)
     assert tile_map.n_live < tile_map.n_tiles
@@ -45,21 +44,21 @@ def test_kernel_matches_float64_reference(hp, device) -> None:
     for step in range(3):
         dy = torch.randn(m, n, generator=g, dtype=torch.float64).to(device)
         x = torch.randn(m, k, generator=g, dtype=torch.float64).to(device)
-        buf64 = F.linear_dw_sgd_reference_(dy, x, w64, mask, buf64, lr=0.05, **hp)
-        buf = F.linear_dw_sgd_(dy.float(), x.float(), w, mask, tile_map, buf, lr=0.05, **hp)
+        buf64 = linear_dw_sgd.linear_dw_sgd_reference_(dy, x, w64, mask, buf64, lr=0.05, **hp)
+        buf = linear_dw_sgd.linear_dw_sgd_(dy.float(), x.float(), w, mask, tile_map, buf, lr=0.05, **hp)
         if step == 0 and buf is not None:
             buf[dead] = float("nan")  # dead tiles of the buffer must never be read or written again
-    assert _rel(w, w64) < 1e-5
+    assert rel_error(w, w64) < 1e-5
     assert bool((w[~mask] == 0).all())
     if hp["momentum"]:
         assert bool(buf[dead].isnan().all())
-        assert _rel(buf[~dead], buf64[~dead]) < 1e-5
+        assert rel_error(buf[~dead], buf64[~dead]) < 1e-5
 
 
 def _mlp(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
     model = nn.Sequential(MaskedLinear(20, 40), nn.ReLU(), MaskedLinear(40, 24), nn.Tanh(), MaskedLinear(24, 5))
-    block = block_sizes(torch.device("cpu"), torch.float32)
+    block = linear_tile_sizes(torch.device("cpu"), torch.float32)
     for i, layer in enumerate(l for l in model if isinstance(l, MaskedLinear)):
         layer.set_mask_(_mask_with_dead_tiles(layer.weight.shape, block, seed=10 + i))
     return model
@@ -96,12 +95,12 @@ def test_fused_equals_unfused_over_20_steps(device) -> None:
             runs[fused] = (model, opt)
     (m0, o0), (m1, o1) = runs[False], runs[True]
     for (name, p0), p1 in zip(m0.named_parameters(), m1.parameters()):
-        assert _rel(p1.detach(), p0.detach()) < 1e-5, name
-        assert _rel(o1.state[p1]["momentum_buffer"], o0.state[p0]["momentum_buffer"]) < 1e-5, name
+        assert rel_error(p1.detach(), p0.detach()) < 1e-5, name
+        assert rel_error(o1.state[p1]["momentum_buffer"], o0.state[p0]["momentum_buffer"]) < 1e-5, name
     for l0, l1 in zip(m0, m1):
         if isinstance(l1, MaskedLinear):
             assert bool((l1.weight[~l1.weight_mask] == 0).all())
-            assert _rel(l1.weight.detach(), base_weights[id(l1)]) > 1e-2  # training did move the weights
+            assert rel_error(l1.weight.detach(), base_weights[id(l1)]) > 1e-2  # training did move the weights
     # The state the fused path kept is torch's: a state dict round trip onto the unfused path works.
     fopt.disable_fused_dw_update(m1)
     assert all(getattr(l, "fused_update", None) is None for l in m1)

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from fastticket.kernels.masked_conv2d import (
-    conv2d_forward, conv2d_input_grad, conv2d_tile_sizes, conv2d_weight_grad, conv_geometry, masked_conv2d,
+    conv2d_forward, conv2d_grad_input, conv2d_grad_weight, conv2d_tile_sizes, conv_geometry, masked_conv2d,
     reference_masked_conv2d_grads, tile_map_expand,
 )
 from fastticket.kernels.tile_map import TileMapCache, build_tile_map
+from fastticket.testing import rel_error
 
 FP32_TOL = 1e-5
 HALF_TOL = 1e-2
@@ -26,18 +27,6 @@ HALF_TOL = 1e-2
 def ieee_fp32(monkeypatch):
     # The fp32 bound is for IEEE products; on a GPU cuDNN's TF32 default would make the kernels round like TF32.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref||, inf when out holds a NaN/inf so a poisoned or broken result never passes."""
-    out64 = out.detach().to(torch.float64).cpu()
-    ref64 = ref.detach().to(torch.float64).cpu()
-    if not torch.isfinite(out64).all():
-        return math.inf
-    denom = ref64.norm().item()
-    if denom == 0.0:
-        return out64.norm().item()  # an all-zero reference (all-dead layer) must be matched exactly
-    return (out64 - ref64).norm().item() / denom
 
 
 def make_mask(kind: str, shape, tile, gen: torch.Generator) -> torch.Tensor:
@@ -96,6 +85,7 @@ def _ids(case):
     return f"k{k}-s{s}-p{p}-d{d}-{m}-{hw[0]}x{hw[1]}" + ("" if b else "-nobias")
 
 
+@pytest.mark.launches_triton
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
 def test_launchers_match_float64_reference(case, device):
     n, c_in, c_out, hw, kernel, stride, padding, dilation, mask_kind, bias = case
@@ -113,24 +103,24 @@ def test_launchers_match_float64_reference(case, device):
     assert rel_error(y, y_ref) < FP32_TOL
 
     dx = torch.full_like(x, float("nan"))
-    conv2d_input_grad(grad_out, weight, tile_map, x.shape, stride, padding, dilation, out=dx)
+    conv2d_grad_input(grad_out, weight, tile_map, x.shape, stride, padding, dilation, out=dx)
     assert rel_error(dx, dx_ref) < FP32_TOL
 
     # dW, single program per live tile: live tiles poisoned with NaN must be fully written; dead tiles hold a
     # sentinel that must survive, proving they are never written.
     live = tile_map_expand(tile_map, weight.shape, device)
     dw = torch.where(live, torch.full_like(weight, float("nan")), torch.full_like(weight, 7.0))
-    conv2d_weight_grad(x, grad_out, mask, tile_map, stride, padding, dilation, out=dw, split_m=1)
+    conv2d_grad_weight(x, grad_out, mask, tile_map, stride, padding, dilation, out=dw, split_m=1)
     assert torch.all(dw[~live] == 7.0)
     assert rel_error(torch.where(live, dw, 0.0), dw_ref) < FP32_TOL
     assert torch.all(dw[live & ~mask] == 0.0)  # the element mask of the epilogue
 
     # dW split over output pixels (atomic adds): the path large GPUs take when few tiles are live.
-    dw_split = conv2d_weight_grad(x, grad_out, mask, tile_map, stride, padding, dilation, split_m=3)
+    dw_split = conv2d_grad_weight(x, grad_out, mask, tile_map, stride, padding, dilation, split_m=3)
     assert rel_error(dw_split, dw_ref) < FP32_TOL
     assert torch.all(dw_split[~mask] == 0.0)
     dw_split_out = torch.where(live, torch.full_like(weight, float("nan")), torch.full_like(weight, 7.0))
-    conv2d_weight_grad(x, grad_out, mask, tile_map, stride, padding, dilation, out=dw_split_out, split_m=2)
+    conv2d_grad_weight(x, grad_out, mask, tile_map, stride, padding, dilation, out=dw_split_out, split_m=2)
     assert torch.all(dw_split_out[~live] == 7.0)
     assert rel_error(torch.where(live, dw_split_out, 0.0), dw_ref) < FP32_TOL
 
@@ -157,6 +147,7 @@ ENTRY_CASES = [
 ]
 
 
+@pytest.mark.launches_triton
 @pytest.mark.parametrize("path,threshold", [("skip", "1.01"), ("dense", "0.0")])
 @pytest.mark.parametrize("case", ENTRY_CASES, ids=lambda c: f"k{c[4]}-s{c[5]}-p{c[6]}-d{c[7]}-{c[8]}")
 def test_autograd_entry_point_both_dispatch_paths(case, path, threshold, device, monkeypatch):
@@ -176,6 +167,7 @@ def test_autograd_entry_point_both_dispatch_paths(case, path, threshold, device,
     assert ("MaskedConv2dFunction" in type(y.grad_fn).__name__) == (path == "skip")
 
 
+@pytest.mark.launches_triton
 def test_channels_last_in_and_out(device, monkeypatch):
     monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")
     x, weight, b, mask, tile = make_case(2, 6, 12, (7, 9), 3, "block", seed=5, device=device)
@@ -196,10 +188,11 @@ def test_channels_last_in_and_out(device, monkeypatch):
     y2 = conv2d_forward(x.contiguous(), weight_cl, b, tile_map, 2, 1, 1)
     assert y2.is_contiguous(memory_format=torch.channels_last)
     assert rel_error(y2, refs[0]) < FP32_TOL
-    dw2 = conv2d_weight_grad(x, grad_out, mask_cl, tile_map, 2, 1, 1)
+    dw2 = conv2d_grad_weight(x, grad_out, mask_cl, tile_map, 2, 1, 1)
     assert rel_error(dw2, refs[2]) < FP32_TOL
 
 
+@pytest.mark.launches_triton
 def test_fp16_with_fp32_accumulation(device, monkeypatch):
     monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")
     x, weight, b, mask, _ = make_case(2, 6, 12, (7, 9), 3, "block", seed=9, dtype=torch.float16, device=device)
@@ -212,6 +205,7 @@ def test_fp16_with_fp32_accumulation(device, monkeypatch):
         assert rel_error(got, ref) < HALF_TOL
 
 
+@pytest.mark.launches_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 arithmetic needs a GPU (the interpreter has none)")
 def test_bf16_with_fp32_accumulation(device, monkeypatch):
     monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")
@@ -224,6 +218,7 @@ def test_bf16_with_fp32_accumulation(device, monkeypatch):
         assert rel_error(got, ref) < HALF_TOL
 
 
+@pytest.mark.launches_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists on GPUs only")
 def test_tf32_follows_cudnn_flag(device, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
@@ -260,6 +255,7 @@ def test_geometry_matches_conv2d_rules():
         conv_geometry((3, 3), (5, 5), 1, 0, 1)
 
 
+@pytest.mark.launches_triton
 def test_edge_inputs_unbatched_empty_batch_and_dtype_mismatch(device, monkeypatch):
     monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")
     x, weight, b, mask, _ = make_case(1, 4, 12, (7, 9), 3, "block", seed=21, device=device)
@@ -282,16 +278,17 @@ def test_edge_inputs_unbatched_empty_batch_and_dtype_mismatch(device, monkeypatc
 
 # Compiles the three kernels for Hopper (sm_90) without a GPU (the compile_for_sm90 fixture, tests/conftest.py).
 _GPU_COMPILE_BODY = r"""
-import fastticket.kernels.masked_conv2d as mc
+import fastticket.kernels.masked_conv2d as masked_conv2d_module
 
 common = dict(KH=3, KW=3, INDEX_I64=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, INPUT_PRECISION="tf32")
 bf16 = "*bf16"
-compile_kernel(mc._conv2d_fwd_kernel, {"x_ptr": bf16, "w_ptr": bf16, "b_ptr": bf16, "y_ptr": bf16,
-               "row_ptr_ptr": "*i32", "col_idx_ptr": "*i32"}, dict(common, HAS_BIAS=True, USE_BITS=True))
-compile_kernel(mc._conv2d_dx_kernel, {"dy_ptr": bf16, "w_ptr": bf16, "dx_ptr": "*fp32",
+compile_kernel(masked_conv2d_module._conv2d_fwd_kernel, {"x_ptr": bf16, "w_ptr": bf16, "b_ptr": bf16,
+               "y_ptr": bf16, "row_ptr_ptr": "*i32", "col_idx_ptr": "*i32"}, dict(common, HAS_BIAS=True, USE_BITS=True))
+compile_kernel(masked_conv2d_module._conv2d_dx_kernel, {"dy_ptr": bf16, "w_ptr": bf16, "dx_ptr": "*fp32",
                "col_ptr_ptr": "*i32", "row_idx_ptr": "*i32"}, dict(common, ATOMIC=True))
-compile_kernel(mc._conv2d_dw_kernel, {"x_ptr": bf16, "dy_ptr": bf16, "mask_ptr": "*u8", "dw_ptr": "*fp32",
-               "coo_rows_ptr": "*i32", "coo_cols_ptr": "*i32"}, dict(common, ATOMIC=True, USE_BITS=False))
+compile_kernel(masked_conv2d_module._conv2d_dw_kernel, {"x_ptr": bf16, "dy_ptr": bf16, "mask_ptr": "*u8",
+               "dw_ptr": "*fp32", "coo_rows_ptr": "*i32", "coo_cols_ptr": "*i32"},
+               dict(common, ATOMIC=True, USE_BITS=False))
 print("compiled")
 """
 

@@ -17,6 +17,8 @@ from fastticket.backend import use_backend
 import fastticket.kernels.masked_conv2d as masked_conv2d_module
 from fastticket.kernels.masked_conv2d import conv2d_tile_sizes
 
+pytestmark = pytest.mark.launches_triton  # the tests here run the triton backend
+
 
 class SmallConv2(nn.Module):
     def __init__(self) -> None:

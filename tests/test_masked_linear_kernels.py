@@ -1,4 +1,4 @@
-"""Parity of the masked-linear Triton kernels against a float64 reference (DESIGN.md section 7).
+"""Parity of the masked-linear Triton kernels against a float64 reference (docs/architecture.md, "Tests").
 
 Runs on the GPU when there is one, otherwise on CPU tensors in the Triton interpreter (tests/conftest.py),
 where the tiles are 16 x 16 so the small shapes here still span several tiles, with partial edge tiles.
@@ -12,9 +12,9 @@ import zlib
 import pytest
 import torch
 
-from fastticket.testing import rel_error
-from fastticket.kernels import masked_linear as ml
+from fastticket.kernels import masked_linear
 from fastticket.kernels.tile_map import TileMapCache, build_tile_map
+from fastticket.testing import rel_error
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 ON_CUDA = torch.cuda.is_available()
@@ -52,7 +52,7 @@ def make_mask(n: int, k: int, kind: str, density: float, gen: torch.Generator, b
 
 def make_case(m, n, k, kind, density, seed, device, dtype=torch.float32, bias=True, batch=()):
     gen = torch.Generator().manual_seed(seed)
-    bn, bk = ml.block_sizes(device, dtype)
+    bn, bk = masked_linear.linear_tile_sizes(device, dtype)
     mask = make_mask(n, k, kind, density, gen, block=(bn, bk))
     x = torch.randn(*batch, m, k, generator=gen)
     w = torch.randn(n, k, generator=gen) / math.sqrt(k) * mask  # zero invariant: pruned entries are 0
@@ -69,53 +69,56 @@ MASKS = [("element", 0.05), ("element", 0.5), ("block", 0.3), ("block", 0.6), ("
 
 # ------------------------------------------------------------------------------------------- launchers
 
+@pytest.mark.launches_triton
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("kind,density", MASKS, ids=[f"{k}{d}" for k, d in MASKS])
 def test_launchers_match_float64_reference(device, shape, kind, density):
     m, n, k = shape
     x, w, b, mask, g = make_case(m, n, k, kind, density, seed=zlib.crc32(repr((shape, kind)).encode()), device=device)
-    bn, bk = ml.block_sizes(device, x.dtype)
+    bn, bk = masked_linear.linear_tile_sizes(device, x.dtype)
     tm = build_tile_map(mask, bn, bk)
     nan = float("nan")
 
-    y = ml.linear_forward(x, w, b, tm, out=torch.full((m, n), nan, device=device))
-    assert_parity(y, ml.reference_masked_linear(x, w, b, mask), TOL[torch.float32], "forward")
+    y = masked_linear.linear_forward(x, w, b, tm, out=torch.full((m, n), nan, device=device))
+    assert_parity(y, masked_linear.reference_masked_linear(x, w, b, mask), TOL[torch.float32], "forward")
 
-    ref_dx, ref_dw, _ = ml.reference_masked_linear_grads(x, w, b, mask, g)
-    dx = ml.linear_grad_input(g, w, tm, out=torch.full((m, k), nan, device=device))
+    ref_dx, ref_dw, _ = masked_linear.reference_masked_linear_grads(x, w, b, mask, g)
+    dx = masked_linear.linear_grad_input(g, w, tm, out=torch.full((m, k), nan, device=device))
     assert_parity(dx, ref_dx, TOL[torch.float32], "dX")
 
     # dW: poison everything. Live tiles must be fully written, dead tiles never touched (still NaN).
-    dw = ml.linear_grad_weight(g, x, mask, tm, out=torch.full((n, k), nan, device=device))
+    dw = masked_linear.linear_grad_weight(g, x, mask, tm, out=torch.full((n, k), nan, device=device))
     live_elems = tm.live.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
     assert torch.isnan(dw[~live_elems]).all(), "a dead tile of dW was written"
     assert_parity(dw[live_elems], ref_dw[live_elems.cpu()], TOL[torch.float32], "dW (live tiles)")
     assert (dw[live_elems & ~mask] == 0).all(), "pruned entries of a live tile must get exactly zero gradient"
     # Default allocation: dead tiles are zero.
-    assert_parity(ml.linear_grad_weight(g, x, mask, tm), ref_dw, TOL[torch.float32], "dW")
+    assert_parity(masked_linear.linear_grad_weight(g, x, mask, tm), ref_dw, TOL[torch.float32], "dW")
 
 
+@pytest.mark.launches_triton
 def test_dead_tiles_are_never_read(device):
     """With garbage (NaN) stored in the dead tiles of W, tile skipping still gives the masked result: the
     kernels never load a dead tile. (A dense GEMM would propagate the NaN.)"""
     x, w, b, mask, g = make_case(40, 48, 64, "block", 0.4, seed=7, device=device)
-    bn, bk = ml.block_sizes(device, x.dtype)
+    bn, bk = masked_linear.linear_tile_sizes(device, x.dtype)
     tm = build_tile_map(mask, bn, bk)
     assert 0 < tm.n_live < tm.n_tiles
     dead_elems = ~tm.live.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:48, :64]
     w_garbage = w.masked_fill(dead_elems, float("nan"))
-    assert_parity(ml.linear_forward(x, w_garbage, b, tm), ml.reference_masked_linear(x, w, b, mask), 1e-5, "fwd")
-    ref_dx, _, _ = ml.reference_masked_linear_grads(x, w, b, mask, g)
-    assert_parity(ml.linear_grad_input(g, w_garbage, tm), ref_dx, 1e-5, "dX")
+    assert_parity(masked_linear.linear_forward(x, w_garbage, b, tm),
+                  masked_linear.reference_masked_linear(x, w, b, mask), 1e-5, "fwd")
+    ref_dx, _, _ = masked_linear.reference_masked_linear_grads(x, w, b, mask, g)
+    assert_parity(masked_linear.linear_grad_input(g, w_garbage, tm), ref_dx, 1e-5, "dX")
 
 
 def test_tile_map_of_wrong_block_or_shape_is_rejected(device):
     x, w, b, mask, _ = make_case(8, 32, 32, "element", 0.5, seed=1, device=device)
-    bn, bk = ml.block_sizes(device, x.dtype)
+    bn, bk = masked_linear.linear_tile_sizes(device, x.dtype)
     with pytest.raises(ValueError, match="tiles"):
-        ml.linear_forward(x, w, b, build_tile_map(mask, bn * 2, bk))
+        masked_linear.linear_forward(x, w, b, build_tile_map(mask, bn * 2, bk))
     with pytest.raises(ValueError, match="shape"):
-        ml.linear_forward(x, w[:16], b[:16], build_tile_map(mask[:16, :16], bn, bk))
+        masked_linear.linear_forward(x, w[:16], b[:16], build_tile_map(mask[:16, :16], bn, bk))
 
 
 def test_parity_check_rejects_nan_and_wrong_results():
@@ -143,7 +146,7 @@ def run_autograd(x, w, b, mask, g, fused_update=None):
     w = w.detach().clone().requires_grad_(True)
     b = b.detach().clone().requires_grad_(True) if b is not None else None
     cache = TileMapCache()
-    y = ml.masked_linear(x, w, b, mask, lambda bn, bk: cache.get(mask, bn, bk), fused_update)
+    y = masked_linear.masked_linear(x, w, b, mask, lambda bn, bk: cache.get(mask, bn, bk), fused_update)
     y.backward(g)
     return y, x.grad, w.grad, (b.grad if b is not None else None)
 
@@ -159,20 +162,21 @@ CASES = [
 ]
 
 
+@pytest.mark.launches_triton
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[3]}{c[4]}-b{int(c[5])}-{len(c[6])+2}d")
 def test_autograd_matches_reference(device, path, case, monkeypatch):
     m, n, k, kind, density, bias, batch = case
     x, w, b, mask, g = make_case(m, n, k, kind, density, seed=11, device=device, bias=bias, batch=batch)
 
     calls = []
-    real_forward = ml.linear_forward
-    monkeypatch.setattr(ml, "linear_forward", lambda *a, **kw: calls.append(1) or real_forward(*a, **kw))
+    real_forward = masked_linear.linear_forward
+    monkeypatch.setattr(masked_linear, "linear_forward", lambda *a, **kw: calls.append(1) or real_forward(*a, **kw))
     y, dx, dw, db = run_autograd(x, w, b, mask, g)
     assert bool(calls) == (path == "skip"), "the forced path did not run"
 
     assert y.shape == (*batch, m, n) and dx.shape == x.shape and dw.shape == w.shape
-    assert_parity(y, ml.reference_masked_linear(x, w, b, mask), 1e-5, "forward")
-    ref_dx, ref_dw, ref_db = ml.reference_masked_linear_grads(x, w, b, mask, g)
+    assert_parity(y, masked_linear.reference_masked_linear(x, w, b, mask), 1e-5, "forward")
+    ref_dx, ref_dw, ref_db = masked_linear.reference_masked_linear_grads(x, w, b, mask, g)
     assert_parity(dx, ref_dx, 1e-5, "dX")
     assert_parity(dw, ref_dw, 1e-5, "dW")
     assert (dw[~mask] == 0).all()
@@ -184,31 +188,34 @@ def test_autograd_matches_reference(device, path, case, monkeypatch):
         assert torch.equal(y, expected)
 
 
+@pytest.mark.launches_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision_inputs_accumulate_in_fp32(device, path, dtype):
     dtype = dtype_or_skip(dtype, device)
     x, w, b, mask, g = make_case(29, 40, 72, "block", 0.5, seed=3, device=device, dtype=dtype, batch=(2,))
     y, dx, dw, db = run_autograd(x, w, b, mask, g)
     assert y.dtype == dx.dtype == dw.dtype == db.dtype == dtype
-    ref_dx, ref_dw, ref_db = ml.reference_masked_linear_grads(x, w, b, mask, g)
-    assert_parity(y, ml.reference_masked_linear(x, w, b, mask), TOL[dtype], "forward")
+    ref_dx, ref_dw, ref_db = masked_linear.reference_masked_linear_grads(x, w, b, mask, g)
+    assert_parity(y, masked_linear.reference_masked_linear(x, w, b, mask), TOL[dtype], "forward")
     assert_parity(dx, ref_dx, TOL[dtype], "dX")
     assert_parity(dw, ref_dw, TOL[dtype], "dW")
     assert_parity(db, ref_db, TOL[dtype], "dbias")
     assert (dw[~mask] == 0).all()
 
 
+@pytest.mark.launches_triton
 @pytest.mark.skipif(not ON_CUDA, reason="TF32 is a GPU tensor-core mode; the interpreter computes fp32 in IEEE")
 def test_tf32_follows_torch_flag(device, path, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     x, w, b, mask, g = make_case(300, 256, 512, "element", 0.3, seed=5, device=device)
     y, dx, dw, _ = run_autograd(x, w, b, mask, g)
-    ref_dx, ref_dw, _ = ml.reference_masked_linear_grads(x, w, b, mask, g)
-    assert_parity(y, ml.reference_masked_linear(x, w, b, mask), 1e-3, "forward")
+    ref_dx, ref_dw, _ = masked_linear.reference_masked_linear_grads(x, w, b, mask, g)
+    assert_parity(y, masked_linear.reference_masked_linear(x, w, b, mask), 1e-3, "forward")
     assert_parity(dx, ref_dx, 1e-3, "dX")
     assert_parity(dw, ref_dw, 1e-3, "dW")
 
 
+@pytest.mark.launches_triton
 def test_fused_update_gets_grad_out_after_dx_and_weight_gets_no_grad(device, path):
     x, w, b, mask, g = make_case(13, 37, 53, "element", 0.3, seed=9, device=device, batch=(2,))
     seen = []
@@ -220,36 +227,38 @@ def test_fused_update_gets_grad_out_after_dx_and_weight_gets_no_grad(device, pat
     assert len(seen) == 1 and dw is None
     g2, x2 = seen[0]
     assert torch.equal(g2, g.reshape(-1, 37)) and torch.equal(x2, x.reshape(-1, 53))
-    ref_dx, _, ref_db = ml.reference_masked_linear_grads(x, w, b, mask, g)
+    ref_dx, _, ref_db = masked_linear.reference_masked_linear_grads(x, w, b, mask, g)
     assert_parity(dx, ref_dx, 1e-5, "dX")
     assert_parity(db, ref_db, 1e-5, "dbias")
 
 
+@pytest.mark.launches_triton
 def test_no_grad_inference(device, path):
     x, w, b, mask, _ = make_case(10, 20, 30, "element", 0.4, seed=4, device=device)
     cache = TileMapCache()
     w.requires_grad_(True)
     with torch.no_grad():
-        y = ml.masked_linear(x, w, b, mask, lambda bn, bk: cache.get(mask, bn, bk))
+        y = masked_linear.masked_linear(x, w, b, mask, lambda bn, bk: cache.get(mask, bn, bk))
     assert not y.requires_grad
-    assert_parity(y, ml.reference_masked_linear(x, w, b, mask), 1e-5, "forward")
+    assert_parity(y, masked_linear.reference_masked_linear(x, w, b, mask), 1e-5, "forward")
 
 
 # Compiles the linear kernels and the fused dW + SGD kernel for Hopper (sm_90) without a GPU (the
 # compile_for_sm90 fixture, tests/conftest.py), as tests/test_masked_conv2d_kernels.py does for the conv kernels.
 _GPU_COMPILE_BODY = r"""
-import fastticket.kernels.linear_dw_sgd as ds
-import fastticket.kernels.masked_linear as ml
+import fastticket.kernels.linear_dw_sgd as linear_dw_sgd
+import fastticket.kernels.masked_linear as masked_linear
 
 for t, precision in (("*bf16", None), ("*fp32", "tf32")):
     common = dict(INPUT_PRECISION=precision, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64)
-    compile_kernel(ml._fwd_kernel, {"x_ptr": t, "w_ptr": t, "b_ptr": t, "y_ptr": t, "row_ptr": "*i32",
+    compile_kernel(masked_linear._fwd_kernel, {"x_ptr": t, "w_ptr": t, "b_ptr": t, "y_ptr": t, "row_ptr": "*i32",
                    "col_idx": "*i32"}, dict(common, HAS_BIAS=True, GROUP_M=8))
-    compile_kernel(ml._dx_kernel, {"dy_ptr": t, "w_ptr": t, "dx_ptr": t, "col_ptr": "*i32", "row_idx": "*i32"},
+    compile_kernel(masked_linear._dx_kernel, {"dy_ptr": t, "w_ptr": t, "dx_ptr": t, "col_ptr": "*i32",
+                   "row_idx": "*i32"},
                    dict(common, GROUP_M=8))
-    compile_kernel(ml._dw_kernel, {"dy_ptr": t, "x_ptr": t, "mask_ptr": "*u8", "dw_ptr": t, "coo_rows": "*i32",
-                   "coo_cols": "*i32"}, common)
-    compile_kernel(ds._dw_sgd_kernel, {"dy_ptr": t, "x_ptr": t, "mask_ptr": "*u8", "w_ptr": t, "buf_ptr": t,
+    compile_kernel(masked_linear._dw_kernel, {"dy_ptr": t, "x_ptr": t, "mask_ptr": "*u8", "dw_ptr": t,
+                   "coo_rows": "*i32", "coo_cols": "*i32"}, common)
+    compile_kernel(linear_dw_sgd._dw_sgd_kernel, {"dy_ptr": t, "x_ptr": t, "mask_ptr": "*u8", "w_ptr": t, "buf_ptr": t,
                    "coo_rows": "*i32", "coo_cols": "*i32", "lr": "fp32", "momentum": "fp32", "dampening": "fp32",
                    "weight_decay": "fp32"},
                    dict(common, BLOCK_M=64, HAS_MOMENTUM=True, FIRST=False, NESTEROV=True, MAXIMIZE=False,

@@ -14,6 +14,8 @@ from fastticket.backend import use_backend
 from fastticket.testing import rel_error
 from fastticket.nn import MaskedLinear, masked_modules
 
+pytestmark = pytest.mark.launches_triton  # the tests here run the triton backend
+
 
 def make_mlp(device: torch.device, seed: int = 0) -> nn.Sequential:
     """20 -> 48 -> 10 with masks that leave some 16x16 tiles dead and others partly live."""

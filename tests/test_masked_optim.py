@@ -1,7 +1,8 @@
 """Masked optimizers against torch.optim (float64) on masked gradients, on both backends.
 
 The reference: torch.optim.SGD / Adam / AdamW run in float64 on the same parameters with the gradient
-multiplied by the mask. With pruned weights zero, that is exactly the masked step (DESIGN.md section 3), so
+multiplied by the mask. With pruned weights zero, that is exactly the masked step (docs/architecture.md,
+"The invariant"), so
 trajectories must agree to fp32 rounding, while pruned weights and state stay exactly zero throughout.
 Gradients on pruned entries are NaN in the runs under test: the step must mask them, not multiply them.
 """
@@ -16,18 +17,15 @@ import torch
 
 from fastticket import _mask_registry
 from fastticket.backend import use_backend
-from fastticket.kernels import masked_optim as K
-from fastticket.optim import (MaskedAdam, MaskedAdamW, MaskedSGD, reset_state_, rewind_, rewind_and_reset_,
-                              update_masks_)
+from fastticket.kernels import masked_optim
+from fastticket.optim import MaskedAdam, MaskedAdamW, MaskedSGD
+from fastticket.rewind import reset_state_, rewind_, rewind_and_reset_
+from fastticket.testing import rel_error
 
 SHAPES = [(40, 30), (30,), (17, 13), (12, 20)]
 STEPS = 50
 STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.launches_triton)]
 
 
 def _problem(seed: int):
@@ -76,7 +74,7 @@ def _check_pruned_zero(params, masks, opt) -> None:
                 assert bool((s[~m] == 0).all()), f"optimizer state {key} nonzero on pruned entries"
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_trajectory_matches_torch_optim(name: str, backend: str) -> None:
     torch_cls, masked_cls, hps = OPTIMIZERS[name]
@@ -117,7 +115,7 @@ def test_trajectory_matches_torch_optim(name: str, backend: str) -> None:
     tol = 1e-5 if "sgd" in name else 5e-5
     for p, q in zip(ref_params, ours):
         if p.detach().norm() > 0:
-            assert _rel(q.detach(), p.detach()) < tol
+            assert rel_error(q.detach(), p.detach()) < tol
         else:
             assert bool((q == 0).all())
         for key in STATE_KEYS:
@@ -125,7 +123,7 @@ def test_trajectory_matches_torch_optim(name: str, backend: str) -> None:
                 assert key in opt.state[q], key
                 rs, os_ = ref.state[p][key], opt.state[q][key]
                 if rs.norm() > 0:
-                    assert _rel(os_, rs) < tol, key
+                    assert rel_error(os_, rs) < tol, key
                 else:
                     assert bool((os_ == 0).all()), key
         if "step" in ref.state[p]:
@@ -135,17 +133,18 @@ def test_trajectory_matches_torch_optim(name: str, backend: str) -> None:
 
 def _count_launches(monkeypatch, name: str) -> Dict[str, int]:
     counts = {"launches": 0}
-    kernel = K._kernels[name]
+    kernel = masked_optim._kernels[name]
 
     class Counting:
         def __getitem__(self, grid):
             counts["launches"] += 1
             return kernel[grid]
 
-    monkeypatch.setitem(K._kernels, name, Counting())
+    monkeypatch.setitem(masked_optim._kernels, name, Counting())
     return counts
 
 
+@pytest.mark.launches_triton
 @pytest.mark.parametrize("cls", [MaskedSGD, MaskedAdam])
 def test_one_launch_per_group(monkeypatch, cls) -> None:
     params64, masks, grads = _problem(seed=3)
@@ -168,6 +167,7 @@ def _block_mask(shape, tile, live_fraction, seed) -> torch.Tensor:
     return (full & (torch.rand(shape, generator=g) > 0.3)).contiguous()
 
 
+@pytest.mark.launches_triton
 @pytest.mark.parametrize("cls,kw", [(MaskedSGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
                                     (MaskedAdamW, dict(lr=1e-2, amsgrad=True))])
 def test_block_mask_steps_live_tiles_only(cls, kw) -> None:
@@ -177,7 +177,7 @@ def test_block_mask_steps_live_tiles_only(cls, kw) -> None:
     g = torch.Generator().manual_seed(7)
     p_ref = [(torch.randn(s, generator=g) * m).requires_grad_() for s, m in zip(shapes, masks)]
     p_tri = [p.detach().clone().requires_grad_() for p in p_ref]
-    dead = [K.tile_map_for(m, tile).live.logical_not() for m in masks]
+    dead = [masked_optim.tile_map_for(m, tile).live.logical_not() for m in masks]
     assert all(d.any() for d in dead)  # the test needs dead tiles
     opt_ref = cls(p_ref, masks=masks, **kw)
     opt_tri = cls(p_tri, masks=masks, **kw)
@@ -200,11 +200,11 @@ def test_block_mask_steps_live_tiles_only(cls, kw) -> None:
             opt_tri.step()
     for p, q, full, m in zip(p_ref, p_tri, sentinel, masks):
         assert bool((q[full] == 123.0).all())
-        assert _rel(q.detach()[~full], p.detach()[~full]) < 1e-6
+        assert rel_error(q.detach()[~full], p.detach()[~full]) < 1e-6
         assert bool((q[~full & ~m] == 0).all())
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_rewind_and_reset(backend: str) -> None:
     g = torch.Generator().manual_seed(11)
     params = [torch.randn(s, generator=g).requires_grad_() for s in SHAPES]
@@ -242,29 +242,18 @@ def test_rewind_and_reset(backend: str) -> None:
         assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_rewind_plain_and_update_masks(backend: str) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rewind_plain(backend: str) -> None:
     g = torch.Generator().manual_seed(5)
     params = [torch.randn(s, generator=g) for s in SHAPES]
     sources = [torch.randn(s, generator=g) for s in SHAPES]
-    masks = [torch.rand(s, generator=g) > 0.3 for s in SHAPES]
-    new = [torch.rand(s, generator=g) > 0.5 for s in SHAPES]
-    states = [torch.randn(s, generator=g) for s in SHAPES]
-    expect_masks = [m & n for m, n in zip(masks, new)]
-    expect_params = [torch.where(e, p, torch.zeros(())) for e, p in zip(expect_masks, params)]
-    expect_states = [torch.where(e, s, torch.zeros(())) for e, s in zip(expect_masks, states)]
-    with use_backend(backend):
-        update_masks_(masks, new, [[p, s] for p, s in zip(params, states)])
-    for a, b in zip(masks, expect_masks):
-        assert torch.equal(a, b)
-    for a, b in zip(params + states, expect_params + expect_states):
-        assert torch.equal(a, b)
     with use_backend(backend):
         rewind_(params, sources, [None] * len(params))
     for a, b in zip(params, sources):
         assert torch.equal(a, b)
 
 
+@pytest.mark.launches_triton
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_triton_launchers_match_float64_reference(kind: str) -> None:
     """The kernels alone, fp32 against the float64 reference, odd sizes across chunk boundaries."""
@@ -285,18 +274,23 @@ def test_triton_launchers_match_float64_reference(kind: str) -> None:
     for step in range(1, 4):
         grads = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
         if kind == "adam":
-            K.adam_step_reference_(p64, grads, masks, s64[0], s64[1], [None] * 3, [step] * 3, **adam)
-            K.adam_step_(p32, [x.float() for x in grads], masks, s32[0], s32[1], [None] * 3, [step] * 3, **adam)
+            for i in range(3):
+                masked_optim.adam_reference_(p64[i], grads[i], masks[i], s64[0][i], s64[1][i], None, step=step,
+                                             **adam)
+            masked_optim.adam_step_(p32, [x.float() for x in grads], masks, s32[0], s32[1], [None] * 3,
+                                    [step] * 3, **adam)
         else:
-            K.sgd_step_reference_(p64, grads, masks, b64, **sgd)
-            K.sgd_step_(p32, [x.float() for x in grads], masks, b32, **sgd)
+            for i in range(3):
+                b64[i] = masked_optim.sgd_reference_(p64[i], grads[i], masks[i], b64[i], **sgd)
+            masked_optim.sgd_step_(p32, [x.float() for x in grads], masks, b32, **sgd)
     for a, b in zip(p32, p64):
-        assert _rel(a, b) < 1e-5
+        assert rel_error(a, b) < 1e-5
     states = zip(s32[0] + s32[1], s64[0] + s64[1]) if kind == "adam" else zip(b32, b64)
     for a, b in states:
-        assert _rel(a, b) < 1e-5
+        assert rel_error(a, b) < 1e-5
 
 
+@pytest.mark.launches_triton
 def test_layer_masks_found_automatically() -> None:
     from fastticket.nn import MaskedLinear
 
@@ -315,23 +309,7 @@ def test_layer_masks_found_automatically() -> None:
         assert bool((opt.state[layer.weight]["momentum_buffer"][~mask] == 0).all())
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_update_masks_invalidates_layer_tile_maps(backend: str) -> None:
-    from fastticket.kernels.tile_map import reference_live_tiles
-    from fastticket.nn import MaskedLinear
-
-    layer = MaskedLinear(30, 40)
-    before = layer.tile_map(8, 8)
-    assert before.n_live == before.n_tiles
-    new = _block_mask((40, 30), (8, 8), 0.3, seed=4)
-    with use_backend(backend):
-        update_masks_([layer.weight_mask], [new], [[layer.weight]])
-    assert torch.equal(layer.weight_mask, new)
-    assert bool((layer.weight[~new] == 0).all()) and bool((layer.weight[new] != 0).all())
-    after = layer.tile_map(8, 8)  # must be rebuilt: the kernel wrote the mask behind torch's back
-    assert torch.equal(after.live, reference_live_tiles(new, 8, 8))
-
-
+@pytest.mark.launches_triton
 def test_masks_found_after_sparsify_of_an_optimized_model() -> None:
     """The optimizer built on a dense model keeps working after `sparsify` moves the same Parameters into
     masked layers: the owner is resolved when the step runs, not when the optimizer is built."""
@@ -361,22 +339,22 @@ def test_masks_found_after_sparsify_of_an_optimized_model() -> None:
 
 _GPU_COMPILE_BODY = r"""
 import triton.language as tl
-import fastticket.kernels.masked_optim as mo
-import fastticket.kernels.rewind as rw
+import fastticket.kernels.masked_optim as masked_optim
+import fastticket.kernels.rewind as rewind_kernels
 
 tables = {"addr_ptr": "*i64", "meta_ptr": "*i64", "chunk_ptr": "*i32"}
 for dtype in (tl.float32, tl.bfloat16):
     geometry = dict(DTYPE=dtype, PTR_TY=tl.pointer_type(dtype), COMPUTE=tl.float32, BN=64, BK=64)
     for aligned in (True, False):
-        compile_kernel(mo._kernels["sgd"], dict(tables, lr="fp32", momentum="fp32", dampening="fp32",
+        compile_kernel(masked_optim._kernels["sgd"], dict(tables, lr="fp32", momentum="fp32", dampening="fp32",
                        weight_decay="fp32"), dict(geometry, ALIGNED=aligned, HAS_MOMENTUM=True, NESTEROV=True,
                        MAXIMIZE=False, HAS_WD=True), num_warps=4)
-        compile_kernel(mo._kernels["adam"], dict(tables, lr="fp32", beta1="fp32", beta2="fp32", eps="fp32",
+        compile_kernel(masked_optim._kernels["adam"], dict(tables, lr="fp32", beta1="fp32", beta2="fp32", eps="fp32",
                        weight_decay="fp32", step_size="fp32", inv_bc2_sqrt="fp32"),
                        dict(geometry, ALIGNED=aligned, AMSGRAD=True, MAXIMIZE=False, HAS_WD=True, DECOUPLED=True),
                        num_warps=4)
-    compile_kernel(rw._rewind_kernel, tables, dict(PTR_TY=tl.pointer_type(dtype), BN=64, BK=64), num_warps=4)
-    compile_kernel(rw._update_mask_kernel, tables, dict(PTR_TY=tl.pointer_type(dtype), BN=64, BK=64), num_warps=4)
+    compile_kernel(rewind_kernels._rewind_kernel, tables, dict(PTR_TY=tl.pointer_type(dtype), BN=64, BK=64),
+                   num_warps=4)
 print("compiled")
 """
 
