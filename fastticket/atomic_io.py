@@ -18,6 +18,15 @@ import torch
 TEMP_SUFFIX = ".tmp"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def fsync_dir(path: str) -> None:
     """Make a rename in `path` durable (best effort: some filesystems refuse to open directories)."""
     try:
@@ -38,6 +47,7 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=directory)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600 files; published files get the usual umask-based mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

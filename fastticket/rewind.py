@@ -8,15 +8,17 @@ fastticket.kernels.rewind (one launch per device and dtype), "torch" its PyTorch
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
 
 from fastticket.backend import indices_by_backend
 from fastticket.kernels import rewind as rewind_kernels
+from fastticket.nn import masked_modules
 
-__all__ = ["rewind_", "rewind_and_reset_", "reset_state_"]
+__all__ = ["rewind_", "rewind_to", "rewind_and_reset_", "reset_state_"]
 
 
 @torch.no_grad()
@@ -30,6 +32,25 @@ def rewind_(params: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
     for backend, idx in indices_by_backend([p.device for p in params]).items():
         fn = rewind_kernels.rewind_ if backend == "triton" else rewind_kernels.rewind_reference_
         fn([params[i] for i in idx], [sources[i] for i in idx], [masks[i] for i in idx])
+
+
+def rewind_to(model: nn.Module, source_state: Dict[str, torch.Tensor]) -> None:
+    """weights = source * mask for masked weights (current masks), plain copies for everything else."""
+    masked = {f"{name}.weight": layer for name, layer in masked_modules(model)}
+    params, sources, masks = [], [], []
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, tensor in state.items():
+            if key.endswith("weight_mask") and key[: -len("_mask")] in masked:
+                continue  # the masks are the ones already installed, not the rewind point's
+            src = source_state[key].to(tensor.device)
+            if key in masked:
+                params.append(tensor)
+                sources.append(src)
+                masks.append(masked[key].weight_mask)
+            else:
+                tensor.copy_(src)
+        rewind_(params, sources, masks)
 
 
 def _state_tensors_to_zero(optimizer: Optimizer) -> List[torch.Tensor]:

@@ -32,7 +32,8 @@ from fastticket.errors import ConfigError
 from fastticket.nn import install_masks, model_masks
 from fastticket.prune import layer_rates, prune_with_config, random_masks_like
 from fastticket.rundir import RunDir, arm_dir  # noqa: F401  (arm_dir: the path of an arm, for callers)
-from fastticket.train import ArmSpec, Progress, build_masked_model, cpu_state, rewind_to, train_arm
+from fastticket.rewind import rewind_to
+from fastticket.train import ArmSpec, Progress, build_masked_model, cpu_state, train_arm
 
 if TYPE_CHECKING:
     from fastticket.data import DeviceData

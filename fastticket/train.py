@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastticket.config import SearchConfig
-from fastticket.nn import densities, masked_modules, sparsify
+from fastticket.nn import densities, sparsify
 from fastticket.rundir import ArmDir
 
 if TYPE_CHECKING:  # data/models import torchvision-adjacent code; only the annotations need them here
@@ -95,26 +95,6 @@ def lr_at(config: SearchConfig, iteration: int) -> float:
 
 def cpu_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def rewind_to(model: nn.Module, source_state: Dict[str, torch.Tensor]) -> None:
-    """weights = source * mask for masked weights (current masks), plain copies for everything else."""
-    from fastticket.rewind import rewind_
-    masked = {f"{name}.weight": layer for name, layer in masked_modules(model)}
-    params, sources, masks = [], [], []
-    state = model.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for key, tensor in state.items():
-            if key.endswith("weight_mask") and key[: -len("_mask")] in masked:
-                continue  # the masks are the ones already installed, not the rewind point's
-            src = source_state[key].to(tensor.device)
-            if key in masked:
-                params.append(tensor)
-                sources.append(src)
-                masks.append(masked[key].weight_mask)
-            else:
-                tensor.copy_(src)
-        rewind_(params, sources, masks)
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ from fastticket.nn import masked_modules
 from fastticket.presets import get_preset
 from fastticket.rundir import arm_dir
 from fastticket.search import run_search
-from fastticket.train import build_masked_model, rewind_to
+from fastticket.rewind import rewind_to
+from fastticket.train import build_masked_model
 
 LAYERS = ("fc.0", "fc.1", "output")
 # One intra-op thread (see the one_torch_thread fixture in conftest.py): subprocesses compared bit for bit
