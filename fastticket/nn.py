@@ -22,6 +22,24 @@ def _reapply_mask_after_load(module: "MaskedLayer", incompatible_keys) -> None:
     module.mask_changed_()
 
 
+def check_mask(mask: object, shape: Tuple[int, ...], owner: str = "weight") -> torch.Tensor:
+    """`mask` as a bool tensor, or a MaskError: only bool tensors and numeric tensors holding nothing but 0
+    and 1 are masks (0.3, NaN, 2 or -1 would otherwise silently mean "keep"); lists and numpy arrays are
+    refused rather than guessed at."""
+    if not isinstance(mask, torch.Tensor):
+        raise MaskError(f"a mask must be a torch.Tensor (bool, or 0/1 values), got {type(mask).__name__}; "
+                        f"convert it with torch.as_tensor(mask).bool()")
+    if tuple(mask.shape) != tuple(shape):
+        raise MaskError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(shape)} of {owner}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        bad = mask[~((mask == 0) | (mask == 1))].flatten()[:1].tolist()
+        raise MaskError(f"a {mask.dtype} mask must hold only 0 and 1 (1 keeps a weight, 0 prunes it), found "
+                        f"{bad[0] if bad else 'a complex value'}; threshold it explicitly, e.g. mask > 0.5")
+    return mask != 0
+
+
 class MaskedLayer:
     """What MaskedLinear and MaskedConv2d share. Not a Module by itself: mixed into nn.Linear / nn.Conv2d."""
 
@@ -35,6 +53,13 @@ class MaskedLayer:
         self.register_load_state_dict_post_hook(_reapply_mask_after_load)
         _mask_registry.register_layer(self)  # lets fastticket.optim find this weight's mask by itself
 
+    def __setstate__(self, state) -> None:
+        # deepcopy, pickle and a whole-model torch.load rebuild the layer without __init__: register the copy
+        # too, or the masked optimizers would not find its mask and would revive pruned weights after a mask
+        # change.
+        super().__setstate__(state)  # type: ignore[misc]
+        _mask_registry.register_layer(self)
+
     @torch.no_grad()
     def apply_mask_(self):
         """Zero the pruned weights in place (exact zeros, NaN/inf included)."""
@@ -43,13 +68,12 @@ class MaskedLayer:
 
     @torch.no_grad()
     def set_mask_(self, mask: torch.Tensor):
-        """Replace the mask (bool or 0/1 tensor of the weight's shape) and zero the newly pruned weights."""
-        if tuple(mask.shape) != tuple(self.weight.shape):
-            raise ValueError(
-                f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(self.weight.shape)} "
-                f"of {self.__class__.__name__}"
-            )
-        self.weight_mask.copy_(mask != 0)
+        """Replace the mask (bool or 0/1 tensor of the weight's shape) and zero the newly pruned weights.
+
+        After a mask change mid-training, an optimizer's state (momentum, Adam moments) is not zero on the
+        newly pruned entries: fastticket.optim's masked optimizers handle that themselves; for a torch.optim
+        optimizer call `fastticket.optim.mask_optimizer_state_(optimizer)` after this."""
+        self.weight_mask.copy_(check_mask(mask, tuple(self.weight.shape), self.__class__.__name__))
         return self.mask_changed_()
 
     def mask_changed_(self):
@@ -119,6 +143,18 @@ def masked_modules(model: nn.Module) -> Iterator[Tuple[str, MaskedLayer]]:
             yield name, module
 
 
+def untied_masked_modules(model: nn.Module) -> Iterator[Tuple[str, MaskedLayer]]:
+    """`masked_modules`, refusing (MaskError) two masked layers that share one weight tensor: each would
+    prune it at its own rate and density() would count it twice."""
+    seen: Dict[int, str] = {}
+    for name, module in list(masked_modules(model)):
+        other = seen.setdefault(id(module.weight), name)
+        if other != name:
+            raise MaskError(f"masked layers {other!r} and {name!r} share one weight tensor (tied weights); keep "
+                            f"one of them a plain layer (fastticket.sparsify(model, exclude=[{name!r}]))")
+        yield name, module
+
+
 def _matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
     return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -169,19 +205,32 @@ def sparsify(model: nn.Module, include: Optional[Iterable[str]] = None, exclude:
     """
     include = list(include) if include is not None else None
     exclude = list(exclude) if exclude is not None else None
+    if isinstance(model, (nn.Linear, nn.Conv2d)) and not isinstance(model, MASKED_TYPES):
+        raise MaskError(f"sparsify swaps the Linear/Conv2d layers inside a model, and this model is itself a bare "
+                        f"{type(model).__name__}: build a {'MaskedLinear' if isinstance(model, nn.Linear) else 'MaskedConv2d'} "
+                        f"instead, or wrap it (nn.Sequential(layer))")
     candidates = [(n, m) for n, m in model.named_modules()
                   if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, MASKED_TYPES) and n]
+    if not candidates and not any(True for _ in masked_modules(model)):
+        raise MaskError(f"sparsify found no nn.Linear or nn.Conv2d layer in this {type(model).__name__}: nothing to "
+                        f"mask")
     if include is not None:
         names = [n for n, _ in candidates]
         unmatched = [p for p in include if not any(fnmatch.fnmatchcase(n, p) for n in names)]
         if unmatched:
             raise ValueError(f"sparsify(include=...) matched no Linear/Conv2d layer for {unmatched}; "
                              f"layers are {names}")
-    for name, module in candidates:
-        if include is not None and not _matches(name, include):
-            continue
-        if _matches(name, exclude):
-            continue
+    chosen = [(n, m) for n, m in candidates
+              if (include is None or _matches(n, include)) and not _matches(n, exclude)]
+    # Tied weights (one Parameter in two layers) would get two masks: one tensor pruned at two layers' rates
+    # and counted twice by density(). Refuse rather than guess which layer's mask should win.
+    owners: Dict[int, str] = {id(m.weight): n for n, m in masked_modules(model)}
+    for name, module in chosen:
+        other = owners.setdefault(id(module.weight), name)
+        if other != name:
+            raise MaskError(f"layers {other!r} and {name!r} share one weight tensor (tied weights), which would get "
+                            f"two masks; mask only one of them, e.g. sparsify(model, exclude=[{name!r}])")
+    for name, module in chosen:
         twin = _masked_twin(module)
         if masks_from_zeros:
             twin.set_mask_(module.weight.detach() != 0)
@@ -204,7 +253,7 @@ def density(model: nn.Module) -> Dict[str, Union[int, float, dict]]:
     """Per masked layer and in total: alive weights, size, and density (alive / size)."""
     layers = {}
     alive_total = size_total = 0
-    for name, module in masked_modules(model):
+    for name, module in untied_masked_modules(model):
         alive, size = int(module.weight_mask.sum()), module.weight_mask.numel()
         layers[name] = {"alive": alive, "size": size, "density": alive / size}
         alive_total += alive

@@ -30,7 +30,34 @@ from fastticket.kernels import masked_optim
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]]]
 
-__all__ = ["MaskedSGD", "MaskedAdam", "MaskedAdamW", "enable_fused_dw_update", "disable_fused_dw_update"]
+__all__ = ["MaskedSGD", "MaskedAdam", "MaskedAdamW", "enable_fused_dw_update", "disable_fused_dw_update",
+           "mask_optimizer_state_"]
+
+
+@torch.no_grad()
+def mask_optimizer_state_(optimizer: Optimizer) -> int:
+    """Zero the state of any optimizer (torch.optim's too) on pruned entries, and the pruned weights; call it
+    after changing masks mid-training. Returns how many parameters had a mask.
+
+    Masked layers mask the weight gradient, but torch.optim's SGD with momentum, Adam and AdamW keep stepping
+    with the state gathered before a mask change and would revive every newly pruned weight. With that state
+    zero, a zero gradient and a zero weight, each of their updates on a pruned entry is exactly zero (weight
+    decay included), so the pruned weights stay zero. The masked optimizers of this module need no such call.
+    """
+    masked = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            mask = (optimizer.mask_for(p) if isinstance(optimizer, _MaskedOptimizer)
+                    else _mask_registry.mask_of(p))
+            if mask is None:
+                continue
+            masked += 1
+            pruned = ~mask.to(device=p.device, dtype=torch.bool)
+            p.masked_fill_(pruned, 0.0)
+            for value in optimizer.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(p.shape):
+                    value.masked_fill_(pruned, 0.0)
+    return masked
 
 
 def _as_bool_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

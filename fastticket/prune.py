@@ -39,9 +39,9 @@ from torch import nn
 # check_rate and parse_granularity are the config's (one check for the config, pruning and the CLI); importable
 # from here too.
 from fastticket.config import SCOPES, Block, check_rate, parse_granularity  # noqa: F401
-from fastticket.errors import ConfigError
+from fastticket.errors import ConfigError, MaskError
 from fastticket.kernels.tile_map import live_tiles
-from fastticket.nn import masked_modules
+from fastticket.nn import masked_modules, untied_masked_modules
 
 BLOCK_NORMS = ("l1", "l2")
 
@@ -254,6 +254,9 @@ def prune(model: nn.Module, rate: float = 0.2, *, scope: str = "layerwise", conv
     if block_norm not in BLOCK_NORMS:
         raise ConfigError(f"block norm must be one of {BLOCK_NORMS}, got {block_norm!r}")
     score_fn = get_criterion(criterion)
+    if not list(untied_masked_modules(model)):
+        raise MaskError(f"prune: this {type(model).__name__} has no masked layers, so there is nothing to prune; "
+                        f"call fastticket.sparsify(model) first")
     rates = layer_rates(model, rate, scope=scope, conv_rate=conv_rate, output_rate=output_rate,
                         exclude=exclude, output_layer=output_layer)
     layers = dict(masked_modules(model))
