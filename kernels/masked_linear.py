@@ -18,11 +18,23 @@ is exact, and inside a live tile the zeros contribute nothing.
 Precision: fp32 inputs use IEEE fp32 products unless `torch.backends.cuda.matmul.allow_tf32` is set (then
 TF32, like cuBLAS under the same flag); bf16 / fp16 inputs accumulate in fp32; outputs are in the input dtype.
 
-Tile sizes: the tile map's (BN, BK) must equal the kernels' (BLOCK_N, BLOCK_K), because a kernel step
-consumes exactly one tile of the map. So BLOCK_N / BLOCK_K are fixed per device (64 x 64 on CUDA, 16 x 16
-in the CPU interpreter so small test shapes still span several tiles) and autotuning on CUDA varies only
-BLOCK_M, num_warps and num_stages, keyed on (M, N, K, live-tile count) plus the dtypes (triton adds those).
-Under the interpreter a single fixed config runs (autotuning there would take minutes).
+Tile sizes: the tile map's (BN, BK) is the kernels' skipping grain: a forward / dX step consumes one map
+tile along the reduction, and a program covers 1, 2 or 4 map tiles across (BLOCK_N = ROWS * TILE_N in the
+forward, BLOCK_K = ROWS * TILE_K in dX), walking the union of their lists (TileMap.grouped) and loading only
+the live sub-tiles of each step. BN / BK are fixed per device (64 x 64 on CUDA, 16 x 16 in the CPU
+interpreter so small test shapes still span several tiles); the width comes from _rows_per_program (a
+heuristic, unmeasured) and autotuning on CUDA varies BLOCK_M, num_warps and num_stages, keyed on (M, N, K,
+width, live_bucket(live fraction)) plus the dtypes (triton adds those). Under the interpreter a single fixed
+config runs (autotuning there would take minutes).
+
+Pipelining: each program stages its live list in registers (_LIST_CHUNK entries at a time) and picks the
+step's tile index out of registers, so the operand loads do not depend on a load issued in the same loop;
+compiled for sm_90 the forward and dX then hold num_stages shared-memory buffers per operand (2 with the
+index loaded in the loop, whatever num_stages; tests/test_masked_linear_kernels.py checks it).
+
+dW: one program per (live tile, token split); _dw_split picks enough splits to give every SM ~4 programs
+when few tiles are live (the splits add into an fp32 buffer with atomics), 1 off CUDA or under
+torch.use_deterministic_algorithms(True).
 
 Dispatch per layer (kernels/dispatch.py): when the live-tile fraction is at or above the measured
 threshold, dense cuBLAS runs instead (`F.linear` forward and dX are exact under the zero invariant; dW is
@@ -37,6 +49,7 @@ eagerly (one graph break per masked layer) and the rest of the model compiled. T
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -45,7 +58,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fastticket.kernels._common import device_guard, dot_input_precision
+from fastticket.kernels._common import device_guard, dot_input_precision, sm_count
 from fastticket.kernels.dispatch import use_tile_skipping
 from fastticket.kernels.tile_map import TileMap
 
@@ -77,13 +90,78 @@ def linear_tile_sizes(device: torch.device, dtype: torch.dtype) -> Tuple[int, in
 _INTERPRETER_BLOCK_M = 16
 # M-tiles per launch-order group (L2 reuse; see _grouped_tile).
 _GROUP_M = 8
+# Live-list entries a forward / dX program stages in registers at a time (see _live_tiles_dot).
+_LIST_CHUNK = 64
+# Tile-rows (forward) or tile-columns (dX) one program may cover: 64-wide tiles -> 64, 128 or 256 wide programs.
+_WIDE_ROWS = (1, 2, 4)
+# A wide program multiplies every dead sub-tile of its union list as zeros: take width only when at least
+# this fraction of the (rows x entries) sub-tiles it computes are live tiles.
+_WIDE_MIN_FILL = 0.75
+# Below this many tokens, BLOCK_M = 32 configs (mma.sync on Hopper: warp-group MMA needs 64 rows per warp
+# group) may win, because a 64-row tile would be mostly padding; above it they are not even tried.
+_SMALL_M = 32
+# Per-block shared-memory budget when the device cannot be asked (sm_80's 163 KiB; sm_90 has 227 KiB).
+_SMEM_BUDGET = 160 * 1024
 
 
 def _cuda_configs() -> List[triton.Config]:
-    configs = []
-    for block_m, warps, stages in [(128, 8, 3), (128, 4, 4), (64, 4, 4), (64, 4, 3), (32, 4, 4), (256, 8, 3)]:
-        configs.append(triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages))
-    return configs
+    """Forward / dX configs. Each compiles (sm_90) to num_stages shared-memory buffers per operand (the live
+    list is staged in registers, so no stage is spent on an index load) and to a kernel distinct from the
+    others; BLOCK_M = 32 is the one mma.sync config (pruned unless M is small, see _prune_configs)."""
+    return [triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
+            for block_m, warps, stages in [(128, 8, 4), (128, 4, 4), (64, 4, 5), (256, 8, 3), (32, 4, 5)]]
+
+
+def _dw_cuda_configs() -> List[triton.Config]:
+    """dW configs: BLOCK_M is the reduction chunk over tokens, the MMA tile is the 64 x 64 map tile."""
+    return [triton.Config({"BLOCK_M": block_m}, num_warps=4, num_stages=stages)
+            for block_m, stages in [(64, 4), (128, 3), (32, 5)]]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs that cannot win or cannot fit: BLOCK_M = 32 (mma.sync) unless M is small, BLOCK_M far
+    above M. A config whose pipeline buffers overflow shared memory for this dtype and program width keeps
+    as many stages as fit, if that is still >= 3 buffers; otherwise it is dropped. Duplicates collapse."""
+    m = named_args["M"]
+    a = named_args["x_ptr"] if "x_ptr" in named_args else named_args["dy_ptr"]
+    elem = a.element_size()
+    width = kwargs.get("BLOCK_N", 64) if "x_ptr" in named_args else kwargs.get("BLOCK_K", 64)
+    step = 64  # the map tile along the reduction
+    budget = _SMEM_BUDGET
+    if a.device.type == "cuda":
+        budget = getattr(torch.cuda.get_device_properties(a.device), "shared_memory_per_block_optin", budget)
+    kept = {}
+    for cfg in configs:
+        block_m = cfg.kwargs["BLOCK_M"]
+        if block_m < 64 and m > _SMALL_M:
+            continue
+        if block_m > 64 and block_m >= 2 * max(m, 1):
+            continue
+        stages = min(cfg.num_stages, budget // ((block_m * step + step * width) * elem))
+        if stages < 3:
+            continue
+        kept.setdefault((block_m, cfg.num_warps, stages),
+                        triton.Config(dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=stages))
+    if not kept:
+        stages = max(2, min(3, budget // ((64 * step + step * width) * elem)))
+        return [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=stages)]
+    return list(kept.values())
+
+
+def _dw_prune_configs(configs, named_args, **kwargs):
+    m = named_args["M"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] >= 64 or m <= _SMALL_M]
+    return kept or configs
+
+
+def live_bucket(live_fraction: float) -> int:
+    """Autotune key for sparsity: floor(-log2(live fraction)), capped at 7 (<= 1/128 live). IMP levels that
+    prune 20% each stay ~3 levels in a bucket, so a layer is re-tuned a few times per search, not per level."""
+    if live_fraction >= 1.0:
+        return 0
+    if live_fraction <= 0.0:
+        return 7
+    return min(7, int(math.floor(-math.log2(live_fraction))))
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -102,38 +180,64 @@ def _grouped_tile(pid, tiles_m, tiles_other, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _live_tiles_dot(
-    list_ptr, list_idx, tile,
+    list_ptr, list_idx, list_bits, group,
     a_ptr, offs_m, m_ok, stride_am, stride_aj,
     b_ptr, offs_c, c_ok, stride_bj, stride_bc,
     J, acc,
-    INPUT_PRECISION: tl.constexpr, BLOCK_J: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, TILE_C: tl.constexpr,
+    LIST_CHUNK: tl.constexpr,
 ):
-    """acc + A[offs_m, j] @ B[j, offs_c], summed over the j-tiles that the CSR lists (list_ptr, list_idx) name
-    for row `tile`: the main loop of the forward (j = the live K-tiles of an output tile-row; A = X, B = W^T)
-    and of dX (j = the live N-tiles of a K tile-column; A = dY, B = W). J bounds j."""
-    start = tl.load(list_ptr + tile)
-    end = tl.load(list_ptr + tile + 1)
+    """acc + A[offs_m, j] @ B[j, offs_c], summed over the j-tiles that the grouped CSR lists (list_ptr,
+    list_idx, list_bits; kernels/tile_map.py) name for `group`: the main loop of the forward (j = live K-tiles,
+    A = X, B = W^T) and of dX (j = live N-tiles, A = dY, B = W). J bounds j.
+
+    The program's list is staged in registers LIST_CHUNK entries at a time and each step's tile index is
+    picked out of that register block: the loads of A and B then depend on the loop counter only, not on a
+    load from memory in the same loop, so the software pipeliner keeps num_stages - 1 tiles in flight (with
+    the index loaded inside the loop it spends a stage on it, leaving one).
+
+    A program covers BLOCK_C = ROWS * TILE_C columns (ROWS map tiles). Its list is the union of its ROWS
+    tile lists; bit r of an entry's bits says whether sub-tile r is live there, and dead sub-tiles are not
+    loaded (zero in registers): the MMA spans the whole width, memory traffic only the live tiles.
+    """
+    ROWS: tl.constexpr = BLOCK_C // TILE_C
+    start = tl.load(list_ptr + group)
+    end = tl.load(list_ptr + group + 1)
     arange_j = tl.arange(0, BLOCK_J)
-    for i in range(start, end):
-        offs_j = tl.load(list_idx + i) * BLOCK_J + arange_j
-        j_ok = offs_j < J
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_j[None, :] * stride_aj,
-                    mask=m_ok[:, None] & j_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_j[:, None] * stride_bj + offs_c[None, :] * stride_bc,
-                    mask=j_ok[:, None] & c_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    slots = tl.arange(0, LIST_CHUNK)
+    sub = tl.arange(0, BLOCK_C) // TILE_C
+    for c0 in range(start, end, LIST_CHUNK):
+        in_chunk = c0 + slots < end
+        chunk_idx = tl.load(list_idx + c0 + slots, mask=in_chunk, other=0)
+        if ROWS > 1:
+            chunk_bits = tl.load(list_bits + c0 + slots, mask=in_chunk, other=0)
+        for i in range(0, tl.minimum(end - c0, LIST_CHUNK)):
+            pick = slots == i
+            jt = tl.sum(tl.where(pick, chunk_idx, 0), axis=0)
+            offs_j = jt.to(tl.int64) * BLOCK_J + arange_j
+            j_ok = offs_j < J
+            b_ok = j_ok[:, None] & c_ok[None, :]
+            if ROWS > 1:
+                live_bits = tl.sum(tl.where(pick, chunk_bits, 0), axis=0)
+                b_ok = b_ok & (((live_bits >> sub) & 1) != 0)[None, :]
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_j[None, :] * stride_aj,
+                        mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + offs_j[:, None] * stride_bj + offs_c[None, :] * stride_bc, mask=b_ok, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     return acc
 
 
 @triton.jit
 def _fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, row_ptr, col_idx,
+    x_ptr, w_ptr, b_ptr, y_ptr, row_ptr, col_idx, row_bits,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    N_LIVE,  # live-tile count: only an autotune key (a sparser layer gets its own config)
+    LIVE_BUCKET,  # bucketed live fraction (live_bucket): only an autotune key
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr,
+    LIST_CHUNK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # BLOCK_N = program width (a multiple of the map's TILE_N); the lists are grouped by BLOCK_N // TILE_N.
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     # int64 row offsets: M * K can exceed 2^31 for long token batches.
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -141,10 +245,11 @@ def _fwd_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     # X tiles times W^T tiles [BLOCK_K, BLOCK_N], read straight from W's [N, K] layout (k strides as rows).
-    acc = _live_tiles_dot(row_ptr, col_idx, pid_n,
+    acc = _live_tiles_dot(row_ptr, col_idx, row_bits, pid_n,
                           x_ptr, offs_m, m_ok, stride_xm, stride_xk,
                           w_ptr, offs_n, n_ok, stride_wk, stride_wn,
-                          K, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, BLOCK_K)
+                          K, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, BLOCK_K, BLOCK_N,
+                          TILE_N, LIST_CHUNK)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc += bias[None, :]
@@ -154,47 +259,46 @@ def _fwd_kernel(
 
 @triton.jit
 def _dx_kernel(
-    dy_ptr, w_ptr, dx_ptr, col_ptr, row_idx,
+    dy_ptr, w_ptr, dx_ptr, col_ptr, row_idx, col_bits,
     M, N, K,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dxm, stride_dxk,
-    N_LIVE,
+    LIVE_BUCKET,
     INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_K: tl.constexpr,
+    LIST_CHUNK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # BLOCK_K = program width (a multiple of the map's TILE_K); BLOCK_N = the map's N tile (the reduction step).
     pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     m_ok = offs_m < M
     k_ok = offs_k < K
-    # dY tiles times W tiles [BLOCK_N, BLOCK_K] over the transposed lists (the live N-tiles of K-tile pid_k).
-    acc = _live_tiles_dot(col_ptr, row_idx, pid_k,
+    # dY tiles times W tiles [BLOCK_N, BLOCK_K] over the transposed lists (the live N-tiles of the K-tiles).
+    acc = _live_tiles_dot(col_ptr, row_idx, col_bits, pid_k,
                           dy_ptr, offs_m, m_ok, stride_dym, stride_dyn,
                           w_ptr, offs_k, k_ok, stride_wn, stride_wk,
-                          N, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INPUT_PRECISION, BLOCK_N)
+                          N, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INPUT_PRECISION, BLOCK_N, BLOCK_K,
+                          TILE_K, LIST_CHUNK)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
-def dw_tile(
-    dy_ptr, x_ptr, nt, kt,
-    M, N, K,
+def dw_tile_rows(
+    dy_ptr, x_ptr, nt, kt, m_lo, m_hi,
+    N, K,
     stride_dym, stride_dyn, stride_xm, stride_xk,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """The (nt, kt) tile of dY^T @ X, reduced over all M rows in fp32, unmasked: the main loop of the dW
-    kernel here and of the fused dW + SGD kernel (kernels/linear_dw_sgd.py).
-
-    Returns (acc [BLOCK_N, BLOCK_K] fp32, offs_n, offs_k (int64), tile_ok (the in-bounds part of the tile)).
-    """
+    """The (nt, kt) tile of dY[m_lo:m_hi]^T @ X[m_lo:m_hi] in fp32, unmasked (see dw_tile)."""
     offs_n = (nt * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = (kt * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     n_ok = offs_n < N
     k_ok = offs_k < K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        m_ok = offs_m < M
+        m_ok = offs_m < m_hi
         # dY^T tile [BLOCK_N, BLOCK_M] read from dY's [M, N] layout.
         dyt = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
                       mask=m_ok[None, :] & n_ok[:, None], other=0.0)
@@ -205,36 +309,69 @@ def dw_tile(
 
 
 @triton.jit
+def dw_tile(
+    dy_ptr, x_ptr, nt, kt,
+    M, N, K,
+    stride_dym, stride_dyn, stride_xm, stride_xk,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The (nt, kt) tile of dY^T @ X, reduced over all M rows in fp32, unmasked: the main loop of the fused
+    dW + SGD kernel (kernels/linear_dw_sgd.py); the dW kernel here uses dw_tile_rows over its token split.
+
+    Returns (acc [BLOCK_N, BLOCK_K] fp32, offs_n, offs_k (int64), tile_ok (the in-bounds part of the tile)).
+    """
+    return dw_tile_rows(dy_ptr, x_ptr, nt, kt, 0, M, N, K, stride_dym, stride_dyn, stride_xm, stride_xk,
+                        INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
 def _dw_kernel(
     dy_ptr, x_ptr, mask_ptr, dw_ptr, coo_rows, coo_cols,
-    M, N, K,
+    M, N, K, M_PER_SPLIT,
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_mn, stride_mk, stride_dwn, stride_dwk,
-    N_LIVE,
-    INPUT_PRECISION: tl.constexpr,
+    LIVE_BUCKET,
+    INPUT_PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Program (live tile t, token split s): rows [s * M_PER_SPLIT, (s + 1) * M_PER_SPLIT) of the reduction.
+    # With more than one split (ATOMIC) the partial tiles add into a zeroed fp32 buffer.
     t = tl.program_id(0)
-    acc, offs_n, offs_k, tile_ok = dw_tile(
-        dy_ptr, x_ptr, tl.load(coo_rows + t), tl.load(coo_cols + t), M, N, K,
+    m_lo = tl.program_id(1) * M_PER_SPLIT
+    m_hi = tl.minimum(m_lo + M_PER_SPLIT, M)
+    acc, offs_n, offs_k, tile_ok = dw_tile_rows(
+        dy_ptr, x_ptr, tl.load(coo_rows + t), tl.load(coo_cols + t), m_lo, m_hi, N, K,
         stride_dym, stride_dyn, stride_xm, stride_xk, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     # Element mask in the epilogue: pruned entries of a live tile get exactly zero gradient.
     keep = tl.load(mask_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=tile_ok, other=0)
     acc = tl.where(keep != 0, acc, 0.0)
-    tl.store(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
-             acc.to(dw_ptr.dtype.element_ty), mask=tile_ok)
+    dw_offs = offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk
+    if ATOMIC:
+        tl.atomic_add(dw_ptr + dw_offs, acc, mask=tile_ok, sem="relaxed")
+    else:
+        tl.store(dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=tile_ok)
 
 
 _AUTOTUNED: dict = {}
+_KEYS = {"fwd": ["M", "N", "K", "BLOCK_N", "LIVE_BUCKET"], "dx": ["M", "N", "K", "BLOCK_K", "LIVE_BUCKET"],
+         "dw": ["M", "N", "K", "M_PER_SPLIT", "LIVE_BUCKET"]}
 
 
-def _kernel(name: str, device: torch.device):
+def _kernel(name: str, device: torch.device, atomic: bool = False):
     """The jitted kernel to launch: autotuned on CUDA, plain (fixed BLOCK_M) under the interpreter."""
     base = {"fwd": _fwd_kernel, "dx": _dx_kernel, "dw": _dw_kernel}[name]
     if device.type != "cuda":
         return base
-    if name not in _AUTOTUNED:
-        _AUTOTUNED[name] = triton.autotune(configs=_cuda_configs(), key=["M", "N", "K", "N_LIVE"])(base)
-    return _AUTOTUNED[name]
+    tag = (name, atomic)
+    if tag not in _AUTOTUNED:
+        if name == "dw":
+            # Timed runs add into the buffer again: re-zero it before each (split dW only).
+            _AUTOTUNED[tag] = triton.autotune(configs=_dw_cuda_configs(), key=_KEYS[name],
+                                              prune_configs_by={"early_config_prune": _dw_prune_configs},
+                                              reset_to_zero=["dw_ptr"] if atomic else None)(base)
+        else:
+            _AUTOTUNED[tag] = triton.autotune(configs=_cuda_configs(), key=_KEYS[name],
+                                              prune_configs_by={"early_config_prune": _prune_configs})(base)
+    return _AUTOTUNED[tag]
 
 
 def _launch_meta(device: torch.device) -> dict:
@@ -250,13 +387,40 @@ def _check_tile_map(tile_map: TileMap, n: int, k: int, device: torch.device, dty
     return bn, bk
 
 
+def _rows_per_program(tile_map: TileMap, axis: str, m: int, dtype: torch.dtype, device: torch.device,
+                      requested: Optional[int]) -> int:
+    """How many map tiles wide a forward (axis "rows") or dX (axis "cols") program is.
+
+    On CUDA by default: the widest of 4 / 2 tiles (256 / 128 columns) whose grouped lists waste at most a
+    quarter of the MMA work on dead sub-tiles (_WIDE_MIN_FILL) and still give every SM a program (with
+    128-row M tiles); fp32 stops at 2 (a 256-wide fp32 B tile leaves no room for 3 buffers). Unmeasured:
+    a GPU run of `fastticket bench --suite linear` should confirm it. The interpreter uses 1 unless asked.
+    """
+    if requested is not None:
+        if requested not in _WIDE_ROWS:
+            raise ValueError(f"rows_per_program must be one of {_WIDE_ROWS}, got {requested}")
+        return requested
+    if device.type != "cuda" or tile_map.n_live == 0:
+        return 1
+    tiles_m = triton.cdiv(max(m, 1), 128)
+    for rows in (4, 2):
+        if rows == 4 and dtype == torch.float32:
+            continue
+        lists = tile_map.grouped(axis, rows)
+        fill = tile_map.n_live / max(1, rows * lists.n_entries)
+        if fill >= _WIDE_MIN_FILL and tiles_m * lists.groups >= sm_count(device.index or 0):
+            return rows
+    return 1
+
+
 # ------------------------------------------------------------------------------------------------ launchers
 
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tile_map: TileMap,
-                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   out: Optional[torch.Tensor] = None, *, rows_per_program: Optional[int] = None) -> torch.Tensor:
     """Y = x @ weight^T + bias over the live tiles only. x: [M, K]; returns [M, N] in x's dtype.
 
     `out` (optional, [M, N], x's dtype) is fully overwritten, which the tests check by passing NaN-filled buffers.
+    `rows_per_program` (1, 2 or 4 map tiles of N per program) overrides the width heuristic.
     """
     m, k = x.shape
     n = weight.shape[0]
@@ -265,23 +429,31 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return out
+    rows = _rows_per_program(tile_map, "rows", m, x.dtype, x.device, rows_per_program)
+    lists = tile_map.grouped("rows", rows)
+    width = rows * bn
     kernel = _kernel("fwd", x.device)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, bn),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, width),)  # noqa: E731
     with device_guard(out):
         kernel[grid](
-            x, weight, bias if bias is not None else x, out, tile_map.row_ptr, tile_map.col_idx,
+            x, weight, bias if bias is not None else x, out, lists.ptr, lists.idx,
+            lists.bits if lists.bits is not None else lists.idx,
             m, n, k,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-            tile_map.n_live,
+            live_bucket(tile_map.live_fraction),
             HAS_BIAS=bias is not None, INPUT_PRECISION=dot_input_precision(x.dtype, "matmul"),
-            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, **_launch_meta(x.device),
+            BLOCK_N=width, BLOCK_K=bk, TILE_N=bn, LIST_CHUNK=_LIST_CHUNK, GROUP_M=_GROUP_M,
+            **_launch_meta(x.device),
         )
     return out
 
 
 def linear_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, tile_map: TileMap,
-                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dX = grad_out @ weight over the live tiles only. grad_out: [M, N]; returns [M, K]."""
+                      out: Optional[torch.Tensor] = None, *, rows_per_program: Optional[int] = None
+                      ) -> torch.Tensor:
+    """dX = grad_out @ weight over the live tiles only. grad_out: [M, N]; returns [M, K].
+
+    `rows_per_program` (1, 2 or 4 map tiles of K per program) overrides the width heuristic."""
     m, n = grad_out.shape
     k = weight.shape[1]
     bn, bk = _check_tile_map(tile_map, n, k, grad_out.device, grad_out.dtype)
@@ -289,47 +461,80 @@ def linear_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, tile_map: Ti
         out = torch.empty((m, k), device=grad_out.device, dtype=grad_out.dtype)
     if m == 0 or k == 0:
         return out
+    rows = _rows_per_program(tile_map, "cols", m, grad_out.dtype, grad_out.device, rows_per_program)
+    lists = tile_map.grouped("cols", rows)
+    width = rows * bk
     kernel = _kernel("dx", grad_out.device)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, bk),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, width),)  # noqa: E731
     with device_guard(out):
         kernel[grid](
-            grad_out, weight, out, tile_map.col_ptr, tile_map.row_idx,
+            grad_out, weight, out, lists.ptr, lists.idx, lists.bits if lists.bits is not None else lists.idx,
             m, n, k,
             grad_out.stride(0), grad_out.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
-            out.stride(1), tile_map.n_live,
+            out.stride(1), live_bucket(tile_map.live_fraction),
             INPUT_PRECISION=dot_input_precision(grad_out.dtype, "matmul"),
-            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, **_launch_meta(grad_out.device),
+            BLOCK_N=bn, BLOCK_K=width, TILE_K=bk, LIST_CHUNK=_LIST_CHUNK, GROUP_M=_GROUP_M,
+            **_launch_meta(grad_out.device),
         )
     return out
 
 
+def _dw_split(m: int, n_live: int, device: torch.device) -> int:
+    """Token splits per live dW tile: enough programs to fill the GPU (4 per SM) when few tiles are live,
+    each split still reducing >= 1024 tokens so the fp32 atomics stay a small part of its work. 1 under the
+    interpreter and under torch.use_deterministic_algorithms(True) (atomic adds round in varying order)."""
+    if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+        return 1
+    want = triton.cdiv(4 * sm_count(device.index or 0), max(1, n_live))
+    return max(1, min(want, triton.cdiv(m, 1024)))
+
+
+def _live_elements(tile_map: TileMap, device: torch.device) -> torch.Tensor:
+    bn, bk = tile_map.block
+    n, k = tile_map.shape
+    return tile_map.live.to(device).repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
+
+
 def linear_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, tile_map: TileMap,
-                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       out: Optional[torch.Tensor] = None, *, split_m: Optional[int] = None) -> torch.Tensor:
     """dW = (grad_out^T @ x) * mask, computed for live tiles only. Returns [N, K] in x's dtype.
 
     Dead tiles are never written: a fresh result is zero-initialised, and a caller-supplied `out` must hold
     zeros there already (the tests pass a NaN-filled `out` to prove the dead tiles are left untouched).
+    `split_m` programs share each live tile's reduction over tokens (default: _dw_split, so that a layer with
+    few live tiles still fills the GPU); with more than one, partial tiles add into an fp32 buffer with
+    atomics (not bit-reproducible run to run); 1 is deterministic.
     """
     m, n = grad_out.shape
     k = x.shape[1]
     bn, bk = _check_tile_map(tile_map, n, k, x.device, x.dtype)
-    if out is None:
+    fresh = out is None
+    if fresh:
         out = torch.zeros((n, k), device=x.device, dtype=x.dtype)
     if tile_map.n_live == 0:
         return out
-    # m == 0 needs no special case: the kernel's M loop runs zero times and stores zeros in live tiles.
+    split = _dw_split(m, tile_map.n_live, x.device) if split_m is None else max(1, int(split_m))
+    # Whole BLOCK_M-friendly chunks per split; m == 0 runs one split whose loop is empty and stores zeros.
+    m_per_split = max(64, triton.cdiv(triton.cdiv(max(m, 1), split), 64) * 64) if split > 1 else max(m, 1)
+    split = triton.cdiv(max(m, 1), m_per_split)
+    atomic = split > 1
+    acc = out
+    if atomic and not (fresh and out.dtype == torch.float32):
+        acc = torch.zeros((n, k), device=x.device, dtype=torch.float32)
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    kernel = _kernel("dw", x.device)
+    kernel = _kernel("dw", x.device, atomic)
     with device_guard(out):
-        kernel[(tile_map.n_live,)](
-            grad_out, x, mask_u8, out, tile_map.coo_rows, tile_map.coo_cols,
-            m, n, k,
+        kernel[(tile_map.n_live, split)](
+            grad_out, x, mask_u8, acc, tile_map.coo_rows, tile_map.coo_cols,
+            m, n, k, m_per_split,
             grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),
-            mask_u8.stride(0), mask_u8.stride(1), out.stride(0), out.stride(1),
-            tile_map.n_live,
-            INPUT_PRECISION=dot_input_precision(x.dtype, "matmul"),
+            mask_u8.stride(0), mask_u8.stride(1), acc.stride(0), acc.stride(1),
+            live_bucket(tile_map.live_fraction),
+            INPUT_PRECISION=dot_input_precision(x.dtype, "matmul"), ATOMIC=atomic,
             BLOCK_N=bn, BLOCK_K=bk, **_launch_meta(x.device),
         )
+    if acc is not out:
+        out.copy_(torch.where(_live_elements(tile_map, out.device), acc.to(out.dtype), out))
     return out
 
 

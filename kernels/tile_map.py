@@ -9,13 +9,48 @@ ceil(N/BN) x ceil(K/BK) tiles; edge tiles are partial. The lists:
 - COO (dW, optimizer):              live tile t is (`coo_rows[t]`, `coo_cols[t]`), row-major order.
 
 All index tensors are int32 on the mask's device; every list is sorted ascending.
+
+Grouped lists (`TileMap.grouped`), for kernels whose program covers several tile-rows (or tile-columns) at
+once: per group of `rows` consecutive tile-rows, the union of their live lists, and per entry a bitmask whose
+bit r says whether the group's r-th tile-row is live there (so a wide program still loads only live tiles).
+Derived from `live` on first use and cached on the map, i.e. once per mask change.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Hashable, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Hashable, Optional, Tuple
 
 import torch
+
+
+@dataclass(frozen=True)
+class GroupedLists:
+    """CSR over groups of `rows` tile-rows of a live-tile matrix (see the module docstring)."""
+    rows: int
+    ptr: torch.Tensor            # int32 [groups + 1]
+    idx: torch.Tensor            # int32 [n_entries]: tile-columns live in any row of the group, ascending
+    bits: Optional[torch.Tensor]  # int32 [n_entries]: bit r = the group's r-th tile-row is live; None if rows == 1
+    n_entries: int
+
+    @property
+    def groups(self) -> int:
+        return self.ptr.numel() - 1
+
+
+def group_lists(live: torch.Tensor, rows: int) -> GroupedLists:
+    """Grouped CSR of a bool live-tile matrix [tile_rows, tile_cols], `rows` tile-rows per group (1 <= rows <= 30)."""
+    if not 1 <= rows <= 30:
+        raise ValueError(f"rows per group must be in 1..30, got {rows}")
+    t_rows, t_cols = live.shape
+    groups = -(-t_rows // rows)
+    padded = torch.zeros(groups * rows, t_cols, dtype=torch.int32, device=live.device)
+    padded[:t_rows] = live.to(torch.int32)
+    weights = (1 << torch.arange(rows, dtype=torch.int32, device=live.device)).view(1, rows, 1)
+    bits_full = (padded.view(groups, rows, t_cols) * weights).sum(dim=1, dtype=torch.int32)
+    union = bits_full != 0
+    ptr, idx = _csr(union)
+    bits = bits_full[union].contiguous() if rows > 1 else None  # boolean indexing is row-major, as idx
+    return GroupedLists(rows=rows, ptr=ptr, idx=idx, bits=bits, n_entries=int(idx.numel()))
 
 
 @dataclass(frozen=True)
@@ -32,6 +67,20 @@ class TileMap:
     n_live: int
     max_live_per_row: int   # longest forward list (bounds loop trip counts / autotune keys)
     max_live_per_col: int   # longest dX list
+    _grouped: Dict[Tuple[str, int], GroupedLists] = field(default_factory=dict, repr=False, compare=False)
+
+    def grouped(self, axis: str, rows: int) -> GroupedLists:
+        """Lists for programs covering `rows` tile-rows (axis "rows": forward, lists of k-tiles) or `rows`
+        tile-columns (axis "cols": dX, lists of n-tiles) at once; rows == 1 gives the plain CSR lists."""
+        if axis not in ("rows", "cols"):
+            raise ValueError(f"axis must be 'rows' or 'cols', got {axis!r}")
+        if rows == 1:
+            ptr, idx = (self.row_ptr, self.col_idx) if axis == "rows" else (self.col_ptr, self.row_idx)
+            return GroupedLists(rows=1, ptr=ptr, idx=idx, bits=None, n_entries=self.n_live)
+        key = (axis, rows)
+        if key not in self._grouped:
+            self._grouped[key] = group_lists(self.live if axis == "rows" else self.live.t(), rows)
+        return self._grouped[key]
 
     @property
     def tiles(self) -> Tuple[int, int]:

@@ -112,6 +112,132 @@ def test_dead_tiles_are_never_read(device):
     assert_parity(masked_linear.linear_grad_input(g, w_garbage, tm), ref_dx, 1e-5, "dX")
 
 
+WIDE_CASES = [
+    # (m, n, k, kind, density): odd shapes, partial edge groups, dead tiles, all-dead, all-live
+    (29, 37, 53, "block", 0.4),
+    (33, 70, 45, "element", 0.05),
+    (17, 20, 72, "dead", 0.0),
+    (20, 48, 36, "live", 1.0),
+]
+
+
+@pytest.mark.launches_triton
+@pytest.mark.parametrize("rows", [2, 4])
+@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[3]}{c[4]}")
+def test_wide_programs_match_reference_and_never_read_dead_tiles(device, rows, case):
+    """Programs 2 or 4 map tiles wide (union lists + per-entry live bits): same result as the reference,
+    every output element written (NaN-poisoned buffers), and dead tiles of W (NaN garbage) never loaded, also
+    when a neighbouring tile in the same program is live."""
+    m, n, k, kind, density = case
+    x, w, b, mask, g = make_case(m, n, k, kind, density, seed=zlib.crc32(repr(case).encode()), device=device)
+    bn, bk = masked_linear.linear_tile_sizes(device, x.dtype)
+    tm = build_tile_map(mask, bn, bk)
+    dead_elems = ~tm.live.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
+    w_garbage = w.masked_fill(dead_elems.to(device), float("nan"))
+    nan = float("nan")
+    y = masked_linear.linear_forward(x, w_garbage, b, tm, out=torch.full((m, n), nan, device=device),
+                                     rows_per_program=rows)
+    assert_parity(y, masked_linear.reference_masked_linear(x, w, b, mask), 1e-5, f"forward, {rows} tiles wide")
+    ref_dx, _, _ = masked_linear.reference_masked_linear_grads(x, w, b, mask, g)
+    dx = masked_linear.linear_grad_input(g, w_garbage, tm, out=torch.full((m, k), nan, device=device),
+                                         rows_per_program=rows)
+    assert_parity(dx, ref_dx, 1e-5, f"dX, {rows} tiles wide")
+
+
+@pytest.mark.launches_triton
+@pytest.mark.parametrize("rows", [1, 2])
+def test_live_lists_longer_than_one_staged_chunk(device, rows, monkeypatch):
+    """Lists are staged LIST_CHUNK entries at a time: with a chunk of 4, rows of up to 9 live tiles cross
+    several chunk boundaries (and end mid-chunk)."""
+    monkeypatch.setattr(masked_linear, "_LIST_CHUNK", 4)
+    x, w, b, mask, g = make_case(21, 70, 141, "block", 0.7, seed=13, device=device)
+    bn, bk = masked_linear.linear_tile_sizes(device, x.dtype)
+    tm = build_tile_map(mask, bn, bk)
+    assert tm.max_live_per_row > 4 and tm.max_live_per_col > 4
+    y = masked_linear.linear_forward(x, w, b, tm, out=torch.full((21, 70), float("nan"), device=device),
+                                     rows_per_program=rows)
+    assert_parity(y, masked_linear.reference_masked_linear(x, w, b, mask), 1e-5, "forward")
+    ref_dx, _, _ = masked_linear.reference_masked_linear_grads(x, w, b, mask, g)
+    dx = masked_linear.linear_grad_input(g, w, tm, rows_per_program=rows)
+    assert_parity(dx, ref_dx, 1e-5, "dX")
+
+
+@pytest.mark.launches_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("poisoned", [False, True], ids=["fresh", "poisoned-out"])
+def test_dw_split_over_tokens(device, dtype, poisoned):
+    """dW with the token reduction split across programs (atomic adds into fp32): same result as the reference,
+    dead tiles untouched, pruned entries exactly zero. 150 rows in 3 splits of 64 (the last one partial)."""
+    m, n, k = 150, 37, 53
+    x, w, b, mask, g = make_case(m, n, k, "block", 0.4, seed=17, device=device, dtype=dtype)
+    bn, bk = masked_linear.linear_tile_sizes(device, x.dtype)
+    tm = build_tile_map(mask, bn, bk)
+    _, ref_dw, _ = masked_linear.reference_masked_linear_grads(x, w, b, mask, g)
+    out = torch.full((n, k), float("nan"), device=device, dtype=dtype) if poisoned else None
+    dw = masked_linear.linear_grad_weight(g, x, mask, tm, out=out, split_m=3)
+    assert dw.dtype == dtype
+    live_elems = tm.live.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k].to(device)
+    if poisoned:
+        assert torch.isnan(dw[~live_elems]).all(), "a dead tile of dW was written"
+    else:
+        assert (dw[~live_elems] == 0).all()
+    assert_parity(dw[live_elems], ref_dw[live_elems.cpu()], TOL[dtype], "dW (live tiles)")
+    assert (dw[live_elems & ~mask] == 0).all(), "pruned entries of a live tile must get exactly zero gradient"
+
+
+def test_dw_split_defaults(monkeypatch):
+    """Off CUDA, and under deterministic algorithms, dW is never split (atomics round in varying order)."""
+    assert masked_linear._dw_split(10_000, 3, torch.device("cpu")) == 1
+    monkeypatch.setattr(masked_linear, "sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert masked_linear._dw_split(65536, 8, cuda) == 64  # 4 * 132 / 8 = 66, capped at 65536 / 1024
+    assert masked_linear._dw_split(2048, 8, cuda) == 2    # each split keeps >= 1024 tokens
+    assert masked_linear._dw_split(65536, 10_000, cuda) == 1  # enough live tiles to fill the GPU
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert masked_linear._dw_split(65536, 8, cuda) == 1
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def test_live_bucket_groups_imp_levels():
+    """The autotune key changes every halving of the live fraction, not at every IMP level (20% pruned each)."""
+    assert [masked_linear.live_bucket(f) for f in (1.0, 0.8, 0.64, 0.51, 0.41, 0.26, 0.2, 0.01, 0.0)] == \
+        [0, 0, 0, 0, 1, 1, 2, 6, 7]
+    levels = [0.8 ** i for i in range(20)]
+    assert len({masked_linear.live_bucket(f) for f in levels}) <= 8
+
+
+class _FakeTensor:
+    def __init__(self, element_size):
+        self._size = element_size
+        self.device = torch.device("cpu")
+
+    def element_size(self):
+        return self._size
+
+
+def test_config_pruning():
+    """mma.sync configs (BLOCK_M = 32) only for small M; configs that overflow shared memory are dropped."""
+    configs = masked_linear._cuda_configs()
+    def kept(m, elem, width):
+        pruned = masked_linear._prune_configs(configs, {"M": m, "x_ptr": _FakeTensor(elem)}, BLOCK_N=width)
+        return {(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in pruned}
+    big_bf16 = kept(8192, 2, 64)
+    assert all(block_m >= 64 for block_m, _, _ in big_bf16) and (128, 8, 4) in big_bf16
+    assert any(block_m == 32 for block_m, _, _ in kept(16, 2, 64))
+    assert all(block_m <= 64 for block_m, _, _ in kept(16, 2, 64))
+    # fp32, 128 wide: no listed config fits the 160 KiB default budget as it is; the kept ones lose stages
+    # (never below 3 buffers) until they fit
+    fp32_wide = kept(8192, 4, 128)
+    assert fp32_wide
+    for block_m, _, stages in fp32_wide:
+        assert 3 <= stages and stages * (block_m * 64 + 64 * 128) * 4 <= masked_linear._SMEM_BUDGET
+    # distinct configs: no two with the same (BLOCK_M, warps, stages)
+    assert len({(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in configs}) == len(configs)
+
+
 def test_tile_map_of_wrong_block_or_shape_is_rejected(device):
     x, w, b, mask, _ = make_case(8, 32, 32, "element", 0.5, seed=1, device=device)
     bn, bk = masked_linear.linear_tile_sizes(device, x.dtype)
@@ -244,20 +370,25 @@ def test_no_grad_inference(device, path):
 
 
 # Compiles the linear kernels and the fused dW + SGD kernel for Hopper (sm_90) without a GPU (the
-# compile_for_sm90 fixture, tests/conftest.py), as tests/test_masked_conv2d_kernels.py does for the conv kernels.
+# compile_for_sm90 fixture, tests/conftest.py), as tests/test_masked_conv2d_kernels.py does for the conv kernels:
+# every program width (64 / 128 / 256 columns) and both dW variants (plain stores, split with atomics).
 _GPU_COMPILE_BODY = r"""
 import fastticket.kernels.linear_dw_sgd as linear_dw_sgd
 import fastticket.kernels.masked_linear as masked_linear
 
 for t, precision in (("*bf16", None), ("*fp32", "tf32")):
     common = dict(INPUT_PRECISION=precision, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64)
-    compile_kernel(masked_linear._fwd_kernel, {"x_ptr": t, "w_ptr": t, "b_ptr": t, "y_ptr": t, "row_ptr": "*i32",
-                   "col_idx": "*i32"}, dict(common, HAS_BIAS=True, GROUP_M=8))
-    compile_kernel(masked_linear._dx_kernel, {"dy_ptr": t, "w_ptr": t, "dx_ptr": t, "col_ptr": "*i32",
-                   "row_idx": "*i32"},
-                   dict(common, GROUP_M=8))
-    compile_kernel(masked_linear._dw_kernel, {"dy_ptr": t, "x_ptr": t, "mask_ptr": "*u8", "dw_ptr": t,
-                   "coo_rows": "*i32", "coo_cols": "*i32"}, common)
+    lists = dict(LIST_CHUNK=64, GROUP_M=8)
+    for width in (64, 256) if t == "*bf16" else (128,):
+        compile_kernel(masked_linear._fwd_kernel, {"x_ptr": t, "w_ptr": t, "b_ptr": t, "y_ptr": t,
+                       "row_ptr": "*i32", "col_idx": "*i32", "row_bits": "*i32"},
+                       dict(common, HAS_BIAS=True, BLOCK_N=width, TILE_N=64, **lists))
+        compile_kernel(masked_linear._dx_kernel, {"dy_ptr": t, "w_ptr": t, "dx_ptr": t, "col_ptr": "*i32",
+                       "row_idx": "*i32", "col_bits": "*i32"}, dict(common, BLOCK_K=width, TILE_K=64, **lists))
+    atomic = t == "*bf16"  # the split (atomic) variant in bf16, plain stores in fp32
+    compile_kernel(masked_linear._dw_kernel, {"dy_ptr": t, "x_ptr": t, "mask_ptr": "*u8",
+                   "dw_ptr": "*fp32" if atomic else t, "coo_rows": "*i32", "coo_cols": "*i32"},
+                   dict(common, BLOCK_M=64, ATOMIC=atomic), num_warps=4)
     compile_kernel(linear_dw_sgd._dw_sgd_kernel, {"dy_ptr": t, "x_ptr": t, "mask_ptr": "*u8", "w_ptr": t, "buf_ptr": t,
                    "coo_rows": "*i32", "coo_cols": "*i32", "lr": "fp32", "momentum": "fp32", "dampening": "fp32",
                    "weight_decay": "fp32"},
@@ -270,3 +401,54 @@ print("compiled")
 @pytest.mark.skipif(ON_CUDA, reason="with a GPU every other test compiles the kernels for real")
 def test_kernels_compile_for_sm90_without_a_gpu(compile_for_sm90):
     compile_for_sm90(_GPU_COMPILE_BODY)
+
+
+# Pipelining depth of the forward / dX main loop, compiled for sm_90 with the specialisation a real launch of
+# aligned bf16 tensors gets (pointers, sizes and strides divisible by 16, unit strides constant). With the
+# live-tile index loaded inside the loop, num_stages 3 and 4 both gave 2 buffers per operand; staging the
+# list in registers gives num_stages buffers. The ttgir's shared-memory allocations name the buffer count.
+_PIPELINE_BODY = r"""
+import re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fastticket.kernels.masked_linear as masked_linear
+
+def buffers(fn, pointers, constexprs, ones, stages):
+    constexprs = dict(constexprs, **{name: 1 for name in ones})
+    signature = {a: "constexpr" if a in constexprs else pointers.get(a, "i32") for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if a not in constexprs and a != "LIVE_BUCKET"}
+    try:
+        src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    except TypeError as exc:
+        print(f"SKIP: this triton's ASTSource takes no attrs: {exc}")
+        sys.exit(77)
+    try:
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": stages})
+    except FileNotFoundError as exc:
+        print(f"SKIP: no ptxas: {exc}")
+        sys.exit(77)
+    assert "wgmma" in k.asm["ptx"], "no warp-group MMA"
+    allocs = re.findall(r"ttg.local_alloc.*?!ttg.memdesc<(\d+)x\d+x\d+xbf16", k.asm["ttgir"])
+    return sorted(int(a) for a in allocs)
+
+t = "*bf16"
+for stages in (3, 4):
+    fwd = buffers(masked_linear._fwd_kernel, {"x_ptr": t, "w_ptr": t, "b_ptr": t, "y_ptr": t, "row_ptr": "*i32",
+                  "col_idx": "*i32", "row_bits": "*i32"},
+                  dict(INPUT_PRECISION=None, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, TILE_N=64, LIST_CHUNK=64,
+                       HAS_BIAS=True, GROUP_M=8), ("stride_xk", "stride_wk", "stride_yn"), stages)
+    dx = buffers(masked_linear._dx_kernel, {"dy_ptr": t, "w_ptr": t, "dx_ptr": t, "col_ptr": "*i32",
+                 "row_idx": "*i32", "col_bits": "*i32"},
+                 dict(INPUT_PRECISION=None, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, TILE_K=64, LIST_CHUNK=64,
+                      GROUP_M=8), ("stride_dyn", "stride_wk", "stride_dxk"), stages)
+    assert fwd == [stages, stages], f"forward, num_stages={stages}: buffers {fwd}"
+    assert dx == [stages, stages], f"dX (128 wide), num_stages={stages}: buffers {dx}"
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(ON_CUDA, reason="compile-only check for CPU CI")
+def test_forward_and_dx_keep_num_stages_buffers_in_flight(compile_for_sm90):
+    compile_for_sm90(_PIPELINE_BODY)

@@ -77,6 +77,30 @@ def test_lists_enumerate_exactly_the_live_tiles(case):
     assert tm.max_live_per_col == int(ref.sum(0).max())
 
 
+@settings(max_examples=60, deadline=None)
+@given(masks(), st.sampled_from([1, 2, 3, 4]), st.sampled_from(["rows", "cols"]))
+def test_grouped_lists_hold_the_union_and_per_tile_bits(case, rows, axis):
+    """Grouped lists (wide programs): group g lists exactly the tile-columns live in any of its tile-rows,
+    and bit r of each entry is set exactly when tile-row g*rows + r is live there."""
+    mask, bn, bk = case
+    tm = build_tile_map(mask, bn, bk)
+    live = reference_live_tiles(mask, bn, bk)
+    live = live if axis == "rows" else live.t()
+    grouped = tm.grouped(axis, rows)
+    assert grouped is tm.grouped(axis, rows) or rows == 1, "cached on the map"
+    groups = -(-live.shape[0] // rows)
+    assert grouped.groups == groups and grouped.ptr.dtype == grouped.idx.dtype == torch.int32
+    ptr, idx = grouped.ptr.tolist(), grouped.idx.tolist()
+    bits = grouped.bits.tolist() if grouped.bits is not None else [1] * len(idx)
+    assert grouped.n_entries == len(idx) == ptr[-1]
+    for g in range(groups):
+        block = live[g * rows:(g + 1) * rows]
+        entries = idx[ptr[g]:ptr[g + 1]]
+        assert entries == block.any(0).nonzero().flatten().tolist()
+        for e, c in zip(bits[ptr[g]:ptr[g + 1]], entries):
+            assert e == sum(int(block[r, c]) << r for r in range(block.shape[0]))
+
+
 def test_all_dead_and_all_live_extremes():
     dead = build_tile_map(torch.zeros(37, 53, dtype=torch.bool), 16, 16)
     assert dead.n_live == 0 and dead.live_fraction == 0.0 and dead.max_live_per_row == 0
