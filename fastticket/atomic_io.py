@@ -7,15 +7,21 @@ dot and end in `.tmp`, which `remove_stale_temps` recognises after a crash.
 """
 from __future__ import annotations
 
+import errno
 import glob
+import io
 import json
 import os
+import shutil
 import tempfile
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Optional
 
 import torch
 
+from fastticket.errors import OutputError
+
 TEMP_SUFFIX = ".tmp"
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def _umask() -> int:
@@ -41,34 +47,100 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write through `write(fileobj)` to a temp file beside `path`, fsync it, then rename over `path`.
-    On any failure the temp file is removed and the exception propagates; `path` is left untouched."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=directory)
+def free_bytes(directory: str) -> Optional[int]:
+    """Free space on the filesystem holding `directory` (None when it cannot be asked)."""
     try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def output_error(path: str, exc: OSError, needed: Optional[int] = None) -> OutputError:
+    """One line for a write that failed: disk full (how much was needed, how much is free, where), a
+    read-only or unwritable place, or the OS's reason."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if exc.errno in _DISK_FULL:
+        free = free_bytes(directory)
+        need = f"needed {'at least ' if needed is None else ''}{_gib(needed or 0)}" if needed is not None else \
+            "needed more space"
+        have = f", {_gib(free)} free" if free is not None else ""
+        return OutputError(f"disk full writing {path}: {need}{have} on the filesystem of {directory}; nothing was "
+                           f"half-written; free some space (or use a bigger disk) and rerun with --resume")
+    if exc.errno in (errno.EROFS,):
+        return OutputError(f"cannot write {path}: {directory} is on a read-only filesystem; choose another "
+                           f"output directory")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return OutputError(f"cannot write {path}: permission denied in {directory}; choose a directory you can "
+                           f"write to")
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def ensure_writable_dir(path: str, what: str = "output directory") -> None:
+    """Create `path` if needed and check a file can be written in it, or raise OutputError (one line): a path
+    that is a file, a read-only filesystem, no permission. Writes nothing that stays behind."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputError(f"{what} {path} is a file, not a directory; choose a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fastticket-probe.", suffix=TEMP_SUFFIX, dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            raise OutputError(f"{what} {path}: a part of that path is a file, not a directory") from None
+        raise output_error(os.path.join(path, "x"), exc) from None
+
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], Any], size: Optional[int] = None) -> None:
+    """Write through `write(fileobj)` to a temp file beside `path`, fsync it, then rename over `path`.
+    On any failure the temp file is removed and the exception propagates; `path` is left untouched. A full
+    disk, a read-only filesystem or a refused permission become one OutputError line (`size`: the bytes to
+    be written, when known, for the disk-full message)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=TEMP_SUFFIX,
+                                   dir=directory)
         os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600 files; published files get the usual umask-based mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        if isinstance(exc, OSError) and exc.errno in (*_DISK_FULL, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise output_error(path, exc, size) from None
         raise
     fsync_dir(directory)
 
 
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data), size=len(data))
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """torch.save into memory (to know the size and checksum before anything reaches the disk)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save, atomically."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write_bytes(path, torch_bytes(obj))
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str, obj: Any) -> None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from fastticket.config import CONTROLS, SearchConfig, check_rate, parse_granularity
-from fastticket.errors import ConfigError, FastTicketError, MaskError, RunDirError
+from fastticket.errors import ConfigError, FastTicketError, MaskError, OutputError, RunDirError
 
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
 
@@ -88,8 +89,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text}")
     return value
 
 
@@ -208,7 +209,7 @@ def config_from_args(args: argparse.Namespace):
                 if not 0.0 < scaled < 1.0:
                     raise ConfigError(f"--rate {args.rate} scales the preset's {field} {preset_value} to "
                                       f"{scaled:.3g}, outside (0, 1); choose a smaller --rate")
-                changes[field] = round(scaled, 12)
+                changes[field] = round(scaled, 12) or scaled  # rounding must not turn a tiny rate into 0
     return config.replace(**changes)
 
 
@@ -261,11 +262,17 @@ def _search(args: argparse.Namespace) -> int:
     from fastticket.search import run_search
     config = config_from_args(args)
     out = args.out or os.path.join("runs", args.preset or DEFAULT_PRESET)
-    rows = run_search(config, out, resume=args.resume, progress=None if args.no_progress else _progress_bars())
+    # Bars only on a terminal: in a log file their carriage returns would bury the messages.
+    bars = not args.no_progress and sys.stderr.isatty()
+    rows = run_search(config, out, resume=args.resume, progress=_progress_bars() if bars else None)
     print(summary_table(rows))
     print(f"run directory: {out}")
     for path in make_report(out):
         print(f"wrote {path}")
+    if rows and all(r.get("status") != "ok" for r in rows):
+        print(f"fastticket: error: every arm diverged (loss became NaN/inf); nothing was learned: lower --lr "
+              f"(now {config.lr:g})", file=sys.stderr)
+        return EXIT_RUNTIME
     return 0
 
 
@@ -281,7 +288,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from fastticket.atomic_io import ensure_writable_dir
     from fastticket.bench import run_cli
+    if args.out:
+        ensure_writable_dir(args.out, "--out")  # before minutes of benchmarks, not after
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     return run_cli(suites, out=args.out, dtype=args.dtype, quick=args.quick)
 
@@ -304,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("fastticket: interrupted; continue with the same command plus --resume", file=sys.stderr)
         return 130
-    except (RunDirError, MaskError) as exc:
+    except (RunDirError, MaskError, OutputError) as exc:
         print(f"fastticket: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_RUNTIME
     except (FastTicketError, ValueError) as exc:
@@ -313,6 +323,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         code = EXIT_RUNTIME if isinstance(exc, DatasetUnavailableError) else EXIT_USAGE
         print(f"fastticket: error: {_one_line(exc)}", file=sys.stderr)
         return code
+    except OSError as exc:  # a file or directory the command needs cannot be read or written
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"fastticket: error: {exc.strerror or _one_line(exc)}{where}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except MemoryError:
+        print("fastticket: error: out of memory; lower --batch-size or use a smaller model", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":  # pragma: no cover

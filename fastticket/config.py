@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Tuple, get_args
@@ -27,6 +28,9 @@ Scope = Literal["layerwise", "global"]
 CriterionName = Literal["magnitude", "movement", "random"]  # the built-ins; fastticket.prune can register more
 OPTIMIZERS: Tuple[str, ...] = get_args(Optimizer)
 SCOPES: Tuple[str, ...] = get_args(Scope)
+
+MAX_SEED = 2**31 - 1
+MAX_LEVELS = 1000
 
 Block = Optional[Tuple[int, int]]  # None: element granularity; (R, C): block granularity
 
@@ -95,7 +99,8 @@ class SearchConfig:
     controls: Tuple[ArmName, ...] = _help("comma list of reinit, random; or none", default=(REINIT,))
     trials: int = _help("independent trials (seeds seed..seed+T-1)", default=1)
     seed: int = _help("base seed: trial t uses S+t for init and batches", default=0)
-    device: str = _help("cpu or cuda", default="cpu")
+    device: str = _help("auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N; config.json records "
+                        "the device used", default="auto")
 
     def __post_init__(self) -> None:
         # JSON (config.json) and callers give lists; the config holds tuples (hashable, not shared by copies).
@@ -116,8 +121,11 @@ class SearchConfig:
 
         need(is_int(self.iterations) and self.iterations > 0,
              f"iterations must be a positive integer, got {self.iterations!r}")
-        need(is_int(self.levels) and self.levels >= 0,
-             f"levels must be an integer >= 0 (level 0 is the dense network), got {self.levels!r}")
+        need(is_int(self.levels) and 0 <= self.levels <= MAX_LEVELS,
+             f"levels must be an integer in [0, {MAX_LEVELS}] (level 0 is the dense network; {MAX_LEVELS} levels "
+             f"at the smallest sensible rate already leave no weight), got {self.levels!r}")
+        need(isinstance(self.device, str) and bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)),
+             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         need(is_int(self.batch_size) and self.batch_size > 0,
              f"batch_size must be a positive integer, got {self.batch_size!r}")
         need(is_int(self.eval_every) and self.eval_every > 0,
@@ -125,8 +133,11 @@ class SearchConfig:
         need(is_int(self.trials) and self.trials >= 1, f"trials must be an integer >= 1, got {self.trials!r}")
         need(is_int(self.val_size) and self.val_size > 0,
              f"val_size must be a positive integer, got {self.val_size!r}")
-        need(is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
-        need(isinstance(self.lr, (int, float)) and self.lr > 0, f"lr must be a positive number, got {self.lr!r}")
+        # Seeds feed 32-bit seed mixing (trial, level and control offsets added): larger ones would alias.
+        need(is_int(self.seed) and 0 <= self.seed <= MAX_SEED, f"seed must be an integer in [0, {MAX_SEED}], "
+                                                                f"got {self.seed!r}")
+        need(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and math.isfinite(self.lr)
+             and self.lr > 0, f"lr must be a finite positive number, got {self.lr!r}")
         need(is_int(self.warmup_iters) and self.warmup_iters >= 0,
              f"warmup_iters must be an integer >= 0, got {self.warmup_iters!r}")
         need(isinstance(self.lr_milestones, tuple) and all(is_int(m) and m >= 0 for m in self.lr_milestones),

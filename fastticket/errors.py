@@ -19,3 +19,16 @@ class RunDirError(FastTicketError, ValueError):
 
 class MaskError(FastTicketError, ValueError):
     """A saved mask does not fit the model (corrupted or foreign mask.pt)."""
+
+
+class DamagedFileError(RunDirError, MaskError):
+    """A run-directory file failed verification (checksum, the arm it belongs to, or its mask)."""
+
+
+class OutputError(FastTicketError, OSError):
+    """A file cannot be written: disk full, read-only filesystem, no permission, a file where a directory
+    should be."""
+
+
+class RunLockedError(RunDirError):
+    """Another live process holds the run directory."""

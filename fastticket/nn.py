@@ -289,6 +289,11 @@ def load_mask_file(path: str, model: nn.Module) -> Dict[str, torch.Tensor]:
         masks = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file can fail in many ways inside torch.load
         raise MaskError(f"cannot read mask file {path}: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
+    return check_mask_file(masks, path, model)
+
+
+def check_mask_file(masks: object, path: str, model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A loaded {layer name: mask} (from `path`) checked against `model`, as bool masks; else a MaskError."""
     layers = dict(masked_modules(model))
     if not isinstance(masks, dict) or set(masks) != set(layers):
         got = sorted(masks) if isinstance(masks, dict) else type(masks).__name__
@@ -300,4 +305,5 @@ def load_mask_file(path: str, model: nn.Module) -> Dict[str, torch.Tensor]:
             shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
             raise MaskError(f"mask file {path}: layer {name!r} has a mask of shape {shape} but the model's "
                             f"weight has shape {tuple(layer.weight.shape)} (corrupted or from another run)")
-    return {name: masks[name].bool() for name in layers}
+    return {name: check_mask(masks[name], tuple(layer.weight.shape), f"layer {name!r} in {path}")
+            for name, layer in layers.items()}

@@ -28,9 +28,11 @@ import torch
 from torch import nn
 
 from fastticket.config import RANDOM, REINIT, TICKET, SearchConfig
-from fastticket.errors import ConfigError
+from fastticket.errors import ConfigError, DamagedFileError
 from fastticket.nn import install_masks, model_masks
+from fastticket.preflight import preflight
 from fastticket.prune import layer_rates, prune_with_config, random_masks_like
+from fastticket.rundir import MASK as MASK_FILE
 from fastticket.rundir import RunDir, arm_dir  # noqa: F401  (arm_dir: the path of an arm, for callers)
 from fastticket.rewind import rewind_to
 from fastticket.train import ArmSpec, Progress, build_masked_model, cpu_state, train_arm
@@ -45,10 +47,12 @@ Masks = Dict[str, torch.Tensor]
 
 def _device_of(config: SearchConfig) -> torch.device:
     """The config's device, checked against this machine (the config itself checks only the spelling)."""
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(config.device)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"device must be 'cpu' or 'cuda' (optionally 'cuda:N'), got {config.device!r}") from None
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda' (optionally 'cuda:N'), got {config.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but no CUDA GPU is available here; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -137,11 +141,24 @@ def _prune_previous(s: _Search, level: int, trial: int, rewind_point: Dict[str, 
 def run_arm(s: _Search, level: int, arm: str, trial: int) -> Dict[str, Any]:
     """An arm's result.json: read when it is finished, else set up (mask, rewind) and trained."""
     directory = s.run.arm(level, arm, trial).open()
-    result = directory.read_result()
+    try:
+        result = directory.read_result()
+    except DamagedFileError as exc:
+        # Never publish a number from a file that failed verification: train the arm again (same numbers).
+        s.progress.message(f"fastticket: {exc}; this arm is trained again")
+        directory.discard_result()
+        result = None
     if result is None:
         s.progress.arm_started(level, s.config.levels, arm, trial)
         plan = plan_arm(s, level, arm, trial)
         model = s.model(plan.init_seed)
+        if directory.has_mask():
+            try:
+                directory.load_mask(model)
+            except DamagedFileError as exc:  # recomputable: the mask is a function of the previous level
+                s.progress.message(f"fastticket: {exc}; recomputing it, this arm restarts from its beginning")
+                directory.discard(MASK_FILE)
+                directory.drop_checkpoint()
         if not directory.has_mask():
             directory.save_mask(plan.make_masks(model))
         install_masks(model, directory.load_mask(model))
@@ -173,10 +190,21 @@ def run_search(config: SearchConfig, out_dir: str, resume: bool = False,
     progress = progress if isinstance(progress, Progress) else Progress()
     validate_config(config)
     device = _device_of(config)
+    config = config.replace(device=str(device))  # config.json records the device actually used ("auto" resolved)
     run = RunDir(out_dir)
     run.prepare(config, resume, create=False)
     data = load_dataset(config.dataset, config.data_dir, device, config.val_size, config.seed, augment=config.augment)
-    run.prepare(config, resume)
+    preflight(config, data, device)  # everything else that can fail early, before the first write
+    run.lock()
+    try:
+        run.prepare(config, resume)
+        return _run_levels(config, run, data, device, progress)
+    finally:
+        run.unlock()
+
+
+def _run_levels(config: SearchConfig, run: RunDir, data: "DeviceData", device: torch.device,
+                progress: Progress) -> List[Dict[str, Any]]:
 
     # The layer structure (names, which are prunable) comes from one throwaway build.
     rates = layer_rates(build_masked_model(config, data.info, config.seed, device), config.rate, scope=config.scope,

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastticket.config import SearchConfig
-from fastticket.nn import densities, sparsify
+from fastticket.errors import DamagedFileError
+from fastticket.nn import densities, masked_modules, sparsify
 from fastticket.rundir import ArmDir
 
 if TYPE_CHECKING:  # data/models import torchvision-adjacent code; only the annotations need them here
@@ -173,12 +174,21 @@ class ArmState:
         self.loss_sum, self.loss_count = 0.0, 0
 
 
-def _restore(state: ArmState, directory: ArmDir) -> None:
+def _restore(state: ArmState, directory: ArmDir, progress: Progress) -> bool:
+    """Continue from the arm's checkpoint. One that fails verification (checksum, arm, mask: ArmDir) or does
+    not fit is discarded, the model left as it was (its start state), and False returned: the arm restarts
+    from its beginning, which gives the same numbers, only later."""
+    before = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
     try:
-        ckpt = directory.load_checkpoint()
+        ckpt = directory.load_checkpoint(masks={n: m.weight_mask for n, m in masked_modules(state.model)})
         state.load_state_dict(ckpt)
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise directory.checkpoint_error(exc) from None
+        return True
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        error = exc if isinstance(exc, DamagedFileError) else directory.checkpoint_error(exc)
+        state.model.load_state_dict(before)
+        directory.drop_checkpoint()
+        progress.message(f"fastticket: {error}; discarded it, this arm restarts from its beginning")
+        return False
 
 
 def train_arm(config: SearchConfig, spec: ArmSpec, model: nn.Module, data: "DeviceData", directory: ArmDir,
@@ -186,7 +196,8 @@ def train_arm(config: SearchConfig, spec: ArmSpec, model: nn.Module, data: "Devi
     """Train one arm from `model`'s current state (or its checkpoint), write its files, return result.json."""
     state = ArmState(model, make_optimizer(config, model), spec.start_iter)
     if directory.has_checkpoint():
-        _restore(state, directory)
+        if not _restore(state, directory, progress):
+            state = ArmState(model, make_optimizer(config, model), spec.start_iter)
         # metrics.jsonl may hold evaluations after the checkpoint (killed in between): the checkpoint wins.
         directory.write_metrics(state.metrics)
     t0 = time.perf_counter()
@@ -202,6 +213,7 @@ def train_arm(config: SearchConfig, spec: ArmSpec, model: nn.Module, data: "Devi
         if message:
             result["message"] = message
         directory.write_result(result)
+        directory.drop_checkpoint()  # final.pt + result.json are what a finished arm keeps
         return result
 
     model.train()
@@ -219,7 +231,6 @@ def train_arm(config: SearchConfig, spec: ArmSpec, model: nn.Module, data: "Devi
                 # Stop before a NaN/inf gradient reaches the weights: the saved state is the one that diverged.
                 message = (f"level {spec.level} {spec.arm} trial {spec.trial}: loss became {loss_value} at "
                            f"iteration {state.iteration} (lr {lr:g}); arm stopped, state saved in {directory.path}")
-                directory.save_checkpoint(state.state_dict(time.perf_counter() - t0))
                 directory.write_metrics(state.metrics)
                 progress.message(f"fastticket: diverged: {message}")
                 return finish("diverged", message)

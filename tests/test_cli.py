@@ -116,11 +116,10 @@ def test_foreign_mask_on_resume(capsys, tmp_path):
     level0.mkdir(parents=True)
     torch.save({"fc.0": torch.ones(300, 5, dtype=torch.bool), "fc.1": torch.ones(100, 300, dtype=torch.bool),
                 "output": torch.ones(10, 100, dtype=torch.bool)}, level0 / "mask.pt")
+    # A mask.pt fastticket did not write fails verification: recomputed, with one line naming it.
     code, _, err = run_main(["search", "--out", str(tmp_path), "--resume"] + TINY, capsys)
-    assert_one_line_error(code, err, "mask", "fc.0", "(300, 5)")
-    (level0 / "mask.pt").write_bytes(b"not a torch file")
-    code, _, err = run_main(["search", "--out", str(tmp_path), "--resume"] + TINY, capsys)
-    assert_one_line_error(code, err, "mask", "cannot read")
+    assert code == 0 and "Traceback" not in err
+    assert "mask.pt failed verification" in err and "recomputing it" in err
 
 
 def test_report_of_missing_dir(capsys, tmp_path):

@@ -55,11 +55,20 @@ def expected_alive(size, hundredths, level):
     return alive
 
 
+def _keeping_checkpoints(config, out):
+    """run_search with finished arms keeping their rolling checkpoint (a real run drops it: see
+    test_finished_arms_drop_their_checkpoint), so tests can inspect the optimizer state at the end."""
+    from fastticket.rundir import ArmDir
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ArmDir, "drop_checkpoint", lambda self: None)
+        return run_search(config, out, progress=False)
+
+
 @pytest.fixture(scope="module")
 def adam_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("adam") / "run")
     config = tiny()
-    rows = run_search(config, out, progress=False)
+    rows = _keeping_checkpoints(config, out)
     return config, out, rows
 
 
@@ -68,18 +77,20 @@ def sgd_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sgd") / "run")
     # Weight decay and momentum are what would revive pruned weights if the optimizer did not mask them.
     config = tiny(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3, levels=1, controls=["random"])
-    return config, out, run_search(config, out, progress=False)
+    return config, out, _keeping_checkpoints(config, out)
 
 
 def test_run_directory_layout(adam_run):
     config, out, rows = adam_run
     with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f) == json.loads(config.to_json())
+        # "auto" is recorded as the device actually used.
+        used = "cuda" if torch.cuda.is_available() else "cpu"
+        assert json.load(f) == json.loads(config.replace(device=used).to_json())
     assert [(r["level"], r["arm"]) for r in rows] == [
         (0, "ticket"), (1, "ticket"), (1, "reinit"), (1, "random"), (2, "ticket"), (2, "reinit"), (2, "random")]
     for r in rows:
         d = arm_dir(out, r["level"], r["arm"], 0)
-        expected_files = {"mask.pt", "metrics.jsonl", "checkpoint.pt", "final.pt", "result.json"}
+        expected_files = {"mask.pt", "metrics.jsonl", "checkpoint.pt", "final.pt", "result.json", "checksums.json"}
         if r["arm"] == "ticket":
             expected_files.add("rewind.pt")
         assert set(os.listdir(d)) == expected_files, d
@@ -96,7 +107,7 @@ def test_run_directory_layout(adam_run):
         assert 0.5 < r["final_test_acc"] <= 1.0  # it learned something in 30 steps
     # Atomic writes leave no temp files behind.
     assert not glob.glob(os.path.join(out, "**", "*.tmp"), recursive=True)
-    assert not glob.glob(os.path.join(out, "**", ".*"), recursive=True)
+    assert glob.glob(os.path.join(out, "**", ".*"), recursive=True) == [os.path.join(out, ".lock")]
 
 
 def test_ticket_densities_follow_the_layerwise_rates_exactly(adam_run):
@@ -121,7 +132,7 @@ def _check_pruned_stay_zero(out, rows):
         d = arm_dir(out, r["level"], r["arm"], 0)
         masks = load(os.path.join(d, "mask.pt"))
         final = load(os.path.join(d, "final.pt"))
-        ckpt = load(os.path.join(d, "checkpoint.pt"))
+        ckpt = load(os.path.join(d, "checkpoint.pt"))  # kept by the fixtures (_keeping_checkpoints)
         param_names = [k for k in final if not k.endswith("weight_mask")]
         for name in LAYERS:
             w, m = final[f"{name}.weight"], masks[name]
@@ -214,8 +225,9 @@ def test_nan_loss_marks_the_arm_diverged_and_the_search_ends_cleanly(tmp_path, c
     assert r["status"] == "diverged" and "loss became" in r["message"]
     assert r["final_test_acc"] is None
     d = arm_dir(out, 0, "ticket", 0)
-    assert {"checkpoint.pt", "final.pt", "mask.pt", "result.json", "metrics.jsonl"} <= set(os.listdir(d))
-    assert load(os.path.join(d, "checkpoint.pt"))["iteration"] == r["final_iter"]
+    # The diverged state is final.pt; a finished arm drops its rolling checkpoint.
+    assert {"final.pt", "mask.pt", "result.json", "metrics.jsonl"} <= set(os.listdir(d))
+    assert "checkpoint.pt" not in os.listdir(d)
     assert not os.path.exists(arm_dir(out, 1, "ticket", 0))  # nothing to prune: later levels skipped
     err = capsys.readouterr().err
     assert "diverged" in err and "Traceback" not in err
@@ -234,16 +246,20 @@ def test_resume_skips_finished_arms_and_checks_the_config(adam_run, tmp_path):
         run_search(config.replace(rate=0.3, lr=0.01), out, resume=True, progress=False)
 
 
-def test_foreign_mask_on_resume_is_a_mask_error(tmp_path):
+def test_foreign_mask_on_resume_is_recomputed(tmp_path, capsys):
+    """A mask.pt that fails verification is never used: it is recomputed (one line says so), same result."""
     out = str(tmp_path / "run")
     config = tiny(levels=1, controls=[], iterations=10)
-    run_search(config, out, progress=False)
+    rows = run_search(config, out, progress=False)
     d = arm_dir(out, 1, "ticket", 0)
-    for name in ("result.json", "checkpoint.pt", "final.pt"):
+    for name in ("result.json", "final.pt"):
         os.remove(os.path.join(d, name))
     torch.save({"fc.0": torch.ones(3, 3, dtype=torch.bool)}, os.path.join(d, "mask.pt"))
-    with pytest.raises(MaskError, match="mask.pt"):
-        run_search(config, out, resume=True, progress=False)
+    capsys.readouterr()
+    again = run_search(config, out, resume=True, progress=False)
+    assert [dict(r, wall_time_s=0) for r in again] == [dict(r, wall_time_s=0) for r in rows]
+    err = capsys.readouterr().err
+    assert "mask.pt failed verification" in err and "recomputing" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
