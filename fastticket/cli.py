@@ -258,7 +258,7 @@ def _progress_bars():
 
 def _search(args: argparse.Namespace) -> int:
     from fastticket.presets import DEFAULT_PRESET
-    from fastticket.report import make_report, summary_table
+    from fastticket.report import summary_table
     from fastticket.search import run_search
     config = config_from_args(args)
     out = args.out or os.path.join("runs", args.preset or DEFAULT_PRESET)
@@ -267,7 +267,7 @@ def _search(args: argparse.Namespace) -> int:
     rows = run_search(config, out, resume=args.resume, progress=_progress_bars() if bars else None)
     print(summary_table(rows))
     print(f"run directory: {out}")
-    for path in make_report(out):
+    for path in _report_files(out):
         print(f"wrote {path}")
     if rows and all(r.get("status") != "ok" for r in rows):
         print(f"fastticket: error: every arm diverged (loss became NaN/inf); nothing was learned: lower --lr "
@@ -276,11 +276,22 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_files(run_dir: str):
+    """make_report, naming on stderr every file it could not read and an unfinished run."""
+    from fastticket.report import make_report
+    problems: list = []
+    try:
+        return make_report(run_dir, problems)
+    finally:
+        for line in problems:
+            print(f"fastticket: warning: {line}", file=sys.stderr)
+
+
 def _report(args: argparse.Namespace) -> int:
-    from fastticket.report import collect_results, make_report, summary_table
+    from fastticket.report import collect_results, summary_table
     if not os.path.isdir(args.run_dir):
         raise RunDirError(f"no run directory at {args.run_dir}")
-    paths = make_report(args.run_dir)
+    paths = _report_files(args.run_dir)
     print(summary_table(collect_results(args.run_dir)))
     for path in paths:
         print(f"wrote {path}")

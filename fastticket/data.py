@@ -195,11 +195,44 @@ def _cifar10_present(root: str) -> bool:
     return all(os.path.exists(os.path.join(folder, f)) for f in _CIFAR10_TRAIN + _CIFAR10_TEST)
 
 
+# What a CIFAR-10 python batch holds: a dict of a uint8 array, lists, strings and ints. The arrays are the
+# only objects a pickle must build through a global; nothing else is allowed to run while loading.
+_CIFAR_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that builds numpy arrays and plain containers, and refuses every other global (a
+    crafted file could otherwise run any code: pickle calls whatever a file names)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}: a CIFAR-10 batch holds only arrays and lists")
+
+
+def _load_cifar_pickle(f, path: str) -> dict:
+    try:
+        entry = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+    except Exception as exc:  # noqa: BLE001 - truncated, garbled or crafted: all mean "not a CIFAR-10 batch"
+        raise ValueError(f"{path} is not a readable CIFAR-10 batch ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it (it is re-downloaded) or "
+                         f"point --data-dir elsewhere") from None
+    if not isinstance(entry, dict) or "data" not in entry or "labels" not in entry:
+        raise ValueError(f"{path} is not a CIFAR-10 batch (expected a dict with 'data' and 'labels')")
+    return entry
+
+
 def _read_cifar10(root: str, files: Tuple[str, ...]) -> Tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for name in files:
-        with open(os.path.join(root, _CIFAR10_FOLDER, name), "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+        path = os.path.join(root, _CIFAR10_FOLDER, name)
+        with open(path, "rb") as f:
+            entry = _load_cifar_pickle(f, path)
         xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(entry["labels"], dtype=np.int64))
     return np.concatenate(xs), np.concatenate(ys)

@@ -10,9 +10,10 @@ import csv
 import math
 import os
 import statistics
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from fastticket.config import ARMS, RANDOM, REINIT, TICKET
+from fastticket.errors import DamagedFileError
 from fastticket.rundir import ArmDir, RunDir
 
 ARM_ORDER = ARMS
@@ -28,16 +29,43 @@ def _arm_key(arm: str) -> Tuple[int, str]:
     return (ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER), arm)
 
 
-def collect_results(run_dir: str) -> List[Dict[str, Any]]:
-    """Every finished result.json under run_dir (one dict per level x arm x trial), sorted by level, arm, trial.
+def collect_results(run_dir: str, problems: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    """Every verified result.json under run_dir (one dict per level x arm x trial), sorted by level, arm, trial.
 
-    Each dict also carries "path": the directory it came from (where metrics.jsonl lives).
+    Each dict also carries "path": the directory it came from (where metrics.jsonl lives). A result.json that
+    cannot be read or fails verification is left out; with `problems` given, a line naming it is added.
     """
     if not os.path.isdir(run_dir):
         raise ValueError(f"no run directory at {run_dir}: run `fastticket search --out {run_dir}` first")
-    results = RunDir(run_dir).results()
+    results = RunDir(run_dir).results(problems, require_final=False)
     results.sort(key=lambda r: (r["level"], _arm_key(r["arm"]), r["trial"]))
     return results
+
+
+def expected_arms(config: Dict[str, Any]) -> List[Tuple[int, str, int]]:
+    """(level, arm, trial) of every arm a finished run with `config` holds ([] when config.json says too
+    little to know)."""
+    try:
+        levels, trials = int(config["levels"]), int(config["trials"])
+        controls = [str(c) for c in config.get("controls", ())]
+    except (KeyError, TypeError, ValueError):
+        return []
+    return [(level, arm, trial) for level in range(levels + 1) for trial in range(trials)
+            for arm in (TICKET, *(controls if level > 0 else ()))]
+
+
+def missing_arms(results: Sequence[Dict[str, Any]], config: Dict[str, Any]) -> List[Tuple[int, str, int]]:
+    """The expected arms with no verified result (unfinished, skipped, or unreadable)."""
+    have = {(int(r["level"]), str(r["arm"]), int(r["trial"])) for r in results}
+    return [key for key in expected_arms(config) if key not in have]
+
+
+def _missing_note(missing: Sequence[Tuple[int, str, int]], total: int) -> str:
+    if not missing:
+        return ""
+    listed = ", ".join(f"L{level} {arm} t{trial}" for level, arm, trial in missing[:8])
+    more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+    return f"unfinished run: {len(missing)} of {total} arms missing ({listed}{more})"
 
 
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
@@ -130,8 +158,10 @@ def _write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
                              (round(r[c], 4) if isinstance(r[c], float) else r[c]) for c in CSV_COLUMNS])
 
 
-def _write_markdown(rows: Sequence[Dict[str, Any]], path: str, config: Dict[str, Any]) -> None:
+def _write_markdown(rows: Sequence[Dict[str, Any]], path: str, config: Dict[str, Any],
+                    notes: Sequence[str] = ()) -> None:
     lines = ["# Lottery-ticket search results", ""]
+    lines += [f"**{note}**" for note in notes] + ([""] if notes else [])
     if config:
         keys = ("model", "dataset", "iterations", "batch_size", "optimizer", "lr", "scope", "rate", "rewind_iter",
                 "trials", "seed")
@@ -173,34 +203,51 @@ def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, titl
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for arm in sorted({r["arm"] for r in rows}, key=_arm_key):
+    arms = sorted({r["arm"] for r in rows}, key=_arm_key)
+    any_bars = False
+    for i, arm in enumerate(arms):
         pts = [r for r in rows if r["arm"] == arm and not math.isnan(r[f"{key}_mean"])]
         if not pts:
             continue
-        xs = [r["weights_remaining_pct"] for r in pts]
+        # Arms share densities (reinit and random use the ticket's): a small multiplicative offset per arm
+        # (the axis is logarithmic) keeps their error bars apart.
+        shift = 1.0 + 0.015 * (i - (len(arms) - 1) / 2)
+        xs = [r["weights_remaining_pct"] * shift for r in pts]
         ys = [r[f"{key}_mean"] for r in pts]
         errs = [0.0 if math.isnan(r[f"{key}_std"]) else r[f"{key}_std"] for r in pts]
+        n = sorted({int(r["n_trials"]) for r in pts})
+        n_text = f"n={n[0]}" if len(n) == 1 else f"n={n[0]}-{n[-1]}"
+        any_bars = any_bars or any(errs)
         ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", markersize=4, capsize=3,
-                    color=ARM_COLORS.get(arm), label=ARM_LABELS.get(arm, arm))
+                    color=ARM_COLORS.get(arm), label=f"{ARM_LABELS.get(arm, arm)} ({n_text})")
     _density_axis(ax, [r["weights_remaining_pct"] for r in rows])
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    if any_bars:
+        ax.annotate("points: mean over n trials; error bars: sample std over n trials", (0.01, 0.01),
+                    xycoords="axes fraction", fontsize=7, alpha=0.8)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _read_metrics(result: Dict[str, Any]) -> List[Dict[str, Any]]:
-    entries = ArmDir(result["path"], result["level"], result["arm"], result["trial"]).read_metrics()
-    return [e for e in entries if e.get("test_acc") is not None and e.get("iteration") is not None]
+def _read_metrics(result: Dict[str, Any], problems: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    try:
+        entries = ArmDir(result["path"], result["level"], result["arm"], result["trial"]).read_metrics()
+    except DamagedFileError as exc:
+        if problems is not None:
+            problems.append(str(exc))
+        return []
+    return [e for e in entries if isinstance(e.get("test_acc"), (int, float)) and isinstance(e.get("iteration"), int)]
 
 
-def _mean_curve(results: Sequence[Dict[str, Any]]) -> Tuple[List[int], List[float]]:
+def _mean_curve(results: Sequence[Dict[str, Any]], problems: Optional[List[str]] = None
+                ) -> Tuple[List[int], List[float]]:
     """Test accuracy (percent) per iteration, averaged over the trials that recorded that iteration."""
     per_iter: Dict[int, List[float]] = {}
     for r in results:
-        for e in _read_metrics(r):
+        for e in _read_metrics(r, problems):
             per_iter.setdefault(int(e["iteration"]), []).append(100.0 * float(e["test_acc"]))
     its = sorted(per_iter)
     return its, [statistics.fmean(per_iter[i]) for i in its]
@@ -214,7 +261,11 @@ def _curve_levels(levels: Sequence[int], count: int = 5) -> List[int]:
     return sorted(picks)
 
 
-def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], path: str) -> bool:
+CURVE_STYLES = {TICKET: "-", REINIT: "--", RANDOM: ":"}
+
+
+def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], path: str,
+                 problems: Optional[List[str]] = None, title_note: str = "") -> bool:
     import matplotlib.pyplot as plt
 
     density = {(r["level"], r["arm"]): r["weights_remaining_pct"] for r in rows}
@@ -227,11 +278,12 @@ def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any
     drew = False
     for i, level in enumerate(picks):
         color = cmap(i / max(1, len(picks) - 1) * 0.9)
-        for arm, style in ((TICKET, "-"), (REINIT, "--")):
-            its, accs = _mean_curve([r for r in results if r["level"] == level and r["arm"] == arm])
+        for arm in sorted({r["arm"] for r in results if r["level"] == level}, key=_arm_key):
+            style = CURVE_STYLES.get(arm, "-.")
+            its, accs = _mean_curve([r for r in results if r["level"] == level and r["arm"] == arm], problems)
             if not its:
                 continue
-            label = f"{density[(level, arm)]:.1f}%" + ("" if arm == TICKET else " reinit")
+            label = f"{density[(level, arm)]:.1f}%" + ("" if arm == TICKET else f" {arm}")
             ax.plot(its, accs, style, color=color, label=label, linewidth=1.4)
             drew = True
     if not drew:
@@ -239,7 +291,10 @@ def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any
         return False
     ax.set_xlabel("training iteration")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy during training (solid: ticket, dashed: reinit)")
+    arms = sorted({r["arm"] for r in results}, key=_arm_key)
+    styles = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
+    key = ", ".join(f"{styles[CURVE_STYLES.get(a, '-.')]}: {a}" for a in arms)
+    ax.set_title(f"Test accuracy during training ({key}){title_note}", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(title="weights remaining", fontsize=8)
     fig.tight_layout()
@@ -248,17 +303,34 @@ def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any
     return True
 
 
-def make_report(run_dir: str) -> List[str]:
-    """Write the tables and plots for `run_dir` into run_dir/report/ and return the paths written."""
-    results = collect_results(run_dir)
+def make_report(run_dir: str, problems: Optional[List[str]] = None) -> List[str]:
+    """Write the tables and plots for `run_dir` into run_dir/report/ and return the paths written.
+
+    `problems` (a list) receives one line per file that could not be read (it is left out of the report)
+    and one for an unfinished run (missing arms, also marked in results.md and the plot titles)."""
+    problems = [] if problems is None else problems
+    results = collect_results(run_dir, problems)
     if not results:
-        raise ValueError(f"no finished levels in {run_dir}: run `fastticket search` first")
+        detail = f" ({'; '.join(problems)})" if problems else ""
+        raise ValueError(f"no finished levels in {run_dir}: run `fastticket search` first{detail}")
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
 
     run = RunDir(run_dir)
-    config = run.read_config()
+    try:
+        config = run.read_config()
+    except DamagedFileError as exc:
+        problems.append(str(exc))
+        config = {}
+    missing = missing_arms(results, config)
+    note = _missing_note(missing, len(expected_arms(config)))
+    title_note = f"\n[{note.split(' (')[0]}]" if note else ""
+    for r in results:  # metrics files too: every unreadable file is named before anything is written
+        _read_metrics(r, problems)
+    file_problems = list(problems)
+    if note:
+        problems.append(f"{run_dir}: {note}")
 
     rows = aggregate(results)
     out = run.report_dir
@@ -270,14 +342,15 @@ def make_report(run_dir: str) -> List[str]:
         return written[-1]
 
     _write_csv(rows, path("results.csv"))
-    _write_markdown(rows, path("results.md"), config)
+    _write_markdown(rows, path("results.md"), config,
+                    ([note] if note else []) + [f"left out, unreadable: {p}" for p in file_problems])
     name = f"{config.get('model', '')} on {config.get('dataset', '')}".strip() if config else ""
     suffix = f" ({name})" if name and name != "on" else ""
-    _plot_vs_weights(rows, "test_acc_at_early_stop", "test accuracy at early stop (%)",
-                     f"Test accuracy vs sparsity{suffix}", path("accuracy_vs_weights.png"))
-    _plot_vs_weights(rows, "early_stop_iter", "early-stopping iteration",
-                     f"Early-stopping iteration vs sparsity{suffix}", path("early_stop_vs_weights.png"))
+    _plot_vs_weights(rows, "test_acc_at_early_stop", "test accuracy at early stop (%)\nmean ± std over n trials",
+                     f"Test accuracy vs sparsity{suffix}{title_note}", path("accuracy_vs_weights.png"))
+    _plot_vs_weights(rows, "early_stop_iter", "early-stopping iteration\nmean ± std over n trials",
+                     f"Early-stopping iteration vs sparsity{suffix}{title_note}", path("early_stop_vs_weights.png"))
     curves = os.path.join(out, "curves.png")
-    if _plot_curves(results, rows, curves):
+    if _plot_curves(results, rows, curves, None, title_note):
         written.append(curves)
     return written

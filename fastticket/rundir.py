@@ -256,9 +256,10 @@ class ArmDir:
     def write_result(self, result: Dict[str, Any]) -> None:
         self._publish(RESULT, (json.dumps(result, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"))
 
-    def read_result(self) -> Optional[Dict[str, Any]]:
+    def read_result(self, require_final: bool = True) -> Optional[Dict[str, Any]]:
         """result.json, verified with final.pt (a finished arm), or None while the arm is unfinished. A
-        result.json or final.pt that fails verification raises DamagedFileError."""
+        result.json or final.pt that fails verification raises DamagedFileError. require_final=False: the
+        result alone (a report needs no weights)."""
         if not os.path.exists(self._file(RESULT)):
             return None
         data = self.verified_bytes(RESULT)
@@ -268,6 +269,8 @@ class ArmDir:
             raise DamagedFileError(f"cannot read {self._file(RESULT)}: {_first_line(exc)}") from None
         if not isinstance(result, dict) or {k: result.get(k) for k in self.identity} != self.identity:
             raise DamagedFileError(f"{self._file(RESULT)} failed verification: it is not this arm's result")
+        if not require_final:
+            return result
         if not self.has_final():
             raise DamagedFileError(f"{self._file(FINAL)} is missing although {self._file(RESULT)} exists")
         self.verified_bytes(FINAL)
@@ -415,13 +418,13 @@ class RunDir:
                 continue
         return found
 
-    def results(self, problems: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    def results(self, problems: Optional[List[str]] = None, require_final: bool = True) -> List[Dict[str, Any]]:
         """Every verified result.json (finished arms), unsorted; each also carries "path": its arm directory.
         Files that fail verification are left out; with `problems` given, one line per such file is added."""
         results = []
         for arm_dir in self.arm_dirs():
             try:
-                result = arm_dir.read_result()
+                result = arm_dir.read_result(require_final)
             except DamagedFileError as exc:
                 if problems is not None:
                     problems.append(str(exc))

@@ -168,3 +168,25 @@ def test_bad_names_and_sizes(tmp_path):
     with pytest.raises(ValueError, match="val_size"):
         load_dataset("mnist", str(tmp_path), "cpu", val_size=60, seed=0)
     assert DATASETS == ("mnist5k", "mnist", "cifar10")
+
+
+class _Boom:
+    """A pickle that would run a command when loaded with plain pickle.load."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_cifar10_batches_are_unpickled_without_running_code(tmp_path, monkeypatch):
+    write_cifar10(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    batch = os.path.join(str(tmp_path), "cifar-10-batches-py", "data_batch_3")
+    with open(batch, "wb") as f:
+        pickle.dump({"data": _Boom(), "labels": [1]}, f)
+    with pytest.raises(ValueError, match="data_batch_3 is not a readable CIFAR-10 batch.*refused global"):
+        load_dataset("cifar10", str(tmp_path), torch.device("cpu"), 4, 0)
+    assert not os.path.exists(tmp_path / "PWNED")
+    with open(batch, "wb") as f:
+        f.write(b"\x80\x04truncated")
+    with pytest.raises(ValueError, match="data_batch_3 is not a readable CIFAR-10 batch"):
+        load_dataset("cifar10", str(tmp_path), torch.device("cpu"), 4, 0)

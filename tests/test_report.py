@@ -7,6 +7,7 @@ import os
 import pytest
 
 from fastticket.report import collect_results, make_report, summary_table
+from fastticket.rundir import ArmDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DENSITY = {0: 1.0, 1: 0.8, 2: 0.64}
@@ -33,8 +34,7 @@ def _write_run(root, levels=(0, 1, 2), arms=("ticket", "reinit"), trials=(0, 1))
                           "layer_density": {"fc.0": DENSITY[level]}, "early_stop_iter": 100 * (level + 1) + 100 * trial,
                           "early_stop_val_loss": 0.1, "test_acc_at_early_stop": acc, "final_test_acc": acc - 0.005,
                           "final_iter": 300, "wall_time_s": 1.0, "status": "ok"}
-                with open(os.path.join(d, "result.json"), "w") as f:
-                    json.dump(result, f)
+                ArmDir(d, level, arm, trial).write_result(result)  # with its checksum, as the search writes it
                 with open(os.path.join(d, "metrics.jsonl"), "w") as f:
                     for it in (0, 100, 200, 300):
                         f.write(json.dumps({"iteration": it, "train_loss": 1.0 / (it + 1), "val_loss": 0.2,
@@ -77,7 +77,7 @@ def test_single_trial_missing_arm_and_diverged(tmp_path):
     d = tmp_path / "levels" / "level_02" / "ticket_trial0" / "result.json"
     result = json.loads(d.read_text())
     result["status"] = "diverged"
-    d.write_text(json.dumps(result))
+    ArmDir(str(d.parent), 2, "ticket", 0).write_result(result)
     paths = make_report(str(tmp_path))
     assert len(paths) == 5
     rows = list(csv.DictReader(open(os.path.join(str(tmp_path), "report", "results.csv"))))
@@ -115,3 +115,64 @@ def test_summary_table_of_search_rows_with_missing_values():
     assert "random acc@stop %" in lines[0] and lines[0].index("ticket") < lines[0].index("random")
     assert "95.12" in lines[2] and "300" in lines[2]
     assert lines[3].split()[:4] == ["1", "80.0", "-", "-"] and "90.00" in lines[3]
+
+
+def _record(monkeypatch, method):
+    import matplotlib.axes
+    calls = []
+    real = getattr(matplotlib.axes.Axes, method)
+
+    def spy(self, *args, **kwargs):
+        calls.append((args, kwargs, self))
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, method, spy)
+    return calls
+
+
+def test_unreadable_files_are_named_and_the_rest_is_reported(tmp_path):
+    _write_run(str(tmp_path))
+    truncated = tmp_path / "levels" / "level_01" / "reinit_trial1" / "result.json"
+    truncated.write_text(truncated.read_text()[:40])
+    empty_object = tmp_path / "levels" / "level_02" / "ticket_trial1" / "result.json"
+    empty_object.write_text("{}")
+    (tmp_path / "levels" / "level_02" / "reinit_trial0" / "metrics.jsonl").write_bytes(b"\xff\xfe\x00garbage")
+    problems = []
+    paths = make_report(str(tmp_path), problems)
+    assert len(paths) == 5
+    text = "\n".join(problems)
+    assert str(truncated) in text and str(empty_object) in text and "reinit_trial0/metrics.jsonl" in text
+    assert "not UTF-8" in text
+    md = open(os.path.join(str(tmp_path), "report", "results.md")).read()
+    assert str(truncated) in md and str(empty_object) in md
+    rows = list(csv.DictReader(open(os.path.join(str(tmp_path), "report", "results.csv"))))
+    assert [r["n_trials"] for r in rows if (r["level"], r["arm"]) == ("1", "reinit")] == ["1"]
+
+
+def test_unfinished_run_and_missing_arms_are_marked(tmp_path, monkeypatch):
+    _write_run(str(tmp_path), levels=(0, 1), trials=(0, 1))
+    with open(tmp_path / "config.json", "w") as f:  # the run was asked for 2 levels, 2 trials, reinit
+        json.dump({"model": "lenet300", "dataset": "mnist5k", "levels": 2, "trials": 2, "controls": ["reinit"]}, f)
+    titles = _record(monkeypatch, "set_title")
+    problems = []
+    make_report(str(tmp_path), problems)
+    assert any("unfinished run: 4 of 10 arms missing" in p and "L2 ticket t0" in p for p in problems)
+    md = open(os.path.join(str(tmp_path), "report", "results.md")).read()
+    assert "unfinished run: 4 of 10 arms missing" in md
+    assert all("unfinished run: 4 of 10 arms missing" in args[0] for args, _, _ in titles), titles
+
+
+def test_error_bars_are_labelled_offset_and_curves_show_every_arm(tmp_path, monkeypatch):
+    _write_run(str(tmp_path), arms=("ticket", "reinit", "random"))
+    bars = _record(monkeypatch, "errorbar")
+    lines = _record(monkeypatch, "plot")
+    labels = _record(monkeypatch, "set_ylabel")
+    make_report(str(tmp_path))
+    acc_bars = [(args, kwargs) for args, kwargs, _ in bars[:3]]  # accuracy plot: one errorbar call per arm
+    xs = {kwargs["label"]: list(args[0]) for args, kwargs in acc_bars}
+    assert set(xs) == {"winning ticket (IMP) (n=2)", "random reinit (n=2)", "random pruning (n=2)"}
+    # At level 1 all three arms share 80 % density: their points (and bars) sit at different x.
+    at_80 = [min(v, key=lambda x: abs(x - 80)) for v in xs.values()]
+    assert len(set(at_80)) == 3 and all(abs(x - 80) < 3 for x in at_80)
+    assert any("std over n trials" in args[0] for args, _, _ in labels)
+    curve_labels = {kwargs.get("label") for _, kwargs, _ in lines if kwargs.get("label")}
+    assert {"80.0%", "80.0% reinit", "80.0% random"} <= curve_labels
