@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -358,4 +357,3 @@ def test_a_verified_checkpoint_of_this_arm_is_still_used(tmp_path, monkeypatch, 
 def test_damaged_file_errors_are_run_dir_errors():
     assert issubclass(DamagedFileError, RunDirError) and issubclass(OutputError, OSError)
     assert issubclass(RunLockedError, RunDirError) and issubclass(ConfigError, ValueError)
-    time.time()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastticket.data import load_dataset
-from fastticket.errors import ConfigError, MaskError, RunDirError
+from fastticket.errors import ConfigError, RunDirError
 from fastticket.nn import masked_modules
 from fastticket.presets import get_preset
 from fastticket.rundir import arm_dir
