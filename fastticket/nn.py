@@ -81,9 +81,11 @@ class MaskedLayer:
         self.mask_version += 1
         return self.apply_mask_()
 
-    def tile_map(self, block_n: int, block_k: int) -> TileMap:
-        """Live-tile lists of the mask for (block_n x block_k) tiles, cached until the mask changes."""
-        return self._tile_maps.get(self.weight_mask, block_n, block_k, self.mask_version)
+    def tile_map(self, block_n: int, block_k: int, k_order: str = "mask") -> TileMap:
+        """Live-tile lists of the mask for (block_n x block_k) tiles, cached until the mask changes. k_order
+        "tap_major" (conv filters) tiles the mask permuted to the conv kernels' K order; the buffer itself
+        keeps its layout."""
+        return self._tile_maps.get(self.weight_mask, block_n, block_k, self.mask_version, k_order)
 
     def density(self) -> float:
         return float(self.weight_mask.sum()) / self.weight_mask.numel()

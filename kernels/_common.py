@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from typing import Optional
 
 import torch
 
 __all__ = ["interpreter_active", "dot_input_precision", "sm_count", "next_power_of_2", "device_guard",
-           "mask_gradient"]
+           "mask_gradient", "live_bucket"]
 
 
 def interpreter_active() -> bool:
@@ -84,3 +85,13 @@ def mask_gradient(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and weight.requires_grad:
         return _MaskGradient.apply(weight, mask)
     return weight
+
+
+def live_bucket(live_fraction: float) -> int:
+    """Autotune key for sparsity: floor(-log2(live fraction)), capped at 7 (<= 1/128 live). IMP levels that
+    prune 20% each stay ~3 levels in a bucket, so a layer is re-tuned a few times per search, not per level."""
+    if live_fraction >= 1.0:
+        return 0
+    if live_fraction <= 0.0:
+        return 7
+    return min(7, int(math.floor(-math.log2(live_fraction))))

@@ -4,28 +4,35 @@ GEMM view (docs/architecture.md, "Kernels"). With X [N, C_in, H, W], W [C_out, C
 
     M = N * H_out * W_out   output pixels (rows)
     N = C_out               output channels (columns)
-    K = C_in * kh * kw      in the filter's own flattening order (c_in major, then kh, kw)
+    K = kh * kw * C_in      tap-major: k = (r * kw + s) * C_in + c_in, so a run of C_in consecutive k is one
+                            filter tap's input channels, contiguous in NHWC (channels_last) memory
 
-so the layer's tile map of `mask.view(C_out, -1)` (kernels/tile_map.py) indexes the K tiles directly.
+The tile map is therefore built over the filter permuted to [C_out, kh, kw, C_in] (build_tile_map(...,
+k_order="tap_major"); the layer caches it per mask change like any tile map), while the mask buffer keeps
+the filter's own layout (it is the layer's public weight_mask). When C_in is a multiple of BK every K tile
+lies inside one tap ("tap-aligned"): its gather is BLOCK_M runs of BK contiguous channels with one bounds
+bit per pixel, which an sm_90 compile turns into 16-byte async copies (cp.async) for NHWC inputs. Otherwise
+(e.g. a 3-channel first layer) a K tile mixes taps and each element gets its own tap and bounds test.
 No im2col buffer is ever materialised: every kernel gathers its input patch from X on the fly, with
 stride, padding ('same' included) and dilation, out-of-image taps masked to zero.
 
 - forward: one program per (pixel tile, C_out tile); it loops over the live K tiles of its C_out tile-row
-  (CSR row_ptr/col_idx) only; bias fused in the epilogue. Every output element is written, also for a
+  (CSR row_ptr/col_idx) only, the list staged in registers as in kernels/masked_linear.py (so num_stages
+  buffers are in flight); bias fused in the epilogue. Every output element is written, also for a
   tile-row with no live tile (then Y = bias), so an output poisoned before the launch comes back clean.
-- dX: the transposed convolution as "GEMM then col2im": one program per (pixel tile, K tile) computes the
-  column-gradient tile dCols = dY[pixels, live C_out tiles] @ W[live C_out tiles, K tile] over the
-  transposed live-tile list (CSR col_ptr/row_idx) and scatters it into dX with atomic adds. Chosen because
-  it is correct for every stride / padding / dilation with one code path and skips exactly the mask's dead
-  tiles. The alternative, a gather per input pixel (dX = conv of dY with the flipped filter, one GEMM per
-  filter tap), cannot: K is c_in-major, so the weights of one tap and one c_in tile are spread over several
-  K tiles, and with a 10%-dense block mask roughly 30-60% of those (tap, c_in tile, C_out tile) blocks
-  would hold a live weight. Its cost is M * K_live fp32 atomics, i.e. about live_fraction * kh * kw adds
-  per dX element; GPU timings decide whether it pays (unmeasured so far).
-  Atomic fp32 adds make dX's rounding order nondeterministic (like cuDNN's non-deterministic algorithms);
-  a 1x1 filter maps every (pixel, K) pair to a distinct input element, so it stores without atomics.
-  K tiles with no live tile launch a program that exits at once; their dX stays zero (exact: the tile's
-  weights are zero).
+  A contiguous NCHW output is addressed as one run per channel plane (FLAT_OUT), so the compiler can
+  prove contiguity along pixels, stage the MMA tile through shared memory and store vectors; Triton
+  exposes no explicit shared-memory staging, the tests check the vector stores in the sm_90 compile.
+- dX, tap-aligned (C_in % BK == 0): an implicit GEMM over input pixels. One program per (input-pixel tile,
+  C_in tile) sums over the filter taps: dY gathered at the output pixel the tap maps the input pixel to
+  (none where the stride skips it or it falls outside) times W[live C_out tiles, tap, C_in tile]; the
+  tap's K tile is tap * (C_in / BK) + C_in tile, whose live C_out tiles the transposed lists (col_ptr /
+  row_idx) name. Every dX element is written exactly once: no atomics, no zeroing, deterministic.
+  Strided layers waste the MMA rows of input pixels a tap does not reach (1 - 1/stride^2 of them).
+- dX otherwise: "GEMM then col2im": one program per (pixel tile, K tile) computes dCols = dY[pixels, live
+  C_out tiles] @ W[live C_out tiles, K tile] and scatters it into dX with fp32 atomic adds (about
+  live_fraction * kh * kw adds per dX element, nondeterministic order); a 1x1 filter maps every (pixel, k)
+  to a distinct input element and stores without atomics.
 - dW = (dY^T @ cols(X)) * M: one program per live tile (COO list), optionally split over M with fp32
   atomics to fill the GPU; the element mask is applied in the epilogue; dead tiles are never written.
 - dbias: one reduction of dY over (N, H_out, W_out).
@@ -39,7 +46,7 @@ back to cuDNN with the masked weight gradient: the kernels implement groups == 1
 Memory formats: NCHW and channels_last inputs (and weights) are read through their strides; the output
 and dX use the input's memory format (channels_last if X or W is, as cuDNN does). dtypes: fp32 (IEEE, or
 TF32 when torch.backends.cudnn.allow_tf32 is set, as for cuDNN), bf16 and fp16, all with fp32 accumulation.
-Autotuning (CUDA only) keys on the problem size and the live-tile count; under the interpreter a fixed
+Autotuning (CUDA only) keys on the problem size and the bucketed live fraction; under the interpreter a fixed
 small configuration runs. The GPU build of every kernel is checked without a GPU by compiling for sm_90
 (tests/test_masked_conv2d_kernels.py); GPU numerics and speed are checked only where a GPU is present.
 """
@@ -55,8 +62,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fastticket.kernels._common import (device_guard, dot_input_precision, interpreter_active, mask_gradient,
-                                        next_power_of_2, sm_count)
+from fastticket.kernels._common import (device_guard, dot_input_precision, interpreter_active, live_bucket,
+                                        mask_gradient, next_power_of_2, sm_count)
 from fastticket.kernels.dispatch import use_tile_skipping
 from fastticket.kernels.tile_map import TileMap
 
@@ -75,6 +82,8 @@ TileMapProvider = Callable[[int, int], TileMap]
 # conv2d_tile_sizes guarantees off the interpreter.
 _INTERPRETER_TILE = (8, 16)
 _INTERPRETER_BLOCK_M = 64
+# Live-list entries the forward and dX programs stage in registers at a time (see _conv2d_fwd_kernel).
+_LIST_CHUNK = 64
 
 
 # --------------------------------------------------------------------------------------------- geometry
@@ -180,12 +189,24 @@ def _output_pixels(offs_m, H_out, W_out, INDEX_I64: tl.constexpr):
 
 
 @triton.jit
-def _filter_columns(offs_k, K, KH: tl.constexpr, KW: tl.constexpr):
-    # GEMM column k -> (k < K, input channel, filter tap (kh-major), tap row, tap column), k = ci * KH*KW + tap.
+def _filter_columns(offs_k, C_in, K, KH: tl.constexpr, KW: tl.constexpr):
+    # GEMM column k -> (k < K, input channel, filter tap (kh-major), tap row, tap column), tap-major:
+    # k = tap * C_in + ci, so a run of C_in consecutive k is one tap's channels (contiguous in NHWC).
     k_ok = offs_k < K
-    ci = offs_k // (KH * KW)
-    tap = offs_k % (KH * KW)
+    ci = offs_k % C_in
+    tap = offs_k // C_in
     return k_ok, ci, tap, tap // KW, tap % KW
+
+
+@triton.jit
+def _aligned_tap(kt, C_in, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+    # With C_in a multiple of BLOCK_K every K tile lies inside one filter tap: (tap row, tap column, the
+    # tile's input channels, a contiguous run). Gathers then need one bounds bit per pixel, not per element.
+    k0 = kt * BLOCK_K
+    tap = k0 // C_in
+    # k0 - tap * C_in rather than k0 % C_in: the compiler's alignment analysis sees through a product and a
+    # difference (a multiple of 16 when C_in is) but not through a remainder, and needs it for vector loads.
+    return tap // KW, tap % KW, (k0 - tap * C_in) + tl.arange(0, BLOCK_K)
 
 
 @triton.jit
@@ -222,12 +243,13 @@ def _gather_ok(bits, ih0, iw0, m_ok, tap, k_ok, H, W, dil_h, dil_w, KW: tl.const
 @triton.jit
 def _conv2d_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, row_ptr_ptr, col_idx_ptr,
-    M, C_in, H, W, C_out, H_out, W_out, n_live,
+    M, C_in, H, W, C_out, H_out, W_out, LIVE_BUCKET,
     sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_i, sw_h, sw_w,
     sy_n, sy_c, sy_h, sy_w,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_I64: tl.constexpr, USE_BITS: tl.constexpr,
+    TAP_ALIGNED: tl.constexpr, FLAT_OUT: tl.constexpr, LIST_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -251,20 +273,43 @@ def _conv2d_fwd_kernel(
     lo = tl.load(row_ptr_ptr + pid_n)
     hi = tl.load(row_ptr_ptr + pid_n + 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(lo, hi):
-        kt = tl.load(col_idx_ptr + i)
-        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok, ci, tap, rh, rw = _filter_columns(offs_k, K, KH, KW)
-        a_ok = _gather_ok(bits, ih0, iw0, m_ok, tap, k_ok, H, W, dil_h, dil_w, KW, USE_BITS)
-        x_col = ci * sx_c + (rh * dil_h) * sx_h + (rw * dil_w) * sx_w
-        a = tl.load(x_ptr + (x_row[:, None] + x_col[None, :]), mask=a_ok, other=0.0)
-        b = tl.load(w_ptr + (w_row[None, :] + (ci * sw_i + rh * sw_h + rw * sw_w)[:, None]),
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    # The live list is staged in registers LIST_CHUNK entries at a time (as in kernels/masked_linear.py):
+    # operand addresses then depend on the loop counter only and the pipeliner keeps num_stages tiles in flight.
+    slots = tl.arange(0, LIST_CHUNK)
+    for c0 in range(lo, hi, LIST_CHUNK):
+        chunk = tl.load(col_idx_ptr + c0 + slots, mask=c0 + slots < hi, other=0)
+        for i in range(0, tl.minimum(hi - c0, LIST_CHUNK)):
+            kt = tl.sum(tl.where(slots == i, chunk, 0), axis=0)
+            if TAP_ALIGNED:
+                # One tap per K tile: the X tile is BLOCK_M runs of BLOCK_K consecutive channels (16-byte
+                # vectors in NHWC), masked per pixel.
+                rh, rw, ci = _aligned_tap(kt, C_in, KW, BLOCK_K)
+                ih = ih0 + rh * dil_h
+                iw = iw0 + rw * dil_w
+                row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                tap_row = x_row + (rh * dil_h) * sx_h + (rw * dil_w) * sx_w
+                a = tl.load(x_ptr + (tap_row[:, None] + (ci * sx_c)[None, :]), mask=row_ok[:, None], other=0.0)
+                b = tl.load(w_ptr + (w_row[None, :] + (ci * sw_i + rh * sw_h + rw * sw_w)[:, None]),
+                            mask=n_ok[None, :], other=0.0)
+            else:
+                offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+                k_ok, ci, tap, rh, rw = _filter_columns(offs_k, C_in, K, KH, KW)
+                a_ok = _gather_ok(bits, ih0, iw0, m_ok, tap, k_ok, H, W, dil_h, dil_w, KW, USE_BITS)
+                x_col = ci * sx_c + (rh * dil_h) * sx_h + (rw * dil_w) * sx_w
+                a = tl.load(x_ptr + (x_row[:, None] + x_col[None, :]), mask=a_ok, other=0.0)
+                b = tl.load(w_ptr + (w_row[None, :] + (ci * sw_i + rh * sw_h + rw * sw_w)[:, None]),
+                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_rows = y_ptr + (img * sy_n + oh * sy_h + ow * sy_w)
+    if FLAT_OUT:
+        # Contiguous NCHW Y: a pixel tile is a contiguous run of each channel plane (within one image when
+        # H_out*W_out is a multiple of BLOCK_M), so the compiler can prove contiguity along M and store
+        # vectors, staging the MMA-layout tile through shared memory to get there.
+        y_rows = y_ptr + (img * sy_n + offs_m % (H_out * W_out))
+    else:
+        y_rows = y_ptr + (img * sy_n + oh * sy_h + ow * sy_w)
     tl.store(y_rows[:, None] + (offs_n * sy_c)[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
@@ -272,7 +317,7 @@ def _conv2d_fwd_kernel(
 @triton.jit
 def _conv2d_dx_kernel(
     dy_ptr, w_ptr, dx_ptr, col_ptr_ptr, row_idx_ptr,
-    M, C_in, H, W, C_out, H_out, W_out, n_live,
+    M, C_in, H, W, C_out, H_out, W_out, LIVE_BUCKET,
     sdy_n, sdy_c, sdy_h, sdy_w,
     sw_o, sw_i, sw_h, sw_w,
     sdx_n, sdx_c, sdx_h, sdx_w,
@@ -292,7 +337,7 @@ def _conv2d_dx_kernel(
         dy_row = img * sdy_n + oh * sdy_h + ow * sdy_w
 
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok, ci, tap, rh, rw = _filter_columns(offs_k, K, KH, KW)
+        k_ok, ci, tap, rh, rw = _filter_columns(offs_k, C_in, K, KH, KW)
         w_col = ci * sw_i + rh * sw_h + rw * sw_w
 
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -323,15 +368,73 @@ def _conv2d_dx_kernel(
 
 
 @triton.jit
+def _conv2d_dx_gather_kernel(
+    dy_ptr, w_ptr, dx_ptr, col_ptr_ptr, row_idx_ptr,
+    M_in, C_in, H, W, C_out, H_out, W_out, LIVE_BUCKET,
+    sdy_n, sdy_c, sdy_h, sdy_w,
+    sw_o, sw_i, sw_h, sw_w,
+    sdx_n, sdx_c, sdx_h, sdx_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, INDEX_I64: tl.constexpr, FLAT_OUT: tl.constexpr, LIST_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # dX as an implicit GEMM over input pixels (needs C_in % BLOCK_K == 0): program (input-pixel tile,
+    # C_in tile ct) owns dX[pixels, ct's channels] and sums, per filter tap, dY at the output pixel that tap
+    # maps to (gathered; none when the stride skips it or it falls outside) times W[live C_out tiles, tap, ct].
+    # The tap's K tile is tap * (C_in / BLOCK_K) + ct, so the transposed lists name its live C_out tiles.
+    # Every dX element is written exactly once: no atomics, no zeroing, deterministic.
+    pid_m = tl.program_id(0)
+    ct = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M_in
+    img, ih, iw = _output_pixels(offs_m, H, W, INDEX_I64)
+    ci = ct * BLOCK_K + tl.arange(0, BLOCK_K)
+    ci_tiles = C_in // BLOCK_K
+    slots = tl.arange(0, LIST_CHUNK)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for t in tl.static_range(KH * KW):
+        rh = t // KW
+        rw = t % KW
+        nh = ih + pad_h - rh * dil_h
+        nw = iw + pad_w - rw * dil_w
+        oh = nh // stride_h
+        ow = nw // stride_w
+        ok = (m_ok & (nh >= 0) & (nw >= 0) & (nh % stride_h == 0) & (nw % stride_w == 0)
+              & (oh < H_out) & (ow < W_out))
+        dy_row = img * sdy_n + oh * sdy_h + ow * sdy_w
+        w_col = ci * sw_i + rh * sw_h + rw * sw_w
+        kt = t * ci_tiles + ct
+        lo = tl.load(col_ptr_ptr + kt)
+        hi = tl.load(col_ptr_ptr + kt + 1)
+        for c0 in range(lo, hi, LIST_CHUNK):  # the tap's live C_out tiles, staged as in the forward
+            chunk = tl.load(row_idx_ptr + c0 + slots, mask=c0 + slots < hi, other=0)
+            for i in range(0, tl.minimum(hi - c0, LIST_CHUNK)):
+                nt = tl.sum(tl.where(slots == i, chunk, 0), axis=0)
+                offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < C_out
+                a = tl.load(dy_ptr + (dy_row[:, None] + (offs_n * sdy_c)[None, :]),
+                            mask=ok[:, None] & n_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + ((offs_n * sw_o)[:, None] + w_col[None, :]), mask=n_ok[:, None], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if FLAT_OUT:  # contiguous NCHW dX: vector stores along pixels, as in the forward's epilogue
+        dx_rows = img * sdx_n + offs_m % (H * W)
+    else:
+        dx_rows = img * sdx_n + ih * sdx_h + iw * sdx_w
+    tl.store(dx_ptr + (dx_rows[:, None] + (ci * sdx_c)[None, :]), acc.to(dx_ptr.dtype.element_ty),
+             mask=m_ok[:, None])
+
+
+@triton.jit
 def _conv2d_dw_kernel(
     x_ptr, dy_ptr, mask_ptr, dw_ptr, coo_rows_ptr, coo_cols_ptr,
-    M, C_in, H, W, C_out, H_out, W_out, m_per_split, n_live,
+    M, C_in, H, W, C_out, H_out, W_out, m_per_split, LIVE_BUCKET,
     sx_n, sx_c, sx_h, sx_w,
     sdy_n, sdy_c, sdy_h, sdy_w,
     sm_o, sm_i, sm_h, sm_w,
     sdw_o, sdw_i, sdw_h, sdw_w,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, ATOMIC: tl.constexpr, INDEX_I64: tl.constexpr, USE_BITS: tl.constexpr,
+    TAP_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -341,8 +444,13 @@ def _conv2d_dw_kernel(
     tile_k = tl.load(coo_cols_ptr + t)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < C_out
-    offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok, ci, tap, rh, rw = _filter_columns(offs_k, K, KH, KW)
+    if TAP_ALIGNED:
+        rh, rw, ci = _aligned_tap(tile_k, C_in, KW, BLOCK_K)
+        k_ok = ci < C_in  # always true: kept for the shared epilogue below
+        tap = rh * KW + rw
+    else:
+        offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok, ci, tap, rh, rw = _filter_columns(offs_k, C_in, K, KH, KW)
     x_col = ci * sx_c + (rh * dil_h) * sx_h + (rw * dil_w) * sx_w
     dy_col = offs_n * sdy_c
 
@@ -357,8 +465,13 @@ def _conv2d_dw_kernel(
                     mask=n_ok[:, None] & m_ok[None, :], other=0.0)
         ih0 = oh * stride_h - pad_h
         iw0 = ow * stride_w - pad_w
-        bits = _tap_bits(ih0, iw0, m_ok, H, W, dil_h, dil_w, KH, KW, USE_BITS)
-        b_ok = _gather_ok(bits, ih0, iw0, m_ok, tap, k_ok, H, W, dil_h, dil_w, KW, USE_BITS)
+        if TAP_ALIGNED:
+            ih = ih0 + rh * dil_h
+            iw = iw0 + rw * dil_w
+            b_ok = (m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+        else:
+            bits = _tap_bits(ih0, iw0, m_ok, H, W, dil_h, dil_w, KH, KW, USE_BITS)
+            b_ok = _gather_ok(bits, ih0, iw0, m_ok, tap, k_ok, H, W, dil_h, dil_w, KW, USE_BITS)
         x_row = img * sx_n + ih0 * sx_h + iw0 * sx_w
         b = tl.load(x_ptr + (x_row[:, None] + x_col[None, :]), mask=b_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -379,7 +492,9 @@ def _conv2d_dw_kernel(
 
 def _cuda_configs() -> list:
     # BLOCK_M 128 needs 8 warps and 64 needs 4 to stay clear of register spills (checked with ptxas, sm_90).
-    shapes = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 8, 2), (128, 8, 3), (128, 8, 4)]
+    # No 2-stage configs: with the live lists staged in registers, num_stages buffers are in flight, and
+    # fewer than 3 cannot hide a gather's latency.
+    shapes = [(64, 4, 3), (64, 4, 4), (128, 8, 3), (128, 8, 4)]
     return [triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages) for bm, warps, stages in shapes]
 
 
@@ -388,14 +503,15 @@ _AUTOTUNED: dict = {}
 
 def _kernel(name: str, atomic: bool = False):
     """The kernel to launch: autotuned over BLOCK_M / warps / stages on CUDA, the plain jit function under the
-    interpreter. BN/BK are never tuned: they are the tile map's tile. Keys include the live-tile count so a
-    sparser layer gets its own config."""
-    raw = {"fwd": _conv2d_fwd_kernel, "dx": _conv2d_dx_kernel, "dw": _conv2d_dw_kernel}[name]
+    interpreter. BN/BK are never tuned: they are the tile map's tile. Keys include the bucketed live fraction
+    (_common.live_bucket) so a much sparser layer gets its own config without re-tuning every IMP level."""
+    raw = {"fwd": _conv2d_fwd_kernel, "dx": _conv2d_dx_kernel, "dx_gather": _conv2d_dx_gather_kernel,
+           "dw": _conv2d_dw_kernel}[name]
     if interpreter_active():
         return raw
     tag = (name, atomic)
     if tag not in _AUTOTUNED:
-        key = ["M", "C_in", "C_out", "H_out", "W_out", "n_live", "KH", "KW"]
+        key = ["M_in" if name == "dx_gather" else "M", "C_in", "C_out", "H_out", "W_out", "LIVE_BUCKET", "KH", "KW"]
         if name == "dw":
             key = key + ["m_per_split"]
         # Atomic outputs must start from zero for every timed run and again before the real one. Plain stores
@@ -416,10 +532,18 @@ def _grid_m(m: int, other: int):
 
 
 def _check_tile_map(tile_map: TileMap, c_out: int, k: int) -> Tuple[int, int]:
+    if tile_map.k_order != "tap_major":
+        raise ValueError(f"the conv kernels need a tile map of the filter in tap-major K order "
+                         f"(build_tile_map(mask, bn, bk, k_order='tap_major')), got k_order={tile_map.k_order!r}")
     if tuple(tile_map.shape) != (c_out, k):
         raise ValueError(f"tile map is for a [{tile_map.shape[0]}, {tile_map.shape[1]}] weight, the filter is "
-                         f"[{c_out}, {k}] (C_out x C_in*kh*kw)")
+                         f"[{c_out}, {k}] (C_out x kh*kw*C_in)")
     return tile_map.block
+
+
+def _flat_nchw(t: torch.Tensor) -> bool:
+    """Plain contiguous NCHW (the epilogues then address a pixel tile as one run per channel plane)."""
+    return t.is_contiguous()
 
 
 def _needs_i64(*tensors: torch.Tensor) -> bool:
@@ -462,11 +586,13 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     with device_guard(out):
         _kernel("fwd")[_grid_m(m, tile_map.tiles[0])](
             x, weight, bias if bias is not None else x, out, tile_map.row_ptr, tile_map.col_idx,
-            m, c_in, h, w, c_out, h_out, w_out, tile_map.n_live,
+            m, c_in, h, w, c_out, h_out, w_out, live_bucket(tile_map.live_fraction),
             *x.stride(), *weight.stride(), *out.stride(),
             *geom.stride, *geom.pad, *geom.dilation,
             KH=kh, KW=kw, HAS_BIAS=bias is not None, INDEX_I64=_needs_i64(x, out),
-            USE_BITS=kh * kw <= _MAX_BITMASK_TAPS, BLOCK_N=bn, BLOCK_K=bk,
+            # tap-aligned tiles test bounds per pixel: no bitmask to build
+            USE_BITS=kh * kw <= _MAX_BITMASK_TAPS and c_in % bk != 0, TAP_ALIGNED=c_in % bk == 0,
+            FLAT_OUT=_flat_nchw(out), LIST_CHUNK=_LIST_CHUNK, BLOCK_N=bn, BLOCK_K=bk,
             INPUT_PRECISION=dot_input_precision(x.dtype, "cudnn"), **_launch_meta(),
         )
     return out
@@ -496,6 +622,21 @@ def conv2d_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, tile_map: Ti
     else:
         _check_out(out, (n, c_in, h, w), weight.dtype, grad_out.device, "conv2d_grad_input")
     grad_out = grad_out.to(weight.dtype)
+    if c_in % bk == 0 and n * h * w > 0 and tile_map.n_live > 0:
+        # Per-tap gather: every dX element written once, no atomics, no zeroing (see the kernel).
+        m_in = n * h * w
+        with device_guard(out):
+            _kernel("dx_gather")[_grid_m(m_in, c_in // bk)](
+                grad_out, weight, out, tile_map.col_ptr, tile_map.row_idx,
+                m_in, c_in, h, w, c_out, h_out, w_out, live_bucket(tile_map.live_fraction),
+                *grad_out.stride(), *weight.stride(), *out.stride(),
+                *geom.stride, *geom.pad, *geom.dilation,
+                KH=kh, KW=kw, INDEX_I64=_needs_i64(grad_out, out), FLAT_OUT=_flat_nchw(out),
+                LIST_CHUNK=_LIST_CHUNK, BLOCK_N=bn, BLOCK_K=bk,
+                INPUT_PRECISION=dot_input_precision(weight.dtype, "cudnn"), **_launch_meta(),
+            )
+        return out
+    # Otherwise (C_in not a multiple of BK: a K tile mixes taps) "GEMM then col2im" with atomic adds.
     # Distinct (pixel, k) pairs of a 1x1 filter hit distinct input elements, so plain stores are race-free.
     atomic = (kh, kw) != (1, 1)
     acc = out if (not atomic or out.dtype == torch.float32) else torch.empty_like(out, dtype=torch.float32)
@@ -506,7 +647,7 @@ def conv2d_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, tile_map: Ti
     with device_guard(out):
         _kernel("dx", atomic)[_grid_m(m, tile_map.tiles[1])](
             grad_out, weight, acc, tile_map.col_ptr, tile_map.row_idx,
-            m, c_in, h, w, c_out, h_out, w_out, tile_map.n_live,
+            m, c_in, h, w, c_out, h_out, w_out, live_bucket(tile_map.live_fraction),
             *grad_out.stride(), *weight.stride(), *acc.stride(),
             *geom.stride, *geom.pad, *geom.dilation,
             KH=kh, KW=kw, ATOMIC=atomic, INDEX_I64=_needs_i64(grad_out, acc), BLOCK_N=bn, BLOCK_K=bk,
@@ -571,11 +712,11 @@ def conv2d_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tens
     with device_guard(out):
         _kernel("dw", atomic)[(tile_map.n_live, split)](
             x, grad_out, mask_bytes, acc, tile_map.coo_rows, tile_map.coo_cols,
-            m, c_in, h, w, c_out, h_out, w_out, m_per_split, tile_map.n_live,
+            m, c_in, h, w, c_out, h_out, w_out, m_per_split, live_bucket(tile_map.live_fraction),
             *x.stride(), *grad_out.stride(), *mask_bytes.stride(), *acc.stride(),
             *geom.stride, *geom.pad, *geom.dilation,
             KH=kh, KW=kw, ATOMIC=atomic, INDEX_I64=_needs_i64(x, grad_out),
-            USE_BITS=kh * kw <= _MAX_BITMASK_TAPS, BLOCK_N=bn, BLOCK_K=bk,
+            USE_BITS=kh * kw <= _MAX_BITMASK_TAPS, TAP_ALIGNED=c_in % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
             INPUT_PRECISION=dot_input_precision(x.dtype, "cudnn"), **_launch_meta(),
         )
     if acc is not out:
@@ -589,6 +730,10 @@ def tile_map_expand(tile_map: TileMap, shape: Sequence[int], device: torch.devic
     bn, bk = tile_map.block
     c_out, k = tile_map.shape
     live = tile_map.live.to(device).repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:c_out, :k]
+    if tile_map.k_order == "tap_major":
+        # The map's K is (kh, kw, C_in); the weight's layout is (C_in, kh, kw).
+        c_out, c_in, kh, kw = (int(v) for v in shape)
+        return live.reshape(c_out, kh, kw, c_in).permute(0, 3, 1, 2)
     return live.reshape(tuple(shape))
 
 
@@ -664,7 +809,7 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         padding = _pair(padding, "padding")
     c_out, c_in, kh, kw = weight.shape
     bn, bk = conv2d_tile_sizes(c_out, c_in * kh * kw, weight.dtype, x.device)
-    tile_map = tile_maps(bn, bk)
+    tile_map = tile_maps(bn, bk, k_order="tap_major")
     if not use_tile_skipping(tile_map.live_fraction, "conv2d"):
         return _dense_masked_conv2d(x, weight, bias, mask, stride, padding, dilation, groups)
     if x.device.type == "cuda" and torch.are_deterministic_algorithms_enabled():

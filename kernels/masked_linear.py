@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fastticket.kernels._common import device_guard, dot_input_precision, sm_count
+from fastticket.kernels._common import device_guard, dot_input_precision, live_bucket, sm_count
 from fastticket.kernels.dispatch import use_tile_skipping
 from fastticket.kernels.tile_map import TileMap
 
@@ -152,16 +152,6 @@ def _dw_prune_configs(configs, named_args, **kwargs):
     m = named_args["M"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] >= 64 or m <= _SMALL_M]
     return kept or configs
-
-
-def live_bucket(live_fraction: float) -> int:
-    """Autotune key for sparsity: floor(-log2(live fraction)), capped at 7 (<= 1/128 live). IMP levels that
-    prune 20% each stay ~3 levels in a bucket, so a layer is re-tuned a few times per search, not per level."""
-    if live_fraction >= 1.0:
-        return 0
-    if live_fraction <= 0.0:
-        return 7
-    return min(7, int(math.floor(-math.log2(live_fraction))))
 
 
 # ------------------------------------------------------------------------------------------------ kernels

@@ -1,7 +1,8 @@
 """Live-tile lists derived from a mask: which (BN x BK) tiles of a 2-D weight hold any unpruned entry.
 
 Built on the mask's device with nonzero / cumsum (no host loop), once per mask change, never per step.
-A weight of shape [N, K] (a conv filter is viewed as [C_out, C_in*kh*kw]) is cut into
+A weight of shape [N, K] (a conv filter is viewed as [C_out, C_in*kh*kw] in the mask's own order, or as
+[C_out, kh*kw*C_in] with k_order="tap_major", the order the conv kernels reduce in) is cut into
 ceil(N/BN) x ceil(K/BK) tiles; edge tiles are partial. The lists:
 
 - CSR by output tile-row (forward): k-tiles `col_idx[row_ptr[r]:row_ptr[r+1]]` are live in tile-row r;
@@ -67,6 +68,7 @@ class TileMap:
     n_live: int
     max_live_per_row: int   # longest forward list (bounds loop trip counts / autotune keys)
     max_live_per_col: int   # longest dX list
+    k_order: str = "mask"   # "mask": K in the mask's flattening; "tap_major": conv filters as (kh, kw, C_in)
     _grouped: Dict[Tuple[str, int], GroupedLists] = field(default_factory=dict, repr=False, compare=False)
 
     def grouped(self, axis: str, rows: int) -> GroupedLists:
@@ -95,10 +97,20 @@ class TileMap:
         return self.n_live / max(1, self.n_tiles)
 
 
-def as_2d_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A weight mask as the [rows, cols] matrix the kernels tile (conv filters flatten C_in*kh*kw)."""
+K_ORDERS = ("mask", "tap_major")
+
+
+def as_2d_mask(mask: torch.Tensor, k_order: str = "mask") -> torch.Tensor:
+    """A weight mask as the [rows, cols] matrix the kernels tile: conv filters [C_out, C_in, kh, kw] flatten
+    C_in*kh*kw ("mask") or, permuted, kh*kw*C_in ("tap_major": each K run of C_in entries is one filter tap)."""
     if mask.dim() < 2:
         raise ValueError(f"a weight mask needs at least 2 dims, got shape {tuple(mask.shape)}")
+    if k_order not in K_ORDERS:
+        raise ValueError(f"k_order must be one of {K_ORDERS}, got {k_order!r}")
+    if k_order == "tap_major":
+        if mask.dim() != 4:
+            raise ValueError(f"k_order='tap_major' is for 4-D conv filters, got shape {tuple(mask.shape)}")
+        mask = mask.permute(0, 2, 3, 1)
     return mask.reshape(mask.shape[0], -1)
 
 
@@ -119,8 +131,8 @@ def _csr(live: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return ptr, idx
 
 
-def build_tile_map(mask: torch.Tensor, block_n: int, block_k: int) -> TileMap:
-    mask2d = as_2d_mask(mask)
+def build_tile_map(mask: torch.Tensor, block_n: int, block_k: int, k_order: str = "mask") -> TileMap:
+    mask2d = as_2d_mask(mask, k_order)
     if block_n <= 0 or block_k <= 0:
         raise ValueError(f"tile sizes must be positive, got ({block_n}, {block_k})")
     live = live_tiles(mask2d, block_n, block_k)
@@ -143,6 +155,7 @@ def build_tile_map(mask: torch.Tensor, block_n: int, block_k: int) -> TileMap:
         n_live=int(stats[0]),
         max_live_per_row=int(stats[1]),
         max_live_per_col=int(stats[2]),
+        k_order=k_order,
     )
 
 
@@ -156,13 +169,13 @@ class TileMapCache:
     def __init__(self) -> None:
         self._maps: Dict[Hashable, Tuple[Hashable, TileMap]] = {}
 
-    def get(self, mask: torch.Tensor, block_n: int, block_k: int, version: int = 0) -> TileMap:
-        key = (block_n, block_k, mask.device)
+    def get(self, mask: torch.Tensor, block_n: int, block_k: int, version: int = 0, k_order: str = "mask") -> TileMap:
+        key = (block_n, block_k, mask.device, k_order)
         token = (version, mask._version, mask.data_ptr(), tuple(mask.shape))
         hit = self._maps.get(key)
         if hit is not None and hit[0] == token:
             return hit[1]
-        tile_map = build_tile_map(mask, block_n, block_k)
+        tile_map = build_tile_map(mask, block_n, block_k, k_order)
         self._maps[key] = (token, tile_map)
         return tile_map
 
@@ -170,9 +183,9 @@ class TileMapCache:
         self._maps.clear()
 
 
-def reference_live_tiles(mask: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
+def reference_live_tiles(mask: torch.Tensor, block_n: int, block_k: int, k_order: str = "mask") -> torch.Tensor:
     """Plain-loop reference of `live_tiles` for tests."""
-    mask2d = as_2d_mask(mask).cpu()
+    mask2d = as_2d_mask(mask, k_order).cpu()
     n, k = mask2d.shape
     tn, tk = -(-n // block_n), -(-k // block_k)
     out = torch.zeros(tn, tk, dtype=torch.bool)

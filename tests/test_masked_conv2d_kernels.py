@@ -16,6 +16,7 @@ from fastticket.kernels.masked_conv2d import (
     conv2d_forward, conv2d_grad_input, conv2d_grad_weight, conv2d_tile_sizes, conv_geometry, masked_conv2d,
     reference_masked_conv2d_grads, tile_map_expand,
 )
+import fastticket.kernels.masked_conv2d as masked_conv2d_module
 from fastticket.kernels.tile_map import TileMapCache, build_tile_map
 from fastticket.testing import rel_error
 
@@ -30,7 +31,7 @@ def ieee_fp32(monkeypatch):
 
 
 def make_mask(kind: str, shape, tile, gen: torch.Generator) -> torch.Tensor:
-    """element: ~45% of entries live; block: whole (BN x BK) tiles of the [C_out, K] view dead or alive
+    """element: ~45% of entries live; block: whole (BN x BK) tiles of the [C_out, kh*kw*C_in] view dead or alive
     (with at least one of each), live tiles themselves element-pruned so the dW epilogue mask matters."""
     c_out = shape[0]
     k = math.prod(shape[1:])
@@ -47,7 +48,9 @@ def make_mask(kind: str, shape, tile, gen: torch.Generator) -> torch.Tensor:
     live.view(-1)[0], live.view(-1)[-1] = True, False
     dense = live.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:c_out, :k]
     inside = torch.rand(c_out, k, generator=gen) < 0.8
-    return (dense & inside).reshape(shape)
+    # The tiles are those of the kernels' tap-major K order (kh, kw, C_in); the mask keeps the filter's layout.
+    _, c_in, kh, kw = shape
+    return (dense & inside).reshape(c_out, kh, kw, c_in).permute(0, 3, 1, 2).contiguous()
 
 
 def make_case(n, c_in, c_out, hw, kernel, mask_kind, seed, dtype=torch.float32, device="cpu", bias=True):
@@ -77,6 +80,13 @@ CASES = [
     (2, 6, 12, (7, 8), (1, 3), (2, 1), (0, 1), (1, 2), "block", True),
     (2, 3, 12, (6, 9), (2, 4), 1, "same", 1, "element", True),  # even kernel: asymmetric 'same' padding
     (1, 2, 10, (9, 8), 7, 2, 3, 1, "block", True),  # 49 taps: bounds tested per element, not by bitmask
+    # C_in a multiple of BK (16 here): tap-aligned K tiles, forward / dW gather one tap per tile and dX runs
+    # as the per-tap gather (no atomics, every element written: the NaN-poisoned dX proves it).
+    (2, 16, 12, (7, 9), 3, 1, 1, 1, "block", True),
+    (2, 32, 10, (9, 7), 3, 2, 1, 2, "element", False),
+    (1, 16, 12, (6, 7), 1, 2, 0, 1, "block", True),   # stride 2, 1x1: input pixels no output reads get 0
+    (2, 16, 12, (7, 8), 5, 1, "same", 1, "dead", True),
+    (2, 16, 8, (7, 9), (2, 3), (2, 1), (1, 0), (1, 2), "live", True),
 ]
 
 
@@ -91,7 +101,7 @@ def test_launchers_match_float64_reference(case, device):
     n, c_in, c_out, hw, kernel, stride, padding, dilation, mask_kind, bias = case
     x, weight, b, mask, tile = make_case(n, c_in, c_out, hw, kernel, mask_kind, seed=CASES.index(case),
                                          device=device, bias=bias)
-    tile_map = build_tile_map(mask, *tile)
+    tile_map = build_tile_map(mask, *tile, k_order="tap_major")
     geom = conv_geometry(hw, weight.shape[2:], stride, padding, dilation)
     gen = torch.Generator().manual_seed(7)
     grad_out = torch.randn(n, c_out, *geom.out_hw, generator=gen).to(device)
@@ -157,7 +167,7 @@ def test_autograd_entry_point_both_dispatch_paths(case, path, threshold, device,
     cache = TileMapCache()
     geom = conv_geometry(hw, weight.shape[2:], stride, padding, dilation)
     grad_out = torch.randn(n, c_out, *geom.out_hw, generator=torch.Generator().manual_seed(3)).to(device)
-    y, dx, dw, db = _autograd_run(x, weight, b, mask, lambda bn, bk: cache.get(mask, bn, bk), grad_out,
+    y, dx, dw, db = _autograd_run(x, weight, b, mask, lambda bn, bk, k_order="mask": cache.get(mask, bn, bk, k_order=k_order), grad_out,
                                   stride, padding, dilation)
     refs = reference_masked_conv2d_grads(x, weight, b, mask, grad_out, stride, padding, dilation)
     for got, ref in zip((y, dx, dw, db), refs):
@@ -174,7 +184,7 @@ def test_channels_last_in_and_out(device, monkeypatch):
     x = x.contiguous(memory_format=torch.channels_last)
     grad_out = torch.randn(2, 4, 5, 12, generator=torch.Generator().manual_seed(1)).to(device).permute(0, 3, 1, 2)
     cache = TileMapCache()
-    y, dx, dw, db = _autograd_run(x, weight, b, mask, lambda bn, bk: cache.get(mask, bn, bk), grad_out, 2, 1, 1)
+    y, dx, dw, db = _autograd_run(x, weight, b, mask, lambda bn, bk, k_order="mask": cache.get(mask, bn, bk, k_order=k_order), grad_out, 2, 1, 1)
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
     assert dx.is_contiguous(memory_format=torch.channels_last)
     refs = reference_masked_conv2d_grads(x, weight, b, mask, grad_out, 2, 1, 1)
@@ -184,7 +194,7 @@ def test_channels_last_in_and_out(device, monkeypatch):
     # A channels_last filter (what model.to(memory_format=channels_last) makes) read through its strides.
     weight_cl = weight.contiguous(memory_format=torch.channels_last)
     mask_cl = mask.contiguous(memory_format=torch.channels_last)
-    tile_map = build_tile_map(mask_cl, *tile)
+    tile_map = build_tile_map(mask_cl, *tile, k_order="tap_major")
     y2 = conv2d_forward(x.contiguous(), weight_cl, b, tile_map, 2, 1, 1)
     assert y2.is_contiguous(memory_format=torch.channels_last)
     assert rel_error(y2, refs[0]) < FP32_TOL
@@ -193,12 +203,41 @@ def test_channels_last_in_and_out(device, monkeypatch):
 
 
 @pytest.mark.launches_triton
+def test_channels_last_tap_aligned_paths(device, monkeypatch):
+    """NHWC input, C_in a multiple of BK: forward and dW gather contiguous channel runs, dX is the per-tap
+    gather (no atomics) and comes back channels_last; strided, padded and dilated."""
+    monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")
+    x, weight, b, mask, tile = make_case(2, 16, 12, (9, 8), 3, "block", seed=15, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    geom = conv_geometry((9, 8), (3, 3), 2, 2, 2)
+    grad_out = torch.randn(2, *geom.out_hw, 12, generator=torch.Generator().manual_seed(4)).to(device).permute(0, 3, 1, 2)
+    launched = []
+    real_kernel = masked_conv2d_module._kernel
+    monkeypatch.setattr(masked_conv2d_module, "_kernel", lambda name, *a: launched.append(name) or real_kernel(name, *a))
+    cache = TileMapCache()
+    y, dx, dw, db = _autograd_run(x, weight, b, mask, lambda bn, bk, k_order="mask": cache.get(mask, bn, bk, k_order=k_order),
+                                  grad_out, 2, 2, 2)
+    assert "dx_gather" in launched and "dx" not in launched
+    assert y.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
+    refs = reference_masked_conv2d_grads(x, weight, b, mask, grad_out, 2, 2, 2)
+    for got, ref in zip((y, dx, dw, db), refs):
+        assert rel_error(got, ref) < FP32_TOL
+    assert torch.all(dw[~mask] == 0.0)
+
+
+def test_tile_map_in_mask_order_is_rejected(device):
+    x, weight, b, mask, tile = make_case(1, 16, 12, (5, 5), 3, "block", seed=2, device=device)
+    with pytest.raises(ValueError, match="tap-major"):
+        conv2d_forward(x, weight, b, build_tile_map(mask, *tile), 1, 1, 1)
+
+
+@pytest.mark.launches_triton
 def test_fp16_with_fp32_accumulation(device, monkeypatch):
     monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")
     x, weight, b, mask, _ = make_case(2, 6, 12, (7, 9), 3, "block", seed=9, dtype=torch.float16, device=device)
     cache = TileMapCache()
     grad_out = torch.randn(2, 12, 7, 9, generator=torch.Generator().manual_seed(2)).to(device, torch.float16)
-    y, dx, dw, db = _autograd_run(x, weight, b, mask, lambda bn, bk: cache.get(mask, bn, bk), grad_out, 1, "same", 1)
+    y, dx, dw, db = _autograd_run(x, weight, b, mask, lambda bn, bk, k_order="mask": cache.get(mask, bn, bk, k_order=k_order), grad_out, 1, "same", 1)
     assert y.dtype == dx.dtype == dw.dtype == db.dtype == torch.float16
     refs = reference_masked_conv2d_grads(x, weight, b, mask, grad_out, 1, "same", 1)
     for got, ref in zip((y, dx, dw, db), refs):
@@ -212,7 +251,7 @@ def test_bf16_with_fp32_accumulation(device, monkeypatch):
     x, weight, b, mask, _ = make_case(4, 32, 96, (15, 13), 3, "block", seed=4, dtype=torch.bfloat16, device=device)
     cache = TileMapCache()
     grad_out = torch.randn(4, 96, 8, 7, device=device, dtype=torch.bfloat16)
-    y, dx, dw, db = _autograd_run(x, weight, b, mask, lambda bn, bk: cache.get(mask, bn, bk), grad_out, 2, 1, 1)
+    y, dx, dw, db = _autograd_run(x, weight, b, mask, lambda bn, bk, k_order="mask": cache.get(mask, bn, bk, k_order=k_order), grad_out, 2, 1, 1)
     refs = reference_masked_conv2d_grads(x, weight, b, mask, grad_out, 2, 1, 1)
     for got, ref in zip((y, dx, dw, db), refs):
         assert rel_error(got, ref) < HALF_TOL
@@ -223,7 +262,7 @@ def test_bf16_with_fp32_accumulation(device, monkeypatch):
 def test_tf32_follows_cudnn_flag(device, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     x, weight, b, mask, tile = make_case(4, 64, 128, (17, 15), 3, "block", seed=6, device=device)
-    tile_map = build_tile_map(mask, *tile)
+    tile_map = build_tile_map(mask, *tile, k_order="tap_major")
     y = conv2d_forward(x, weight, b, tile_map, 1, 1, 1)
     assert rel_error(y, reference_masked_conv2d_grads(x, weight, b, mask, torch.ones_like(y), 1, 1, 1)[0]) < 1e-3
 
@@ -237,7 +276,7 @@ def test_groups_fall_back_to_cudnn_with_masked_weight_gradient(device, monkeypat
     b = torch.randn(8, generator=gen).to(device)
     grad_out = torch.randn(2, 8, 7, 9, generator=gen).to(device)
     cache = TileMapCache()
-    got = _autograd_run(x, weight, b, mask, lambda bn, bk: cache.get(mask, bn, bk), grad_out, 1, 1, 1, groups=2)
+    got = _autograd_run(x, weight, b, mask, lambda bn, bk, k_order="mask": cache.get(mask, bn, bk, k_order=k_order), grad_out, 1, 1, 1, groups=2)
     refs = reference_masked_conv2d_grads(x, weight, b, mask, grad_out, 1, 1, 1, groups=2)
     for g, r in zip(got, refs):
         assert rel_error(g, r) < FP32_TOL
@@ -260,7 +299,7 @@ def test_edge_inputs_unbatched_empty_batch_and_dtype_mismatch(device, monkeypatc
     monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")
     x, weight, b, mask, _ = make_case(1, 4, 12, (7, 9), 3, "block", seed=21, device=device)
     cache = TileMapCache()
-    tile_maps = lambda bn, bk: cache.get(mask, bn, bk)  # noqa: E731
+    tile_maps = lambda bn, bk, k_order="mask": cache.get(mask, bn, bk, k_order=k_order)  # noqa: E731
     # Unbatched [C, H, W] input, as nn.Conv2d accepts.
     y = masked_conv2d(x[0], weight, b, mask, tile_maps, 1, 1, 1)
     ref = reference_masked_conv2d_grads(x, weight, b, mask, torch.ones(1, 12, 7, 9, device=device), 1, 1, 1)[0]
@@ -282,13 +321,18 @@ import fastticket.kernels.masked_conv2d as masked_conv2d_module
 
 common = dict(KH=3, KW=3, INDEX_I64=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, INPUT_PRECISION="tf32")
 bf16 = "*bf16"
-compile_kernel(masked_conv2d_module._conv2d_fwd_kernel, {"x_ptr": bf16, "w_ptr": bf16, "b_ptr": bf16,
-               "y_ptr": bf16, "row_ptr_ptr": "*i32", "col_idx_ptr": "*i32"}, dict(common, HAS_BIAS=True, USE_BITS=True))
+for aligned in (True, False):  # tap-aligned K tiles (C_in % BK == 0) and the general gather
+    compile_kernel(masked_conv2d_module._conv2d_fwd_kernel, {"x_ptr": bf16, "w_ptr": bf16, "b_ptr": bf16,
+                   "y_ptr": bf16, "row_ptr_ptr": "*i32", "col_idx_ptr": "*i32"},
+                   dict(common, HAS_BIAS=True, USE_BITS=not aligned, TAP_ALIGNED=aligned, FLAT_OUT=aligned,
+                        LIST_CHUNK=64))
+    compile_kernel(masked_conv2d_module._conv2d_dw_kernel, {"x_ptr": bf16, "dy_ptr": bf16, "mask_ptr": "*u8",
+                   "dw_ptr": "*fp32", "coo_rows_ptr": "*i32", "coo_cols_ptr": "*i32"},
+                   dict(common, ATOMIC=True, USE_BITS=not aligned, TAP_ALIGNED=aligned))
 compile_kernel(masked_conv2d_module._conv2d_dx_kernel, {"dy_ptr": bf16, "w_ptr": bf16, "dx_ptr": "*fp32",
                "col_ptr_ptr": "*i32", "row_idx_ptr": "*i32"}, dict(common, ATOMIC=True))
-compile_kernel(masked_conv2d_module._conv2d_dw_kernel, {"x_ptr": bf16, "dy_ptr": bf16, "mask_ptr": "*u8",
-               "dw_ptr": "*fp32", "coo_rows_ptr": "*i32", "coo_cols_ptr": "*i32"},
-               dict(common, ATOMIC=True, USE_BITS=False))
+compile_kernel(masked_conv2d_module._conv2d_dx_gather_kernel, {"dy_ptr": bf16, "w_ptr": bf16, "dx_ptr": bf16,
+               "col_ptr_ptr": "*i32", "row_idx_ptr": "*i32"}, dict(common, FLAT_OUT=True, LIST_CHUNK=64))
 print("compiled")
 """
 
@@ -296,3 +340,55 @@ print("compiled")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU every other test compiles the kernels for real")
 def test_kernels_compile_for_sm90_without_a_gpu(compile_for_sm90):
     compile_for_sm90(_GPU_COMPILE_BODY)
+
+
+# What the tap-major redesign is for, checked on the sm_90 compile with the specialisation a real launch of
+# aligned bf16 NHWC tensors gets (sizes and strides divisible by 16, unit strides constant): the forward's
+# gather is 16-byte async copies with num_stages buffers in flight, the dX gather has no atomics, and the
+# contiguous-NCHW epilogue stores vectors (the compiler stages the MMA tile through shared memory for it).
+_PROPERTIES_BODY = r"""
+import re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fastticket.kernels.masked_conv2d as mc
+
+def build(fn, pointers, constexprs, ones, stages, not_aligned=("LIVE_BUCKET", "pad_h", "pad_w", "H_out")):
+    constexprs = dict(constexprs, **{name: 1 for name in ones})
+    signature = {a: "constexpr" if a in constexprs else pointers.get(a, "i32") for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if a not in constexprs and a not in not_aligned}
+    try:
+        src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    except TypeError as exc:
+        print(f"SKIP: this triton's ASTSource takes no attrs: {exc}")
+        sys.exit(77)
+    try:
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": stages})
+    except FileNotFoundError as exc:
+        print(f"SKIP: no ptxas: {exc}")
+        sys.exit(77)
+
+bf16 = "*bf16"
+common = dict(KH=3, KW=3, INDEX_I64=False, LIST_CHUNK=64, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, INPUT_PRECISION=None)
+fwd = build(mc._conv2d_fwd_kernel, {"x_ptr": bf16, "w_ptr": bf16, "b_ptr": bf16, "y_ptr": bf16, "row_ptr_ptr": "*i32",
+            "col_idx_ptr": "*i32"}, dict(common, HAS_BIAS=True, USE_BITS=False, TAP_ALIGNED=True, FLAT_OUT=True),
+            ("sx_c", "sy_w", "sw_i", "stride_h", "stride_w", "dil_h", "dil_w"), 4)
+ptx, ttgir = fwd.asm["ptx"], fwd.asm["ttgir"]
+assert "wgmma" in ptx, "forward: no warp-group MMA"
+assert "cp.async.cg.shared.global" in ptx and ", 16" in ptx, "forward: the NHWC gather lost its 16-byte async copies"
+buffers = sorted(int(b) for b in re.findall(r"ttg.local_alloc.*?!ttg.memdesc<(\d+)x\d+x\d+xbf16", ttgir))
+assert buffers[:2] == [4, 4], f"forward, num_stages=4: buffers {buffers}"
+assert re.search(r"st\.global(\.\w+)*\.v4", ptx), "forward: the NCHW epilogue stores no vectors"
+dx = build(mc._conv2d_dx_gather_kernel, {"dy_ptr": bf16, "w_ptr": bf16, "dx_ptr": bf16, "col_ptr_ptr": "*i32",
+           "row_idx_ptr": "*i32"}, dict(common, FLAT_OUT=False),
+           ("sdy_c", "sdx_c", "sw_i", "stride_h", "stride_w", "dil_h", "dil_w"), 3)
+assert "wgmma" in dx.asm["ptx"] and "atom" not in dx.asm["ptx"], "dX gather: atomics or no warp-group MMA"
+assert "cp.async" in dx.asm["ptx"], "dX gather: no async copies"
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compile-only check for CPU CI")
+def test_tap_major_kernels_compile_to_async_copies_no_atomics_and_vector_stores(compile_for_sm90):
+    compile_for_sm90(_PROPERTIES_BODY)

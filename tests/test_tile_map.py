@@ -101,6 +101,20 @@ def test_grouped_lists_hold_the_union_and_per_tile_bits(case, rows, axis):
             assert e == sum(int(block[r, c]) << r for r in range(block.shape[0]))
 
 
+def test_tap_major_order_tiles_the_permuted_filter():
+    """k_order="tap_major" tiles a conv mask as [C_out, kh*kw*C_in] (what the conv kernels reduce over);
+    the cache keeps it apart from the mask-order map of the same mask."""
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.rand(10, 6, 3, 3, generator=gen) < 0.2
+    tm = build_tile_map(mask, 8, 16, k_order="tap_major")
+    assert tm.k_order == "tap_major" and tm.shape == (10, 54)
+    assert torch.equal(tm.live.cpu(), reference_live_tiles(mask.permute(0, 2, 3, 1).reshape(10, -1), 8, 16))
+    assert torch.equal(tm.live.cpu(), reference_live_tiles(mask, 8, 16, k_order="tap_major"))
+    cache = TileMapCache()
+    assert cache.get(mask, 8, 16, k_order="tap_major") is not cache.get(mask, 8, 16)
+    assert cache.get(mask, 8, 16).k_order == "mask"
+
+
 def test_all_dead_and_all_live_extremes():
     dead = build_tile_map(torch.zeros(37, 53, dtype=torch.bool), 16, 16)
     assert dead.n_live == 0 and dead.live_fraction == 0.0 and dead.max_live_per_row == 0

@@ -153,8 +153,8 @@ class BenchLayer:
         self.cache = TileMapCache()
         self.tile = _tile(case, dtype, device)
 
-    def tile_map(self, bn: int, bk: int):
-        return self.cache.get(self.mask, bn, bk)
+    def tile_map(self, bn: int, bk: int, k_order: str = "mask"):
+        return self.cache.get(self.mask, bn, bk, k_order=k_order)
 
     def grads(self, y: torch.Tensor, x: torch.Tensor, g: torch.Tensor, retain: bool):
         """(dX, dW, db) of `y` for grad-output `g`."""
