@@ -339,7 +339,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fastticket: error: {exc.strerror or _one_line(exc)}{where}", file=sys.stderr)
         return EXIT_RUNTIME
     except MemoryError:
-        print("fastticket: error: out of memory; lower --batch-size or use a smaller model", file=sys.stderr)
+        print("fastticket: error: out of memory; lower --batch-size or use a smaller model, then rerun the same "
+              "command (an interrupted run continues with --resume)", file=sys.stderr)
+        return EXIT_RUNTIME
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc).lower():  # torch.cuda.OutOfMemoryError is a RuntimeError
+            raise
+        print(f"fastticket: error: out of memory on the GPU ({_one_line(exc)[:160]}); lower --batch-size or use a "
+              f"smaller model, then rerun the same command (an interrupted run continues with --resume)",
+              file=sys.stderr)
         return EXIT_RUNTIME
 
 

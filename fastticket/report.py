@@ -223,10 +223,11 @@ def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, titl
     _density_axis(ax, [r["weights_remaining_pct"] for r in rows])
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     if any_bars:
         ax.annotate("points: mean over n trials; error bars: sample std over n trials", (0.01, 0.01),
                     xycoords="axes fraction", fontsize=7, alpha=0.8)
-    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

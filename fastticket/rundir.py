@@ -341,11 +341,24 @@ class RunDir:
     def _entries(self) -> List[str]:
         return [e for e in os.listdir(self.root) if e != LOCK_FILE] if os.path.isdir(self.root) else []
 
+    # What a start that failed before any training finished a step can have written: its config, the level 0
+    # arms' masks and rewind points, their checksums, empty metrics. Nothing in them is worth keeping.
+    _START_FILES = frozenset({MASK, REWIND, CHECKSUMS_FILE, "metrics.jsonl"})
+
     def _failed_start(self) -> bool:
-        """Only a config.json (and empty folders) from a start that failed before any arm wrote a file."""
+        """Only a config.json and set-up files of a start that failed before any checkpoint: reusable."""
         if not set(self._entries()) <= {CONFIG_FILE, "levels"}:
             return False
-        return not any(files for _, _, files in os.walk(os.path.join(self.root, "levels")))
+        for _, _, files in os.walk(os.path.join(self.root, "levels")):
+            if any(f not in self._START_FILES and not f.endswith(".tmp") for f in files):
+                return False
+        return True
+
+    def _clear_failed_start(self) -> None:
+        levels = os.path.join(self.root, "levels")
+        if os.path.isdir(levels):
+            import shutil
+            shutil.rmtree(levels)
 
     def prepare(self, config: SearchConfig, resume: bool, create: bool = True) -> None:
         """Create the directory with config.json, or check that an existing run matches `config` (resume).
@@ -391,6 +404,7 @@ class RunDir:
             return
         if create:
             os.makedirs(out_dir, exist_ok=True)
+            self._clear_failed_start()  # its masks / rewind points may come from other settings
             atomic_write_text(config_path, config.to_json() + "\n")
 
     def read_config(self) -> Dict[str, Any]:

@@ -332,6 +332,29 @@ def test_a_config_left_by_a_failed_start_is_reused(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["lr"] == tiny().lr
 
 
+def test_a_start_that_failed_before_training_is_reused_without_its_stale_files(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    import fastticket.train
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+    with monkeypatch.context() as mp:  # dies at the first training step, after mask.pt / rewind.pt
+        mp.setattr(fastticket.train, "evaluate", out_of_memory)
+        mp.setattr(fastticket.train.F, "cross_entropy", out_of_memory)
+        assert main(["search", "--out", str(out), *TINY_FLAGS, "--seed", "5"]) == 1
+    assert "out of memory" in capsys.readouterr().err
+    assert (out / "levels" / "level_00" / "ticket_trial0" / "rewind.pt").exists()
+    # The corrected command (another seed) is not refused, and does not reuse the old seed's rewind point.
+    assert main(["search", "--out", str(out), *TINY_FLAGS, "--seed", "0"]) == 0
+    capsys.readouterr()
+    reference = str(tmp_path / "ref")
+    rows = run_search(tiny(seed=0), reference, progress=False)
+    again = [json.loads(open(os.path.join(r["path"], "result.json")).read())
+             for r in RunDir(str(out)).results()]
+    key = lambda r: (r["level"], r["arm"])  # noqa: E731
+    assert _same(sorted(again, key=key)) == _same(sorted(rows, key=key))
+
+
 def test_device_auto_is_recorded_as_the_device_used(tmp_path):
     out = str(tmp_path / "run")
     run_search(tiny(device="auto", levels=0), out, progress=False)
