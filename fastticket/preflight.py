@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from fastticket.data import DeviceData
 
 # Bytes of training memory per byte of one forward pass's activations: the activations kept for backward,
-# their gradients and the temporaries of the step, as measured on LeNet/Conv/ResNet-20 (about 2.4-2.8).
+# their gradients and the step's temporaries. A rough upper estimate, not a measurement: the check exists to
+# refuse a batch that cannot fit by a wide margin (minutes before an out-of-memory), not to pack memory.
 ACTIVATION_FACTOR = 3
 # Bytes per parameter byte: weight, gradient, two Adam moments, the mask and a rewind copy.
 PARAMETER_FACTOR = 6
