@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -109,6 +109,12 @@ class ScoreContext:
     generator: Optional[torch.Generator]  # CPU generator for stochastic criteria
     block: Block
     block_norm: str = "l1"
+    # Whole-model criteria (snip, grasp, synflow) score every layer from one pass over the model: they see the
+    # model, the scoring batches (training split only) and `shared`, one dict per pruning call that caches
+    # the pass for the other layers.
+    model: Optional[nn.Module] = None
+    batches: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None
+    shared: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def unit_shape(self) -> Tuple[int, ...]:
@@ -122,6 +128,22 @@ class ScoreContext:
         if self.block is None:
             return t.detach().float().abs()
         return tile_norms(t.detach(), self.block, self.block_norm)
+
+    def unit_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-unit sum of an element score (a tile's score is the sum of its entries' scores)."""
+        if self.block is None:
+            return t
+        return _tile_sums(_as_2d(t), self.block)
+
+    def whole_model(self, key: str, compute: Callable[[nn.Module, "ScoreContext"], Dict[str, torch.Tensor]]
+                    ) -> Dict[str, torch.Tensor]:
+        """`compute(model, ctx)` ({layer name: element scores}) once per pruning call, cached in `shared`."""
+        if self.model is None:
+            raise ConfigError(f"the {key} criterion scores the whole model: call prune(..., model) through "
+                              f"fastticket.prune (it passes the model to the criterion)")
+        if key not in self.shared:
+            self.shared[key] = compute(self.model, self)
+        return self.shared[key]
 
 
 Criterion = Callable[[ScoreContext], torch.Tensor]
@@ -159,6 +181,38 @@ def _movement(ctx: ScoreContext) -> torch.Tensor:
 def _random(ctx: ScoreContext) -> torch.Tensor:
     # Drawn on the CPU so a seeded generator gives the same mask on any device.
     return torch.rand(ctx.unit_shape, generator=ctx.generator).to(ctx.weight.device)
+
+
+def _need_batches(ctx: ScoreContext, name: str) -> Sequence[Tuple[torch.Tensor, torch.Tensor]]:
+    if not ctx.batches:
+        raise ConfigError(f"the {name} criterion needs training batches to score with: pass batches=[(x, y), ...]")
+    return ctx.batches
+
+
+@criterion("snip")
+def _snip(ctx: ScoreContext) -> torch.Tensor:
+    # Connection sensitivity |g * w| (Lee et al. 2019).
+    from fastticket.pai import snip_saliency
+    scores = ctx.whole_model("snip", lambda model, c: snip_saliency(model, _need_batches(c, "snip")))
+    return ctx.unit_sum(scores[ctx.name].to(ctx.weight.device))
+
+
+@criterion("grasp")
+def _grasp(ctx: ScoreContext) -> torch.Tensor:
+    # Gradient-signal preservation (Wang et al. 2020): keep the weights with the largest w * Hg.
+    from fastticket.pai import grasp_saliency
+    scores = ctx.whole_model("grasp", lambda model, c: grasp_saliency(model, _need_batches(c, "grasp")))
+    return ctx.unit_sum(scores[ctx.name].to(ctx.weight.device))
+
+
+@criterion("synflow")
+def _synflow(ctx: ScoreContext) -> torch.Tensor:
+    # Synaptic flow |w * dR/dw| of the all-ones input through |W| (Tanaka et al. 2020); data-free: only the
+    # input's shape is taken from the batches. Iterating it is prune_at_init's job (fastticket.pai).
+    from fastticket.pai import synflow_saliency
+    scores = ctx.whole_model("synflow", lambda model, c: synflow_saliency(
+        model, tuple(_need_batches(c, "synflow")[0][0].shape[1:])))
+    return ctx.unit_sum(scores[ctx.name].to(ctx.weight.device))
 
 
 # ---------------------------------------------------------------------------------------------- layer rates
@@ -243,11 +297,13 @@ def prune(model: nn.Module, rate: float = 0.2, *, scope: str = "layerwise", conv
           output_rate: Optional[float] = None, exclude: Iterable[str] = (), granularity: str = "element",
           criterion: str = "magnitude", initial: Optional[Mapping[str, torch.Tensor]] = None,
           generator: Optional[torch.Generator] = None, output_layer: Optional[str] = None,
-          block_norm: str = "l1", apply: bool = True) -> Dict[str, torch.Tensor]:
+          block_norm: str = "l1", apply: bool = True,
+          batches: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None) -> Dict[str, torch.Tensor]:
     """One pruning step on a sparsified model: the new bool mask of every masked layer (name -> mask).
 
     With apply=True (default) the masks are installed in place (`set_mask_`, which zeroes pruned weights).
     `initial`: {layer name or "name.weight": weights at the rewind point}, needed by the movement criterion.
+    `batches`: [(x, y), ...] from the training split, needed by the snip and grasp criteria.
     See the module docstring for rates, rounding, ties and granularity.
     """
     block = parse_granularity(granularity)
@@ -261,6 +317,7 @@ def prune(model: nn.Module, rate: float = 0.2, *, scope: str = "layerwise", conv
                         exclude=exclude, output_layer=output_layer)
     layers = dict(masked_modules(model))
     new_masks: Dict[str, torch.Tensor] = {name: m.weight_mask.clone() for name, m in layers.items()}
+    shared: Dict[str, Any] = {}
 
     # Scores and alive units of every prunable layer, flattened, in registration order.
     entries = []
@@ -268,7 +325,7 @@ def prune(model: nn.Module, rate: float = 0.2, *, scope: str = "layerwise", conv
         if rates[name] is None:
             continue
         ctx = ScoreContext(name, module.weight.detach(), _lookup_initial(initial, name), generator, block,
-                           block_norm)
+                           block_norm, model, batches, shared)
         scores = score_fn(ctx)
         if tuple(scores.shape) != ctx.unit_shape:
             raise ValueError(f"criterion {criterion!r} returned scores of shape {tuple(scores.shape)} for "
@@ -355,3 +412,115 @@ def random_masks_like(model_or_masks: Union[nn.Module, Mapping[str, torch.Tensor
         flat = flat.reshape(units.shape).to(mask.device)
         out[name] = flat if block is None else expand_tiles(flat, block, mask.shape)
     return out
+
+
+# ------------------------------------------------------------------------------------- pruning to a count
+
+@torch.no_grad()
+def prune_to_count(model: nn.Module, keep: int, *, prunable: Sequence[str], criterion: str = "magnitude",
+                   granularity: str = "element", batches: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
+                   generator: Optional[torch.Generator] = None, apply: bool = True) -> Dict[str, torch.Tensor]:
+    """Global pruning to exactly `keep` alive units over the `prunable` layers (the other masked layers keep
+    their masks): the highest-scoring `keep` of the alive units stay, ties broken as in `prune` (layers in
+    registration order, then flat index). How the pruning-at-initialization controls reach a ticket's density.
+    """
+    block = parse_granularity(granularity)
+    score_fn = get_criterion(criterion)
+    layers = dict(masked_modules(model))
+    unknown = [n for n in prunable if n not in layers]
+    if unknown:
+        raise ConfigError(f"prunable layers {unknown} are not masked layers of the model")
+    new_masks: Dict[str, torch.Tensor] = {name: m.weight_mask.clone() for name, m in layers.items()}
+    shared: Dict[str, Any] = {}
+    entries: List[Tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
+    for name, module in layers.items():
+        if name not in prunable:
+            continue
+        ctx = ScoreContext(name, module.weight.detach(), None, generator, block, "l1", model, batches, shared)
+        scores = score_fn(ctx)
+        if tuple(scores.shape) != ctx.unit_shape:
+            raise ValueError(f"criterion {criterion!r} returned scores of shape {tuple(scores.shape)} for "
+                             f"layer {name!r}; expected the unit shape {ctx.unit_shape}")
+        entries.append((name, module, scores.reshape(-1).float().cpu(), alive_units(module.weight_mask, block)))
+    alive_idx = [a.reshape(-1).nonzero().flatten().cpu() for _, _, _, a in entries]
+    pooled = torch.cat([s[i] for (_, _, s, _), i in zip(entries, alive_idx)]) if entries else torch.zeros(0)
+    if not 0 <= keep <= pooled.numel():
+        raise ConfigError(f"cannot keep {keep} units: the prunable layers have {pooled.numel()} alive")
+    removed = torch.zeros(pooled.numel(), dtype=torch.bool)
+    removed[_ranked_for_removal(pooled, pooled.numel() - keep)] = True
+    offset = 0
+    for (name, module, _, alive), idx in zip(entries, alive_idx):
+        gone = removed[offset:offset + idx.numel()]
+        offset += idx.numel()
+        flat = alive.reshape(-1).cpu().clone()
+        flat[idx[gone]] = False
+        new_masks[name] = _unit_mask_to_element(flat.reshape(alive.shape).to(alive.device), module.weight_mask, block)
+    if apply:
+        for name, mask in new_masks.items():
+            layers[name].set_mask_(mask)
+    return new_masks
+
+
+def alive_count(masks: Mapping[str, torch.Tensor], names: Iterable[str], granularity: str = "element") -> int:
+    """Alive units (weights, or tiles holding any) of the named layers' masks."""
+    block = parse_granularity(granularity)
+    return sum(int(alive_units(masks[n], block).sum()) for n in names)
+
+
+# ------------------------------------------------------------------------------------------------ refilling
+
+def refill_mask(mask: torch.Tensor, weight: torch.Tensor, block: Tuple[int, int]) -> torch.Tensor:
+    """An element mask refilled into whole RxC tiles (Chen et al. 2022, IMP-Refill), same density.
+
+    Tiles are ranked by the magnitude of the weights surviving in `mask` (sum of |w| over the tile's alive
+    entries; ties by tile index) and taken whole, most first, among the tiles holding any surviving weight;
+    the number taken is the one whose total entry count is nearest the element mask's alive count (the
+    smaller on a tie), at least one tile while any weight survives. With full tiles that is alive / (R*C)
+    rounded half down: the density is exact whenever alive is a multiple of R*C and within half a tile
+    otherwise. Every tile of the result is all ones or all zeros.
+    """
+    r, c = block
+    m2d = _as_2d(mask).bool()
+    n, k = m2d.shape
+    if r >= n and c >= k:
+        raise ConfigError(f"refill tile {r}x{c} covers a whole {n}x{k} weight matrix (out x in*kh*kw), which "
+                          f"would be kept or dropped entirely; choose a smaller --refill block")
+    target = int(m2d.sum())
+    if target == 0:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    w2d = _as_2d(weight).detach().double().abs() * m2d
+    score = _tile_sums(w2d, block).reshape(-1)
+    holds = _tile_sums(m2d.double(), block).reshape(-1) > 0
+    sizes = _tile_counts((n, k), block, m2d.device).reshape(-1)
+    candidates = holds.nonzero().flatten()
+    # Most magnitude first; a stable sort on the negated score keeps the lower tile index first on ties.
+    order = candidates[torch.sort(-score[candidates], stable=True).indices]
+    cumulative = torch.cumsum(sizes[order].double(), 0)
+    distance = (cumulative - target).abs()
+    take = int(torch.argmin(distance)) + 1  # argmin returns the first minimum: the smaller count on a tie
+    tiles = torch.zeros(score.numel(), dtype=torch.bool, device=m2d.device)
+    tiles[order[:take]] = True
+    grid = tiles.reshape(-(-n // r), -(-k // c))
+    return expand_tiles(grid, block, mask.shape)
+
+
+def refill_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], block: Tuple[int, int],
+                 prunable: Iterable[str]) -> Dict[str, torch.Tensor]:
+    """`refill_mask` for every prunable layer, scored by the model's current weights; other masks unchanged."""
+    layers = dict(masked_modules(model))
+    prunable = set(prunable)
+    return {name: (refill_mask(mask, layers[name].weight, block) if name in prunable else mask.clone())
+            for name, mask in masks.items()}
+
+
+def check_refill_fits(model: nn.Module, block: Tuple[int, int], prunable: Iterable[str]) -> None:
+    """A ConfigError (one line) when a refill tile covers a whole prunable layer's 2-D weight."""
+    layers = dict(masked_modules(model))
+    for name in prunable:
+        n, k = _as_2d(layers[name].weight).shape
+        # Tiles may hang over a layer's edges (as in the kernels' tile maps), but a layer inside one tile would
+        # be kept or dropped whole.
+        if block[0] >= n and block[1] >= k:
+            raise ConfigError(f"--refill block:{block[0]}x{block[1]} is larger than layer {name!r} "
+                              f"({n}x{k} as out x in*kh*kw): the layer would be one tile; choose a smaller tile")
+
