@@ -133,6 +133,32 @@ class ArmSpec:
     trial: int
     start_iter: int              # the first iteration this arm trains (k for rewound arms at L >= 1)
     capture_rewind_at: Optional[int] = None  # level 0 ticket with late rewinding: save the state at k
+    lr_fixed_at: Optional[int] = None  # every step takes the lr of this iteration (--rewind none: the final lr)
+    result_extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # more result.json fields
+
+
+def arm_lr(config: SearchConfig, spec: ArmSpec, iteration: int) -> float:
+    """The lr of the arm's step at `iteration`: the schedule's, or a fixed one (fine-tuning)."""
+    return lr_at(config, iteration if spec.lr_fixed_at is None else spec.lr_fixed_at)
+
+
+class EvalHook:
+    """Called after each evaluation (and before its checkpoint) with the model and the iteration; returning
+    True stops the arm's training there (status ok). Its state_dict travels in the checkpoint."""
+
+    def __call__(self, model: nn.Module, iteration: int) -> bool:
+        return False
+
+    stopped: bool = False
+
+    def result_fields(self) -> Dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
 
 
 @dataclasses.dataclass
@@ -174,33 +200,46 @@ class ArmState:
         self.loss_sum, self.loss_count = 0.0, 0
 
 
-def _restore(state: ArmState, directory: ArmDir, progress: Progress) -> bool:
+def _restore(state: ArmState, directory: ArmDir, progress: Progress, hook: Optional[EvalHook] = None) -> bool:
     """Continue from the arm's checkpoint. One that fails verification (checksum, arm, mask: ArmDir) or does
     not fit is discarded, the model left as it was (its start state), and False returned: the arm restarts
-    from its beginning, which gives the same numbers, only later."""
+    from its beginning, which gives the same numbers, only later. `hook`'s state comes back with it."""
     before = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+    hook_before = hook.state_dict() if hook is not None else None
     try:
         ckpt = directory.load_checkpoint(masks={n: m.weight_mask for n, m in masked_modules(state.model)})
         state.load_state_dict(ckpt)
+        if hook is not None and "hook" in ckpt:
+            hook.load_state_dict(ckpt["hook"])
         return True
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         error = exc if isinstance(exc, DamagedFileError) else directory.checkpoint_error(exc)
         state.model.load_state_dict(before)
+        if hook is not None:
+            hook.load_state_dict(hook_before)
         directory.drop_checkpoint()
         progress.message(f"fastticket: {error}; discarded it, this arm restarts from its beginning")
         return False
 
 
 def train_arm(config: SearchConfig, spec: ArmSpec, model: nn.Module, data: "DeviceData", directory: ArmDir,
-              seed: int, prunable: Sequence[str], progress: Progress) -> Dict[str, Any]:
-    """Train one arm from `model`'s current state (or its checkpoint), write its files, return result.json."""
+              seed: int, prunable: Sequence[str], progress: Progress,
+              hook: Optional[EvalHook] = None) -> Dict[str, Any]:
+    """Train one arm from `model`'s current state (or its checkpoint), write its files, return result.json.
+    `hook` (e.g. fastticket.early_bird.EarlyBird) runs at every evaluation and may stop the training."""
     state = ArmState(model, make_optimizer(config, model), spec.start_iter)
     if directory.has_checkpoint():
-        if not _restore(state, directory, progress):
+        if not _restore(state, directory, progress, hook):
             state = ArmState(model, make_optimizer(config, model), spec.start_iter)
         # metrics.jsonl may hold evaluations after the checkpoint (killed in between): the checkpoint wins.
         directory.write_metrics(state.metrics)
     t0 = time.perf_counter()
+
+    def checkpoint() -> Dict[str, Any]:
+        ckpt = state.state_dict(time.perf_counter() - t0)
+        if hook is not None:
+            ckpt["hook"] = hook.state_dict()
+        return ckpt
 
     def finish(status: str, message: Optional[str] = None) -> Dict[str, Any]:
         directory.save_final(model.state_dict())
@@ -209,7 +248,7 @@ def train_arm(config: SearchConfig, spec: ArmSpec, model: nn.Module, data: "Devi
                   "layer_density": per_layer, **early_stopping(state.metrics),
                   "final_test_acc": state.metrics[-1]["test_acc"] if status == "ok" and state.metrics else None,
                   "final_iter": state.iteration, "wall_time_s": state.wall_time_s + (time.perf_counter() - t0),
-                  "status": status}
+                  "status": status, **spec.result_extra, **(hook.result_fields() if hook is not None else {})}
         if message:
             result["message"] = message
         directory.write_result(result)
@@ -220,8 +259,8 @@ def train_arm(config: SearchConfig, spec: ArmSpec, model: nn.Module, data: "Devi
     optimizer = state.optimizer
     progress.training_started(f"L{spec.level} {spec.arm} t{spec.trial}", config.iterations, state.iteration)
     try:
-        while state.iteration < config.iterations:
-            lr = lr_at(config, state.iteration)
+        while state.iteration < config.iterations and not (hook is not None and hook.stopped):
+            lr = arm_lr(config, spec, state.iteration)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = data.batch(state.iteration, config.batch_size, seed)
@@ -245,7 +284,9 @@ def train_arm(config: SearchConfig, spec: ArmSpec, model: nn.Module, data: "Devi
                 val_loss, val_acc = evaluate(model, data.val.x, data.val.y)
                 _, test_acc = evaluate(model, data.test.x, data.test.y)
                 state.record_evaluation(val_loss, val_acc, test_acc)
-                directory.save_checkpoint(state.state_dict(time.perf_counter() - t0))
+                if hook is not None:
+                    hook(model, state.iteration)  # may stop the loop (hook.stopped), after this checkpoint
+                directory.save_checkpoint(checkpoint())
                 directory.write_metrics(state.metrics)
                 progress.evaluated(state.iteration, loss_value, val_acc)
     finally:
