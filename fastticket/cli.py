@@ -13,7 +13,8 @@ import os
 import sys
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-from fastticket.config import CONTROLS, SearchConfig, check_rate, parse_granularity
+from fastticket.config import (CONTROLS, REWIND_MODES, SearchConfig, check_early_bird, check_rate, parse_granularity,
+                               parse_refill)
 from fastticket.errors import ConfigError, FastTicketError, MaskError, OutputError, RunDirError
 
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
@@ -25,6 +26,10 @@ examples:
   fastticket search --preset conv2-cifar10 --device cuda --data-dir ~/data --controls reinit,random --trials 3
   fastticket search --preset resnet20-cifar10 --rewind-iter 500 --granularity block:16x16 --device cuda
   fastticket search --out runs/quick --levels 3 --iterations 300 --resume   # continue an interrupted run
+  fastticket search --controls reinit,random,snip,grasp,synflow   # pruning-at-init baselines as controls
+  fastticket search --rewind lr --rewind-iter 100     # lr rewinding (Renda et al. 2020); none: fine-tuning
+  fastticket search --refill block:16x16              # structured tickets by refilling (Chen et al. 2022)
+  fastticket search --early-bird 0.02                 # stop a level once its mask settles (You et al. 2020)
 
 Flags override the preset's fields. --rate R sets the per-level rate of fc layers (layerwise) or of the global
 pool, and scales the preset's conv and output-layer rates by the same factor (R / preset rate), so their
@@ -100,8 +105,8 @@ def _controls(text: str) -> Tuple[str, ...]:
     items = [c.strip() for c in text.split(",") if c.strip()]
     bad = [c for c in items if c not in CONTROLS]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown control(s) {bad}; use {', '.join(CONTROLS)}, both "
-                                         f"({','.join(CONTROLS)}) or none")
+        raise argparse.ArgumentTypeError(f"unknown control(s) {bad}; use a comma list of {', '.join(CONTROLS)} "
+                                         f"(e.g. reinit,random,snip) or none")
     return tuple(dict.fromkeys(items))
 
 
@@ -111,6 +116,31 @@ def _granularity(text: str) -> str:
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _rewind(text: str) -> str:
+    if text not in REWIND_MODES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(REWIND_MODES)}, got {text!r}")
+    return text
+
+
+def _refill(text: str) -> str:
+    try:
+        parse_refill(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _early_bird(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    try:
+        return check_early_bird(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +158,7 @@ SEARCH_FLAGS: Dict[str, Flag] = {
     "model": Flag("NAME"), "dataset": Flag("NAME"), "data_dir": Flag("DIR"), "levels": Flag("N", _nonneg_int),
     "rate": Flag("R", _rate), "iterations": Flag("N", _positive_int), "batch_size": Flag("N", _positive_int),
     "lr": Flag("LR", _positive_float), "eval_every": Flag("N", _positive_int), "rewind_iter": Flag("K", _nonneg_int),
+    "rewind": Flag("MODE", _rewind), "refill": Flag("block:RxC", _refill), "early_bird": Flag("EPS", _early_bird),
     "controls": Flag("LIST", _controls), "trials": Flag("T", _positive_int), "granularity": Flag("G", _granularity),
     "device": Flag("DEV"), "seed": Flag("S", _int),
 }

@@ -17,10 +17,19 @@ from typing import Any, Literal, Optional, Tuple, get_args
 from fastticket.errors import ConfigError
 
 # The arms of a search: the ticket and its controls. Every module names arms through these constants.
-ArmName = Literal["ticket", "reinit", "random"]
+# reinit/random: the paper's controls; snip/grasp/synflow: networks pruned at their initialization
+# (fastticket.pai) to the level's ticket density.
+ArmName = Literal["ticket", "reinit", "random", "snip", "grasp", "synflow"]
 ARMS: Tuple[str, ...] = get_args(ArmName)
-TICKET, REINIT, RANDOM = ARMS
-CONTROLS: Tuple[str, ...] = (REINIT, RANDOM)
+TICKET, REINIT, RANDOM, SNIP, GRASP, SYNFLOW = ARMS
+CONTROLS: Tuple[str, ...] = (REINIT, RANDOM, SNIP, GRASP, SYNFLOW)
+PAI_ARMS: Tuple[str, ...] = (SNIP, GRASP, SYNFLOW)  # pruning-at-initialization controls
+
+# How a level >= 1 ticket starts (Renda et al. 2020): "weights" rewinds weights and lr schedule to iteration
+# k; "lr" keeps the trained weights and rewinds only the lr schedule to k; "none" fine-tunes the trained
+# weights at the final lr for the same iterations.
+RewindMode = Literal["weights", "lr", "none"]
+REWIND_MODES: Tuple[str, ...] = get_args(RewindMode)
 
 # Typing aliases for the fields with a closed set of values; validate() checks membership.
 Optimizer = Literal["adam", "adamw", "sgd"]
@@ -53,6 +62,26 @@ def parse_granularity(spec: str) -> Block:
         raise ConfigError(f"granularity must be 'element' or 'block:RxC' with positive R and C "
                           f"(e.g. block:16x16), got {spec!r}")
     return int(match.group(1)), int(match.group(2))
+
+
+def parse_refill(spec: Optional[str]) -> Block:
+    """None -> None; "block:RxC" -> (R, C) (the tiles a refilled ticket keeps whole); else a ConfigError."""
+    if spec is None:
+        return None
+    match = re.fullmatch(r"block:(\d+)x(\d+)", str(spec).strip())
+    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise ConfigError(f"refill must be 'block:RxC' with positive R and C (e.g. block:16x16), got {spec!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_early_bird(value: object) -> Optional[float]:
+    """None, or the early-bird eps as a float in the open interval (0, 1); else a ConfigError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) < 1.0):
+        raise ConfigError(f"early_bird eps must be in (0, 1) (the fraction of mask entries allowed to change "
+                          f"between evaluations), got {value!r}")
+    return float(value)
 
 
 def _help(text: str, **default: Any) -> Any:
@@ -94,9 +123,16 @@ class SearchConfig:
     granularity: str = _help("element, or block:RxC (prune whole RxC tiles)", default="element")
     criterion: CriterionName = _help("pruning criterion: magnitude, movement, random", default="magnitude")
     rewind_iter: int = _help("0: rewind to init; K: late rewinding to iteration K", default=0)
+    rewind: RewindMode = _help("weights: rewind weights and lr schedule to K; lr: keep the trained weights, "
+                               "rewind the lr schedule to K; none: fine-tune at the final lr", default="weights")
+    refill: Optional[str] = _help("block:RxC: refill each element-wise ticket into whole RxC tiles of the same "
+                                  "density (element granularity only)", default=None)
+    early_bird: Optional[float] = _help("EPS in (0, 1): stop a ticket's training once its pruning mask changes "
+                                        "by less than EPS between evaluations, several in a row", default=None)
 
     # experiment design
-    controls: Tuple[ArmName, ...] = _help("comma list of reinit, random; or none", default=(REINIT,))
+    controls: Tuple[ArmName, ...] = _help("comma list of reinit, random, snip, grasp, synflow; or none",
+                                          default=(REINIT,))
     trials: int = _help("independent trials (seeds seed..seed+T-1)", default=1)
     seed: int = _help("base seed: trial t uses S+t for init and batches", default=0)
     device: str = _help("auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N; config.json records "
@@ -160,6 +196,13 @@ class SearchConfig:
             check_rate(self.output_rate, "output_rate")
         need(self.scope in SCOPES, f"scope must be 'layerwise' or 'global', got {self.scope!r}")
         parse_granularity(self.granularity)
+        need(self.rewind in REWIND_MODES,
+             f"rewind must be one of {', '.join(REWIND_MODES)}, got {self.rewind!r}")
+        parse_refill(self.refill)
+        need(self.refill is None or self.granularity == "element",
+             f"refill turns element-wise tickets into blocks: it needs granularity element, got "
+             f"{self.granularity!r}")
+        check_early_bird(self.early_bird)
         # The registries (criteria, datasets, models) live in the modules that fill them.
         from fastticket.prune import get_criterion
         get_criterion(self.criterion)

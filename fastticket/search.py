@@ -27,15 +27,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastticket.config import RANDOM, REINIT, TICKET, SearchConfig
+from fastticket.config import PAI_ARMS, RANDOM, REINIT, TICKET, SearchConfig, parse_refill
 from fastticket.errors import ConfigError, DamagedFileError
-from fastticket.nn import install_masks, model_masks
+from fastticket.nn import densities, install_masks, model_masks
 from fastticket.preflight import preflight
-from fastticket.prune import layer_rates, prune_with_config, random_masks_like
+from fastticket.prune import (alive_count, check_refill_fits, layer_rates, prune_with_config, random_masks_like,
+                              refill_masks)
 from fastticket.rundir import MASK as MASK_FILE
 from fastticket.rundir import RunDir, arm_dir  # noqa: F401  (arm_dir: the path of an arm, for callers)
 from fastticket.rewind import rewind_to
-from fastticket.train import ArmSpec, Progress, build_masked_model, cpu_state, train_arm
+from fastticket.train import ArmSpec, EvalHook, Progress, build_masked_model, cpu_state, train_arm
 
 if TYPE_CHECKING:
     from fastticket.data import DeviceData
@@ -100,6 +101,8 @@ class ArmPlan:
     start_iter: int
     keep_rewind: bool = False               # ticket arms keep their rewind point in their directory
     capture_rewind_at: Optional[int] = None  # level 0 ticket with late rewinding: the rewind point is made at k
+    lr_fixed_at: Optional[int] = None       # --rewind none: every step at the lr of this iteration (the last)
+    result_extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded in result.json
 
 
 def plan_arm(s: _Search, level: int, arm: str, trial: int) -> ArmPlan:
@@ -111,8 +114,17 @@ def plan_arm(s: _Search, level: int, arm: str, trial: int) -> ArmPlan:
         return ArmPlan(seed_t, model_masks, None, 0, keep_rewind=k == 0, capture_rewind_at=k if k > 0 else None)
     if arm == TICKET:
         rewind_point = trial_rewind.load_rewind()
-        return ArmPlan(seed_t, lambda model: _prune_previous(s, level, trial, rewind_point), rewind_point, k,
-                       keep_rewind=True)
+        extra: Dict[str, Any] = {"rewind": config.rewind}
+        if config.refill is not None:
+            extra.update(refill=config.refill, element_density=_element_density(s, level, trial, rewind_point))
+        make = lambda model: _prune_previous(s, level, trial, rewind_point)  # noqa: E731
+        if config.rewind == "weights":
+            return ArmPlan(seed_t, make, rewind_point, k, keep_rewind=True, result_extra=extra)
+        # lr rewinding / fine-tuning start from the previous level's trained weights (times the new mask), over
+        # the same iterations k..end; fine-tuning keeps the schedule's final lr throughout.
+        trained = _final_state(s, level - 1, trial)
+        return ArmPlan(seed_t, make, trained, k, result_extra=extra,
+                       lr_fixed_at=config.iterations - 1 if config.rewind == "none" else None)
     if arm == REINIT:
         # Same mask, a fresh init from a seed no ticket uses; trained from iteration 0.
         return ArmPlan(seed_t + _REINIT_SEED_OFFSET + level, ticket.load_mask, None, 0)
@@ -123,19 +135,72 @@ def plan_arm(s: _Search, level: int, arm: str, trial: int) -> ArmPlan:
                                       generator=_generator(seed_t, _STREAM_RANDOM_MASK, level))
             return {n: m.cpu() for n, m in masks.items()}
         return ArmPlan(seed_t, random_masks, trial_rewind.load_rewind(), k)
+    if arm in PAI_ARMS:
+        # The trial's init pruned at initialization by SNIP / GraSP / SynFlow to the ticket's count of alive
+        # units over the pruned layers (the same total density), trained from iteration 0 like a fresh net.
+        def pai_masks(model: nn.Module) -> Masks:
+            from fastticket.pai import SCORE_BATCHES, prune_at_init, score_batches
+            keep = alive_count(ticket.load_mask(model), s.prunable, config.granularity)
+            batches = score_batches(s.data, SCORE_BATCHES, config.batch_size, seed_t)
+            masks = prune_at_init(model, arm, keep, s.prunable, batches=batches, granularity=config.granularity)
+            return {n: m.detach().to("cpu") for n, m in masks.items()}
+        return ArmPlan(seed_t, pai_masks, None, 0)
     raise ValueError(f"unknown arm {arm!r}")
 
 
-def _prune_previous(s: _Search, level: int, trial: int, rewind_point: Dict[str, torch.Tensor]) -> Masks:
-    """The level-`level` ticket mask: prune the level-1 ticket's final weights."""
-    prev = s.run.arm(level - 1, TICKET, trial)
-    seed_t = s.config.seed + trial
-    model = s.model(seed_t)
-    install_masks(model, prev.load_mask(model))
-    prev.load_final_into(model)
-    masks = prune_with_config(model, s.config, initial=rewind_point,
-                              generator=_generator(seed_t, _STREAM_PRUNE, level))
+def _final_model(s: _Search, level: int, trial: int) -> nn.Module:
+    """A model holding the level's ticket mask and final weights."""
+    arm = s.run.arm(level, TICKET, trial)
+    model = s.model(s.config.seed + trial)
+    install_masks(model, arm.load_mask(model))
+    arm.load_final_into(model)
+    return model
+
+
+def _final_state(s: _Search, level: int, trial: int) -> Dict[str, torch.Tensor]:
+    return cpu_state(_final_model(s, level, trial))
+
+
+def _draw_mask(s: _Search, level: int, trial: int, model: nn.Module,
+               rewind_point: Optional[Dict[str, torch.Tensor]], apply: bool = True) -> Masks:
+    """The element mask pruning `model` gives for level `level` (the IMP step; early-bird draws it too)."""
+    return prune_with_config(model, s.config, initial=rewind_point, apply=apply,
+                             generator=_generator(s.config.seed + trial, _STREAM_PRUNE, level))
+
+
+def _prune_previous(s: _Search, level: int, trial: int, rewind_point: Dict[str, torch.Tensor],
+                    refill: bool = True) -> Masks:
+    """The level-`level` ticket mask: prune the level-1 ticket's final weights (then, with --refill, refill
+    the element mask into whole tiles, scored by those weights)."""
+    model = _final_model(s, level - 1, trial)
+    masks = _draw_mask(s, level, trial, model, rewind_point)
+    block = parse_refill(s.config.refill)
+    if refill and block is not None:
+        masks = refill_masks(model, masks, block, s.prunable)
     return {name: m.detach().to("cpu") for name, m in masks.items()}
+
+
+def _element_density(s: _Search, level: int, trial: int, rewind_point: Dict[str, torch.Tensor]) -> float:
+    """Total density (pruned layers) of the level's element-wise ticket before refilling."""
+    model = _final_model(s, level - 1, trial)
+    install_masks(model, _prune_previous(s, level, trial, rewind_point, refill=False))
+    return densities(model, s.prunable)[0]
+
+
+def _early_bird_hook(s: _Search, level: int, trial: int, plan: ArmPlan) -> Optional[EvalHook]:
+    """With --early-bird, the ticket's tracker: it draws the next level's (element) mask at each evaluation."""
+    if s.config.early_bird is None:
+        return None
+    from fastticket.early_bird import EarlyBird
+    rewind = s.run.arm(0, TICKET, trial)
+    prunable = set(s.prunable)
+
+    def draw(model: nn.Module) -> Masks:
+        point = rewind.load_rewind() if rewind.has_rewind() else None
+        masks = _draw_mask(s, level + 1, trial, model, point, apply=False)
+        return {n: m for n, m in masks.items() if n in prunable}
+
+    return EarlyBird(s.config.early_bird, draw, s.config.iterations, min_iter=plan.capture_rewind_at or 0)
 
 
 def run_arm(s: _Search, level: int, arm: str, trial: int) -> Dict[str, Any]:
@@ -166,8 +231,11 @@ def run_arm(s: _Search, level: int, arm: str, trial: int) -> Dict[str, Any]:
             rewind_to(model, plan.rewind_point)
         if plan.keep_rewind and not directory.has_rewind():
             directory.save_rewind(plan.rewind_point if plan.rewind_point is not None else cpu_state(model))
-        spec = ArmSpec(level, arm, trial, plan.start_iter, capture_rewind_at=plan.capture_rewind_at)
-        result = train_arm(s.config, spec, model, s.data, directory, s.config.seed + trial, s.prunable, s.progress)
+        spec = ArmSpec(level, arm, trial, plan.start_iter, capture_rewind_at=plan.capture_rewind_at,
+                       lr_fixed_at=plan.lr_fixed_at, result_extra=plan.result_extra)
+        hook = _early_bird_hook(s, level, trial, plan) if arm == TICKET else None
+        result = train_arm(s.config, spec, model, s.data, directory, s.config.seed + trial, s.prunable, s.progress,
+                           hook=hook)
     s.progress.arms_done(1)
     return result
 
@@ -195,6 +263,7 @@ def run_search(config: SearchConfig, out_dir: str, resume: bool = False,
     run.prepare(config, resume, create=False)
     data = load_dataset(config.dataset, config.data_dir, device, config.val_size, config.seed, augment=config.augment)
     preflight(config, data, device)  # everything else that can fail early, before the first write
+    _check_refill(config, data, device)
     run.lock()
     try:
         run.prepare(config, resume)
@@ -203,13 +272,26 @@ def run_search(config: SearchConfig, out_dir: str, resume: bool = False,
         run.unlock()
 
 
+def _prunable(config: SearchConfig, model: nn.Module) -> List[str]:
+    rates = layer_rates(model, config.rate, scope=config.scope, conv_rate=config.conv_rate,
+                        output_rate=config.output_rate, exclude=config.exclude)
+    return [n for n, r in rates.items() if r is not None]
+
+
+def _check_refill(config: SearchConfig, data: "DeviceData", device: torch.device) -> None:
+    """--refill's tile must leave every pruned layer more than one tile (checked before the first write)."""
+    refill = parse_refill(config.refill)
+    if refill is not None:
+        model = build_masked_model(config, data.info, config.seed, device)
+        check_refill_fits(model, refill, _prunable(config, model))
+
+
 def _run_levels(config: SearchConfig, run: RunDir, data: "DeviceData", device: torch.device,
                 progress: Progress) -> List[Dict[str, Any]]:
 
     # The layer structure (names, which are prunable) comes from one throwaway build.
-    rates = layer_rates(build_masked_model(config, data.info, config.seed, device), config.rate, scope=config.scope,
-                        conv_rate=config.conv_rate, output_rate=config.output_rate, exclude=config.exclude)
-    s = _Search(config, run, data, device, [n for n, r in rates.items() if r is not None], progress)
+    prunable = _prunable(config, build_masked_model(config, data.info, config.seed, device))
+    s = _Search(config, run, data, device, prunable, progress)
 
     arms_per_level = 1 + len(config.controls)
     progress.search_started((1 + config.levels * arms_per_level) * config.trials)
