@@ -38,8 +38,10 @@ The run directory defaults to runs/<preset> (deterministic, so --resume finds it
 """
 
 REPORT_EPILOG = """\
-example:
+examples:
   fastticket report runs/lenet-mnist5k     # writes runs/lenet-mnist5k/report/{results.csv,results.md,*.png}
+  fastticket report runs/element runs/refill --out runs/compare   # runs side by side: one table, one set of plots
+Several runs must share the model and dataset; each is labelled by the settings in which the runs differ.
 """
 
 BENCH_EPILOG = """\
@@ -210,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tickets against controls with error bars over trials) and CSV/markdown "
                                    "tables, written to RUN_DIR/report/.",
                        epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `fastticket search`")
+    r.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="directories written by `fastticket search`")
+    r.add_argument("--out", metavar="DIR", help="where to write (default RUN_DIR/report; required for several runs)")
 
     b = sub.add_parser("bench", help="kernel benchmarks with parity checks against dense PyTorch",
                        description="Benchmark the masked kernels against dense PyTorch (timings on a GPU; "
@@ -307,12 +310,13 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_files(run_dir: str):
-    """make_report, naming on stderr every file it could not read and an unfinished run."""
+def _report_files(run_dir: str, out_dir: Optional[str] = None):
+    """make_report (into `out_dir`, default RUN_DIR/report), naming on stderr every file it could not read and
+    an unfinished run."""
     from fastticket.report import make_report
     problems: list = []
     try:
-        return make_report(run_dir, problems)
+        return make_report(run_dir, problems, out_dir)
     finally:
         for line in problems:
             print(f"fastticket: warning: {line}", file=sys.stderr)
@@ -320,10 +324,18 @@ def _report_files(run_dir: str):
 
 def _report(args: argparse.Namespace) -> int:
     from fastticket.report import collect_results, summary_table
-    if not os.path.isdir(args.run_dir):
-        raise RunDirError(f"no run directory at {args.run_dir}")
-    paths = _report_files(args.run_dir)
-    print(summary_table(collect_results(args.run_dir)))
+    for run_dir in args.run_dirs:
+        if not os.path.isdir(run_dir):
+            raise RunDirError(f"no run directory at {run_dir}")
+    if len(args.run_dirs) > 1:
+        from fastticket.compare import comparison_rows, comparison_table, make_comparison
+        if not args.out:
+            raise ConfigError("several runs are compared into one new directory: pass --out DIR")
+        paths = make_comparison(args.run_dirs, args.out)
+        print(comparison_table(comparison_rows(args.run_dirs)[0]))
+    else:
+        paths = _report_files(args.run_dirs[0], args.out)
+        print(summary_table(collect_results(args.run_dirs[0])))
     for path in paths:
         print(f"wrote {path}")
     return 0

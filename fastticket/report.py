@@ -12,17 +12,37 @@ import os
 import statistics
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from fastticket.config import ARMS, RANDOM, REINIT, TICKET
+from fastticket.config import ARMS, GRASP, RANDOM, REINIT, SNIP, SYNFLOW, TICKET
 from fastticket.errors import DamagedFileError
 from fastticket.rundir import ArmDir, RunDir
 
 ARM_ORDER = ARMS
-ARM_LABELS = {TICKET: "winning ticket (IMP)", REINIT: "random reinit", RANDOM: "random pruning"}
-ARM_COLORS = {TICKET: "tab:blue", REINIT: "tab:orange", RANDOM: "tab:green"}
+ARM_LABELS = {TICKET: "winning ticket (IMP)", REINIT: "random reinit", RANDOM: "random pruning",
+              SNIP: "SNIP at init", GRASP: "GraSP at init", SYNFLOW: "SynFlow at init"}
+ARM_COLORS = {TICKET: "tab:blue", REINIT: "tab:orange", RANDOM: "tab:green", SNIP: "tab:red", GRASP: "tab:purple",
+              SYNFLOW: "tab:brown"}
 
 CSV_COLUMNS = ("level", "arm", "weights_remaining_pct", "test_acc_at_early_stop_mean", "test_acc_at_early_stop_std",
                "final_test_acc_mean", "final_test_acc_std", "early_stop_iter_mean", "early_stop_iter_std",
                "n_trials", "n_diverged")
+# Written only by runs that use the method: --refill (element_density_pct) and --early-bird.
+METHOD_COLUMNS = ("element_density_pct", "early_bird_iter_mean", "iterations_saved_mean")
+
+
+def arm_label(arm: str, config: Dict[str, Any]) -> str:
+    """The legend label of an arm, naming the run's rewind mode / refill where they are not the defaults."""
+    label = ARM_LABELS.get(arm, arm)
+    if arm == TICKET and config:
+        extras = []
+        if config.get("rewind", "weights") != "weights":
+            extras.append(f"rewind {config['rewind']}")
+        if config.get("refill"):
+            extras.append(f"refill {config['refill']}")
+        if config.get("early_bird") is not None:
+            extras.append(f"early-bird {config['early_bird']:g}")
+        if extras:
+            label += " (" + ", ".join(extras) + ")"
+    return label
 
 
 def _arm_key(arm: str) -> Tuple[int, str]:
@@ -96,7 +116,10 @@ def aggregate(results: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
         acc_es = _mean_std(_values(ok, "test_acc_at_early_stop", 100.0))
         acc_final = _mean_std(_values(ok, "final_test_acc", 100.0))
         es_iter = _mean_std(_values(ok, "early_stop_iter", 1.0))
-        rows.append({
+        methods = {"element_density_pct": _mean_std(_values(trials, "element_density", 100.0))[0],
+                   "early_bird_iter_mean": _mean_std(_values(ok, "early_bird_iter", 1.0))[0],
+                   "iterations_saved_mean": _mean_std(_values(ok, "iterations_saved", 1.0))[0]}
+        rows.append({**methods,
             "level": level, "arm": arm,
             "weights_remaining_pct": 100.0 * statistics.fmean(float(t["density"]) for t in trials),
             "test_acc_at_early_stop_mean": acc_es[0], "test_acc_at_early_stop_std": acc_es[1],
@@ -152,31 +175,44 @@ def summary_table(rows: Sequence[Dict[str, Any]]) -> str:
 def _write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
+        columns = CSV_COLUMNS + _method_columns(rows)
+        writer.writerow(columns)
         for r in rows:
             writer.writerow(["" if isinstance(r[c], float) and math.isnan(r[c]) else
-                             (round(r[c], 4) if isinstance(r[c], float) else r[c]) for c in CSV_COLUMNS])
+                             (round(r[c], 4) if isinstance(r[c], float) else r[c]) for c in columns])
+
+
+def _method_columns(rows: Sequence[Dict[str, Any]]) -> Tuple[str, ...]:
+    """The METHOD_COLUMNS some row has a value for."""
+    return tuple(c for c in METHOD_COLUMNS
+                 if any(isinstance(r.get(c), float) and not math.isnan(r[c]) for r in rows))
+
+
+METHOD_HEADERS = {"element_density_pct": "element ticket weights %", "early_bird_iter_mean": "early-bird iteration",
+                  "iterations_saved_mean": "iterations saved"}
 
 
 def _write_markdown(rows: Sequence[Dict[str, Any]], path: str, config: Dict[str, Any],
                     notes: Sequence[str] = ()) -> None:
+    extra = _method_columns(rows)
     lines = ["# Lottery-ticket search results", ""]
     lines += [f"**{note}**" for note in notes] + ([""] if notes else [])
     if config:
         keys = ("model", "dataset", "iterations", "batch_size", "optimizer", "lr", "scope", "rate", "rewind_iter",
-                "trials", "seed")
-        lines += [", ".join(f"{k}={config[k]}" for k in keys if k in config), ""]
+                "rewind", "refill", "early_bird", "trials", "seed")
+        lines += [", ".join(f"{k}={config[k]}" for k in keys if config.get(k) is not None), ""]
     lines += ["Test accuracy in percent, mean ± std over trials; early stop = iteration of minimum validation loss.",
               "",
               "| level | arm | weights remaining % | test acc at early stop % | final test acc % "
-              "| early-stop iteration | trials |",
-              "|---:|---|---:|---:|---:|---:|---:|"]
+              "| early-stop iteration | trials |" + "".join(f" {METHOD_HEADERS[c]} |" for c in extra),
+              "|---:|---|---:|---:|---:|---:|---:|" + "---:|" * len(extra)]
     for r in rows:
         trials = str(r["n_trials"]) + (f" (+{r['n_diverged']} diverged)" if r["n_diverged"] else "")
         lines.append(f"| {r['level']} | {r['arm']} | {r['weights_remaining_pct']:.1f} "
                      f"| {_fmt(r['test_acc_at_early_stop_mean'], r['test_acc_at_early_stop_std'], 2)} "
                      f"| {_fmt(r['final_test_acc_mean'], r['final_test_acc_std'], 2)} "
-                     f"| {_fmt(r['early_stop_iter_mean'], r['early_stop_iter_std'], 0)} | {trials} |")
+                     f"| {_fmt(r['early_stop_iter_mean'], r['early_stop_iter_std'], 0)} | {trials} |"
+                     + "".join(f" {_fmt(r[c], math.nan, 1 if c == 'element_density_pct' else 0)} |" for c in extra))
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -199,7 +235,8 @@ def _density_axis(ax, densities: Sequence[float]) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, title: str, path: str) -> None:
+def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, title: str, path: str,
+                     config: Optional[Dict[str, Any]] = None) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -219,7 +256,7 @@ def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, titl
         n_text = f"n={n[0]}" if len(n) == 1 else f"n={n[0]}-{n[-1]}"
         any_bars = any_bars or any(errs)
         ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", markersize=4, capsize=3,
-                    color=ARM_COLORS.get(arm), label=f"{ARM_LABELS.get(arm, arm)} ({n_text})")
+                    color=ARM_COLORS.get(arm), label=f"{arm_label(arm, config or {})} ({n_text})")
     _density_axis(ax, [r["weights_remaining_pct"] for r in rows])
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -304,8 +341,9 @@ def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any
     return True
 
 
-def make_report(run_dir: str, problems: Optional[List[str]] = None) -> List[str]:
-    """Write the tables and plots for `run_dir` into run_dir/report/ and return the paths written.
+def make_report(run_dir: str, problems: Optional[List[str]] = None, out_dir: Optional[str] = None) -> List[str]:
+    """Write the tables and plots for `run_dir` into `out_dir` (default run_dir/report/) and return the paths
+    written.
 
     `problems` (a list) receives one line per file that could not be read (it is left out of the report)
     and one for an unfinished run (missing arms, also marked in results.md and the plot titles)."""
@@ -334,7 +372,7 @@ def make_report(run_dir: str, problems: Optional[List[str]] = None) -> List[str]
         problems.append(f"{run_dir}: {note}")
 
     rows = aggregate(results)
-    out = run.report_dir
+    out = out_dir or run.report_dir
     os.makedirs(out, exist_ok=True)
     written = []
 
@@ -348,9 +386,10 @@ def make_report(run_dir: str, problems: Optional[List[str]] = None) -> List[str]
     name = f"{config.get('model', '')} on {config.get('dataset', '')}".strip() if config else ""
     suffix = f" ({name})" if name and name != "on" else ""
     _plot_vs_weights(rows, "test_acc_at_early_stop", "test accuracy at early stop (%)\nmean ± std over n trials",
-                     f"Test accuracy vs sparsity{suffix}{title_note}", path("accuracy_vs_weights.png"))
+                     f"Test accuracy vs sparsity{suffix}{title_note}", path("accuracy_vs_weights.png"), config)
     _plot_vs_weights(rows, "early_stop_iter", "early-stopping iteration\nmean ± std over n trials",
-                     f"Early-stopping iteration vs sparsity{suffix}{title_note}", path("early_stop_vs_weights.png"))
+                     f"Early-stopping iteration vs sparsity{suffix}{title_note}", path("early_stop_vs_weights.png"),
+                     config)
     curves = os.path.join(out, "curves.png")
     if _plot_curves(results, rows, curves, None, title_note):
         written.append(curves)

@@ -41,7 +41,7 @@ def assert_one_line_error(code, err, *fragments):
 @pytest.mark.parametrize("argv, expected", [
     (["--help"], ["search", "report", "bench"]),
     (["search", "--help"], ["--preset", "--rewind-iter", "--granularity", "--resume", "examples:", "runs/<preset>"]),
-    (["report", "--help"], ["RUN_DIR", "example:"]),
+    (["report", "--help"], ["RUN_DIR", "examples:", "--out"]),
     (["bench", "--help"], ["--suite", "--quick", "--dtype"]),
 ])
 def test_help(argv, expected, capsys):
