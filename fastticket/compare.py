@@ -18,8 +18,9 @@ from fastticket.report import (ARM_LABELS, CSV_COLUMNS, _arm_key, _density_axis,
                                collect_results)
 from fastticket.rundir import RunDir
 
-# Settings that never tell runs apart in a label (where they were run, not what was run).
-_NOT_LABELS = ("data_dir", "device")
+# Settings that never tell runs apart in a label: where they were run, not what was run; and the controls,
+# which are arms (lines of their own) rather than a property of the run.
+_NOT_LABELS = ("data_dir", "device", "controls")
 
 
 def _describe(value: Any) -> str:

@@ -78,8 +78,8 @@ def test_same_settings_are_told_apart_by_directory(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     write_run(a, {})
     write_run(b, {})
-    configs = [{"model": "m", "dataset": "d"}] * 2
-    assert compare.run_labels(configs, [a, b]) == ["a", "b"]
+    configs = [{"model": "m", "dataset": "d", "controls": ["reinit"]}, {"model": "m", "dataset": "d", "controls": []}]
+    assert compare.run_labels(configs, [a, b]) == ["a", "b"]  # controls are arms, not run labels
 
 
 def run_cli(argv, capsys):
