@@ -331,8 +331,13 @@ def _report(args: argparse.Namespace) -> int:
         from fastticket.compare import comparison_rows, comparison_table, make_comparison
         if not args.out:
             raise ConfigError("several runs are compared into one new directory: pass --out DIR")
-        paths = make_comparison(args.run_dirs, args.out)
-        print(comparison_table(comparison_rows(args.run_dirs)[0]))
+        problems: list = []
+        try:
+            paths = make_comparison(args.run_dirs, args.out, problems)
+        finally:
+            for line in dict.fromkeys(problems):
+                print(f"fastticket: warning: {line}", file=sys.stderr)
+        print(comparison_table(comparison_rows(args.run_dirs, [])[0]))
     else:
         paths = _report_files(args.run_dirs[0], args.out)
         print(summary_table(collect_results(args.run_dirs[0])))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fastticket.errors import ConfigError
 from fastticket.report import (ARM_LABELS, CSV_COLUMNS, _arm_key, _density_axis, _fmt, _method_columns, aggregate,
@@ -51,8 +51,10 @@ def check_comparable(configs: Sequence[Dict[str, Any]], dirs: Sequence[str]) -> 
                               f"compare runs of one model on one dataset")
 
 
-def comparison_rows(run_dirs: Sequence[str]) -> Tuple[List[Dict[str, Any]], List[str], List[Dict[str, Any]]]:
-    """(rows with a "run" label, the labels, the configs) of several run directories."""
+def comparison_rows(run_dirs: Sequence[str], problems: Optional[List[str]] = None
+                    ) -> Tuple[List[Dict[str, Any]], List[str], List[Dict[str, Any]]]:
+    """(rows with a "run" label, the labels, the configs) of several run directories. `problems` receives one
+    line per file that could not be read (left out, as in fastticket.report)."""
     if len(set(os.path.normpath(d) for d in run_dirs)) < len(run_dirs):
         raise ConfigError(f"a run directory is given twice: {list(run_dirs)}")
     configs = []
@@ -66,7 +68,7 @@ def comparison_rows(run_dirs: Sequence[str]) -> Tuple[List[Dict[str, Any]], List
     labels = run_labels(configs, run_dirs)
     rows = []
     for d, label in zip(run_dirs, labels):
-        results = collect_results(d)
+        results = collect_results(d, problems)
         if not results:
             raise ConfigError(f"no finished levels in {d}: nothing to compare")
         rows += [{"run": label, **r} for r in aggregate(results)]
@@ -132,9 +134,9 @@ def _plot(rows: Sequence[Dict[str, Any]], labels: Sequence[str], key: str, ylabe
     return drawn
 
 
-def make_comparison(run_dirs: Sequence[str], out_dir: str) -> List[str]:
+def make_comparison(run_dirs: Sequence[str], out_dir: str, problems: Optional[List[str]] = None) -> List[str]:
     """Write the comparison of `run_dirs` into `out_dir`; returns the paths written."""
-    rows, labels, configs = comparison_rows(run_dirs)
+    rows, labels, configs = comparison_rows(run_dirs, problems)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -9,6 +9,7 @@ import pytest
 import fastticket.compare as compare
 from fastticket.cli import main
 from fastticket.report import arm_label, make_report
+from fastticket.rundir import ArmDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -31,8 +32,7 @@ def write_run(root, config, arms=("ticket",), levels=(0, 1, 2), trials=(0, 1), a
                           "layer_density": {}, "early_stop_iter": 100 + 50 * trial, "early_stop_val_loss": 0.1,
                           "test_acc_at_early_stop": acc, "final_test_acc": acc, "final_iter": 300,
                           "wall_time_s": 1.0, "status": "ok", **((extra or {}) if arm == "ticket" else {})}
-                with open(os.path.join(d, "result.json"), "w") as f:
-                    json.dump(result, f)
+                ArmDir(d, level, arm, trial).write_result(result)  # with its checksum, as the search writes it
 
 
 def read_csv(path):

@@ -132,16 +132,26 @@ def test_early_bird_stops_the_ticket_and_prunes_its_mask(tmp_path):
     assert result(never, 0, "ticket")["final_iter"] == 16
 
 
-def test_early_bird_resume_after_the_stop_gives_the_same_result(tmp_path):
-    run = str(tmp_path / "eb")
+def test_early_bird_resume_continues_the_tracker_from_the_checkpoint(tmp_path):
+    from fastticket.train import Progress
+
+    class Interrupt(Progress):
+        def evaluated(self, iteration, loss, val_acc):
+            if iteration == 12:  # after the checkpoint at 12: two comparisons recorded, one to go
+                raise KeyboardInterrupt
+
     config = tiny(early_bird=0.5, iterations=40, eval_every=4, levels=0)
-    run_search(config, run)
-    first = result(run, 0, "ticket")
-    os.remove(os.path.join(arm_dir(run, 0, "ticket", 0), "result.json"))  # killed after the last checkpoint
+    run = str(tmp_path / "eb")
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, run, progress=Interrupt())
     run_search(config, run, resume=True)
-    again = result(run, 0, "ticket")
-    for key in ("early_bird_iter", "final_iter", "test_acc_at_early_stop", "mask_distances"):
-        assert again[key] == first[key], key
+    resumed = result(run, 0, "ticket")
+    # a tracker restarted empty would need three fresh comparisons (stop at 28); the checkpointed one stops at 16
+    assert resumed["early_bird_iter"] == 16 and resumed["final_iter"] == 16
+    straight = str(tmp_path / "straight")
+    run_search(config, straight)
+    for key in ("early_bird_iter", "test_acc_at_early_stop", "mask_distances"):
+        assert resumed[key] == result(straight, 0, "ticket")[key], key
 
 
 @pytest.mark.parametrize("argv, needle", [
