@@ -54,7 +54,19 @@ def remove_count(rate: float, alive: int) -> int:
 # ------------------------------------------------------------------------------------------------ tile views
 
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    """The [out, K] matrix the kernels tile: a conv filter [C_out, C_in, kh, kw] in the conv kernels' tap-major
+    K order (kh, kw, C_in), so a pruned block is exactly a tile the kernels skip; a linear weight as it is."""
+    if t.dim() == 4:
+        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
     return t.reshape(t.shape[0], -1)
+
+
+def _from_2d(t2d: torch.Tensor, weight_shape: Sequence[int]) -> torch.Tensor:
+    """The inverse of `_as_2d` for a tensor of `weight_shape`."""
+    if len(weight_shape) == 4:
+        c_out, c_in, kh, kw = weight_shape
+        return t2d.reshape(c_out, kh, kw, c_in).permute(0, 3, 1, 2).contiguous()
+    return t2d.reshape(tuple(weight_shape))
 
 
 def _tile_sums(t2d: torch.Tensor, block: Tuple[int, int]) -> torch.Tensor:
@@ -87,7 +99,7 @@ def expand_tiles(tile_mask: torch.Tensor, block: Tuple[int, int], weight_shape: 
     n = weight_shape[0]
     k = math.prod(weight_shape[1:])
     full = tile_mask.repeat_interleave(r, dim=0).repeat_interleave(c, dim=1)[:n, :k]
-    return full.reshape(tuple(weight_shape))
+    return _from_2d(full, weight_shape)
 
 
 def alive_units(mask: torch.Tensor, block: Block) -> torch.Tensor:

@@ -166,10 +166,15 @@ def test_block_edge_tiles_are_normalised_by_their_size():
     assert lin[0].weight_mask[:, 4].all() and not lin[0].weight_mask[:, :4].any()
 
 
-def test_block_granularity_on_conv_uses_the_2d_filter_view():
+def test_block_granularity_on_conv_prunes_the_conv_kernels_tiles():
+    # Blocks are tiles of the filter in the conv kernels' tap-major K order (kh, kw, C_in), so every pruned
+    # block is a tile the kernels skip; the mask buffer keeps its [C_out, C_in, kh, kw] layout.
+    from fastticket.kernels.tile_map import as_2d_mask, build_tile_map
+
     model = small_model()
     prune(model, 0.5, granularity="block:2x6", exclude=["fc", "output"])
-    m2d = model.conv.weight_mask.reshape(6, -1)  # [6, 18]: 3 x 3 tiles of 2x6
+    m2d = as_2d_mask(model.conv.weight_mask, "tap_major")  # [6, 18]: 3 x 3 tiles of 2x6
+    assert build_tile_map(model.conv.weight_mask, 2, 6, "tap_major").n_live == 9 - remove_count(0.5, 9)
     for ti in range(3):
         for tj in range(3):
             tile = m2d[ti * 2:(ti + 1) * 2, tj * 6:(tj + 1) * 6]
