@@ -162,7 +162,8 @@ SEARCH_FLAGS: Dict[str, Flag] = {
     "lr": Flag("LR", _positive_float), "eval_every": Flag("N", _positive_int), "rewind_iter": Flag("K", _nonneg_int),
     "rewind": Flag("MODE", _rewind), "refill": Flag("block:RxC", _refill), "early_bird": Flag("EPS", _early_bird),
     "controls": Flag("LIST", _controls), "trials": Flag("T", _positive_int), "granularity": Flag("G", _granularity),
-    "device": Flag("DEV"), "seed": Flag("S", _int),
+    "device": Flag("DEV"), "seed": Flag("S", _int), "reinits": Flag("R", _positive_int),
+    "parallel_arms": Flag("N", _nonneg_int),
 }
 # Fields only a preset sets (the paper's training recipe and pruning layout travel together in a preset).
 NOT_FLAGS = frozenset({"val_size", "optimizer", "momentum", "weight_decay", "lr_milestones", "lr_gamma",
@@ -274,9 +275,7 @@ def _progress_bars():
                             mininterval=0.5, file=sys.stderr)
 
         def step(self, iteration: int, loss: float) -> None:
-            self.bar.update(1)
-            if iteration % 20 == 0:
-                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.update(iteration - self.bar.n)  # called a few times per second, not per step
 
         def evaluated(self, iteration: int, loss: float, val_acc: float) -> None:
             self.bar.set_postfix(loss=f"{loss:.4f}", val_acc=f"{val_acc:.4f}", refresh=False)

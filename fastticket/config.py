@@ -84,9 +84,18 @@ def check_early_bird(value: object) -> Optional[float]:
     return float(value)
 
 
-def _help(text: str, **default: Any) -> Any:
-    """A dataclass field documented by `text` (shown as its CLI flag's help where it has one)."""
-    return field(metadata={"help": text}, **default)
+def _help(text: str, run_only: bool = False, **default: Any) -> Any:
+    """A dataclass field documented by `text` (shown as its CLI flag's help where it has one). run_only: how
+    the search runs, not what it computes (a resumed run may change it)."""
+    return field(metadata={"help": text, "run_only": run_only}, **default)
+
+
+def run_only_fields() -> Tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(SearchConfig) if f.metadata.get("run_only"))
+
+
+def field_defaults() -> dict:
+    return {f.name: f.default for f in dataclasses.fields(SearchConfig)}
 
 
 @dataclass
@@ -134,9 +143,14 @@ class SearchConfig:
     controls: Tuple[ArmName, ...] = _help("comma list of reinit, random, snip, grasp, synflow; or none",
                                           default=(REINIT,))
     trials: int = _help("independent trials (seeds seed..seed+T-1)", default=1)
+    reinits: int = _help("random-reinit controls per ticket, each with its own init seed and arm directory",
+                         default=1)
     seed: int = _help("base seed: trial t uses S+t for init and batches", default=0)
     device: str = _help("auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N; config.json records "
                         "the device used", default="auto")
+    # how to run (not what: results do not depend on it beyond float rounding, so resume ignores it)
+    parallel_arms: int = _help("at most N arms of a level train together as one stacked model (0: all of "
+                               "them; 1: one at a time)", default=0, run_only=True)
 
     def __post_init__(self) -> None:
         # JSON (config.json) and callers give lists; the config holds tuples (hashable, not shared by copies).
@@ -167,6 +181,9 @@ class SearchConfig:
         need(is_int(self.eval_every) and self.eval_every > 0,
              f"eval_every must be a positive integer, got {self.eval_every!r}")
         need(is_int(self.trials) and self.trials >= 1, f"trials must be an integer >= 1, got {self.trials!r}")
+        need(is_int(self.reinits) and self.reinits >= 1, f"reinits must be an integer >= 1, got {self.reinits!r}")
+        need(is_int(self.parallel_arms) and self.parallel_arms >= 0,
+             f"parallel_arms must be an integer >= 0 (0: all arms of a level at once), got {self.parallel_arms!r}")
         need(is_int(self.val_size) and self.val_size > 0,
              f"val_size must be a positive integer, got {self.val_size!r}")
         # Seeds feed 32-bit seed mixing (trial, level and control offsets added): larger ones would alias.

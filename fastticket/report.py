@@ -272,7 +272,8 @@ def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, titl
 
 def _read_metrics(result: Dict[str, Any], problems: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     try:
-        entries = ArmDir(result["path"], result["level"], result["arm"], result["trial"]).read_metrics()
+        entries = ArmDir(result["path"], result["level"], result["arm"], result["trial"],
+                         result.get("replica", 0)).read_metrics()
     except DamagedFileError as exc:
         if problems is not None:
             problems.append(str(exc))

@@ -1,7 +1,7 @@
 """The run directory of a search: its layout, the resume checks, and every file read or written in it.
 
     root/config.json
-    root/levels/level_{L:02d}/{arm}_trial{t}/
+    root/levels/level_{L:02d}/{arm}_trial{t}/     ({arm}{r+1}_trial{t} for the r-th extra control, r >= 1)
         mask.pt         {layer name: bool mask}
         rewind.pt       (ticket arm) the rewind-point state dict
         metrics.jsonl   one line per evaluation: iteration, train_loss, val_loss, val_acc, test_acc
@@ -28,6 +28,7 @@ import glob
 import hashlib
 import io
 import json
+import re
 import os
 import socket
 import time
@@ -38,7 +39,7 @@ from torch import nn
 
 from fastticket.atomic_io import (atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir,
                                   remove_stale_temps, torch_bytes)
-from fastticket.config import SearchConfig
+from fastticket.config import SearchConfig, field_defaults, run_only_fields
 from fastticket.errors import DamagedFileError, MaskError, RunDirError, RunLockedError
 from fastticket.nn import check_mask_file
 
@@ -65,15 +66,17 @@ def _first_line(exc: BaseException) -> str:
 class ArmDir:
     """One arm's directory: levels/level_LL/ARM_trialT. Writes go through checksums.json; reads verify."""
 
-    def __init__(self, path: str, level: int, arm: str, trial: int) -> None:
-        self.path, self.level, self.arm, self.trial = path, level, arm, trial
+    def __init__(self, path: str, level: int, arm: str, trial: int, replica: int = 0) -> None:
+        self.path, self.level, self.arm, self.trial, self.replica = path, level, arm, trial, replica
 
     def _file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
     @property
     def identity(self) -> Dict[str, Any]:
-        return {"level": self.level, "arm": self.arm, "trial": self.trial}
+        # "replica" only for the extra controls (r >= 1): the first keeps the identity it always had.
+        extra = {"replica": self.replica} if self.replica else {}
+        return {"level": self.level, "arm": self.arm, "trial": self.trial, **extra}
 
     def open(self) -> "ArmDir":
         """Create the directory (if needed) and drop temp files a killed writer left in it."""
@@ -297,9 +300,12 @@ class RunDir:
     def report_dir(self) -> str:
         return os.path.join(self.root, "report")
 
-    def arm(self, level: int, arm: str, trial: int) -> ArmDir:
-        return ArmDir(os.path.join(self.root, "levels", f"level_{level:02d}", f"{arm}_trial{trial}"), level, arm,
-                      trial)
+    def arm(self, level: int, arm: str, trial: int, replica: int = 0) -> ArmDir:
+        """The r-th control of a kind (replica r >= 1, e.g. reinit x R) lives in {arm}{r+1}_trial{t}; the first
+        keeps {arm}_trial{t}, so run directories written before replicas existed read the same."""
+        name = f"{arm}{replica + 1}" if replica else arm
+        return ArmDir(os.path.join(self.root, "levels", f"level_{level:02d}", f"{name}_trial{trial}"), level, arm,
+                      trial, replica)
 
     # ----------------------------------------------------------------------------------------------- lock
     def lock(self) -> None:
@@ -388,8 +394,13 @@ class RunDir:
             current = _config_dict(config)
             if saved.get("device") == "auto":  # written by hand: any device the run resolves to matches
                 saved["device"] = current.get("device")
+            # Fields a run's config.json predates count as their defaults (old run directories stay
+            # resumable); run-only fields (how to run, e.g. parallel_arms) may change on resume.
+            defaults = json.loads(json.dumps(field_defaults()))
+            for k in set(current) - set(saved):
+                saved[k] = defaults.get(k, "<absent>")
             differ = sorted(k for k in set(saved) | set(current)
-                            if saved.get(k, "<absent>") != current.get(k, "<absent>"))
+                            if k not in run_only_fields() and saved.get(k, "<absent>") != current.get(k, "<absent>"))
             extend = differ == ["levels"] and isinstance(saved.get("levels"), int) and \
                 current["levels"] > saved["levels"]
             if differ and not extend:
@@ -426,8 +437,12 @@ class RunDir:
         for path in glob.glob(os.path.join(self.root, "levels", "level_*", "*_trial*")):
             level_name, arm_name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
             arm, _, trial = arm_name.rpartition("_trial")
+            replica = 0
+            numbered = re.fullmatch(r"(.*?)(\d+)", arm)
+            if numbered and int(numbered.group(2)) >= 2:  # reinit2 = reinit replica 1 (RunDir.arm)
+                arm, replica = numbered.group(1), int(numbered.group(2)) - 1
             try:
-                found.append(ArmDir(path, int(level_name[len("level_"):]), arm, int(trial)))
+                found.append(ArmDir(path, int(level_name[len("level_"):]), arm, int(trial), replica))
             except ValueError:
                 continue
         return found
@@ -450,6 +465,6 @@ class RunDir:
         return results
 
 
-def arm_dir(out_dir: str, level: int, arm: str, trial: int) -> str:
+def arm_dir(out_dir: str, level: int, arm: str, trial: int, replica: int = 0) -> str:
     """The path of one arm's directory in the run directory `out_dir`."""
-    return RunDir(out_dir).arm(level, arm, trial).path
+    return RunDir(out_dir).arm(level, arm, trial, replica).path

@@ -8,6 +8,9 @@ Per trial t (seed_t = config.seed + t) and level L = 0..config.levels:
   weights = rewind point * mask, builds a fresh optimizer and trains. Training at L >= 1 continues the clock of
   the rewind point: iterations k..iterations-1 with the lr schedule and the batches of those iterations, so
   every level has the same end point and the same schedule tail as level 0.
+- A level's arms train together (`run_level`): prepared one by one (the ticket first: the controls read its
+  mask), then trained as stacked groups of arms sharing a start (fastticket.train.train_arms,
+  fastticket.batched); `parallel_arms` 1 trains them one at a time. `reinits` R > 1 adds reinit replicas.
 - controls (L >= 1 only): "reinit" keeps the ticket's mask and draws a fresh init (seed_t + 10_000 + L),
   trained from iteration 0 to the end (a fresh init has no rewind point to continue from); "random" draws a
   random mask with the ticket's per-layer counts (`prune.random_masks_like`) and trains from the trial's
@@ -21,12 +24,13 @@ result.json exists and continues an unfinished arm from its checkpoint, with the
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
+from fastticket.backend import resolve_backend
 from fastticket.config import PAI_ARMS, RANDOM, REINIT, TICKET, SearchConfig, parse_refill
 from fastticket.errors import ConfigError, DamagedFileError
 from fastticket.nn import densities, install_masks, model_masks
@@ -36,13 +40,13 @@ from fastticket.prune import (alive_count, check_refill_fits, layer_rates, prune
 from fastticket.rundir import MASK as MASK_FILE
 from fastticket.rundir import RunDir, arm_dir  # noqa: F401  (arm_dir: the path of an arm, for callers)
 from fastticket.rewind import rewind_to
-from fastticket.train import ArmSpec, EvalHook, Progress, build_masked_model, cpu_state, train_arm
+from fastticket.train import ArmJob, ArmSpec, EvalHook, Progress, build_masked_model, cpu_state, train_arms
 
 if TYPE_CHECKING:
     from fastticket.data import DeviceData
 
 _REINIT_SEED_OFFSET = 10_000
-_STREAM_PRUNE, _STREAM_RANDOM_MASK = 1, 2
+_STREAM_PRUNE, _STREAM_RANDOM_MASK, _STREAM_REINIT = 1, 2, 3
 Masks = Dict[str, torch.Tensor]
 
 
@@ -86,6 +90,7 @@ class _Search:
     device: torch.device
     prunable: Sequence[str]
     progress: Progress
+    said_split: bool = False
 
     def model(self, seed: int) -> nn.Module:
         return build_masked_model(self.config, self.data.info, seed, self.device)
@@ -105,7 +110,17 @@ class ArmPlan:
     result_extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded in result.json
 
 
-def plan_arm(s: _Search, level: int, arm: str, trial: int) -> ArmPlan:
+def reinit_seed(config: SearchConfig, level: int, trial: int, replica: int = 0) -> int:
+    """The init seed of a reinit control: seed_t + 10000 + L for the first (as before replicas existed), a
+    SeedSequence draw of (seed_t, stream, L, r) for the r-th extra one (r >= 1), which no other arm uses."""
+    seed_t = config.seed + trial
+    if replica == 0:
+        return seed_t + _REINIT_SEED_OFFSET + level
+    return int(np.random.SeedSequence([seed_t & 0xFFFFFFFF, _STREAM_REINIT, level, replica])
+               .generate_state(1, np.uint32)[0] & 0x7FFFFFFF)
+
+
+def plan_arm(s: _Search, level: int, arm: str, trial: int, replica: int = 0) -> ArmPlan:
     """The ticket and the controls, by arm kind (see the module docstring)."""
     config, k, seed_t = s.config, s.config.rewind_iter, s.config.seed + trial
     trial_rewind = s.run.arm(0, TICKET, trial)
@@ -127,7 +142,7 @@ def plan_arm(s: _Search, level: int, arm: str, trial: int) -> ArmPlan:
                        lr_fixed_at=config.iterations - 1 if config.rewind == "none" else None)
     if arm == REINIT:
         # Same mask, a fresh init from a seed no ticket uses; trained from iteration 0.
-        return ArmPlan(seed_t + _REINIT_SEED_OFFSET + level, ticket.load_mask, None, 0)
+        return ArmPlan(reinit_seed(config, level, trial, replica), ticket.load_mask, None, 0)
     if arm == RANDOM:
         # Random mask with the ticket's per-layer counts, from the trial's rewind point.
         def random_masks(model: nn.Module) -> Masks:
@@ -203,9 +218,21 @@ def _early_bird_hook(s: _Search, level: int, trial: int, plan: ArmPlan) -> Optio
     return EarlyBird(s.config.early_bird, draw, s.config.iterations, min_iter=plan.capture_rewind_at or 0)
 
 
-def run_arm(s: _Search, level: int, arm: str, trial: int) -> Dict[str, Any]:
-    """An arm's result.json: read when it is finished, else set up (mask, rewind) and trained."""
-    directory = s.run.arm(level, arm, trial).open()
+def level_arms(config: SearchConfig, level: int) -> List[Tuple[str, int]]:
+    """(arm kind, replica) of one trial at `level`, in run order: the ticket first (the controls read its
+    mask), then each control (reinit x config.reinits)."""
+    if level == 0:
+        return [(TICKET, 0)]
+    arms = [(TICKET, 0)]
+    for control in config.controls:
+        arms += [(control, r) for r in range(config.reinits if control == REINIT else 1)]
+    return arms
+
+
+def prepare_arm(s: _Search, level: int, arm: str, trial: int, replica: int = 0) -> Union[ArmJob, Dict[str, Any]]:
+    """An arm's result.json when it is finished, else its ArmJob: mask and rewind point set up (and saved),
+    the model built, masked and rewound."""
+    directory = s.run.arm(level, arm, trial, replica).open()
     try:
         result = directory.read_result()
     except DamagedFileError as exc:
@@ -213,31 +240,87 @@ def run_arm(s: _Search, level: int, arm: str, trial: int) -> Dict[str, Any]:
         s.progress.message(f"fastticket: {exc}; this arm is trained again")
         directory.discard_result()
         result = None
-    if result is None:
-        s.progress.arm_started(level, s.config.levels, arm, trial)
-        plan = plan_arm(s, level, arm, trial)
-        model = s.model(plan.init_seed)
-        if directory.has_mask():
-            try:
-                directory.load_mask(model)
-            except DamagedFileError as exc:  # recomputable: the mask is a function of the previous level
-                s.progress.message(f"fastticket: {exc}; recomputing it, this arm restarts from its beginning")
-                directory.discard(MASK_FILE)
-                directory.drop_checkpoint()
-        if not directory.has_mask():
-            directory.save_mask(plan.make_masks(model))
-        install_masks(model, directory.load_mask(model))
-        if plan.rewind_point is not None:
-            rewind_to(model, plan.rewind_point)
-        if plan.keep_rewind and not directory.has_rewind():
-            directory.save_rewind(plan.rewind_point if plan.rewind_point is not None else cpu_state(model))
-        spec = ArmSpec(level, arm, trial, plan.start_iter, capture_rewind_at=plan.capture_rewind_at,
-                       lr_fixed_at=plan.lr_fixed_at, result_extra=plan.result_extra)
-        hook = _early_bird_hook(s, level, trial, plan) if arm == TICKET else None
-        result = train_arm(s.config, spec, model, s.data, directory, s.config.seed + trial, s.prunable, s.progress,
-                           hook=hook)
+    if result is not None:
+        return result
+    plan = plan_arm(s, level, arm, trial, replica)
+    model = s.model(plan.init_seed)
+    if directory.has_mask():
+        try:
+            directory.load_mask(model)
+        except DamagedFileError as exc:  # recomputable: the mask is a function of the previous level
+            s.progress.message(f"fastticket: {exc}; recomputing it, this arm restarts from its beginning")
+            directory.discard(MASK_FILE)
+            directory.drop_checkpoint()
+    if not directory.has_mask():
+        directory.save_mask(plan.make_masks(model))
+    install_masks(model, directory.load_mask(model))
+    if plan.rewind_point is not None:
+        rewind_to(model, plan.rewind_point)
+    if plan.keep_rewind and not directory.has_rewind():
+        directory.save_rewind(plan.rewind_point if plan.rewind_point is not None else cpu_state(model))
+    spec = ArmSpec(level, arm, trial, plan.start_iter, capture_rewind_at=plan.capture_rewind_at,
+                   lr_fixed_at=plan.lr_fixed_at, result_extra=plan.result_extra, replica=replica)
+    hook = _early_bird_hook(s, level, trial, plan) if arm == TICKET else None
+    return ArmJob(spec, model, directory, s.config.seed + trial, hook)
+
+
+def run_arm(s: _Search, level: int, arm: str, trial: int, replica: int = 0) -> Dict[str, Any]:
+    """One arm alone (the --parallel-arms 1 path): its result.json, trained first if unfinished."""
+    job = prepare_arm(s, level, arm, trial, replica)
+    if isinstance(job, ArmJob):
+        s.progress.arm_started(level, s.config.levels, job.spec.label, trial)
+        job = train_arms(s.config, [job], s.data, s.prunable, s.progress, stacked=False)[0]
     s.progress.arms_done(1)
-    return result
+    return job
+
+
+def _group_limit(s: _Search, jobs: Sequence[ArmJob]) -> int:
+    """Arms per stacked group: --parallel-arms (0: all), lowered to what fits in device memory (said once)."""
+    from fastticket.batched import group_size
+    limit = s.config.parallel_arms or len(jobs)
+    if limit > 1 and len(jobs) > 1:
+        x, _ = s.data.batch(0, s.config.batch_size, s.config.seed)
+        fits = group_size(jobs[0].model, x, s.device)
+        if fits < min(limit, len(jobs)):
+            if not s.said_split:
+                s.progress.message(f"fastticket: {min(limit, len(jobs))} arms would not fit in {s.device} memory "
+                                   f"at once; training groups of at most {fits}")
+                s.said_split = True
+            limit = fits
+    return max(1, limit)
+
+
+def run_level(s: _Search, level: int, trials: Sequence[int]) -> List[Dict[str, Any]]:
+    """Every arm of `level` for `trials`: finished ones read, the others trained together (arms sharing a
+    start iteration and lr rule as one stacked group, at most the group limit at once). Results in run
+    order."""
+    if s.config.parallel_arms == 1:
+        return [run_arm(s, level, arm, t, r) for t in trials for arm, r in level_arms(s.config, level)]
+    slots: List[Union[ArmJob, Dict[str, Any]]] = [prepare_arm(s, level, arm, t, r)
+                                                  for t in trials for arm, r in level_arms(s.config, level)]
+    pending = [i for i, slot in enumerate(slots) if isinstance(slot, ArmJob)]
+    s.progress.arms_done(len(slots) - len(pending))
+    by_start: Dict[Tuple[int, Optional[int]], List[int]] = {}
+    for i in pending:
+        spec = slots[i].spec  # type: ignore[union-attr]
+        by_start.setdefault((spec.start_iter, spec.lr_fixed_at), []).append(i)
+    for idx in by_start.values():
+        limit = _group_limit(s, [slots[i] for i in idx])  # type: ignore[misc]
+        for g in range(0, len(idx), limit):
+            chunk = idx[g:g + limit]
+            jobs = [slots[i] for i in chunk]
+            first = jobs[0].spec  # type: ignore[union-attr]
+            s.progress.arm_started(level, s.config.levels, f"{len(jobs)} arms" if len(jobs) > 1 else first.label,
+                                   first.trial)
+            # Stacked even for a lone arm, so an arm's numbers do not depend on how its level was split into
+            # groups (a resumed level regroups); except on the triton backend, where the stacked step runs
+            # the PyTorch ops (fastticket.batched) and a lone arm keeps the kernels.
+            stacked = len(jobs) > 1 or resolve_backend(s.device) != "triton"
+            for i, r in zip(chunk, train_arms(s.config, jobs, s.data, s.prunable, s.progress,  # type: ignore
+                                              stacked=stacked)):
+                slots[i] = r
+            s.progress.arms_done(len(jobs))
+    return slots  # type: ignore[return-value]
 
 
 def _ticket_finished(s: _Search, level: int, trial: int) -> bool:
@@ -293,12 +376,13 @@ def _run_levels(config: SearchConfig, run: RunDir, data: "DeviceData", device: t
     prunable = _prunable(config, build_masked_model(config, data.info, config.seed, device))
     s = _Search(config, run, data, device, prunable, progress)
 
-    arms_per_level = 1 + len(config.controls)
+    arms_per_level = len(level_arms(config, 1))
     progress.search_started((1 + config.levels * arms_per_level) * config.trials)
     rows: List[Dict[str, Any]] = []
     stopped = set()  # trials whose ticket diverged: no later levels
     try:
         for level in range(config.levels + 1):
+            trials = []
             for trial in range(config.trials):
                 if trial in stopped:
                     continue
@@ -308,8 +392,8 @@ def _run_levels(config: SearchConfig, run: RunDir, data: "DeviceData", device: t
                                      f"cleanly; levels {level}..{config.levels} of this trial are skipped")
                     progress.arms_done((config.levels - level + 1) * arms_per_level)
                     continue
-                for arm in (TICKET, *(config.controls if level > 0 else ())):
-                    rows.append(run_arm(s, level, arm, trial))
+                trials.append(trial)
+            rows += run_level(s, level, trials)
     finally:
         progress.search_finished()
     return rows

@@ -5,6 +5,13 @@
 Batches are a pure function of the iteration, and `ArmState` (model, optimizer, iteration, train-loss
 accumulator, metrics, RNG) is what the checkpoint holds, so a resumed arm gives bit-identical numbers to an
 uninterrupted one on CPU.
+
+`train_arms` trains a list of arms (`ArmJob`: spec, prepared model, directory, batch seed) that share a start:
+one at a time through the plain model (`SingleEngine`, the K = 1 path) or all at once as one stacked model
+(`fastticket.batched.StackedEngine`). The loop is the same for both and does no device-to-host transfer per
+step: each arm's train loss is summed on the device and read at evaluation points, where finiteness is
+checked too (a diverged arm is reported at the first evaluation whose loss is not finite, its state saved,
+and the others carry on). An arm's `EvalHook` runs after each of its evaluations and may stop it.
 """
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ import dataclasses
 import math
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +56,8 @@ class Progress:
         pass
 
     def step(self, iteration: int, loss: float) -> None:
-        """A training step finished; `iteration` counts the steps taken."""
+        """Training has reached `iteration` (steps taken, counted from 0). Called a few times per second,
+        not per step; `loss` is the last evaluated train loss (NaN before the first evaluation)."""
 
     def evaluated(self, iteration: int, loss: float, val_acc: float) -> None:
         pass
@@ -75,14 +83,18 @@ def build_masked_model(config: SearchConfig, info: "DatasetInfo", seed: int, dev
     return model.to(device)
 
 
-def make_optimizer(config: SearchConfig, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(config: SearchConfig, model: Union[nn.Module, Sequence[torch.Tensor]],
+                   masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.optim.Optimizer:
+    """The config's masked optimizer over a model's parameters, or over given tensors with explicit `masks`
+    (the stacked parameters of a group of arms, fastticket.batched)."""
     from fastticket.optim import MaskedAdam, MaskedAdamW, MaskedSGD
-    params = list(model.parameters())
+    params = list(model.parameters()) if isinstance(model, nn.Module) else list(model)
     if config.optimizer == "sgd":
-        return MaskedSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return MaskedSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                         masks=masks)
     if config.optimizer == "adamw":
-        return MaskedAdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return MaskedAdam(params, lr=config.lr, weight_decay=config.weight_decay)
+        return MaskedAdamW(params, lr=config.lr, weight_decay=config.weight_decay, masks=masks)
+    return MaskedAdam(params, lr=config.lr, weight_decay=config.weight_decay, masks=masks)
 
 
 def lr_at(config: SearchConfig, iteration: int) -> float:
@@ -124,7 +136,7 @@ def early_stopping(metrics: List[Dict[str, float]]) -> Dict[str, Any]:
             "test_acc_at_early_stop": metrics[best]["test_acc"]}
 
 
-# ------------------------------------------------------------------------------------------------ one arm
+# ------------------------------------------------------------------------------------------------ arms
 
 @dataclasses.dataclass
 class ArmSpec:
@@ -135,6 +147,11 @@ class ArmSpec:
     capture_rewind_at: Optional[int] = None  # level 0 ticket with late rewinding: save the state at k
     lr_fixed_at: Optional[int] = None  # every step takes the lr of this iteration (--rewind none: the final lr)
     result_extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # more result.json fields
+    replica: int = 0             # r-th control of its kind for this trial (reinit x R); 0 is the first
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm}{self.replica + 1 if self.replica else ''}"
 
 
 def arm_lr(config: SearchConfig, spec: ArmSpec, iteration: int) -> float:
@@ -189,15 +206,23 @@ class ArmState:
         self.wall_time_s = float(ckpt["wall_time_s"])
         torch.set_rng_state(ckpt["rng"])
 
-    def record_step(self, loss: float) -> None:
-        self.iteration += 1
-        self.loss_sum += loss
-        self.loss_count += 1
-
     def record_evaluation(self, val_loss: float, val_acc: float, test_acc: float) -> None:
         self.metrics.append({"iteration": self.iteration, "train_loss": self.loss_sum / max(1, self.loss_count),
                              "val_loss": val_loss, "val_acc": val_acc, "test_acc": test_acc})
         self.loss_sum, self.loss_count = 0.0, 0
+
+
+@dataclasses.dataclass
+class ArmJob:
+    """An arm as data: what it is (spec), its prepared model (masks installed, weights rewound), where its
+    files go, its batch stream (the trial's seed: arms of one trial see the same batches) and its
+    per-evaluation hook (e.g. fastticket.early_bird.EarlyBird), if any."""
+
+    spec: ArmSpec
+    model: nn.Module
+    directory: ArmDir
+    seed: int
+    hook: Optional[EvalHook] = None
 
 
 def _restore(state: ArmState, directory: ArmDir, progress: Progress, hook: Optional[EvalHook] = None) -> bool:
@@ -222,74 +247,199 @@ def _restore(state: ArmState, directory: ArmDir, progress: Progress, hook: Optio
         return False
 
 
+class SingleEngine:
+    """One arm through its own model and optimizer: the plain PyTorch step, nothing stacked."""
+
+    def __init__(self, config: SearchConfig, jobs: Sequence[ArmJob], states: Sequence[ArmState],
+                 data: "DeviceData") -> None:
+        (self.job,), (self.state,) = jobs, states
+        self.config, self.data = config, data
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.state.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self, iteration: int) -> torch.Tensor:
+        """One training step of every arm; returns the arms' losses [K] on the device (no sync)."""
+        x, y = self.data.batch(iteration, self.config.batch_size, self.job.seed)
+        loss = F.cross_entropy(self.job.model(x), y)
+        optimizer = self.state.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach().reshape(1)
+
+    def sync_out(self) -> None:
+        """Make each arm's model and optimizer hold the arm's current state (nothing to do here)."""
+
+
+def _engine(config: SearchConfig, jobs: Sequence[ArmJob], states: Sequence[ArmState], data: "DeviceData",
+            stacked: bool, lr: Optional[float]):
+    if stacked:
+        from fastticket.batched import StackedEngine
+        engine = StackedEngine(config, jobs, states, data)
+    else:
+        engine = SingleEngine(config, jobs, states, data)
+    if lr is not None:
+        engine.set_lr(lr)
+    return engine
+
+
+_PROGRESS_INTERVAL_S = 0.25
+
+
+def train_arms(config: SearchConfig, jobs: Sequence[ArmJob], data: "DeviceData", prunable: Sequence[str],
+               progress: Progress, stacked: Optional[bool] = None) -> List[Dict[str, Any]]:
+    """Train `jobs` (each from its model's current state, or its checkpoint) and write their files; returns
+    their result.json dicts in order. stacked=None: one stacked model when there is more than one arm;
+    stacked=False: each arm alone, one after the other.
+
+    Arms that stand at different points (iteration, start iteration, fixed lr) after their checkpoints are
+    read train as separate groups one after the other, so each group shares its lr and step count.
+    """
+    states = []
+    for job in jobs:
+        state = ArmState(job.model, make_optimizer(config, job.model), job.spec.start_iter)
+        if job.directory.has_checkpoint():
+            if not _restore(state, job.directory, progress, job.hook):
+                state = ArmState(job.model, make_optimizer(config, job.model), job.spec.start_iter)
+            # metrics.jsonl may hold evaluations after the checkpoint (killed in between): the checkpoint wins.
+            job.directory.write_metrics(state.metrics)
+        states.append(state)
+    stacked = stacked if stacked is not None else len(jobs) > 1
+    groups: Dict[Tuple[Any, ...], List[int]] = {}
+    for i, (job, state) in enumerate(zip(jobs, states)):
+        key = (state.iteration, job.spec.start_iter, job.spec.lr_fixed_at, 0 if stacked else i)
+        groups.setdefault(key, []).append(i)
+    results: List[Optional[Dict[str, Any]]] = [None] * len(jobs)
+    for idx in groups.values():
+        out = _train_group(config, [jobs[i] for i in idx], [states[i] for i in idx], data, prunable, progress,
+                           stacked)
+        for i, r in zip(idx, out):
+            results[i] = r
+    return results  # type: ignore[return-value]
+
+
+def _finish(job: ArmJob, state: ArmState, prunable: Sequence[str], session_s: float, status: str,
+            message: Optional[str] = None) -> Dict[str, Any]:
+    spec = job.spec
+    job.directory.save_final(job.model.state_dict())
+    total, per_layer = densities(job.model, prunable)
+    result = {"level": spec.level, "arm": spec.arm, "trial": spec.trial}
+    if spec.replica:
+        result["replica"] = spec.replica
+    result.update({"density": total, "layer_density": per_layer, **early_stopping(state.metrics),
+                   "final_test_acc": state.metrics[-1]["test_acc"] if status == "ok" and state.metrics else None,
+                   "final_iter": state.iteration, "wall_time_s": state.wall_time_s + session_s, "status": status,
+                   **spec.result_extra, **(job.hook.result_fields() if job.hook is not None else {})})
+    if message:
+        result["message"] = message
+    job.directory.write_result(result)
+    job.directory.drop_checkpoint()  # final.pt + result.json are what a finished arm keeps
+    return result
+
+
+def _train_group(config: SearchConfig, jobs: List[ArmJob], states: List[ArmState], data: "DeviceData",
+                 prunable: Sequence[str], progress: Progress, stacked: bool) -> List[Dict[str, Any]]:
+    """Arms at one (iteration, start iteration, fixed lr): one loop, one engine."""
+    results: Dict[int, Dict[str, Any]] = {}
+    live = list(range(len(jobs)))
+    t0 = time.perf_counter()
+    iteration = states[0].iteration
+    device = data.device
+    loss_sums = torch.tensor([s.loss_sum for s in states], dtype=torch.float64, device=device)
+    loss_count = states[0].loss_count
+    for job in jobs:
+        job.model.train()
+    session_s = 0.0
+    # A resumed arm whose hook had already stopped it (e.g. early-bird) is finished as it stands.
+    for i in [i for i in live if jobs[i].hook is not None and jobs[i].hook.stopped]:
+        results[i] = _finish(jobs[i], states[i], prunable, session_s, "ok")
+        live.remove(i)
+    first = jobs[0].spec
+    lr = arm_lr(config, first, iteration) if iteration < config.iterations else None
+    engine = (_engine(config, [jobs[i] for i in live], [states[i] for i in live], data, stacked, lr)
+              if live else None)
+    label = (f"L{first.level} {first.label} t{first.trial}" if len(jobs) == 1
+             else f"L{first.level} {len(jobs)} arms from it {first.start_iter}")
+    progress.training_started(label, config.iterations, iteration)
+    next_report, last_loss = t0 + _PROGRESS_INTERVAL_S, math.nan
+    try:
+        while iteration < config.iterations and live:
+            new_lr = arm_lr(config, first, iteration)
+            if new_lr != lr:  # written into the param groups only when the schedule moves
+                lr = new_lr
+                engine.set_lr(lr)
+            losses = engine.step(iteration)
+            if len(live) == len(jobs):
+                loss_sums += losses
+            else:
+                loss_sums[live] += losses.to(torch.float64)
+            iteration += 1
+            loss_count += 1
+            captures = [i for i in live if jobs[i].spec.capture_rewind_at == iteration]
+            if captures:
+                engine.sync_out()
+                for i in captures:
+                    jobs[i].directory.save_rewind(cpu_state(jobs[i].model))
+            now = time.perf_counter()
+            if now >= next_report:
+                progress.step(iteration, last_loss)
+                next_report = now + _PROGRESS_INTERVAL_S
+            if iteration % config.eval_every != 0 and iteration != config.iterations:
+                continue
+            engine.sync_out()
+            sums = loss_sums.tolist()  # the one device-to-host read of the train losses, per evaluation
+            session_s = time.perf_counter() - t0
+            diverged, stopped = [], []
+            for i in live:
+                job, state = jobs[i], states[i]
+                state.iteration, state.loss_sum, state.loss_count = iteration, sums[i], loss_count
+                if not math.isfinite(sums[i]):
+                    spec = job.spec
+                    message = (f"level {spec.level} {spec.label} trial {spec.trial}: loss became {sums[i]} between "
+                               f"iterations {iteration - loss_count} and {iteration} (lr {lr:g}); arm stopped, "
+                               f"state saved in {job.directory.path}")
+                    job.directory.write_metrics(state.metrics)
+                    progress.message(f"fastticket: diverged: {message}")
+                    results[i] = _finish(job, state, prunable, session_s, "diverged", message)
+                    diverged.append(i)
+                    continue
+                val_loss, val_acc = evaluate(job.model, data.val.x, data.val.y)
+                _, test_acc = evaluate(job.model, data.test.x, data.test.y)
+                state.record_evaluation(val_loss, val_acc, test_acc)
+                ckpt = state.state_dict(session_s)
+                if job.hook is not None:
+                    job.hook(job.model, iteration)  # may stop this arm (hook.stopped), after this checkpoint
+                    ckpt["hook"] = job.hook.state_dict()
+                    if job.hook.stopped:
+                        stopped.append(i)
+                job.directory.save_checkpoint(ckpt)
+                job.directory.write_metrics(state.metrics)
+                last_loss = state.metrics[-1]["train_loss"]
+                progress.evaluated(iteration, last_loss, val_acc)
+            loss_sums.zero_()
+            loss_count = 0
+            for i in stopped:
+                results[i] = _finish(jobs[i], states[i], prunable, time.perf_counter() - t0, "ok")
+            if diverged or stopped:
+                live = [i for i in live if i not in diverged and i not in stopped]
+                if live:  # the others carry on: a new engine over the arms left, from their synced state
+                    engine = _engine(config, [jobs[i] for i in live], [states[i] for i in live], data,
+                                     stacked, lr)
+    finally:
+        progress.training_finished()
+    session_s = time.perf_counter() - t0
+    for i in live:
+        jobs[i].directory.write_metrics(states[i].metrics)
+        results[i] = _finish(jobs[i], states[i], prunable, session_s, "ok")
+    return [results[i] for i in range(len(jobs))]
+
+
 def train_arm(config: SearchConfig, spec: ArmSpec, model: nn.Module, data: "DeviceData", directory: ArmDir,
               seed: int, prunable: Sequence[str], progress: Progress,
               hook: Optional[EvalHook] = None) -> Dict[str, Any]:
     """Train one arm from `model`'s current state (or its checkpoint), write its files, return result.json.
     `hook` (e.g. fastticket.early_bird.EarlyBird) runs at every evaluation and may stop the training."""
-    state = ArmState(model, make_optimizer(config, model), spec.start_iter)
-    if directory.has_checkpoint():
-        if not _restore(state, directory, progress, hook):
-            state = ArmState(model, make_optimizer(config, model), spec.start_iter)
-        # metrics.jsonl may hold evaluations after the checkpoint (killed in between): the checkpoint wins.
-        directory.write_metrics(state.metrics)
-    t0 = time.perf_counter()
-
-    def checkpoint() -> Dict[str, Any]:
-        ckpt = state.state_dict(time.perf_counter() - t0)
-        if hook is not None:
-            ckpt["hook"] = hook.state_dict()
-        return ckpt
-
-    def finish(status: str, message: Optional[str] = None) -> Dict[str, Any]:
-        directory.save_final(model.state_dict())
-        total, per_layer = densities(model, prunable)
-        result = {"level": spec.level, "arm": spec.arm, "trial": spec.trial, "density": total,
-                  "layer_density": per_layer, **early_stopping(state.metrics),
-                  "final_test_acc": state.metrics[-1]["test_acc"] if status == "ok" and state.metrics else None,
-                  "final_iter": state.iteration, "wall_time_s": state.wall_time_s + (time.perf_counter() - t0),
-                  "status": status, **spec.result_extra, **(hook.result_fields() if hook is not None else {})}
-        if message:
-            result["message"] = message
-        directory.write_result(result)
-        directory.drop_checkpoint()  # final.pt + result.json are what a finished arm keeps
-        return result
-
-    model.train()
-    optimizer = state.optimizer
-    progress.training_started(f"L{spec.level} {spec.arm} t{spec.trial}", config.iterations, state.iteration)
-    try:
-        while state.iteration < config.iterations and not (hook is not None and hook.stopped):
-            lr = arm_lr(config, spec, state.iteration)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = data.batch(state.iteration, config.batch_size, seed)
-            loss = F.cross_entropy(model(x), y)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                # Stop before a NaN/inf gradient reaches the weights: the saved state is the one that diverged.
-                message = (f"level {spec.level} {spec.arm} trial {spec.trial}: loss became {loss_value} at "
-                           f"iteration {state.iteration} (lr {lr:g}); arm stopped, state saved in {directory.path}")
-                directory.write_metrics(state.metrics)
-                progress.message(f"fastticket: diverged: {message}")
-                return finish("diverged", message)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            state.record_step(loss_value)
-            progress.step(state.iteration, loss_value)
-            if spec.capture_rewind_at is not None and state.iteration == spec.capture_rewind_at:
-                directory.save_rewind(cpu_state(model))
-            if state.iteration % config.eval_every == 0 or state.iteration == config.iterations:
-                val_loss, val_acc = evaluate(model, data.val.x, data.val.y)
-                _, test_acc = evaluate(model, data.test.x, data.test.y)
-                state.record_evaluation(val_loss, val_acc, test_acc)
-                if hook is not None:
-                    hook(model, state.iteration)  # may stop the loop (hook.stopped), after this checkpoint
-                directory.save_checkpoint(checkpoint())
-                directory.write_metrics(state.metrics)
-                progress.evaluated(state.iteration, loss_value, val_acc)
-    finally:
-        progress.training_finished()
-    directory.write_metrics(state.metrics)
-    return finish("ok")
+    return train_arms(config, [ArmJob(spec, model, directory, seed, hook)], data, prunable, progress,
+                      stacked=False)[0]

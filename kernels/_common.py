@@ -66,12 +66,19 @@ def device_guard(t: torch.Tensor):
 
 
 class _MaskGradient(torch.autograd.Function):
-    """Identity on the weight; multiplies the weight's gradient by the mask."""
+    """Identity on the weight; multiplies the weight's gradient by the mask. Written in the setup_context
+    form with a generated vmap rule, so a stacked group of arms (fastticket.batched: vmap over per-arm
+    weights and masks) masks each arm's gradient by its own mask."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(mask)
+    def forward(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return weight.view_as(weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -82,7 +89,9 @@ class _MaskGradient(torch.autograd.Function):
 def mask_gradient(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`weight` unchanged in the forward pass; its gradient arrives multiplied by `mask`. The dense (vendor
     op) paths use it: exact under the zero invariant, with no optimizer able to revive a pruned weight."""
-    if torch.is_grad_enabled() and weight.requires_grad:
+    # Not `weight.requires_grad`: inside vmap (fastticket.batched) the per-arm weight is a wrapper that reports
+    # False even though the stacked weight it views needs a gradient.
+    if torch.is_grad_enabled():
         return _MaskGradient.apply(weight, mask)
     return weight
 

@@ -1,0 +1,172 @@
+"""A group of K arms trained as one stacked model (the batched path of fastticket.train.train_arms).
+
+Mechanism: torch.func. The arms' parameters and buffers (BatchNorm running statistics and the weight masks
+included) are stacked along a new leading arm dimension (`stack_module_state`), and one `vmap` of
+`functional_call(base model)` runs the K forward passes as one: K LeNets become batched matrix products,
+K conv nets batched convolutions. It needs nothing from the model beyond being an nn.Module, so every model
+the search builds (linear and conv nets, ResNet-20 with BatchNorm, torchvision models) takes the same path;
+a model vmap cannot run would fail at its first step (none of the built-in ones does; the tests run LeNet,
+Conv-2 and ResNet-20). Masked layers keep the invariant inside vmap: the layer's gradient mask
+(`mask_gradient`, a custom autograd Function with a generated vmap rule) multiplies each arm's weight
+gradient by that arm's own mask, and the masked optimizer steps the stacked tensors with the stacked masks
+(the update is elementwise, so one arm's slice gets exactly the update it would get alone), writing pruned
+entries as exact zeros in every arm.
+
+The arms of a group share the iteration and the start iteration (fastticket.train groups them that way), so
+the lr and the optimizer's step count are shared; each arm keeps its own batch stream (batches are drawn once
+per trial and stacked to x[K, B, ...]). The per-arm models and optimizers stay the arms' canonical state:
+`sync_out` copies the stacked tensors back into them before every evaluation and checkpoint, so the files
+each arm writes are exactly those of an arm trained alone.
+
+Backend: the stacked step runs the PyTorch implementations (vmap cannot batch the Triton launches); the
+grouped Triton launch (the arm as a grid dimension) is not built.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from fastticket.backend import use_backend
+from fastticket.config import SearchConfig
+from fastticket.train import ArmJob, ArmState, make_optimizer
+
+if TYPE_CHECKING:
+    from fastticket.data import DeviceData
+
+
+class StackedEngine:
+    """K arms (same model architecture, same iteration and start iteration) as one stacked model."""
+
+    def __init__(self, config: SearchConfig, jobs: Sequence[ArmJob], states: Sequence[ArmState],
+                 data: "DeviceData") -> None:
+        self.config, self.jobs, self.states, self.data = config, list(jobs), list(states), data
+        self.k = len(jobs)
+        models = [s.model for s in states]
+        self.base = models[0]  # functional_call swaps the stacked tensors in for the call only
+        params, self.buffers = stack_module_state(models)
+        self.names = list(params)
+        self.params = [params[n] for n in self.names]
+        arm_params = [dict(m.named_parameters()) for m in models]
+        arm_masks = [[s.optimizer.mask_for(arm_params[a][n]) for n in self.names]  # type: ignore[attr-defined]
+                     for a, s in enumerate(states)]
+        masks: List[Optional[torch.Tensor]] = []
+        for i in range(len(self.names)):
+            per_arm = [arm_masks[a][i] for a in range(self.k)]
+            masks.append(None if per_arm[0] is None else torch.stack(per_arm))
+        self.optimizer = make_optimizer(config, self.params, masks=masks)
+        self.optimizer.param_groups[0]["lr"] = states[0].optimizer.param_groups[0]["lr"]
+        self._load_optimizer_state(arm_params)
+        # Batches: one draw per trial stream, then gathered to [K, B, ...].
+        seeds = [job.seed for job in jobs]
+        self.unique_seeds = list(dict.fromkeys(seeds))
+        self.gather = torch.tensor([self.unique_seeds.index(s) for s in seeds], device=data.device)
+
+        def forward(p: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.base, (p, b), (x,))
+
+        self.forward = vmap(forward, in_dims=(0, 0, 0))
+
+    # ------------------------------------------------------------------ optimizer state in and out
+    def _load_optimizer_state(self, arm_params: List[Dict[str, torch.Tensor]]) -> None:
+        for i, name in enumerate(self.names):
+            per_arm = [self.states[a].optimizer.state.get(arm_params[a][name], {}) for a in range(self.k)]
+            if not per_arm[0]:
+                continue
+            stacked = {}
+            for key, value in per_arm[0].items():
+                if key == "step" or not torch.is_tensor(value) or value.shape != arm_params[0][name].shape:
+                    stacked[key] = value.clone() if torch.is_tensor(value) else value  # shared: same step count
+                else:
+                    stacked[key] = torch.stack([s[key] for s in per_arm])
+            self.optimizer.state[self.params[i]] = stacked
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self, iteration: int) -> torch.Tensor:
+        """One training step of every arm; returns the arms' losses [K] on the device (no sync)."""
+        batches = [self.data.batch(iteration, self.config.batch_size, s) for s in self.unique_seeds]
+        if len(batches) == 1:
+            x = batches[0][0].unsqueeze(0).expand(self.k, *batches[0][0].shape)
+            y = batches[0][1].unsqueeze(0).expand(self.k, *batches[0][1].shape)
+        else:
+            x = torch.stack([b[0] for b in batches]).index_select(0, self.gather)
+            y = torch.stack([b[1] for b in batches]).index_select(0, self.gather)
+        with use_backend("torch"):
+            params = dict(zip(self.names, self.params))
+            out = self.forward(params, self.buffers, x)  # [K, B, classes]
+            losses = F.cross_entropy(out.flatten(0, 1), y.reshape(-1), reduction="none").view(self.k, -1).mean(1)
+            self.optimizer.zero_grad(set_to_none=True)
+            # The arms' parameters are disjoint, so the gradient of the sum is each arm's own gradient.
+            losses.sum().backward()
+            self.optimizer.step()
+        return losses.detach()
+
+    @torch.no_grad()
+    def sync_out(self) -> None:
+        """Copy each arm's slice of the stacked parameters, buffers and optimizer state into its own model
+        and optimizer (what its checkpoint and evaluation read)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        for a, state in enumerate(self.states):
+            arm_params = dict(state.model.named_parameters())
+            for i, name in enumerate(self.names):
+                arm_params[name].copy_(self.params[i][a])
+                stacked = self.optimizer.state.get(self.params[i])
+                if stacked:
+                    state.optimizer.state[arm_params[name]] = {
+                        key: (value[a].clone() if torch.is_tensor(value) and key != "step"
+                              and value.dim() > 0 and value.shape[0] == self.k
+                              and value.shape[1:] == arm_params[name].shape
+                              else (value.clone() if torch.is_tensor(value) else value))
+                        for key, value in stacked.items()}
+            for name, buf in state.model.named_buffers():
+                buf.copy_(self.buffers[name][a])
+            for group in state.optimizer.param_groups:
+                group["lr"] = lr
+
+
+# ------------------------------------------------------------------------------ group sizing
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 34
+
+
+def arm_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """An estimate of one arm's training memory: parameters x 4 (weights, gradients, two optimizer moments),
+    buffers, and the activations of one batch x 3 (kept for backward, their gradients, workspace)."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) * 4
+    size += sum(b.numel() * b.element_size() for b in model.buffers())
+    acts = [0]
+
+    def hook(module: nn.Module, inputs, output) -> None:
+        if torch.is_tensor(output):
+            acts[0] += output.numel() * output.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad(), use_backend("torch"):
+            was = model.training
+            model.eval()
+            model(x)
+            model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    return size + 3 * acts[0]
+
+
+def group_size(model: nn.Module, x: torch.Tensor, device: torch.device, fraction: float = 0.6) -> int:
+    """How many arms fit in `fraction` of the device's free memory at once (at least 1)."""
+    return max(1, int(_available_bytes(device) * fraction) // max(1, arm_bytes(model, x)))
