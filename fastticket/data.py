@@ -96,7 +96,7 @@ class DeviceData:
             # see the same examples in the same order.
             g = torch.Generator().manual_seed(_seed_of(seed, _PERM_STREAM, epoch))
             perm = torch.randperm(len(self.train), generator=g).to(self.device)
-            if len(self._perms) >= 4:
+            if len(self._perms) >= 32:  # a few epochs of every trial's stream (batched arms draw them all)
                 self._perms.pop(next(iter(self._perms)))
             self._perms[key] = perm
         return perm
