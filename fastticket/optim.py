@@ -9,12 +9,14 @@ torch.optim's keys ('step', 'momentum_buffer', 'exp_avg', 'exp_avg_sq', 'max_exp
 LR schedulers work as with torch.optim, and state dicts are interchangeable with torch.optim's.
 
 Backend (fastticket.backend.resolve_backend of the parameter's device): "triton" runs the fused multi-tensor
-kernels of fastticket.kernels.masked_optim, "torch" steps each tensor with the per-tensor PyTorch reference
-kept beside those kernels (one copy of each formula; the tests check the kernels against it in float64).
+kernels of fastticket.kernels.masked_optim, "torch" runs the formulas of the per-tensor PyTorch reference
+kept beside those kernels as multi-tensor torch._foreach_* passes, one per formula over a group's tensors
+(the tests check both against the reference in float64).
 Rewinding and optimizer-state resets live in fastticket.rewind.
 """
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -176,15 +178,42 @@ class _MaskedOptimizer(Optimizer):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _fill_pruned_(tensors: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]) -> None:
+    """Exact zeros on every pruned entry (NaN/inf included): in place, per tensor (there is no foreach
+    masked_fill)."""
+    for t, m in zip(tensors, masks):
+        if m is not None:
+            t.masked_fill_(~m, 0.0)
+
+
 def _sgd_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                     masks: Sequence[Optional[torch.Tensor]], momentum_buffers: List[Optional[torch.Tensor]], *,
                     lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float,
                     maximize: bool) -> None:
-    """Masked SGD over a list of tensors (fills `momentum_buffers` in place on the first step)."""
-    for i, (p, g, m) in enumerate(zip(params, grads, masks)):
-        momentum_buffers[i] = masked_optim.sgd_reference_(p, g, m, momentum_buffers[i], lr=lr, momentum=momentum,
-                                                          dampening=dampening, nesterov=nesterov,
-                                                          weight_decay=weight_decay, maximize=maximize)
+    """Masked SGD over a list of tensors (fills `momentum_buffers` in place on the first step).
+
+    Multi-tensor: each formula of masked_optim.sgd_reference_ runs once over all tensors (torch._foreach_*).
+    The direction is not masked before use: every entry is computed independently, so a live entry gets the
+    reference's value and the pruned entries of the buffer and the weight are then overwritten with exact
+    zeros, which is what the reference leaves there too."""
+    params, masks = list(params), list(masks)
+    d = torch._foreach_neg(list(grads)) if maximize else list(grads)
+    if weight_decay != 0:
+        d = torch._foreach_add(d, params, alpha=weight_decay)
+    if momentum != 0:
+        fresh = [i for i, b in enumerate(momentum_buffers) if b is None]
+        old = [i for i, b in enumerate(momentum_buffers) if b is not None]
+        for i in fresh:
+            momentum_buffers[i] = torch.clone(d[i]).detach()
+        if old:
+            bufs = [momentum_buffers[i] for i in old]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, [d[i] for i in old], alpha=1 - dampening)
+        bufs = list(momentum_buffers)
+        _fill_pruned_(bufs, masks)
+        d = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
+    torch._foreach_add_(params, d, alpha=-lr)
+    _fill_pruned_(params, masks)
 
 
 def _adam_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -192,11 +221,42 @@ def _adam_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
                      exp_avg_sqs: Sequence[torch.Tensor], max_exp_avg_sqs: Sequence[Optional[torch.Tensor]],
                      steps: Sequence[int], *, lr: float, beta1: float, beta2: float, eps: float,
                      weight_decay: float, amsgrad: bool, maximize: bool, decoupled: bool) -> None:
-    """Masked Adam/AdamW over a list of tensors (`steps[i]`: tensor i's step count, already incremented)."""
-    for p, g, m, ea, eas, mx, s in zip(params, grads, masks, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
-        masked_optim.adam_reference_(p, g, m, ea, eas, mx, step=s, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                     weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                                     decoupled=decoupled)
+    """Masked Adam/AdamW over a list of tensors (`steps[i]`: tensor i's step count, already incremented).
+
+    Multi-tensor, one pass per formula of masked_optim.adam_reference_ over the tensors sharing a step count
+    (normally all of them); pruned entries of the weight and the moments end as exact zeros, as in the
+    reference (see _sgd_step_torch for why the direction need not be masked first)."""
+    buckets: Dict[int, List[int]] = {}
+    for i, step in enumerate(steps):
+        buckets.setdefault(int(step), []).append(i)
+    for step, idx in buckets.items():
+        p = [params[i] for i in idx]
+        m = [masks[i] for i in idx]
+        ea, eas = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
+        d = [grads[i] for i in idx]
+        if maximize:
+            d = torch._foreach_neg(d)
+        if weight_decay != 0:
+            if decoupled:
+                torch._foreach_mul_(p, 1 - lr * weight_decay)
+            else:
+                d = torch._foreach_add(d, p, alpha=weight_decay)
+        torch._foreach_lerp_(ea, d, 1 - beta1)
+        torch._foreach_mul_(eas, beta2)
+        torch._foreach_addcmul_(eas, d, d, value=1 - beta2)
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+        if amsgrad:
+            mx = [max_exp_avg_sqs[i] for i in idx]
+            torch._foreach_maximum_(mx, eas)
+            denom = torch._foreach_sqrt(mx)
+        else:
+            denom = torch._foreach_sqrt(eas)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p, ea, denom, value=-lr / bias_correction1)
+        for group in (p, ea, eas) + ((mx,) if amsgrad else ()):
+            _fill_pruned_(group, m)
 
 
 class MaskedSGD(_MaskedOptimizer):

@@ -362,3 +362,43 @@ print("compiled")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU every other test compiles the kernels for real")
 def test_kernels_compile_for_sm90_without_a_gpu(compile_for_sm90):
     compile_for_sm90(_GPU_COMPILE_BODY)
+
+
+@pytest.mark.parametrize("cls,kw", [(MaskedSGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)),
+                                    (MaskedSGD, dict(lr=0.1, momentum=0.9, dampening=0.1, maximize=True)),
+                                    (MaskedAdam, dict(lr=1e-2, weight_decay=1e-2, amsgrad=True)),
+                                    (MaskedAdamW, dict(lr=1e-2, maximize=True))])
+def test_torch_backend_is_multi_tensor_and_equals_the_per_tensor_reference(monkeypatch, cls, kw) -> None:
+    """The torch backend's step runs the reference's formulas over all tensors at once (never the per-tensor
+    reference in a loop) and gives its float64 numbers to rounding, pruned entries exact zeros."""
+    params64, masks, grads = _problem(seed=11)
+    ours = [p.clone().requires_grad_() for p in params64]
+    ref = [p.clone() for p in params64]
+    opt = cls(ours, masks=masks, **kw)
+    sgd = cls is MaskedSGD
+    bufs = [None] * len(ref)
+    moments = [(torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)) for p in ref]
+    reference = masked_optim.sgd_reference_ if sgd else masked_optim.adam_reference_
+    calls = []
+    monkeypatch.setattr(masked_optim, "sgd_reference_" if sgd else "adam_reference_",
+                        lambda *a, **k: calls.append(1) or reference(*a, **k))
+    hp = {k: v for k, v in opt.defaults.items() if k in ("lr", "momentum", "dampening", "nesterov", "weight_decay",
+                                                          "maximize", "eps", "amsgrad")}
+    with use_backend("torch"):
+        for t in range(5):
+            for q, m, g in zip(ours, masks, grads[t]):
+                q.grad = g if m is None else g.masked_fill(~m, float("nan"))
+            opt.step()
+            assert not calls, "the torch backend stepped tensor by tensor"
+            for i, (p, m, g) in enumerate(zip(ref, masks, grads[t])):
+                if sgd:
+                    bufs[i] = reference(p, g, m, bufs[i], **hp)
+                else:
+                    beta1, beta2 = opt.defaults["betas"]
+                    reference(p, g, m, *moments[i], step=t + 1, beta1=beta1, beta2=beta2,
+                              decoupled=opt.defaults["decoupled_weight_decay"], **hp)
+            for q, p, m in zip(ours, ref, masks):
+                # foreach's add-with-alpha may fuse a multiply-add the reference rounds twice: float64 rounding
+                torch.testing.assert_close(q.detach(), p, rtol=1e-12, atol=1e-14)
+                if m is not None:
+                    assert bool((q[~m] == 0).all())
