@@ -6,11 +6,13 @@ included) are stacked along a new leading arm dimension (`stack_module_state`), 
 K conv nets batched convolutions. It needs nothing from the model beyond being an nn.Module, so every model
 the search builds (linear and conv nets, ResNet-20 with BatchNorm, torchvision models) takes the same path;
 a model vmap cannot run would fail at its first step (none of the built-in ones does; the tests run LeNet,
-Conv-2 and ResNet-20). Masked layers keep the invariant inside vmap: the layer's gradient mask
-(`mask_gradient`, a custom autograd Function with a generated vmap rule) multiplies each arm's weight
-gradient by that arm's own mask, and the masked optimizer steps the stacked tensors with the stacked masks
-(the update is elementwise, so one arm's slice gets exactly the update it would get alone), writing pruned
-entries as exact zeros in every arm.
+Conv-2 and ResNet-20). Masked layers keep the invariant: the masked optimizer steps the stacked tensors
+with the stacked masks given explicitly (the update is elementwise, so one arm's slice gets exactly the
+update it would get alone) and writes pruned entries of weights and optimizer state as exact zeros in every
+arm. The layers' own gradient mask (`mask_gradient`) is switched off for the stacked step
+(`functional.gradient_masked_by_optimizer`): the optimizer's zeroing already makes it redundant, and inside
+vmap it would run as the slow masked_fill. (It still works under vmap, a custom Function with a generated
+vmap rule, for anyone calling a masked layer in vmap directly.)
 
 The arms of a group share the iteration and the start iteration (fastticket.train groups them that way), so
 the lr and the optimizer's step count are shared; each arm keeps its own batch stream (batches are drawn once
@@ -33,6 +35,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from fastticket.backend import use_backend
 from fastticket.config import SearchConfig
+from fastticket.functional import gradient_masked_by_optimizer
 from fastticket.train import ArmJob, ArmState, make_optimizer
 
 if TYPE_CHECKING:
@@ -98,7 +101,7 @@ class StackedEngine:
         else:
             x = torch.stack([b[0] for b in batches]).index_select(0, self.gather)
             y = torch.stack([b[1] for b in batches]).index_select(0, self.gather)
-        with use_backend("torch"):
+        with use_backend("torch"), gradient_masked_by_optimizer():
             params = dict(zip(self.names, self.params))
             out = self.forward(params, self.buffers, x)  # [K, B, classes]
             losses = F.cross_entropy(out.flatten(0, 1), y.reshape(-1), reduction="none").view(self.k, -1).mean(1)

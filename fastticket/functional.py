@@ -7,7 +7,8 @@ cuDNN and tile skipping from the layer's live-tile fraction.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,25 @@ __all__ = ["masked_linear", "masked_conv2d", "mask_gradient"]
 
 TileMapProvider = Callable[[int, int], TileMap]
 
+# Set by fastticket.batched while a stacked group steps: its optimizer holds every weight's mask explicitly and
+# zeroes pruned entries of weights and state after each step (the update is elementwise, so a live entry never
+# sees a pruned one), so the per-layer gradient mask would only repeat that work inside vmap.
+_grad_mask_in_optimizer = False
+
+
+@contextlib.contextmanager
+def gradient_masked_by_optimizer() -> Iterator[None]:
+    global _grad_mask_in_optimizer
+    previous, _grad_mask_in_optimizer = _grad_mask_in_optimizer, True
+    try:
+        yield
+    finally:
+        _grad_mask_in_optimizer = previous
+
+
+def _grad_masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return weight if _grad_mask_in_optimizer else mask_gradient(weight, mask)
+
 
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tensor,
                   tile_maps: TileMapProvider, fused_update=None) -> torch.Tensor:
@@ -28,7 +48,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tenso
         from fastticket.kernels.masked_linear import masked_linear as triton_masked_linear
 
         return triton_masked_linear(x, weight, bias, mask, tile_maps, fused_update)
-    return F.linear(x, mask_gradient(weight, mask), bias)
+    return F.linear(x, _grad_masked(weight, mask), bias)
 
 
 def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tensor, tile_maps: TileMapProvider,
@@ -37,4 +57,4 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tenso
         from fastticket.kernels.masked_conv2d import masked_conv2d as triton_masked_conv2d
 
         return triton_masked_conv2d(x, weight, bias, mask, tile_maps, stride, padding, dilation, groups)
-    return F.conv2d(x, mask_gradient(weight, mask), bias, stride, padding, dilation, groups)
+    return F.conv2d(x, _grad_masked(weight, mask), bias, stride, padding, dilation, groups)

@@ -29,6 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from fastticket import _mask_registry, fused_update
 from fastticket.backend import indices_by_backend
 from fastticket.kernels import masked_optim
+from fastticket.kernels._common import zero_pruned_
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]]]
 
@@ -180,10 +181,10 @@ class _MaskedOptimizer(Optimizer):
 
 def _fill_pruned_(tensors: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]) -> None:
     """Exact zeros on every pruned entry (NaN/inf included): in place, per tensor (there is no foreach
-    masked_fill)."""
+    masked_fill; zero_pruned_ is a bitwise AND, much cheaper than masked_fill_ on CPU)."""
     for t, m in zip(tensors, masks):
         if m is not None:
-            t.masked_fill_(~m, 0.0)
+            zero_pruned_(t, m)
 
 
 def _sgd_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
