@@ -1,0 +1,24 @@
+"""The `search` bench suite: registered, CPU-timed rows with parity, on tiny settings (speed is never
+asserted here; `fastticket bench --suite search` measures it)."""
+import pytest
+import torch
+
+from fastticket import bench
+from fastticket.bench import search as search_bench
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_search_suite_times_one_arm_and_batched_arms_on_cpu(monkeypatch):
+    monkeypatch.setattr(search_bench, "ARMS", 2)
+    monkeypatch.setattr(search_bench, "BATCH", 8)
+    assert bench.SUITES["search"] is search_bench.search_suite and "search" in bench.KNOWN_SUITES
+    device = torch.device("cpu")
+    data = search_bench._synthetic((1, 28, 28), 64, device)
+    one = search_bench._one_arm("lenet300", data, device, steps=2, repeats=1)
+    k = search_bench._k_arms("lenet300", data, device, steps=2, repeats=1)
+    for row in (one, k):
+        assert row.suite == "search" and all(t > 0 for t in row.times_ms.values()) and len(row.times_ms) == 2
+        assert "summary" in row.extra
+    assert one.parity == 0.0  # same weights, same batch: the masked arm and the plain model agree exactly
+    assert k.parity < 1e-5    # first-step losses, batched vs one at a time (fp32 rounding)
