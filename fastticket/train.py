@@ -357,7 +357,7 @@ def _train_group(config: SearchConfig, jobs: List[ArmJob], states: List[ArmState
         results[i] = _finish(jobs[i], states[i], prunable, session_s, "ok")
         live.remove(i)
     first = jobs[0].spec
-    lr = arm_lr(config, first, iteration) if iteration < config.iterations else None
+    lr: Optional[float] = None  # set by the first step (the lr is asked for once per step, never more)
     engine = (_engine(config, [jobs[i] for i in live], [states[i] for i in live], data, stacked, lr)
               if live else None)
     label = (f"L{first.level} {first.label} t{first.trial}" if len(jobs) == 1

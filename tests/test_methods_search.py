@@ -36,19 +36,22 @@ def load(run, level, arm, name):
 def spy(monkeypatch):
     """Records the lr of every step ((level, arm) -> [(iteration, lr)]) and each arm's starting weights."""
     lrs, starts = {}, {}
-    real_lr, real_train = train_mod.arm_lr, search_mod.train_arm
+    real_lr, real_train = train_mod.arm_lr, search_mod.train_arms
 
     def arm_lr(config, spec, iteration):
+        # The training loop asks once per step for a group of arms sharing their start and lr rule (these
+        # tests train the ticket alone), with the group's first arm.
         value = real_lr(config, spec, iteration)
         lrs.setdefault((spec.level, spec.arm), []).append((iteration, value))
         return value
 
-    def train_arm(config, spec, model, *args, **kwargs):
-        starts[(spec.level, spec.arm)] = cpu_state(model)
-        return real_train(config, spec, model, *args, **kwargs)
+    def train_arms(config, jobs, *args, **kwargs):
+        for job in jobs:
+            starts[(job.spec.level, job.spec.arm)] = cpu_state(job.model)
+        return real_train(config, jobs, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "arm_lr", arm_lr)
-    monkeypatch.setattr(search_mod, "train_arm", train_arm)
+    monkeypatch.setattr(search_mod, "train_arms", train_arms)
     return lrs, starts
 
 
