@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 __all__ = ["interpreter_active", "dot_input_precision", "sm_count", "next_power_of_2", "device_guard",
-           "mask_gradient", "live_bucket"]
+           "mask_gradient", "live_bucket", "tf32_enabled", "tf32_set"]
 
 
 def interpreter_active() -> bool:
@@ -25,29 +25,73 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _tf32_flag(library: str) -> bool:
+def _precision_node(library: str):
+    """torch's precision switch of the vendor library a kernel stands in for (cuBLAS matmul, cuDNN conv)."""
     if library == "matmul":
-        return torch.backends.cuda.matmul.allow_tf32
+        return torch.backends.cuda.matmul, torch.backends.cuda.matmul
     if library == "cudnn":
-        return torch.backends.cudnn.allow_tf32
+        # New API (torch >= 2.9): per operator, cudnn.conv; legacy: the one cudnn.allow_tf32.
+        return getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn
     raise ValueError(f"library must be 'matmul' or 'cudnn', got {library!r}")
+
+
+def tf32_enabled(library: str) -> bool:
+    """Whether torch lets `library` ("matmul": cuBLAS, "cudnn": cuDNN conv) compute fp32 products in TF32.
+
+    Read through the new precision API (`...fp32_precision`, torch >= 2.9) where it exists: once a user has
+    set it (`torch.backends.fp32_precision = "tf32"`), reading the legacy `allow_tf32` raises RuntimeError
+    ("mix of the legacy and new APIs"). "none" means the new API was never set: the legacy flag decides."""
+    node, legacy = _precision_node(library)
+    precision = getattr(node, "fp32_precision", None)
+    if precision == "tf32":
+        return True
+    if precision == "ieee":
+        return False
+    try:
+        return bool(legacy.allow_tf32)
+    except RuntimeError:  # mixed settings torch itself refuses to interpret: the exact (IEEE) reading
+        return False
+
+
+@contextlib.contextmanager
+def tf32_set(library: str, enabled: bool):
+    """Within the block, `library` computes fp32 products in TF32 (`enabled`) or IEEE fp32; the previous
+    setting comes back after. Writes through the API `tf32_enabled` reads (benchmarks time both modes)."""
+    node, legacy = _precision_node(library)
+    if getattr(node, "fp32_precision", None) is not None:
+        old = node.fp32_precision
+        node.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            node.fp32_precision = old
+        return
+    old = legacy.allow_tf32
+    legacy.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        legacy.allow_tf32 = old
 
 
 def dot_input_precision(dtype: torch.dtype, library: str) -> Optional[str]:
     """`input_precision` for tl.dot on operands of `dtype`, read from torch's TF32 switch at launch time.
 
-    fp32 operands follow the flag of the vendor library the kernel stands in for, so the kernel and the
-    dense path it replaces round the same way: `library="matmul"` reads torch.backends.cuda.matmul.allow_tf32
-    (cuBLAS; the linear kernels), `library="cudnn"` reads torch.backends.cudnn.allow_tf32 (the conv kernels).
-    "tf32" when the flag is set, "ieee" otherwise. 16-bit operands get None, Triton's default (tensor cores
+    fp32 operands follow the switch of the vendor library the kernel stands in for (`tf32_enabled`), so the
+    kernel and the dense path it replaces round the same way: `library="matmul"` for cuBLAS (the linear
+    kernels), `library="cudnn"` for cuDNN convolutions (the conv kernels). "tf32" when TF32 is allowed,
+    "ieee" otherwise. 16-bit operands get None without reading any switch, Triton's default (tensor cores
     compute their products exactly; on CUDA the default is "tf32", and naming it would be rejected by
     backends that do not list it, e.g. AMD). The interpreter computes in fp32 regardless, so it always
     gets "ieee" for fp32.
     """
-    allow_tf32 = _tf32_flag(library)
     if dtype != torch.float32:
         return None
-    return "tf32" if allow_tf32 and not interpreter_active() else "ieee"
+    if library not in ("matmul", "cudnn"):
+        raise ValueError(f"library must be 'matmul' or 'cudnn', got {library!r}")
+    if interpreter_active():
+        return "ieee"
+    return "tf32" if tf32_enabled(library) else "ieee"
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,7 +15,9 @@ This file holds the kernel, its launcher and the float64 reference. The wiring i
 MaskedSGD lives in fastticket/fused_update.py: enabling (`fastticket.optim.enable_fused_dw_update`) sets
 each MaskedLinear's `fused_update`; the layer's backward (kernels/masked_linear.py) computes dX with the
 old weight, then calls `fused_update(dY_2d, X_2d)` and returns no weight gradient, so `optimizer.step()`
-skips the weight (grad None) and steps the rest.
+skips the weight (grad None) and steps the rest. Only on layers that run the tile-skipping kernels: a layer
+the dispatch sends to cuBLAS keeps cuBLAS's dW (masked) and the optimizer's step, which is faster there than
+any per-tile kernel.
 
 Checked by fastticket/fused_update.py before enabling (otherwise a one-line warning and the unfused path):
 - the optimizer is a MaskedSGD, every MaskedLinear weight is in it, in exactly one MaskedLinear;
@@ -64,8 +66,9 @@ def _dw_sgd_kernel(
     offs = offs_n[:, None] * K + offs_k[None, :]
     keep = tl.load(mask_ptr + offs, mask=tile_ok, other=0) != 0
     w = tl.load(w_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
-    # The dW tile is rounded to the weight dtype first, as the unfused path stores it before stepping.
-    g = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+    # The dW tile is rounded to the activation dtype first: the unfused path stores dW in that dtype (and
+    # autograd's cast hands it to an fp32 master weight under autocast) before stepping.
+    g = acc.to(dy_ptr.dtype.element_ty).to(tl.float32)
     buf = g  # placeholder: without momentum, or on the first step (whose buffer is the gradient itself)
     if HAS_MOMENTUM and not FIRST:
         buf = tl.load(buf_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
@@ -80,7 +83,11 @@ def linear_dw_sgd_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
                    tile_map: TileMap, momentum_buffer: Optional[torch.Tensor], *, lr: float, momentum: float,
                    dampening: float, nesterov: bool, weight_decay: float, maximize: bool) -> Optional[torch.Tensor]:
     """Fused `dW = (dY^T X) * mask` + masked SGD step on `weight` in place; returns the momentum buffer
-    (allocated, zeroed, on the first step). grad_out [M, N], x [M, K], weight / mask [N, K] contiguous."""
+    (allocated, zeroed, on the first step). grad_out [M, N], x [M, K], weight / mask [N, K] contiguous.
+
+    dW is computed in the activation dtype (x's; grad_out is cast to it): bf16 / fp16 activations of an fp32
+    master weight (autocast) stay 16-bit on the tensor cores, as the unfused dW kernel computes them; only
+    the update itself runs in fp32 on the weight's dtype."""
     m, n = grad_out.shape
     k = x.shape[1]
     if tuple(weight.shape) != (n, k) or tuple(tile_map.shape) != (n, k):
@@ -93,8 +100,8 @@ def linear_dw_sgd_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
         momentum_buffer = torch.zeros_like(weight)  # dead tiles are never written: they must hold zeros
     if tile_map.n_live == 0:
         return momentum_buffer if momentum != 0 else None
-    grad_out = grad_out.to(weight.dtype)
-    x = x.to(weight.dtype)
+    if grad_out.dtype != x.dtype:
+        grad_out = grad_out.to(x.dtype)
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     bn, bk = tile_map.block
     meta = _CUDA_META if weight.device.type == "cuda" else _INTERPRETER_META
@@ -115,8 +122,11 @@ def linear_dw_sgd_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 def linear_dw_sgd_reference_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
                              momentum_buffer: Optional[torch.Tensor], *, lr: float, momentum: float,
                              dampening: float, nesterov: bool, weight_decay: float,
-                             maximize: bool) -> Optional[torch.Tensor]:
-    """The same step unfused, in the weight's dtype (pass float64 tensors for a float64 reference)."""
+                             maximize: bool, dw_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    """The same step unfused, in the weight's dtype (pass float64 tensors for a float64 reference).
+    `dw_dtype` rounds dW to the activation dtype first, as the kernel does (None: no rounding)."""
     dw = (grad_out.to(weight.dtype).t() @ x.to(weight.dtype)) * mask
+    if dw_dtype is not None:
+        dw = dw.to(dw_dtype).to(weight.dtype)
     return sgd_reference_(weight, dw, mask, momentum_buffer, lr=lr, momentum=momentum, dampening=dampening,
                           nesterov=nesterov, weight_decay=weight_decay, maximize=maximize)

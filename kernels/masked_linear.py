@@ -612,7 +612,8 @@ class MaskedLinearFunction(torch.autograd.Function):
             acc_dtype = torch.float32 if g2.dtype in (torch.float16, torch.bfloat16) else g2.dtype
             grad_b = g2.sum(0, dtype=acc_dtype).to(g2.dtype)
         if need_w:
-            if ctx.fused_update is not None:
+            if ctx.fused_update is not None and ctx.skipping:
+                # Fused only where tiles are skipped: a dense-dispatched layer keeps cuBLAS's dW below.
                 ctx.fused_update(g2, x2)
                 grad_w = None
             elif ctx.skipping:

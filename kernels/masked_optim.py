@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fastticket.kernels._common import device_guard
 from fastticket.kernels._multi_tensor import (DEFAULT_TILE, FLAG_MASK, FLAG_TILE, HAS_TRITON, TensorTable,
                                               kernel_supported, pointer_type, tl_dtype)
 from fastticket.kernels.tile_map import TileMapCache
@@ -348,10 +349,12 @@ def sgd_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         addr, meta, chunks, n_chunks = table.build()
         if n_chunks == 0:
             continue
-        kernel[(n_chunks,)](addr, meta, chunks, float(lr), float(momentum), float(dampening), float(weight_decay),
-                            DTYPE=tl_dtype(dtype), PTR_TY=pointer_type(dtype), COMPUTE=_compute_dtype(dtype), BN=block[0], BK=block[1],
-                            ALIGNED=table.aligned, HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov),
-                            MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, num_warps=_num_warps(block))
+        with device_guard(params[idx[0]]):  # Triton launches on the current device, not the tensors'
+            kernel[(n_chunks,)](addr, meta, chunks, float(lr), float(momentum), float(dampening),
+                                float(weight_decay), DTYPE=tl_dtype(dtype), PTR_TY=pointer_type(dtype),
+                                COMPUTE=_compute_dtype(dtype), BN=block[0], BK=block[1], ALIGNED=table.aligned,
+                                HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+                                HAS_WD=weight_decay != 0, num_warps=_num_warps(block))
 
 
 def adam_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
@@ -388,8 +391,10 @@ def adam_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ma
             continue
         bias_correction1 = 1 - beta1 ** step
         bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
-        kernel[(n_chunks,)](addr, meta, chunks, float(lr), float(beta1), float(beta2), float(eps),
-                            float(weight_decay), float(lr / bias_correction1), float(1.0 / bias_correction2_sqrt),
-                            DTYPE=tl_dtype(dtype), PTR_TY=pointer_type(dtype), COMPUTE=_compute_dtype(dtype), BN=block[0], BK=block[1],
-                            ALIGNED=table.aligned, AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
-                            HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled), num_warps=_num_warps(block))
+        with device_guard(params[idx[0]]):
+            kernel[(n_chunks,)](addr, meta, chunks, float(lr), float(beta1), float(beta2), float(eps),
+                                float(weight_decay), float(lr / bias_correction1), float(1.0 / bias_correction2_sqrt),
+                                DTYPE=tl_dtype(dtype), PTR_TY=pointer_type(dtype), COMPUTE=_compute_dtype(dtype),
+                                BN=block[0], BK=block[1], ALIGNED=table.aligned, AMSGRAD=bool(amsgrad),
+                                MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled),
+                                num_warps=_num_warps(block))

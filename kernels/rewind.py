@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from fastticket.kernels._common import device_guard
 from fastticket.kernels._multi_tensor import (DEFAULT_TILE, FLAG_MASK, HAS_TRITON, TensorTable, kernel_supported,
                                               pointer_type)
 
@@ -98,7 +99,9 @@ def rewind_and_zero_(params: Sequence[torch.Tensor], sources: Sequence[torch.Ten
             table.add([dst, src, None if m is None else _as_int8(m)], dst.numel(), 1, dst.numel(), flags)
         addr, meta, chunks, n_chunks = table.build()
         if n_chunks:
-            _rewind_kernel[(n_chunks,)](addr, meta, chunks, PTR_TY=pointer_type(dtype), BN=block[0], BK=block[1])
+            with device_guard(entries[0][0]):  # Triton launches on the current device, not the tensors'
+                _rewind_kernel[(n_chunks,)](addr, meta, chunks, PTR_TY=pointer_type(dtype), BN=block[0],
+                                            BK=block[1])
         _bump_versions([dst for dst, _, _ in entries])
 
 

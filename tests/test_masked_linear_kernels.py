@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastticket.kernels import masked_linear
-from fastticket.kernels.tile_map import TileMapCache, build_tile_map
+from fastticket.kernels.tile_map import TileMap, TileMapCache, build_tile_map
 from fastticket.testing import rel_error
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -367,6 +367,43 @@ def test_no_grad_inference(device, path):
         y = masked_linear.masked_linear(x, w, b, mask, lambda bn, bk: cache.get(mask, bn, bk))
     assert not y.requires_grad
     assert_parity(y, masked_linear.reference_masked_linear(x, w, b, mask), 1e-5, "forward")
+
+
+def _sparse_file_tensor(directory, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor backed by a sparse file: gigabytes of address space, memory only for the pages touched."""
+    numel = shape[0] * shape[1]
+    path = directory / name
+    with open(path, "wb") as f:
+        f.truncate(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.from_file(str(path), shared=False, size=numel, dtype=dtype).view(*shape)
+
+
+@pytest.mark.launches_triton
+@pytest.mark.skipif(ON_CUDA, reason="CPU interpreter check; the GPU session runs the real-size dX test")
+def test_grad_input_offsets_past_int32(tmp_path) -> None:
+    """dX reads W[n, k] at n * stride_wn: for a weight with N*K >= 2^31 elements (a 262k-vocabulary head) the
+    row offsets of the last tiles pass 2^31 and must be computed in int64. Here N = 2^27 + 16 rows of K = 16,
+    only the last tile live (file-backed tensors: nothing else is ever touched)."""
+    m, k, bn, bk = 16, 16, 16, 16
+    n = (1 << 27) + bn
+    w = _sparse_file_tensor(tmp_path, "w", (n, k), torch.float32)
+    dy = _sparse_file_tensor(tmp_path, "dy", (m, n), torch.float32)
+    gen = torch.Generator().manual_seed(11)
+    last = n - bn
+    w[last:] = torch.randn(bn, k, generator=gen)
+    dy[:, last:] = torch.randn(m, bn, generator=gen)
+    tiles_n = n // bn
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    live = torch.zeros(tiles_n, 1, dtype=torch.bool)
+    live[-1, 0] = True
+    # The tile map written out (building it from a 2^31-element mask would touch every page).
+    tile_map = TileMap(shape=(n, k), block=(bn, bk), live=live,
+                       row_ptr=torch.cat([torch.zeros(tiles_n, dtype=torch.int32), i32(1)]), col_idx=i32(0),
+                       col_ptr=i32(0, 1), row_idx=i32(tiles_n - 1), coo_rows=i32(tiles_n - 1), coo_cols=i32(0),
+                       n_live=1, max_live_per_row=1, max_live_per_col=1)
+    out = torch.full((m, k), float("nan"))
+    masked_linear.linear_grad_input(dy, w, tile_map, out=out)
+    assert_parity(out, dy[:, last:].double() @ w[last:].double(), 1e-5, "dX past int32 offsets")
 
 
 # Compiles the linear kernels and the fused dW + SGD kernel for Hopper (sm_90) without a GPU (the

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 # Shared with the linear suite (the harness): the mask generator (block masks in the filter's
 # [C_out, C_in*kh*kw] view), the env-override helper, the row builder (timing) and the crossover analysis.
 from fastticket.bench import BenchOptions, BenchRow, crossover_row, env_override, layer_op_row, make_mask, suite
+from fastticket.kernels._common import tf32_set
 from fastticket.testing import nan_max, rel_error
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
@@ -117,16 +118,10 @@ def forced_skip() -> contextlib.AbstractContextManager:
     return env_override("FASTTICKET_DENSE_THRESHOLD_CONV2D", "1.01")
 
 
-@contextlib.contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
+def tf32(enabled: bool) -> contextlib.AbstractContextManager:
     """TF32 convolutions on or off inside the block. The kernels follow cuDNN's flag for fp32, so one switch
     sets both sides of the comparison."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = old
+    return tf32_set("cudnn", enabled)
 
 
 class BenchLayer:

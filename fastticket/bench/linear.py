@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from fastticket.bench import BenchOptions, BenchRow, crossover_row, env_override, layer_op_row, make_mask, suite
+from fastticket.kernels._common import tf32_set
 from fastticket.testing import nan_max, rel_error
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
@@ -90,15 +91,9 @@ def forced_skip() -> contextlib.AbstractContextManager:
     return env_override("FASTTICKET_DENSE_THRESHOLD_LINEAR", "1.01")
 
 
-@contextlib.contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
+def tf32(enabled: bool) -> contextlib.AbstractContextManager:
     """TF32 matmuls on or off inside the block (fp32 storage; the "tf32" precision of the suite)."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+    return tf32_set("matmul", enabled)
 
 
 class BenchLayer:

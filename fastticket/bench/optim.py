@@ -35,6 +35,7 @@ import torch
 
 from fastticket.bench import BenchOptions, BenchRow, make_mask, suite, time_ms
 from fastticket.testing import rel_error
+from fastticket.kernels._common import tf32_enabled
 
 DENSITIES = (1.0, 0.5, 0.1, 0.02)
 MASKS = ("element", "block:64x64")
@@ -284,7 +285,7 @@ class DwUpdateBench:
 
     @property
     def precision(self) -> str:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+        return "tf32" if tf32_enabled("matmul") else "fp32"
 
     def parity(self) -> float:
         """Two fused steps against the float64 reference (first-step and later-step paths), on copies."""
