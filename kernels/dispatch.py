@@ -11,7 +11,11 @@ import os
 
 # Live-tile fraction at or above which the dense op runs. `fastticket bench` measures the crossover;
 # these defaults must be replaced by measured values (see README), they are not tuned yet.
-DENSE_THRESHOLDS = {"linear": 0.5, "conv2d": 0.5}
+# conv2d is 0.0 (every layer to cuDNN) until a GPU measures a crossover: compiled offline for sm_90, the
+# implicit-GEMM kernels are predicted to lose to cuDNN at every density above ~5% live (no async copies
+# for the gathers, scalar NCHW stores, atomics in dX), and "never slower than dense" comes first.
+# `fastticket bench --suite conv` still times the tile-skipping path (forced with ..._CONV2D=1.01).
+DENSE_THRESHOLDS = {"linear": 0.5, "conv2d": 0.0}
 
 
 def dense_threshold(op: str) -> float:

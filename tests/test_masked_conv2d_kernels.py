@@ -158,6 +158,34 @@ ENTRY_CASES = [
 
 
 @pytest.mark.launches_triton
+def test_default_dispatch_sends_every_conv_layer_to_cudnn(device, monkeypatch):
+    """Until a GPU measures a crossover, the conv threshold is 0: even one live tile out of many runs cuDNN
+    (kernels/dispatch.py), while the benchmark's forced path still reaches the kernels."""
+    from fastticket.bench import conv as conv_suite
+    from fastticket.kernels.dispatch import DENSE_THRESHOLDS, use_tile_skipping
+
+    monkeypatch.delenv("FASTTICKET_DENSE_THRESHOLD_CONV2D", raising=False)
+    assert DENSE_THRESHOLDS["conv2d"] == 0.0
+    x, weight, b, mask, _ = make_case(2, 8, 24, (7, 9), 3, "block", seed=5, device=device)
+    cache = TileMapCache()
+    tile_maps = lambda bn, bk: cache.get(mask, bn, bk)  # noqa: E731
+    sparse = mask.clone()
+    sparse[1:] = False  # a single output channel keeps weights: one live tile-row
+    weight = weight * sparse
+    cache_sparse = TileMapCache()
+    sparse_maps = lambda bn, bk: cache_sparse.get(sparse, bn, bk)  # noqa: E731
+    for m, maps in ((mask, tile_maps), (sparse, sparse_maps)):
+        w = weight.clone().requires_grad_(True)
+        y = masked_conv2d(x, w, b, m, maps, 1, 1, 1)
+        assert "MaskedConv2dFunction" not in type(y.grad_fn).__name__
+    with conv_suite.forced_skip():
+        assert use_tile_skipping(1.0, "conv2d")
+        w = weight.clone().requires_grad_(True)
+        y = masked_conv2d(x, w, b, sparse, sparse_maps, 1, 1, 1)
+        assert "MaskedConv2dFunction" in type(y.grad_fn).__name__
+
+
+@pytest.mark.launches_triton
 @pytest.mark.parametrize("path,threshold", [("skip", "1.01"), ("dense", "0.0")])
 @pytest.mark.parametrize("case", ENTRY_CASES, ids=lambda c: f"k{c[4]}-s{c[5]}-p{c[6]}-d{c[7]}-{c[8]}")
 def test_autograd_entry_point_both_dispatch_paths(case, path, threshold, device, monkeypatch):
