@@ -3,8 +3,6 @@
 TRITON_INTERPRET must be set before triton is first imported, so this runs before any test module loads.
 """
 import os
-import subprocess
-import sys
 
 import torch
 
@@ -38,7 +36,7 @@ def _interpreter_too_old() -> bool:
 
 def pytest_collection_modifyitems(config, items):
     """Skip the tests marked `launches_triton` when the interpreter cannot run them. The sm_90 compile checks
-    (tests using the `compile_for_sm90` fixture) never use the interpreter and always run, marked or not."""
+    (tests using the `sm90_compiled` fixture) never use the interpreter and always run, marked or not."""
     if not _interpreter_too_old():
         return
     import triton
@@ -46,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=f"the Triton {triton.__version__} interpreter cannot run data-dependent loop "
                                    "bounds; run these on a GPU or with triton >= 3.7")
     for item in items:
-        if item.get_closest_marker("launches_triton") is None or "compile_for_sm90" in item.fixturenames:
+        if item.get_closest_marker("launches_triton") is None or "sm90_compiled" in item.fixturenames:
             continue
         item.add_marker(skip)
 
@@ -57,54 +55,20 @@ def device() -> torch.device:
     return DEVICE
 
 
-# Prelude of the sm_90 compile checks: `compile_kernel(fn, pointers, constexprs, num_warps=8)` compiles one
-# jitted kernel for Hopper with triton's bundled ptxas (pointer types by argument name, every other runtime
-# argument i32); exit code 77 means "cannot check here" (old triton, no ptxas) and becomes a skip.
-_SM90_PRELUDE = r"""
-import os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-try:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except Exception as exc:  # older triton without this API
-    print(f"SKIP: triton {getattr(triton, '__version__', '?')} lacks the offline compile API: {exc}")
-    sys.exit(77)
+@pytest.fixture(scope="module")
+def sm90_compiled(request):
+    """{configuration name: properties} of the calling module's kernels compiled for Hopper (sm_90) the way a
+    GPU launch would compile them, without a GPU (tests/sm90.py): the module's SM90_BODY runs once, in a
+    fresh process without TRITON_INTERPRET. The interpreter accepts code the compiler rejects (it once let a
+    non-constexpr global through) and shows nothing of registers, tensor cores or pipelining, so CPU-only CI
+    would otherwise never see a GPU compile error or a kernel that silently lost its tensor cores. Skips
+    (with the reason) where this triton cannot compile offline."""
+    import sm90
 
-def compile_kernel(fn, pointers, constexprs, num_warps=8):
-    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
     try:
-        src = ASTSource(fn, signature, constexprs=constexprs)
-    except TypeError:
-        # triton 3.1-3.2: constexprs are passed as `constants` and the signature names runtime arguments only
-        runtime = {name: kind for name, kind in signature.items() if kind != "constexpr"}
-        src = ASTSource(fn, runtime, constants=constexprs)
-    try:
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 3})
-    except FileNotFoundError as exc:
-        print(f"SKIP: no ptxas: {exc}")
-        sys.exit(77)
-"""
-
-
-@pytest.fixture
-def compile_for_sm90():
-    """Compile kernels for Hopper (sm_90) the way a GPU run would, without a GPU, in a fresh process without
-    TRITON_INTERPRET: the interpreter accepts code the compiler rejects (it once let a non-constexpr global
-    through), so CPU-only CI would otherwise never see a GPU compile error. Call it with a script body that
-    imports the kernels and calls `compile_kernel(...)` (see _SM90_PRELUDE) for each; it must print "compiled"."""
-
-    def run(body: str) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-        proc = subprocess.run([sys.executable, "-c", _SM90_PRELUDE + body], env=env, capture_output=True,
-                              text=True, timeout=600)
-        if proc.returncode == 77:
-            pytest.skip(proc.stdout.strip())
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        assert "compiled" in proc.stdout
-
-    return run
+        return sm90.run_body(request.module.SM90_BODY)
+    except sm90.CannotCheck as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import torch
 from fastticket.kernels import masked_linear
 from fastticket.kernels.tile_map import TileMap, TileMapCache, build_tile_map
 from fastticket.testing import rel_error
+from sm90 import Expect, assert_properties, problems
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 ON_CUDA = torch.cuda.is_available()
@@ -406,86 +407,95 @@ def test_grad_input_offsets_past_int32(tmp_path) -> None:
     assert_parity(out, dy[:, last:].double() @ w[last:].double(), 1e-5, "dX past int32 offsets")
 
 
-# Compiles the linear kernels and the fused dW + SGD kernel for Hopper (sm_90) without a GPU (the
-# compile_for_sm90 fixture, tests/conftest.py), as tests/test_masked_conv2d_kernels.py does for the conv kernels:
-# every program width (64 / 128 / 256 columns) and both dW variants (plain stores, split with atomics).
-_GPU_COMPILE_BODY = r"""
-import fastticket.kernels.linear_dw_sgd as linear_dw_sgd
-import fastticket.kernels.masked_linear as masked_linear
+# sm_90 compile checks (tests/sm90.py, the sm90_compiled fixture): the main configurations of the hot linear
+# kernels compiled as a real launch would compile them (an 8192-token batch through a 4096 x 4096 layer,
+# contiguous, bf16), and the properties they must keep. THE table for the linear kernels: whoever changes
+# their configs or code updates it here. Names: kernel, dtype, program width (N for the forward, K for dX:
+# 64 / 128 / 256 columns over 64-wide map tiles), then BLOCK_M, warps, stages.
+# Forward / dX stage their live lists in registers, so every num_stages is that many shared-memory buffers
+# (with the index loaded inside the loop, num_stages 3 and 4 both gave 2). One tf32 configuration per
+# kernel keeps the fp32 path compiling with tensor cores.
+SM90_EXPECT = {
+    "fwd bf16 N64 BM128 w8 s4": Expect("wgmma", buffers=4, async16=True),
+    "fwd bf16 N64 BM64 w4 s5": Expect("wgmma", buffers=5, async16=True),
+    "fwd bf16 N256 BM128 w8 s3": Expect("wgmma", buffers=3, async16=True),
+    "fwd bf16 N256 BM256 w8 s3": Expect("wgmma", buffers=3, async16=True),
+    "dx bf16 K64 BM128 w8 s4": Expect("wgmma", buffers=4, async16=True),
+    "dx bf16 K128 BM128 w8 s4": Expect("wgmma", buffers=4, async16=True),
+    "dx bf16 K256 BM128 w8 s3": Expect("wgmma", buffers=3, async16=True),
+    "dw bf16 BM64 w4 s4": Expect("wgmma", buffers=4, async16=True),
+    "dw bf16 BM128 w4 s3": Expect("wgmma", buffers=3, async16=True),
+    "dw+sgd bf16 BM64 w4 s3": Expect("wgmma", buffers=3, async16=True),
+    "fwd tf32 N128 BM128 w8 s3": Expect("wgmma", buffers=3),
+    "dx tf32 K128 BM128 w8 s3": Expect("wgmma", buffers=3),
+    "dw tf32 BM64 w4 s4": Expect("wgmma", buffers=4),
+    "dw+sgd tf32 BM64 w4 s3": Expect("wgmma", buffers=3),
+}
 
-for t, precision in (("*bf16", None), ("*fp32", "tf32")):
-    common = dict(INPUT_PRECISION=precision, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64)
-    lists = dict(LIST_CHUNK=64, GROUP_M=8)
-    for width in (64, 256) if t == "*bf16" else (128,):
-        compile_kernel(masked_linear._fwd_kernel, {"x_ptr": t, "w_ptr": t, "b_ptr": t, "y_ptr": t,
-                       "row_ptr": "*i32", "col_idx": "*i32", "row_bits": "*i32"},
-                       dict(common, HAS_BIAS=True, BLOCK_N=width, TILE_N=64, **lists))
-        compile_kernel(masked_linear._dx_kernel, {"dy_ptr": t, "w_ptr": t, "dx_ptr": t, "col_ptr": "*i32",
-                       "row_idx": "*i32", "col_bits": "*i32"}, dict(common, BLOCK_K=width, TILE_K=64, **lists))
-    atomic = t == "*bf16"  # the split (atomic) variant in bf16, plain stores in fp32
-    compile_kernel(masked_linear._dw_kernel, {"dy_ptr": t, "x_ptr": t, "mask_ptr": "*u8",
-                   "dw_ptr": "*fp32" if atomic else t, "coo_rows": "*i32", "coo_cols": "*i32"},
-                   dict(common, BLOCK_M=64, ATOMIC=atomic), num_warps=4)
-    compile_kernel(linear_dw_sgd._dw_sgd_kernel, {"dy_ptr": t, "x_ptr": t, "mask_ptr": "*u8", "w_ptr": t, "buf_ptr": t,
-                   "coo_rows": "*i32", "coo_cols": "*i32", "lr": "fp32", "momentum": "fp32", "dampening": "fp32",
-                   "weight_decay": "fp32"},
-                   dict(common, BLOCK_M=64, HAS_MOMENTUM=True, FIRST=False, NESTEROV=True, MAXIMIZE=False,
-                        HAS_WD=True), num_warps=4)
-print("compiled")
-"""
+SM90_BODY = r"""
+import torch
+import fastticket.kernels.linear_dw_sgd as linear_dw_sgd
+import fastticket.kernels.masked_linear as ml
+
+WANTED = %r
+M, N, K = 8192, 4096, 4096
+BN, BK = ml.linear_tile_sizes(torch.device("cuda"), torch.bfloat16)
+BUCKET = ml.live_bucket(0.4)
+i32, u8, f32 = ptr(torch.int32), ptr(torch.uint8), ptr(torch.float32)
+lists = dict(LIST_CHUNK=ml._LIST_CHUNK, GROUP_M=ml._GROUP_M)
+for dtype, tag, precision in ((torch.bfloat16, "bf16", None), (torch.float32, "tf32", "tf32")):
+    t = ptr(dtype)
+    for c in ml._cuda_configs():
+        cfg = f"BM{c.kwargs['BLOCK_M']} w{c.num_warps} s{c.num_stages}"
+        meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        for width in (64, 128, 256):
+            if f"fwd {tag} N{width} {cfg}" in WANTED:
+                check(f"fwd {tag} N{width} {cfg}", ml._fwd_kernel, t, t, t, t, i32, i32, i32, M, N, K, K, 1, K, 1, N,
+                      1, BUCKET, HAS_BIAS=True, INPUT_PRECISION=precision, BLOCK_N=width, BLOCK_K=BK, TILE_N=BN,
+                      **lists, **meta)
+            if f"dx {tag} K{width} {cfg}" in WANTED:
+                check(f"dx {tag} K{width} {cfg}", ml._dx_kernel, t, t, t, i32, i32, i32, M, N, K, N, 1, K, 1, K, 1,
+                      BUCKET, INPUT_PRECISION=precision, BLOCK_N=BN, BLOCK_K=width, TILE_K=BK, **lists, **meta)
+    for c in ml._dw_cuda_configs():
+        name = f"dw {tag} BM{c.kwargs['BLOCK_M']} w{c.num_warps} s{c.num_stages}"
+        if name in WANTED:  # the split variant (fp32 atomics): what a layer with few live tiles runs
+            check(name, ml._dw_kernel, t, t, u8, f32, i32, i32, M, N, K, 1024, N, 1, K, 1, K, 1, K, 1, BUCKET,
+                  INPUT_PRECISION=precision, ATOMIC=True, BLOCK_N=BN, BLOCK_K=BK, **c.kwargs,
+                  num_warps=c.num_warps, num_stages=c.num_stages)
+    fused = linear_dw_sgd._CUDA_META
+    name = f"dw+sgd {tag} BM{fused['BLOCK_M']} w{fused['num_warps']} s{fused['num_stages']}"
+    if name in WANTED:
+        check(name, linear_dw_sgd._dw_sgd_kernel, t, t, u8, f32, f32, i32, i32, M, N, K, N, 1, K, 1, 0.1, 0.9,
+              0.0, 1e-4, INPUT_PRECISION=precision, HAS_MOMENTUM=True, FIRST=False, NESTEROV=False,
+              MAXIMIZE=False, HAS_WD=True, BLOCK_N=BN, BLOCK_K=BK, **fused)
+# Controls: the main forward configuration without pipelining, and in IEEE fp32 (no tensor core).
+b16 = ptr(torch.bfloat16)
+check("control: fwd bf16 unpipelined", ml._fwd_kernel, b16, b16, b16, b16, i32, i32, i32, M, N, K, K, 1, K, 1, N, 1,
+      BUCKET, HAS_BIAS=True, INPUT_PRECISION=None, BLOCK_N=64, BLOCK_K=BK, TILE_N=BN, **lists, BLOCK_M=128,
+      num_warps=8, num_stages=1)
+check("control: fwd fp32 ieee", ml._fwd_kernel, f32, f32, f32, f32, i32, i32, i32, M, N, K, K, 1, K, 1, N, 1, BUCKET,
+      HAS_BIAS=True, INPUT_PRECISION="ieee", BLOCK_N=64, BLOCK_K=BK, TILE_N=BN, **lists, BLOCK_M=128, num_warps=8,
+      num_stages=3)
+""" % sorted(SM90_EXPECT)
 
 
 @pytest.mark.skipif(ON_CUDA, reason="with a GPU every other test compiles the kernels for real")
-def test_kernels_compile_for_sm90_without_a_gpu(compile_for_sm90):
-    compile_for_sm90(_GPU_COMPILE_BODY)
+def test_kernels_compile_for_sm90_without_a_gpu(sm90_compiled):
+    missing = sorted(set(SM90_EXPECT) - set(sm90_compiled))
+    assert not missing, f"configurations no longer launched (update SM90_EXPECT): {missing}"
 
 
-# Pipelining depth of the forward / dX main loop, compiled for sm_90 with the specialisation a real launch of
-# aligned bf16 tensors gets (pointers, sizes and strides divisible by 16, unit strides constant). With the
-# live-tile index loaded inside the loop, num_stages 3 and 4 both gave 2 buffers per operand; staging the
-# list in registers gives num_stages buffers. The ttgir's shared-memory allocations name the buffer count.
-_PIPELINE_BODY = r"""
-import re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import fastticket.kernels.masked_linear as masked_linear
-
-def buffers(fn, pointers, constexprs, ones, stages):
-    constexprs = dict(constexprs, **{name: 1 for name in ones})
-    signature = {a: "constexpr" if a in constexprs else pointers.get(a, "i32") for a in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if a not in constexprs and a != "LIVE_BUCKET"}
-    try:
-        src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    except TypeError as exc:
-        print(f"SKIP: this triton's ASTSource takes no attrs: {exc}")
-        sys.exit(77)
-    try:
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": stages})
-    except FileNotFoundError as exc:
-        print(f"SKIP: no ptxas: {exc}")
-        sys.exit(77)
-    assert "wgmma" in k.asm["ptx"], "no warp-group MMA"
-    allocs = re.findall(r"ttg.local_alloc.*?!ttg.memdesc<(\d+)x\d+x\d+xbf16", k.asm["ttgir"])
-    return sorted(int(a) for a in allocs)
-
-t = "*bf16"
-for stages in (3, 4):
-    fwd = buffers(masked_linear._fwd_kernel, {"x_ptr": t, "w_ptr": t, "b_ptr": t, "y_ptr": t, "row_ptr": "*i32",
-                  "col_idx": "*i32", "row_bits": "*i32"},
-                  dict(INPUT_PRECISION=None, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, TILE_N=64, LIST_CHUNK=64,
-                       HAS_BIAS=True, GROUP_M=8), ("stride_xk", "stride_wk", "stride_yn"), stages)
-    dx = buffers(masked_linear._dx_kernel, {"dy_ptr": t, "w_ptr": t, "dx_ptr": t, "col_ptr": "*i32",
-                 "row_idx": "*i32", "col_bits": "*i32"},
-                 dict(INPUT_PRECISION=None, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, TILE_K=64, LIST_CHUNK=64,
-                      GROUP_M=8), ("stride_dyn", "stride_wk", "stride_dxk"), stages)
-    assert fwd == [stages, stages], f"forward, num_stages={stages}: buffers {fwd}"
-    assert dx == [stages, stages], f"dX (128 wide), num_stages={stages}: buffers {dx}"
-print("compiled")
-"""
+@pytest.mark.skipif(ON_CUDA, reason="offline compile check; a GPU runs the kernels themselves")
+def test_sm90_checks_catch_lost_tensor_cores_and_pipelining(sm90_compiled):
+    """The checks can fail: the main forward compiled without pipelining, or in IEEE fp32, breaks its row."""
+    expect = SM90_EXPECT["fwd bf16 N64 BM128 w8 s4"]
+    if sm90_compiled["control: fwd bf16 unpipelined"]["specialisation"] != "launch":
+        pytest.skip("this triton has no launch binder to specialise with")
+    assert any("pipelining" in p for p in problems(sm90_compiled["control: fwd bf16 unpipelined"], expect))
+    assert any("MMA 'fma'" in p for p in problems(sm90_compiled["control: fwd fp32 ieee"], expect))
 
 
-@pytest.mark.skipif(ON_CUDA, reason="compile-only check for CPU CI")
-def test_forward_and_dx_keep_num_stages_buffers_in_flight(compile_for_sm90):
-    compile_for_sm90(_PIPELINE_BODY)
+@pytest.mark.skipif(ON_CUDA, reason="offline compile check; a GPU runs the kernels themselves")
+@pytest.mark.parametrize("name", sorted(SM90_EXPECT))
+def test_sm90_tensor_cores_pipelining_no_spills(name, sm90_compiled):
+    assert_properties(sm90_compiled, name, SM90_EXPECT[name])
