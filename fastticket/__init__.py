@@ -13,8 +13,8 @@ from fastticket.nn import MaskedConv2d, MaskedLinear, densify, density, masked_m
 __version__ = "0.1.0"
 
 # Public submodules reachable as attributes after a plain `import fastticket` (loaded lazily).
-SUBMODULES = ("atomic_io", "backend", "bench", "compare", "config", "data", "early_bird", "models", "nn", "optim", "pai",
-              "presets", "prune", "report", "rewind", "search", "testing")
+SUBMODULES = ("atomic_io", "backend", "bench", "compare", "compiled", "config", "data", "early_bird", "models", "nn",
+              "ops", "optim", "pai", "presets", "prune", "report", "rewind", "search", "testing")
 
 __all__ = ["MaskedLinear", "MaskedConv2d", "sparsify", "densify", "density", "masked_modules", "__version__",
            *SUBMODULES]

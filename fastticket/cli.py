@@ -152,6 +152,7 @@ class Flag:
 
     metavar: str
     type: Optional[Callable[[str], Any]] = None
+    switch: bool = False  # a flag without a value (sets the field True)
 
 
 # `fastticket search` flags, in --help order: config field -> flag. Every SearchConfig field is either here or in
@@ -163,6 +164,7 @@ SEARCH_FLAGS: Dict[str, Flag] = {
     "rewind": Flag("MODE", _rewind), "refill": Flag("block:RxC", _refill), "early_bird": Flag("EPS", _early_bird),
     "controls": Flag("LIST", _controls), "trials": Flag("T", _positive_int), "granularity": Flag("G", _granularity),
     "device": Flag("DEV"), "seed": Flag("S", _int), "reinits": Flag("R", _positive_int),
+    "compile": Flag("", switch=True),
     "parallel_arms": Flag("N", _nonneg_int),
 }
 # Fields only a preset sets (the paper's training recipe and pruning layout travel together in a preset).
@@ -202,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   f"{', '.join(list_presets())}")
     fields = _config_fields()
     for name, flag in SEARCH_FLAGS.items():
+        if flag.switch:  # default None: an absent switch leaves the preset's value
+            s.add_argument(flag_name(name), dest=name, action="store_true", default=None,
+                           help=fields[name].metadata["help"])
+            continue
         s.add_argument(flag_name(name), dest=name, metavar=flag.metavar, type=flag.type,
                        help=fields[name].metadata["help"])
     s.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset>); must be empty unless --resume")

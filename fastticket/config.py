@@ -151,6 +151,8 @@ class SearchConfig:
     # how to run (not what: results do not depend on it beyond float rounding, so resume ignores it)
     parallel_arms: int = _help("at most N arms of a level train together as one stacked model (0: all of "
                                "them; 1: one at a time)", default=0, run_only=True)
+    compile: bool = _help("compile the training step with torch.compile (fullgraph; CUDA graphs on CUDA); arms "
+                          "then train one at a time", default=False, run_only=True)
 
     def __post_init__(self) -> None:
         # JSON (config.json) and callers give lists; the config holds tuples (hashable, not shared by copies).
@@ -191,6 +193,7 @@ class SearchConfig:
                                                                 f"got {self.seed!r}")
         need(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and math.isfinite(self.lr)
              and self.lr > 0, f"lr must be a finite positive number, got {self.lr!r}")
+        need(isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}")
         need(is_int(self.warmup_iters) and self.warmup_iters >= 0,
              f"warmup_iters must be an integer >= 0, got {self.warmup_iters!r}")
         need(isinstance(self.lr_milestones, tuple) and all(is_int(m) and m >= 0 for m in self.lr_milestones),

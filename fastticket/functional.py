@@ -3,7 +3,9 @@
 torch backend: the dense op on the stored weight, exact because pruned weights are exactly zero in storage
 (docs/architecture.md, "The invariant"), with the weight gradient masked so no optimizer can revive a pruned weight.
 triton backend: the tile-skipping kernels in fastticket.kernels, which choose per layer between cuBLAS /
-cuDNN and tile skipping from the layer's live-tile fraction.
+cuDNN and tile skipping from the layer's live-tile fraction. While torch.compile traces, the triton backend
+goes through the custom ops of fastticket/ops.py (no graph break), or straight to the traceable dense op when
+the dispatch threshold sends every layer of that kind to the vendor library.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from fastticket.backend import resolve_backend
 from fastticket.kernels._common import mask_gradient
+from fastticket.kernels.dispatch import dense_threshold
 from fastticket.kernels.tile_map import TileMap
 
 __all__ = ["masked_linear", "masked_conv2d", "mask_gradient"]
@@ -41,9 +44,30 @@ def _grad_masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weight if _grad_mask_in_optimizer else mask_gradient(weight, mask)
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _autocast_cast(x: torch.Tensor, weight: torch.Tensor, bias):
+    """Under autocast, the compute dtype F.linear / F.conv2d would use (custom ops are not autocast)."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return x, weight, bias
+
+
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tensor,
                   tile_maps: TileMapProvider, fused_update=None) -> torch.Tensor:
     if resolve_backend(x.device) == "triton":
+        if _compiling() and fused_update is None:
+            if dense_threshold("linear") <= 0:
+                return F.linear(x, _grad_masked(weight, mask), bias)
+            from fastticket import ops  # noqa: F401  (registers torch.ops.fastticket.*)
+
+            x, weight, bias = _autocast_cast(x, weight, bias)
+            return torch.ops.fastticket.masked_linear(x, weight, bias, mask)
         # Imported on use: triton is optional (not installed off Linux) and the torch backend must not need it.
         from fastticket.kernels.masked_linear import masked_linear as triton_masked_linear
 
@@ -54,7 +78,25 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tenso
 def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tensor, tile_maps: TileMapProvider,
                   stride, padding, dilation, groups: int) -> torch.Tensor:
     if resolve_backend(x.device) == "triton":
+        if _compiling():
+            if groups != 1 or dense_threshold("conv2d") <= 0:
+                return F.conv2d(x, _grad_masked(weight, mask), bias, stride, padding, dilation, groups)
+            return _compiled_conv2d(x, weight, bias, mask, stride, padding, dilation)
         from fastticket.kernels.masked_conv2d import masked_conv2d as triton_masked_conv2d
 
         return triton_masked_conv2d(x, weight, bias, mask, tile_maps, stride, padding, dilation, groups)
     return F.conv2d(x, _grad_masked(weight, mask), bias, stride, padding, dilation, groups)
+
+
+def _pair(v):
+    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v] * (2 if len(v) == 1 else 1)
+
+
+def _compiled_conv2d(x, weight, bias, mask, stride, padding, dilation) -> torch.Tensor:
+    from fastticket import ops  # noqa: F401  (registers torch.ops.fastticket.*)
+
+    if x.dim() == 3:
+        return _compiled_conv2d(x.unsqueeze(0), weight, bias, mask, stride, padding, dilation)[0]
+    x, weight, bias = _autocast_cast(x, weight, bias)
+    pad, pad_str = ([0, 0], padding) if isinstance(padding, str) else (_pair(padding), "")
+    return torch.ops.fastticket.masked_conv2d(x, weight, bias, mask, _pair(stride), pad, pad_str, _pair(dilation))

@@ -294,7 +294,7 @@ def run_level(s: _Search, level: int, trials: Sequence[int]) -> List[Dict[str, A
     """Every arm of `level` for `trials`: finished ones read, the others trained together (arms sharing a
     start iteration and lr rule as one stacked group, at most the group limit at once). Results in run
     order."""
-    if s.config.parallel_arms == 1:
+    if s.config.parallel_arms == 1 or s.config.compile:  # the compiled step is one arm's (fastticket.compiled)
         return [run_arm(s, level, arm, t, r) for t in trials for arm, r in level_arms(s.config, level)]
     slots: List[Union[ArmJob, Dict[str, Any]]] = [prepare_arm(s, level, arm, t, r)
                                                   for t in trials for arm, r in level_arms(s.config, level)]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastticket.compiled import make_train_step
 from fastticket.config import SearchConfig
 from fastticket.errors import DamagedFileError
 from fastticket.nn import densities, masked_modules, sparsify
@@ -248,25 +249,23 @@ def _restore(state: ArmState, directory: ArmDir, progress: Progress, hook: Optio
 
 
 class SingleEngine:
-    """One arm through its own model and optimizer: the plain PyTorch step, nothing stacked."""
+    """One arm through its own model and optimizer: the plain PyTorch step, nothing stacked; with
+    `config.compile` the step is torch.compile'd (fastticket.compiled)."""
 
     def __init__(self, config: SearchConfig, jobs: Sequence[ArmJob], states: Sequence[ArmState],
                  data: "DeviceData") -> None:
         (self.job,), (self.state,) = jobs, states
         self.config, self.data = config, data
+        self.train_step = make_train_step(self.job.model, self.state.optimizer, compiled=config.compile)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.state.optimizer.param_groups:
-            group["lr"] = lr
+        self.train_step.set_lr(lr)
 
     def step(self, iteration: int) -> torch.Tensor:
         """One training step of every arm; returns the arms' losses [K] on the device (no sync)."""
         x, y = self.data.batch(iteration, self.config.batch_size, self.job.seed)
-        loss = F.cross_entropy(self.job.model(x), y)
-        optimizer = self.state.optimizer
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = self.train_step.loss(x, y)
+        self.train_step.update(loss)
         return loss.detach().reshape(1)
 
     def sync_out(self) -> None:

@@ -42,9 +42,9 @@ masked after the matmul). The threshold values there are placeholders until `fas
 is run on a GPU: it reports the measured crossover (`crossover_live_fraction` and `suggested_threshold` in
 the results' `crossover` row).
 
-torch.compile: `masked_linear` is wrapped in `torch.compiler.disable`, so a compiled model runs this layer
-eagerly (one graph break per masked layer) and the rest of the model compiled. That keeps the tile-map cache
-(Python-side, keyed on the mask version) and the data-dependent launch grids out of the traced graph.
+torch.compile: `masked_linear` is wrapped in `torch.compiler.disable` (the tile-map cache is Python-side and
+the launch grids data-dependent); while compiling, fastticket/functional.py calls the custom op of
+fastticket/ops.py instead, which wraps these launchers, so a compiled model has no graph break here.
 """
 from __future__ import annotations
 

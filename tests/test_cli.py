@@ -172,6 +172,8 @@ def test_flags_override_the_preset_fields(capsys):
             config.lr, config.eval_every, config.rewind_iter, config.controls, config.trials, config.granularity,
             config.device, config.seed) == ("conv2", "cifar10", "/d", 3, 50, 8, 0.5, 5, 2, ("random", "reinit"), 2,
                                              "block:2x4", "cpu", 7)
+    assert config.compile is False  # an absent switch keeps the preset's value
+    assert cli.config_from_args(parser.parse_args(["search", "--compile"])).compile is True
 
 
 def test_search_then_report_end_to_end(tmp_path):
