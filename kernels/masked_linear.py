@@ -137,6 +137,10 @@ def _prune_configs(configs, named_args, **kwargs):
             continue
         if block_m > 64 and block_m >= 2 * max(m, 1):
             continue
+        # More than 128 fp32 accumulator registers per thread spills on sm_90 (256 x 256, or 128 x 256 on
+        # 4 warps: seen in the sm_90 compile checks, tests/test_masked_linear_kernels.py).
+        if block_m * width > 128 * 32 * cfg.num_warps:
+            continue
         stages = min(cfg.num_stages, budget // ((block_m * step + step * width) * elem))
         if stages < 3:
             continue
