@@ -48,6 +48,7 @@ BENCH_EPILOG = """\
 examples:
   fastticket bench --quick                          # every suite, small shapes
   fastticket bench --suite linear,conv --dtype bf16 --out bench/results
+  fastticket bench --gpu-session --out bench/results/session   # the whole GPU validation, < 8 min
 Without a GPU only the parity checks run (Triton interpreter); timings need a GPU.
 """
 
@@ -230,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="directory to write JSON + markdown results into")
     b.add_argument("--dtype", help="fp32, tf32, bf16 or fp16")
     b.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
+    b.add_argument("--gpu-session", action="store_true",
+                   help="the whole GPU validation in one call (< 8 min on one H100): real-size kernel tests, "
+                        "the test suite, every suite, the dispatch crossovers, a search timing; needs --out")
+    b.add_argument("--dry-run", action="store_true", help="with --gpu-session: print the plan, run nothing")
     return parser
 
 
@@ -356,6 +361,12 @@ def _bench(args: argparse.Namespace) -> int:
     from fastticket.bench import run_cli
     if args.out:
         ensure_writable_dir(args.out, "--out")  # before minutes of benchmarks, not after
+    if args.gpu_session:
+        from fastticket.bench.gpu_session import session_cli
+        return session_cli(args.out, args.dry_run)
+    if args.dry_run:
+        print("error: --dry-run goes with --gpu-session", file=sys.stderr)
+        return EXIT_USAGE
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     return run_cli(suites, out=args.out, dtype=args.dtype, quick=args.quick)
 
