@@ -34,8 +34,9 @@ __all__ = ["masked_linear", "masked_conv2d", "op_tile_map"]
 _tile_caches: Dict[Tuple, Tuple[StorageWeakRef, TileMapCache]] = {}
 
 
-def op_tile_map(mask: torch.Tensor, block_n: int, block_k: int) -> TileMap:
-    """The tile map of `mask` for (block_n x block_k) tiles, cached per mask storage and view."""
+def op_tile_map(mask: torch.Tensor, block_n: int, block_k: int, k_order: str = "mask") -> TileMap:
+    """The tile map of `mask` for (block_n x block_k) tiles (K in `k_order`, kernels/tile_map.py), cached per
+    mask storage and view."""
     storage = mask.untyped_storage()
     key = (StorageWeakRef(storage).cdata, mask.storage_offset(), tuple(mask.shape), tuple(mask.stride()))
     hit = _tile_caches.get(key)
@@ -43,7 +44,7 @@ def op_tile_map(mask: torch.Tensor, block_n: int, block_k: int) -> TileMap:
         for stale in [k for k, (ref, _) in _tile_caches.items() if ref.expired()]:
             del _tile_caches[stale]
         hit = _tile_caches[key] = (StorageWeakRef(storage), TileMapCache())
-    return hit[1].get(mask, block_n, block_k)
+    return hit[1].get(mask, block_n, block_k, 0, k_order)
 
 
 def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,8 @@ def _conv_tile_map(weight: torch.Tensor, mask: torch.Tensor, device: torch.devic
     from fastticket.kernels.masked_conv2d import conv2d_tile_sizes
 
     c_out, c_in, kh, kw = weight.shape
-    return op_tile_map(mask, *conv2d_tile_sizes(c_out, c_in * kh * kw, weight.dtype, device))
+    # The conv kernels reduce K tap-major (kh, kw, C_in): their tile maps are of the permuted filter.
+    return op_tile_map(mask, *conv2d_tile_sizes(c_out, c_in * kh * kw, weight.dtype, device), k_order="tap_major")
 
 
 def _conv_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
