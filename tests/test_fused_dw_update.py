@@ -88,7 +88,7 @@ def _train(model, opt, sched, steps: int, fused: bool, device, dense=()):
         sched.step()
 
 
-def test_fused_equals_unfused_over_20_steps(device, tile_skipping) -> None:
+def test_fused_equals_unfused_over_10_steps(device, tile_skipping) -> None:
     base = _mlp(0).to(device)
     runs = {}
     with use_backend("triton"):
@@ -98,7 +98,7 @@ def test_fused_equals_unfused_over_20_steps(device, tile_skipping) -> None:
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
             if fused:
                 assert fopt.enable_fused_dw_update(model, opt)
-            _train(model, opt, sched, 20, fused, device)
+            _train(model, opt, sched, 10, fused, device)
             if fused:
                 base_weights = {id(l): w for l, w in zip(model, [getattr(b, 'weight', None) for b in base])}
             runs[fused] = (model, opt)

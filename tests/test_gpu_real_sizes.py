@@ -113,7 +113,8 @@ def test_conv_vgg19_and_resnet20_layers(layer, precision, forced_tile_skipping) 
     cache = TileMapCache()
     with tf32_set("cudnn", precision == "tf32"):
         xr, wr, br = (t.clone().requires_grad_(True) for t in (x, weight, bias))
-        y = mc.masked_conv2d(xr, wr, br, mask, lambda bn, bk: cache.get(mask, bn, bk), stride, 1, 1)
+        maps = lambda bn, bk, k_order="mask": cache.get(mask, bn, bk, 0, k_order)  # noqa: E731
+        y = mc.masked_conv2d(xr, wr, br, mask, maps, stride, 1, 1)
         assert "MaskedConv2dFunction" in type(y.grad_fn).__name__  # the kernels ran, not cuDNN
         g = torch.randn(y.shape, generator=gen, device="cuda").to(dtype)
         y.backward(g)

@@ -169,12 +169,12 @@ def test_default_dispatch_sends_every_conv_layer_to_cudnn(device, monkeypatch):
     assert DENSE_THRESHOLDS["conv2d"] == 0.0
     x, weight, b, mask, _ = make_case(2, 8, 24, (7, 9), 3, "block", seed=5, device=device)
     cache = TileMapCache()
-    tile_maps = lambda bn, bk: cache.get(mask, bn, bk)  # noqa: E731
+    tile_maps = lambda bn, bk, k_order="mask": cache.get(mask, bn, bk, 0, k_order)  # noqa: E731
     sparse = mask.clone()
     sparse[1:] = False  # a single output channel keeps weights: one live tile-row
     weight = weight * sparse
     cache_sparse = TileMapCache()
-    sparse_maps = lambda bn, bk: cache_sparse.get(sparse, bn, bk)  # noqa: E731
+    sparse_maps = lambda bn, bk, k_order="mask": cache_sparse.get(sparse, bn, bk, 0, k_order)  # noqa: E731
     for m, maps in ((mask, tile_maps), (sparse, sparse_maps)):
         w = weight.clone().requires_grad_(True)
         y = masked_conv2d(x, w, b, m, maps, 1, 1, 1)
