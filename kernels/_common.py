@@ -165,6 +165,8 @@ def zero_pruned_(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     all-ones/all-zeros integer mask (cached per mask, rebuilt when the mask is edited in place): on CPU it is
     ~10x faster than masked_fill_, which does not vectorise."""
     global _keep_bits
+    if torch.compiler.is_compiling():  # traced (torch.compile): the compiler fuses a plain fill; no Python cache
+        return t.masked_fill_(~mask, 0.0)
     if _keep_bits is None:
         from torch.utils.weak import WeakIdKeyDictionary
         _keep_bits = WeakIdKeyDictionary()
