@@ -4,12 +4,13 @@ import torch
 from torch import nn
 
 from fastticket.errors import ConfigError
+from fastticket.kernels.tile_map import as_2d_mask
 from fastticket.nn import sparsify
 from fastticket.prune import check_refill_fits, refill_mask, refill_masks
 
 
 def tiles_whole(mask, r, c):
-    m = mask.reshape(mask.shape[0], -1)
+    m = as_2d_mask(mask, "tap_major" if mask.dim() == 4 else "mask")  # the tiles the kernels skip
     for i in range(0, m.shape[0], r):
         for j in range(0, m.shape[1], c):
             t = m[i:i + r, j:j + c]
@@ -66,7 +67,7 @@ def test_random_shapes_stay_within_half_a_tile_and_only_tiles_holding_survivors(
                     assert bool(m2[i:i + r, j:j + c].any())
 
 
-def test_conv_weights_are_refilled_on_the_2d_view():
+def test_conv_weights_are_refilled_in_the_conv_kernels_tiles():
     torch.manual_seed(0)
     model = sparsify(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)))
     masks = {"0": torch.rand(8, 3, 3, 3) < 0.5, "2": torch.ones(10, 128, dtype=torch.bool)}
