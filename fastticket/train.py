@@ -15,6 +15,7 @@ and the others carry on). An arm's `EvalHook` runs after each of its evaluations
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -28,6 +29,7 @@ from torch import nn
 from fastticket.compiled import make_train_step
 from fastticket.config import SearchConfig
 from fastticket.errors import DamagedFileError
+from fastticket.functional import gradient_masked_by_optimizer
 from fastticket.nn import densities, masked_modules, sparsify
 from fastticket.rundir import ArmDir
 
@@ -264,7 +266,10 @@ class SingleEngine:
     def step(self, iteration: int) -> torch.Tensor:
         """One training step of every arm; returns the arms' losses [K] on the device (no sync)."""
         x, y = self.data.batch(iteration, self.config.batch_size, self.job.seed)
-        loss = self.train_step.loss(x, y)
+        # The arm's optimizer is a masked one (make_optimizer): it masks the weight gradients itself, so the
+        # layers' per-call gradient mask (an autograd Function per layer and step) is skipped.
+        with gradient_masked_by_optimizer() if not self.config.compile else contextlib.nullcontext():
+            loss = self.train_step.loss(x, y)
         self.train_step.update(loss)
         return loss.detach().reshape(1)
 

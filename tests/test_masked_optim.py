@@ -421,3 +421,48 @@ def test_torch_backend_is_multi_tensor_and_equals_the_per_tensor_reference(monke
                 torch.testing.assert_close(q.detach(), p, rtol=1e-12, atol=1e-14)
                 if m is not None:
                     assert bool((q[~m] == 0).all())
+
+
+@pytest.mark.parametrize("cls,kw,state_keys", [
+    (MaskedSGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True), ("momentum_buffer",)),
+    (MaskedAdam, dict(lr=0.1, weight_decay=1e-2, amsgrad=True), ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
+    (MaskedAdamW, dict(lr=0.1), ("exp_avg", "exp_avg_sq"))])
+def test_torch_steady_state_masks_only_the_gradient_and_remasks_after_a_mask_change(cls, kw, state_keys) -> None:
+    # Once a step has left weight and state zero on pruned entries, the torch step masks only the gradient
+    # (in place); an in-place mask change, a hand edit or a loaded state makes the next step re-mask them all.
+    g = torch.Generator().manual_seed(7)
+    p = torch.nn.Parameter(torch.randn(9, 13, generator=g, dtype=torch.float64))
+    mask = torch.rand(9, 13, generator=g) > 0.4
+    with torch.no_grad():
+        p.mul_(mask)
+    opt = cls([p], masks=[mask], **kw)
+
+    def step() -> torch.Tensor:
+        p.grad = torch.randn(9, 13, generator=g, dtype=torch.float64) + 1.0  # non-zero on pruned entries too
+        grad = p.grad
+        with use_backend("torch"):
+            opt.step()
+        return grad
+
+    def pruned_all_zero() -> bool:
+        tensors = [p.detach()] + [opt.state[p][k] for k in state_keys]
+        return all(bool((t[~mask] == 0).all()) for t in tensors)
+
+    assert not bool((step()[~mask] == 0).all())  # first step: weight and state re-masked, gradient untouched
+    assert pruned_all_zero()
+    assert bool((step()[~mask] == 0).all()) and pruned_all_zero()  # steady state: the gradient is masked
+    mask[0, :] = False                                            # prune a row mid-training, in place
+    with torch.no_grad():
+        p[0, :] = 0.0
+    step()
+    assert pruned_all_zero()                                       # the stale moments of row 0 were zeroed
+    with torch.no_grad():
+        p[~mask] = 5.0                                             # a hand edit (apply_mask_ forgotten)
+    step()
+    assert pruned_all_zero()
+    state = copy.deepcopy(opt.state_dict())
+    for k in state_keys:
+        state["state"][0][k].fill_(1.0)                            # a loaded state with non-zero pruned entries
+    opt.load_state_dict(state)
+    step()
+    assert pruned_all_zero()
