@@ -25,9 +25,9 @@ __all__ = ["masked_linear", "masked_conv2d", "mask_gradient"]
 TileMapProvider = Callable[[int, int], TileMap]
 
 # Set by the search's training engines (fastticket.train, fastticket.batched) around the forward pass: their
-# masked optimizers mask every weight's gradient themselves (or zero pruned entries of weights and state after
-# the step: the update is elementwise, so a live entry never sees a pruned one), so the per-layer gradient mask
-# (an autograd Function per layer and step) would only repeat that work.
+# masked optimizers zero pruned entries of weights and state after every step (the update is elementwise, so a
+# live entry never sees a pruned one), so the per-layer gradient mask (an autograd Function per layer and step)
+# would only repeat that work.
 _grad_mask_in_optimizer = False
 
 

@@ -266,8 +266,11 @@ class SingleEngine:
     def step(self, iteration: int) -> torch.Tensor:
         """One training step of every arm; returns the arms' losses [K] on the device (no sync)."""
         x, y = self.data.batch(iteration, self.config.batch_size, self.job.seed)
-        # The arm's optimizer is a masked one (make_optimizer): it masks the weight gradients itself, so the
-        # layers' per-call gradient mask (an autograd Function per layer and step) is skipped.
+        # The arm's optimizer is a masked one (make_optimizer): its step leaves pruned weights and state exactly
+        # zero whatever the gradient holds there, so the layers' gradient mask (an autograd Function per layer
+        # and step) is skipped. The gradient is deliberately not masked: Adam's sqrt over a second moment full
+        # of exact zeros runs several times slower on CPU than over dense values (measured: 1.25 vs 0.16 ms for
+        # 470k floats), so zeroing after the step is the faster order.
         with gradient_masked_by_optimizer() if not self.config.compile else contextlib.nullcontext():
             loss = self.train_step.loss(x, y)
         self.train_step.update(loss)
