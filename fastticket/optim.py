@@ -82,10 +82,6 @@ class _MaskedOptimizer(Optimizer):
         self._owner_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
         # Tile size of block-mask skipping: masks with a dead (BN x BK) tile are stepped over live tiles only.
         self.block_tile: Tuple[int, int] = tuple(masked_optim.DEFAULT_TILE)  # type: ignore[assignment]
-        # Torch backend: param -> the versions of its mask, weight and state as the last step left them (all
-        # exactly zero on pruned entries). While they are unchanged only the gradient needs masking; see
-        # _clean_flags.
-        self._clean_after_step: WeakIdKeyDictionary = WeakIdKeyDictionary()
         super().__init__(params, defaults)
         if masks is not None:
             flat = [p for g in self.param_groups for p in g["params"]]
@@ -161,33 +157,6 @@ class _MaskedOptimizer(Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         return params, [self._grad_of(p) for p in params], [self.mask_for(p) for p in params]
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        self._clean_after_step = WeakIdKeyDictionary()  # loaded state is checked (masked) at its first step
-        super().load_state_dict(state_dict)
-
-    def _clean_flags(self, params: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
-                     state_keys: Sequence[str]) -> List[bool]:
-        """Per parameter: are its weight and state still exactly zero on its pruned entries, as the last step
-        left them? Then the torch step only masks the gradient: with the gradient zero there, every masked
-        formula (weight decay of a zero weight, moments that stay zero, 0 / (0 + eps)) leaves those entries
-        zero, so zeroing weight and state again after the step would change nothing. Anything that touched
-        the mask, the weight or the state since (a mask change, a rewind, a hand edit, a loaded state) bumps
-        a tensor version, and that parameter gets the full re-masking once."""
-        return [m is not None and self._clean_after_step.get(p) == self._versions(p, m, state_keys)
-                for p, m in zip(params, masks)]
-
-    def _record_torch_clean(self, params: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
-                            state_keys: Sequence[str]) -> None:
-        """After a step: the torch backend left these weights and states zero on pruned entries."""
-        for p, m in zip(params, masks):
-            if m is not None:
-                self._clean_after_step[p] = self._versions(p, m, state_keys)
-
-    def _versions(self, p: torch.Tensor, m: torch.Tensor, state_keys: Sequence[str]) -> Tuple[int, ...]:
-        state = self.state.get(p, {})
-        held = [state.get(k) for k in state_keys]
-        return (id(m), m._version, p._version, *((id(s), s._version) if s is not None else (0, 0) for s in held))
-
     @staticmethod
     def _by_backend(params: Sequence[torch.Tensor]):
         """(backend, indices into params) for each backend the parameters' devices resolve to."""
@@ -203,7 +172,6 @@ class _MaskedOptimizer(Optimizer):
         self.__dict__.setdefault("_explicit_masks", WeakIdKeyDictionary())
         self.__dict__.setdefault("_owner_cache", WeakIdKeyDictionary())
         self.__dict__.setdefault("block_tile", tuple(masked_optim.DEFAULT_TILE))
-        self.__dict__["_clean_after_step"] = WeakIdKeyDictionary()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,36 +187,17 @@ def _fill_pruned_(tensors: Sequence[torch.Tensor], masks: Sequence[Optional[torc
             zero_pruned_(t, m)
 
 
-_SGD_STATE = ("momentum_buffer",)
-_ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
-def _masks_to_fill(grads: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
-                   clean: Optional[Sequence[bool]]) -> List[Optional[torch.Tensor]]:
-    """Mask the gradients of the `clean` parameters in place (their weight and state are already zero on
-    pruned entries, and a zero gradient keeps them so); return the masks whose tensors still need zeroing
-    after the step (the others: None)."""
-    masks = list(masks)
-    if clean is None:
-        return masks
-    for i, (g, m) in enumerate(zip(grads, masks)):
-        if clean[i]:
-            zero_pruned_(g, m)
-            masks[i] = None
-    return masks
-
-
 def _sgd_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                     masks: Sequence[Optional[torch.Tensor]], momentum_buffers: List[Optional[torch.Tensor]], *,
                     lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float,
-                    maximize: bool, clean: Optional[Sequence[bool]] = None) -> None:
+                    maximize: bool) -> None:
     """Masked SGD over a list of tensors (fills `momentum_buffers` in place on the first step).
 
     Multi-tensor: each formula of masked_optim.sgd_reference_ runs once over all tensors (torch._foreach_*).
     The direction is not masked before use: every entry is computed independently, so a live entry gets the
     reference's value and the pruned entries of the buffer and the weight are then overwritten with exact
     zeros, which is what the reference leaves there too."""
-    params, masks = list(params), _masks_to_fill(grads, masks, clean)
+    params, masks = list(params), list(masks)
     d = torch._foreach_neg(list(grads)) if maximize else list(grads)
     if weight_decay != 0:
         d = torch._foreach_add(d, params, alpha=weight_decay)
@@ -272,14 +221,12 @@ def _adam_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
                      masks: Sequence[Optional[torch.Tensor]], exp_avgs: Sequence[torch.Tensor],
                      exp_avg_sqs: Sequence[torch.Tensor], max_exp_avg_sqs: Sequence[Optional[torch.Tensor]],
                      steps: Sequence[int], *, lr: float, beta1: float, beta2: float, eps: float,
-                     weight_decay: float, amsgrad: bool, maximize: bool, decoupled: bool,
-                     clean: Optional[Sequence[bool]] = None) -> None:
+                     weight_decay: float, amsgrad: bool, maximize: bool, decoupled: bool) -> None:
     """Masked Adam/AdamW over a list of tensors (`steps[i]`: tensor i's step count, already incremented).
 
     Multi-tensor, one pass per formula of masked_optim.adam_reference_ over the tensors sharing a step count
     (normally all of them); pruned entries of the weight and the moments end as exact zeros, as in the
     reference (see _sgd_step_torch for why the direction need not be masked first)."""
-    masks = _masks_to_fill(grads, masks, clean)
     buckets: Dict[int, List[int]] = {}
     for i, step in enumerate(steps):
         buckets.setdefault(int(step), []).append(i)
@@ -352,22 +299,18 @@ class MaskedSGD(_MaskedOptimizer):
             bufs = [self.state[p].get("momentum_buffer") for p in params]
             hp = dict(lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
                       nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"])
-            torch_stepped: Sequence[int] = ()
             for backend, idx in self._by_backend(params):
                 sub_bufs = [bufs[i] for i in idx]
                 args = ([params[i] for i in idx], [grads[i] for i in idx], [masks[i] for i in idx], sub_bufs)
                 if backend == "triton":
                     masked_optim.sgd_step_(*args, **self._tile_kwargs(params, masks, idx), **hp)
                 else:
-                    _sgd_step_torch(*args, **hp, clean=self._clean_flags(args[0], args[2], _SGD_STATE))
-                    torch_stepped = idx
+                    _sgd_step_torch(*args, **hp)
                 for i, b in zip(idx, sub_bufs):
                     bufs[i] = b
             if group["momentum"] != 0:
                 for p, b in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = b
-            self._record_torch_clean([params[i] for i in torch_stepped], [masks[i] for i in torch_stepped],
-                                     _SGD_STATE)
         return loss
 
 
@@ -446,8 +389,7 @@ class MaskedAdam(_MaskedOptimizer):
                 if backend == "triton":
                     masked_optim.adam_step_(*args, **self._tile_kwargs(params, masks, idx), **hp)
                 else:
-                    _adam_step_torch(*args, **hp, clean=self._clean_flags(args[0], args[2], _ADAM_STATE))
-                    self._record_torch_clean(args[0], args[2], _ADAM_STATE)
+                    _adam_step_torch(*args, **hp)
         return loss
 
 
