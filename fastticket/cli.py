@@ -113,12 +113,18 @@ def _controls(text: str) -> Tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _granularity(text: str) -> str:
-    try:
-        parse_granularity(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+def _checked_by(parse: Callable[[str], Any]) -> Callable[[str], str]:
+    """An argparse type that keeps the flag's text once the config's own parser accepts it."""
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    return check
+
+
+_granularity = _checked_by(parse_granularity)
 
 
 def _rewind(text: str) -> str:
@@ -127,12 +133,7 @@ def _rewind(text: str) -> str:
     return text
 
 
-def _refill(text: str) -> str:
-    try:
-        parse_refill(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+_refill = _checked_by(parse_refill)
 
 
 def _early_bird(text: str) -> float:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastticket.backend import resolve_backend
-from fastticket.kernels._common import mask_gradient
+from fastticket.kernels._common import autocast_inputs, mask_gradient
 from fastticket.kernels.dispatch import dense_threshold
 from fastticket.kernels.tile_map import TileMap
 
@@ -49,16 +49,6 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _autocast_cast(x: torch.Tensor, weight: torch.Tensor, bias):
-    """Under autocast, the compute dtype F.linear / F.conv2d would use (custom ops are not autocast)."""
-    dev = x.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    return x, weight, bias
-
-
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tensor,
                   tile_maps: TileMapProvider, fused_update=None) -> torch.Tensor:
     if resolve_backend(x.device) == "triton":
@@ -67,7 +57,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tenso
                 return F.linear(x, _grad_masked(weight, mask), bias)
             from fastticket import ops  # noqa: F401  (registers torch.ops.fastticket.*)
 
-            x, weight, bias = _autocast_cast(x, weight, bias)
+            x, weight, bias = autocast_inputs(x, weight, bias)
             return torch.ops.fastticket.masked_linear(x, weight, bias, mask)
         # Imported on use: triton is optional (not installed off Linux) and the torch backend must not need it.
         from fastticket.kernels.masked_linear import masked_linear as triton_masked_linear
@@ -98,6 +88,6 @@ def _compiled_conv2d(x, weight, bias, mask, stride, padding, dilation) -> torch.
 
     if x.dim() == 3:
         return _compiled_conv2d(x.unsqueeze(0), weight, bias, mask, stride, padding, dilation)[0]
-    x, weight, bias = _autocast_cast(x, weight, bias)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     pad, pad_str = ([0, 0], padding) if isinstance(padding, str) else (_pair(padding), "")
     return torch.ops.fastticket.masked_conv2d(x, weight, bias, mask, _pair(stride), pad, pad_str, _pair(dilation))

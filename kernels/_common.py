@@ -180,3 +180,14 @@ def zero_pruned_(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         _keep_bits[mask] = entry
     t.view(int_dtype).bitwise_and_(entry[1])
     return t
+
+
+def autocast_inputs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """Under autocast, the compute dtype F.linear / F.conv2d would use (the casts are differentiable; custom
+    autograd Functions and custom ops are not autocast themselves)."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return x, weight, bias

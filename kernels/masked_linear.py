@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fastticket.kernels._common import device_guard, dot_input_precision, live_bucket, sm_count
+from fastticket.kernels._common import autocast_inputs, device_guard, dot_input_precision, live_bucket, sm_count
 from fastticket.kernels.dispatch import use_tile_skipping
 from fastticket.kernels.tile_map import TileMap
 
@@ -629,16 +629,6 @@ class MaskedLinearFunction(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------------------ entry point
 
-def _autocast_inputs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """Under autocast, compute in the autocast dtype as F.linear would (the casts are differentiable)."""
-    dev = x.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    return x, weight, bias
-
-
 @torch.compiler.disable
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor,
                   tile_maps: TileMapProvider, fused_update: Optional[FusedUpdate] = None) -> torch.Tensor:
@@ -652,7 +642,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features, weight expects {weight.shape[1]} "
                          f"(weight shape {tuple(weight.shape)})")
-    x, weight, bias = _autocast_inputs(x, weight, bias)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(f"masked_linear: input dtype {x.dtype}, weight {weight.dtype}"
                         + (f", bias {bias.dtype}" if bias is not None else "") + " must match")
