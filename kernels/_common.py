@@ -127,7 +127,9 @@ class _MaskGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
-        if _is_batched(grad) or _is_batched(mask):  # inside vmap: the plain op (wrappers have no bit views)
+        # Traced (torch.compile: dynamo before torch 2.6 cannot trace the batched-tensor query) or inside vmap
+        # (wrappers have no bit views): the plain op.
+        if torch.compiler.is_compiling() or _is_batched(grad) or _is_batched(mask):
             return grad.masked_fill(~mask, 0.0), None
         return zero_pruned_(grad.clone(), mask), None
 
