@@ -172,9 +172,13 @@ class ArmDir:
         self._publish(REWIND, torch_bytes(state))
 
     def load_rewind(self) -> Dict[str, torch.Tensor]:
-        state = self._load_verified(REWIND)
+        return self._load_state_dict(REWIND)
+
+    def _load_state_dict(self, name: str) -> Dict[str, torch.Tensor]:
+        """A verified file that must hold a state dict (a DamagedFileError naming it otherwise)."""
+        state = self._load_verified(name)
         if not isinstance(state, dict):
-            raise DamagedFileError(f"{self._file(REWIND)} holds a {type(state).__name__}, not a state dict")
+            raise DamagedFileError(f"{self._file(name)} holds a {type(state).__name__}, not a state dict")
         return state
 
     # metrics
@@ -240,10 +244,7 @@ class ArmDir:
         self._publish(FINAL, torch_bytes(state))
 
     def load_final(self) -> Dict[str, torch.Tensor]:
-        state = self._load_verified(FINAL)
-        if not isinstance(state, dict):
-            raise DamagedFileError(f"{self._file(FINAL)} holds a {type(state).__name__}, not a state dict")
-        return state
+        return self._load_state_dict(FINAL)
 
     def load_final_into(self, model: nn.Module) -> None:
         path = self._file(FINAL)
