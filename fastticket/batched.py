@@ -20,8 +20,17 @@ per trial and stacked to x[K, B, ...]). The per-arm models and optimizers stay t
 `sync_out` copies the stacked tensors back into them before every evaluation and checkpoint, so the files
 each arm writes are exactly those of an arm trained alone.
 
-Backend: the stacked step runs the PyTorch implementations (vmap cannot batch the Triton launches); the
-grouped Triton launch (the arm as a grid dimension) is not built.
+Backend: the stacked step runs on the backend a lone arm would use (fastticket.backend). On the triton
+backend vmap cannot batch a Triton launch, so the masked layers see that they are inside a functorch
+transform (fastticket/functional.py): a masked linear layer runs all K arms as one grouped launch, the arm
+a grid dimension over the arms' concatenated live-tile lists, or as one batched dense GEMM where the
+one-arm dispatch rule says dense (element masks) (kernels/grouped_linear.py, wired by the vmap rule of
+fastticket/ops.py); a masked conv layer runs the dense op, which vmap makes one grouped convolution (the
+default conv dispatch sends every conv layer to cuDNN anyway; a grouped conv launch is not built). The
+masked optimizer steps the stacked tensors on the torch backend whatever the layers' backend (foreach passes
+over a few large stacked tensors; see `step`).
+Why the vmap rule and not a second, stacked model: the stacked engine keeps taking any model unchanged, and
+only the op that cannot be batched by vmap gets a batched implementation.
 """
 from __future__ import annotations
 
@@ -101,13 +110,17 @@ class StackedEngine:
         else:
             x = torch.stack([b[0] for b in batches]).index_select(0, self.gather)
             y = torch.stack([b[1] for b in batches]).index_select(0, self.gather)
-        with use_backend("torch"), gradient_masked_by_optimizer():
+        with gradient_masked_by_optimizer():
             params = dict(zip(self.names, self.params))
             out = self.forward(params, self.buffers, x)  # [K, B, classes]
             losses = F.cross_entropy(out.flatten(0, 1), y.reshape(-1), reduction="none").view(self.k, -1).mean(1)
             self.optimizer.zero_grad(set_to_none=True)
             # The arms' parameters are disjoint, so the gradient of the sum is each arm's own gradient.
             losses.sum().backward()
+        # The optimizer on the torch backend (multi-tensor foreach passes over the few stacked tensors) on every
+        # backend: an arm's update is the same elementwise formula either way, and the Triton Adam kernel has
+        # no float64 path (the float64 equivalence tests step stacked arms on the triton backend).
+        with use_backend("torch"):
             self.optimizer.step()
         return losses.detach()
 

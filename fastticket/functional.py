@@ -5,7 +5,12 @@ torch backend: the dense op on the stored weight, exact because pruned weights a
 triton backend: the tile-skipping kernels in fastticket.kernels, which choose per layer between cuBLAS /
 cuDNN and tile skipping from the layer's live-tile fraction. While torch.compile traces, the triton backend
 goes through the custom ops of fastticket/ops.py (no graph break), or straight to the traceable dense op when
-the dispatch threshold sends every layer of that kind to the vendor library.
+the dispatch threshold sends every layer of that kind to the vendor library. Inside a functorch transform
+(the stacked arms of fastticket.batched: `vmap(functional_call(model))`) a Triton launch cannot take the
+batched tensors: a masked linear layer goes through `fastticket.ops.vmapped_masked_linear`, whose vmap rule
+runs the arms as one grouped launch (or one batched GEMM, by the same dispatch rule); a masked conv layer
+takes the dense op (vmap makes it one grouped convolution), which is what the conv dispatch threshold
+(0: every conv layer to cuDNN) picks for one arm too. A grouped conv launch is not built.
 """
 from __future__ import annotations
 
@@ -49,6 +54,12 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _in_functorch_transform() -> bool:
+    """True inside vmap / grad / ... of torch.func: the tensors a layer sees may be batched or grad-tracking
+    wrappers, which a Triton launch cannot read."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tensor,
                   tile_maps: TileMapProvider, fused_update=None) -> torch.Tensor:
     if resolve_backend(x.device) == "triton":
@@ -59,6 +70,14 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tenso
 
             x, weight, bias = autocast_inputs(x, weight, bias)
             return torch.ops.fastticket.masked_linear(x, weight, bias, mask)
+        if _in_functorch_transform():
+            if fused_update is not None:
+                raise RuntimeError("masked_linear: the dW+update fusion (fused_update) cannot run inside vmap / "
+                                   "torch.func transforms; disable it (fastticket.optim.disable_fused_dw_update)")
+            from fastticket import ops
+
+            x, weight, bias = autocast_inputs(x, weight, bias)
+            return ops.vmapped_masked_linear(x, weight, bias, mask)
         # Imported on use: triton is optional (not installed off Linux) and the torch backend must not need it.
         from fastticket.kernels.masked_linear import masked_linear as triton_masked_linear
 
@@ -73,6 +92,8 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tenso
             if groups != 1 or dense_threshold("conv2d") <= 0:
                 return F.conv2d(x, _grad_masked(weight, mask), bias, stride, padding, dilation, groups)
             return _compiled_conv2d(x, weight, bias, mask, stride, padding, dilation)
+        if _in_functorch_transform():  # stacked arms: the dense op (see the module docstring)
+            return F.conv2d(x, _grad_masked(weight, mask), bias, stride, padding, dilation, groups)
         from fastticket.kernels.masked_conv2d import masked_conv2d as triton_masked_conv2d
 
         return triton_masked_conv2d(x, weight, bias, mask, tile_maps, stride, padding, dilation, groups)

@@ -16,10 +16,20 @@ rebuilt when the mask changes in place (its version counter) like the layers' ow
 ("reduce-overhead") the graph replays the tile maps it was captured with: a masks change must be followed
 by a new capture, which the compiled training step (fastticket/compiled.py) does once per arm.
 
+Under vmap (a group of arms stacked by fastticket.batched: `vmap(functional_call(model))`), a masked linear
+layer on the triton backend goes through `vmapped_masked_linear`: an autograd Function whose vmap rule
+receives the arms' stacked tensors and runs them as one grouped launch (kernels/grouped_linear.py: the arm a
+grid dimension, the stacked tile map of the arms' masks, cached here per mask storage like the one-arm
+maps), or as one batched dense GEMM when the dispatch rule says dense. Its autograd (forward and backward)
+is the grouped Function's, recorded on the stacked tensors. Why an autograd Function with a `vmap`
+staticmethod and not `torch.library.register_vmap` on the custom op above: on torch 2.5.1 (the minimum this
+project supports) a custom op's vmap rule runs below its autograd, so the vmapped output had no grad_fn and
+backward failed (checked); the Function form composes with autograd on 2.5.1 and 2.14.1 alike.
+
 Needs torch >= 2.4 (`torch.library.custom_op`, `register_fake`, `register_autograd`).
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch 2.5's custom_op reads the signature's annotations and
+# cannot parse string ones such as 'Tuple[torch.Tensor, torch.Tensor]' (the module failed to import there).
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -27,24 +37,41 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from fastticket.kernels.dispatch import use_tile_skipping
-from fastticket.kernels.tile_map import TileMap, TileMapCache
+from fastticket.kernels.tile_map import StackedTileMap, TileMap, TileMapCache, build_stacked_tile_map
 
-__all__ = ["masked_linear", "masked_conv2d", "op_tile_map"]
+__all__ = ["masked_linear", "masked_conv2d", "op_tile_map", "op_stacked_tile_map", "vmapped_masked_linear"]
 
-_tile_caches: Dict[Tuple, Tuple[StorageWeakRef, TileMapCache]] = {}
+_tile_caches: Dict[Tuple, Tuple[StorageWeakRef, object]] = {}
+
+
+def _per_storage(mask: torch.Tensor, kind: str, make):
+    """The cache object of `kind` for `mask`'s storage and view (created by make()), dropped with the storage."""
+    storage = mask.untyped_storage()
+    key = (kind, StorageWeakRef(storage).cdata, mask.storage_offset(), tuple(mask.shape), tuple(mask.stride()))
+    hit = _tile_caches.get(key)
+    if hit is None or hit[0].expired():
+        for stale in [k for k, (ref, _) in _tile_caches.items() if ref.expired()]:
+            del _tile_caches[stale]
+        hit = _tile_caches[key] = (StorageWeakRef(storage), make())
+    return hit[1]
 
 
 def op_tile_map(mask: torch.Tensor, block_n: int, block_k: int, k_order: str = "mask") -> TileMap:
     """The tile map of `mask` for (block_n x block_k) tiles (K in `k_order`, kernels/tile_map.py), cached per
     mask storage and view."""
-    storage = mask.untyped_storage()
-    key = (StorageWeakRef(storage).cdata, mask.storage_offset(), tuple(mask.shape), tuple(mask.stride()))
-    hit = _tile_caches.get(key)
-    if hit is None or hit[0].expired():
-        for stale in [k for k, (ref, _) in _tile_caches.items() if ref.expired()]:
-            del _tile_caches[stale]
-        hit = _tile_caches[key] = (StorageWeakRef(storage), TileMapCache())
-    return hit[1].get(mask, block_n, block_k, 0, k_order)
+    return _per_storage(mask, "one", TileMapCache).get(mask, block_n, block_k, 0, k_order)
+
+
+def op_stacked_tile_map(mask: torch.Tensor, block_n: int, block_k: int) -> StackedTileMap:
+    """The stacked tile map of a stacked linear mask [A, N, K] (kernels/tile_map.py), cached per mask storage
+    and view, rebuilt when the mask is modified in place (its version counter) or its data moves."""
+    cache = _per_storage(mask, "stacked", dict)
+    key = (block_n, block_k)
+    token = (mask._version, mask.data_ptr())
+    hit = cache.get(key)
+    if hit is None or hit[0] != token:
+        hit = cache[key] = (token, build_stacked_tile_map(mask, block_n, block_k))
+    return hit[1]
 
 
 def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -127,6 +154,65 @@ def _linear_backward(ctx, grad):
 
 
 masked_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ------------------------------------------------------------------------------------------------- under vmap
+
+def _arm_first(t: torch.Tensor, dim: Optional[int], arms: int) -> torch.Tensor:
+    """A vmap rule's physical tensor with its arm dimension first; one vmap did not batch is expanded
+    (a stride-0 arm dimension: no copy; autograd sums the arms' gradients into it)."""
+    return t.movedim(dim, 0) if dim is not None else t.expand(arms, *t.shape)
+
+
+class _VmappedMaskedLinear(torch.autograd.Function):
+    """The masked linear layer as seen inside vmap on the triton backend (fastticket/functional.py routes it
+    here whenever a functorch transform is active). Its `vmap` rule runs the vmapped arms as one grouped call
+    (kernels/grouped_linear.py). Called outside any vmap level (a transform such as torch.func.grad nested
+    inside the vmap reaches forward / backward with the batched tensors themselves) it is the dense op,
+    exact under the zero invariant, with the masked dW: correct under every transform, grouped where the
+    stacked engine needs it."""
+
+    @staticmethod
+    def forward(x, weight, bias, mask):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, mask = inputs
+        ctx.save_for_backward(x, weight, mask)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mask = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        n, k = weight.shape
+        dx = grad @ weight if need_x else None
+        dw = (grad.reshape(-1, n).t() @ x.reshape(-1, k)).masked_fill(~mask, 0.0) if need_w else None
+        db = _bias_grad(grad, tuple(range(grad.dim() - 1))) if ctx.has_bias and need_b else None
+        return dx, dw, db, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, mask):
+        from fastticket.kernels.grouped_linear import grouped_masked_linear
+        from fastticket.kernels.masked_linear import linear_tile_sizes
+
+        arms = info.batch_size
+        x_dim, w_dim, b_dim, m_dim = in_dims
+        x, weight, mask = _arm_first(x, x_dim, arms), _arm_first(weight, w_dim, arms), _arm_first(mask, m_dim, arms)
+        if bias is not None:
+            bias = _arm_first(bias, b_dim, arms)
+        lead, n = x.shape[1:-1], weight.shape[1]
+        x3 = x.reshape(arms, -1, x.shape[-1])
+        tile_map = op_stacked_tile_map(mask, *linear_tile_sizes(x.device, x.dtype))
+        y = grouped_masked_linear(x3, weight, bias, mask, tile_map)
+        return y.reshape(arms, *lead, n), 0
+
+
+def vmapped_masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          mask: torch.Tensor) -> torch.Tensor:
+    """Y = x @ weight^T + bias for a masked linear layer called inside vmap (see _VmappedMaskedLinear)."""
+    return _VmappedMaskedLinear.apply(x, weight, bias, mask)
 
 
 # ------------------------------------------------------------------------------------------------- conv2d

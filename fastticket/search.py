@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastticket.backend import resolve_backend
 from fastticket.config import PAI_ARMS, RANDOM, REINIT, TICKET, SearchConfig, parse_refill
 from fastticket.errors import ConfigError, DamagedFileError
 from fastticket.nn import densities, install_masks, model_masks
@@ -313,11 +312,10 @@ def run_level(s: _Search, level: int, trials: Sequence[int]) -> List[Dict[str, A
             s.progress.arm_started(level, s.config.levels, f"{len(jobs)} arms" if len(jobs) > 1 else first.label,
                                    first.trial)
             # Stacked even for a lone arm, so an arm's numbers do not depend on how its level was split into
-            # groups (a resumed level regroups); except on the triton backend, where the stacked step runs
-            # the PyTorch ops (fastticket.batched) and a lone arm keeps the kernels.
-            stacked = len(jobs) > 1 or resolve_backend(s.device) != "triton"
+            # groups (a resumed level regroups); on the triton backend too, where the stacked step runs the
+            # grouped kernels (fastticket.batched).
             for i, r in zip(chunk, train_arms(s.config, jobs, s.data, s.prunable, s.progress,  # type: ignore
-                                              stacked=stacked)):
+                                              stacked=True)):
                 slots[i] = r
             s.progress.arms_done(len(jobs))
     return slots  # type: ignore[return-value]

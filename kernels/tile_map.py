@@ -15,6 +15,13 @@ Grouped lists (`TileMap.grouped`), for kernels whose program covers several tile
 once: per group of `rows` consecutive tile-rows, the union of their live lists, and per entry a bitmask whose
 bit r says whether the group's r-th tile-row is live there (so a wide program still loads only live tiles).
 Derived from `live` on first use and cached on the map, i.e. once per mask change.
+
+Stacked maps (`StackedTileMap`, `build_stacked_tile_map`), for K arms trained as one stacked model (a mask
+[A, N, K], one [N, K] mask per arm) and walked by one grouped launch whose grid has the arm as a dimension
+(kernels/grouped_linear.py): the arms' lists concatenated, arm after arm, into one ptr / idx pair, so arm a's
+tile-row r is entry `a * tiles_n + r` of `row_ptr` (its K-tiles `col_idx[row_ptr[a*tiles_n + r]:...]`), and
+arm a's tile-column c is entry `a * tiles_k + c` of `col_ptr`. The ptr arrays hold absolute offsets into the
+concatenated idx array (each arm's lists start where the previous arm's end). `live` is [A, tiles_n, tiles_k].
 """
 from __future__ import annotations
 
@@ -157,6 +164,55 @@ def build_tile_map(mask: torch.Tensor, block_n: int, block_k: int, k_order: str 
         max_live_per_col=int(stats[2]),
         k_order=k_order,
     )
+
+
+@dataclass(frozen=True)
+class StackedTileMap:
+    """The live-tile lists of A arms' masks (one [N, K] mask per arm), concatenated arm after arm (see the module
+    docstring). No COO: the grouped dW runs one program per tile of every arm and reads `live` itself, so it
+    also writes the dead tiles (as exact zeros)."""
+    arms: int
+    shape: Tuple[int, int]
+    block: Tuple[int, int]
+    live: torch.Tensor      # bool [arms, tiles_n, tiles_k]
+    row_ptr: torch.Tensor   # int32 [arms * tiles_n + 1]
+    col_idx: torch.Tensor   # int32 [n_live]
+    col_ptr: torch.Tensor   # int32 [arms * tiles_k + 1]
+    row_idx: torch.Tensor   # int32 [n_live]
+    n_live: int             # live tiles of all arms together
+
+    @property
+    def tiles(self) -> Tuple[int, int]:
+        return tuple(self.live.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def n_tiles(self) -> int:
+        return self.live.numel()
+
+    @property
+    def live_fraction(self) -> float:
+        """Live tiles / all tiles over every arm: the grouped launch's work relative to the dense batched GEMM,
+        so the one dispatch rule (kernels/dispatch.py) decides for the whole launch."""
+        return self.n_live / max(1, self.n_tiles)
+
+
+def build_stacked_tile_map(mask: torch.Tensor, block_n: int, block_k: int) -> StackedTileMap:
+    """The stacked tile map of a linear layer's stacked mask [A, N, K] (arm-major concatenated lists)."""
+    if mask.dim() != 3:
+        raise ValueError(f"a stacked linear mask is [arms, N, K], got shape {tuple(mask.shape)}")
+    if block_n <= 0 or block_k <= 0:
+        raise ValueError(f"tile sizes must be positive, got ({block_n}, {block_k})")
+    arms, n, k = mask.shape
+    tn, tk = -(-n // block_n), -(-k // block_k)
+    padded = torch.zeros(arms, tn * block_n, tk * block_k, dtype=torch.uint8, device=mask.device)
+    padded[:, :n, :k] = mask != 0
+    live = padded.view(arms, tn, block_n, tk, block_k).amax(dim=(2, 4)).bool()
+    # Arm-major rows: CSR over [A * tiles_n, tiles_k] is every arm's forward lists one after the other.
+    row_ptr, col_idx = _csr(live.reshape(arms * tn, tk))
+    col_ptr, row_idx = _csr(live.transpose(1, 2).reshape(arms * tk, tn))
+    return StackedTileMap(arms=arms, shape=(n, k), block=(block_n, block_k), live=live, row_ptr=row_ptr,
+                          col_idx=col_idx, col_ptr=col_ptr, row_idx=row_idx,
+                          n_live=int(row_ptr[-1].item()))  # one host sync per mask change, as build_tile_map
 
 
 class TileMapCache:
