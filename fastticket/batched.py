@@ -27,8 +27,7 @@ a grid dimension over the arms' concatenated live-tile lists, or as one batched 
 one-arm dispatch rule says dense (element masks) (kernels/grouped_linear.py, wired by the vmap rule of
 fastticket/ops.py); a masked conv layer runs the dense op, which vmap makes one grouped convolution (the
 default conv dispatch sends every conv layer to cuDNN anyway; a grouped conv launch is not built). The
-masked optimizer steps the stacked tensors on the torch backend whatever the layers' backend (foreach passes
-over a few large stacked tensors; see `step`).
+masked optimizer steps the stacked tensors on the same backend (on triton one fused multi-tensor launch).
 Why the vmap rule and not a second, stacked model: the stacked engine keeps taking any model unchanged, and
 only the op that cannot be batched by vmap gets a batched implementation.
 """
@@ -117,10 +116,6 @@ class StackedEngine:
             self.optimizer.zero_grad(set_to_none=True)
             # The arms' parameters are disjoint, so the gradient of the sum is each arm's own gradient.
             losses.sum().backward()
-        # The optimizer on the torch backend (multi-tensor foreach passes over the few stacked tensors) on every
-        # backend: an arm's update is the same elementwise formula either way, and the Triton Adam kernel has
-        # no float64 path (the float64 equivalence tests step stacked arms on the triton backend).
-        with use_backend("torch"):
             self.optimizer.step()
         return losses.detach()
 

@@ -266,11 +266,10 @@ def grouped_linear_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, mask: to
     if arms == 0 or n == 0 or k == 0:
         return out
     tiles_n, tiles_k = tile_map.tiles
-    live = tile_map.live.reshape(arms, tiles_n * tiles_k).to(torch.uint8)  # contiguous, arm-major
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     with device_guard(out):
         _kernel("dw", x.device)[(tiles_n * tiles_k, arms)](
-            grad_out, x, mask_u8, live, out,
+            grad_out, x, mask_u8, tile_map.live_flags, out,
             m, n, k, tiles_k,
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), x.stride(0), x.stride(1), x.stride(2),
             mask_u8.stride(0), mask_u8.stride(1), mask_u8.stride(2), out.stride(0), out.stride(1), out.stride(2),

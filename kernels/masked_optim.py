@@ -220,6 +220,22 @@ if HAS_TRITON:
                        ALIGNED, True, HAS_MOMENTUM, NESTEROV, MAXIMIZE, HAS_WD)
 
     @triton.jit
+    def _sqrt_rn(x):
+        # sqrt_rn is fp32-only; float64 sqrt is correctly rounded already (sqrt.rn.f64).
+        if x.dtype.is_fp64():
+            return tl.sqrt(x)
+        else:
+            return tl.sqrt_rn(x)
+
+    @triton.jit
+    def _div_rn(a, b):
+        # div_rn is fp32-only; float64 division is IEEE-rounded already (div.rn.f64).
+        if a.dtype.is_fp64():
+            return a / b
+        else:
+            return tl.div_rn(a, b)
+
+    @triton.jit
     def _adam_apply(addr_ptr, t, offs, valid, flags, lr, beta1, beta2, eps, weight_decay, step_size,
                     inv_bc2_sqrt, DTYPE: tl.constexpr, PTR_TY: tl.constexpr, COMPUTE: tl.constexpr,
                     ALIGNED: tl.constexpr,
@@ -260,14 +276,14 @@ if HAS_TRITON:
             else:
                 vmax = tl.load(mx_ptr + offs).to(COMPUTE)
             vmax = tl.where(keep, tl.maximum(vmax, v), 0.0)
-            denom = tl.sqrt_rn(vmax) * inv_bc2_sqrt + eps
+            denom = _sqrt_rn(vmax) * inv_bc2_sqrt + eps
             if BOUNDED:
                 tl.store(mx_ptr + offs, vmax.to(DTYPE), mask=valid)
             else:
                 tl.store(mx_ptr + offs, vmax.to(DTYPE))
         else:
-            denom = tl.sqrt_rn(v) * inv_bc2_sqrt + eps
-        p = tl.where(keep, p - step_size * tl.div_rn(m, denom), 0.0)
+            denom = _sqrt_rn(v) * inv_bc2_sqrt + eps
+        p = tl.where(keep, p - step_size * _div_rn(m, denom), 0.0)
         if BOUNDED:
             tl.store(p_ptr + offs, p.to(DTYPE), mask=valid)
             tl.store(ea_ptr + offs, m.to(DTYPE), mask=valid)

@@ -179,6 +179,7 @@ class StackedTileMap:
     col_idx: torch.Tensor   # int32 [n_live]
     col_ptr: torch.Tensor   # int32 [arms * tiles_k + 1]
     row_idx: torch.Tensor   # int32 [n_live]
+    live_flags: torch.Tensor  # uint8 [arms, tiles_n * tiles_k], contiguous: `live` as the grouped dW reads it
     n_live: int             # live tiles of all arms together
 
     @property
@@ -212,6 +213,7 @@ def build_stacked_tile_map(mask: torch.Tensor, block_n: int, block_k: int) -> St
     col_ptr, row_idx = _csr(live.transpose(1, 2).reshape(arms * tk, tn))
     return StackedTileMap(arms=arms, shape=(n, k), block=(block_n, block_k), live=live, row_ptr=row_ptr,
                           col_idx=col_idx, col_ptr=col_ptr, row_idx=row_idx,
+                          live_flags=live.reshape(arms, tn * tk).to(torch.uint8).contiguous(),
                           n_live=int(row_ptr[-1].item()))  # one host sync per mask change, as build_tile_map
 
 

@@ -6,7 +6,8 @@ Kernels: float64 and float32 parity of the grouped forward / dX / dW against the
 with different masks per arm (dead tiles, all dead, all live, element-thinned), odd shapes (not multiples of
 the 16 x 16 interpreter tile), outputs NaN-poisoned first. Training: the stacked engine on the triton backend
 takes the same steps (float64, 1e-9) as each arm alone on the torch backend, with pruned weights exactly
-zero in every arm, through the grouped kernels and through the batched GEMM.
+zero in every arm, through the grouped kernels and through the batched GEMM. sm_90: the grouped kernels
+compile with tensor cores, pipelining and no spills (tests/sm90.py).
 """
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from fastticket.backend import use_backend
-from fastticket.kernels import grouped_linear, masked_linear
+from fastticket.kernels import grouped_linear, masked_linear, masked_optim
 from fastticket.kernels.tile_map import build_stacked_tile_map
 from fastticket.nn import MaskedLinear
 from fastticket.presets import get_preset
 from fastticket.testing import rel_error
+from sm90 import Expect, assert_properties
+
+ON_CUDA = torch.cuda.is_available()
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 launches = pytest.mark.launches_triton
@@ -226,8 +230,8 @@ class TinyData:
 @pytest.mark.parametrize("threshold", THRESHOLDS)
 @pytest.mark.parametrize("arms", [3, 1])
 def test_stacked_engine_on_triton_steps_like_each_arm_alone_on_torch(monkeypatch, threshold, arms):
-    """The stacked training step on the triton backend (grouped launches or batched GEMM; the masked Adam on
-    torch's foreach passes, as the stacked engine runs it on every backend) against the one-arm engine on the torch backend, arm by arm, in float64: equal to 1e-9
+    """The stacked training step on the triton backend (grouped launches or batched GEMM; the masked Adam's
+    fused Triton step over the stacked tensors, float64 included) against the one-arm engine on the torch backend, arm by arm, in float64: equal to 1e-9
     after several steps, pruned weights and their Adam state exactly zero in every arm. K = 1 too: a lone
     arm of a level trains stacked on the triton backend."""
     from fastticket.batched import StackedEngine
@@ -244,10 +248,12 @@ def test_stacked_engine_on_triton_steps_like_each_arm_alone_on_torch(monkeypatch
         jobs = [SimpleNamespace(seed=s, model=m) for s, m in zip(seeds, models)]
         engine = StackedEngine(config, jobs, states, data)
         calls = spy(monkeypatch)
+        adam = Calls(monkeypatch, fused=(masked_optim, "adam_step_"))
         for it in range(3):
             engine.step(it)
         engine.sync_out()
     assert calls.n["one_arm_fwd"] == 0 and calls.n["grouped_call"] == 2 * 3  # 2 layers x 3 steps
+    assert adam.n["fused"] == 3  # the optimizer's fused Triton step over the stacked tensors, one per step
     assert (calls.n["grouped_fwd"] > 0) == (threshold != "0")
     for a, model in enumerate(alone):
         with use_backend("torch"):
@@ -266,3 +272,80 @@ def test_stacked_engine_on_triton_steps_like_each_arm_alone_on_torch(monkeypatch
             for value in states[a].optimizer.state[layer.weight].values():
                 if torch.is_tensor(value) and value.shape == layer.weight.shape:
                     assert torch.all(value[pruned] == 0)
+
+
+# ------------------------------------------------------------------------------------------------ sm_90
+
+# sm_90 compile checks (tests/sm90.py, the sm90_compiled fixture) of the grouped kernels as a real launch would
+# compile them: 8 arms of an 8192-token batch through a 4096 x 4096 layer, contiguous, bf16 (and one tf32 set).
+# THE table for the grouped kernels: whoever changes their configs or code updates it here. The configs are
+# the one-arm kernels' (kernels/masked_linear.py) at program width 64, as the autotuner keeps them on an H100.
+SM90_EXPECT = {
+    "grouped fwd bf16 BM128 w8 s4": Expect("wgmma", buffers=4, async16=True),
+    "grouped fwd bf16 BM64 w4 s5": Expect("wgmma", buffers=5, async16=True),
+    "grouped dx bf16 BM128 w8 s4": Expect("wgmma", buffers=4, async16=True),
+    "grouped dw bf16 BM64 w4 s4": Expect("wgmma", buffers=4, async16=True, no_atomics=True),
+    "grouped dw bf16 BM128 w4 s3": Expect("wgmma", buffers=3, async16=True, no_atomics=True),
+    "grouped fwd tf32 BM128 w8 s4": Expect("wgmma", buffers=4),
+    "grouped dx tf32 BM128 w8 s4": Expect("wgmma", buffers=4),
+    "grouped dw tf32 BM64 w4 s4": Expect("wgmma", buffers=4, no_atomics=True),
+}
+
+SM90_BODY = r"""
+import torch
+import triton.language as tl
+import fastticket.kernels.grouped_linear as gl
+import fastticket.kernels.masked_linear as ml
+
+WANTED = %r
+A, M, N, K = 8, 8192, 4096, 4096
+BN, BK = ml.linear_tile_sizes(torch.device("cuda"), torch.bfloat16)
+BUCKET = ml.live_bucket(0.4)
+i32, u8 = ptr(torch.int32), ptr(torch.uint8)
+lists = dict(LIST_CHUNK=ml._LIST_CHUNK, GROUP_M=ml._GROUP_M)
+
+
+class Arg:  # what the autotuner's config pruning reads of a tensor argument
+    def __init__(self, dtype):
+        self.dtype, self.device = dtype, torch.device("cpu")
+    def element_size(self):
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+ml._SMEM_BUDGET = SMEM_LIMIT_SM90  # the pruning asks an H100 for this; here no device answers
+for dtype, tag, precision in ((torch.bfloat16, "bf16", None), (torch.float32, "tf32", "tf32")):
+    t = ptr(dtype)
+    for kind, named, wide in (("fwd", "x_ptr", "BLOCK_N"), ("dx", "dy_ptr", "BLOCK_K")):
+        for c in ml._prune_configs(ml._cuda_configs(), {"M": M, named: Arg(dtype)}, **{wide: 64}):
+            name = f"grouped {kind} {tag} BM{c.kwargs['BLOCK_M']} w{c.num_warps} s{c.num_stages}"
+            if name not in WANTED:
+                continue
+            meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            if kind == "fwd":
+                check(name, gl._grouped_fwd_kernel, t, t, t, t, i32, i32, M, N, K, N // BN,
+                      M * K, K, 1, N * K, K, 1, N, M * N, N, 1, A, BUCKET, HAS_BIAS=True,
+                      INPUT_PRECISION=precision, ACC=tl.float32, BLOCK_N=BN, BLOCK_K=BK, **lists, **meta)
+            else:
+                check(name, gl._grouped_dx_kernel, t, t, t, i32, i32, M, N, K, K // BK,
+                      M * N, N, 1, N * K, K, 1, M * K, K, 1, A, BUCKET,
+                      INPUT_PRECISION=precision, ACC=tl.float32, BLOCK_N=BN, BLOCK_K=BK, **lists, **meta)
+    for c in ml._dw_cuda_configs():
+        name = f"grouped dw {tag} BM{c.kwargs['BLOCK_M']} w{c.num_warps} s{c.num_stages}"
+        if name in WANTED:
+            check(name, gl._grouped_dw_kernel, t, t, u8, u8, t, M, N, K, K // BK,
+                  M * N, N, 1, M * K, K, 1, N * K, K, 1, N * K, K, 1, A, BUCKET,
+                  INPUT_PRECISION=precision, ACC=tl.float32, BLOCK_N=BN, BLOCK_K=BK, **c.kwargs,
+                  num_warps=c.num_warps, num_stages=c.num_stages)
+""" % sorted(SM90_EXPECT)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="with a GPU the other tests compile the kernels for real")
+def test_grouped_kernels_compile_for_sm90_without_a_gpu(sm90_compiled):
+    missing = sorted(set(SM90_EXPECT) - set(sm90_compiled))
+    assert not missing, f"configurations no longer launched (update SM90_EXPECT): {missing}"
+
+
+@pytest.mark.skipif(ON_CUDA, reason="offline compile check; a GPU runs the kernels themselves")
+@pytest.mark.parametrize("name", sorted(SM90_EXPECT))
+def test_grouped_sm90_tensor_cores_pipelining_no_spills(name, sm90_compiled):
+    assert_properties(sm90_compiled, name, SM90_EXPECT[name])

@@ -379,14 +379,19 @@ def test_global_block_search_with_exclusions_and_movement(tmp_path):
 
 @pytest.mark.launches_triton
 def test_search_on_the_triton_backend_matches_the_torch_backend(tmp_path, monkeypatch):
-    """The IMP driver on the triton backend: fused Triton optimizer steps (here in the interpreter), the
-    same numbers as the PyTorch backend within fp32 rounding, pruned weights exactly zero."""
+    """The IMP driver on the triton backend: a lone arm stacked (grouped masked-linear calls), fused Triton
+    optimizer steps (here in the interpreter), the same numbers as the PyTorch backend within fp32 rounding, pruned weights exactly zero."""
     from fastticket.backend import use_backend
     from fastticket.kernels import masked_optim
 
-    launches = []
+    from fastticket.kernels import grouped_linear
+
+    launches, grouped = [], []
     real_sgd_step = masked_optim.sgd_step_
     monkeypatch.setattr(masked_optim, "sgd_step_", lambda *a, **k: launches.append(1) or real_sgd_step(*a, **k))
+    real_grouped = grouped_linear.grouped_masked_linear
+    monkeypatch.setattr(grouped_linear, "grouped_masked_linear",
+                        lambda *a, **k: grouped.append(1) or real_grouped(*a, **k))
     config = tiny(iterations=6, eval_every=3, levels=1, controls=[], optimizer="sgd", lr=0.05, momentum=0.9,
                   weight_decay=1e-3, granularity="block:16x16", val_size=100)
     rows = {}
@@ -394,6 +399,8 @@ def test_search_on_the_triton_backend_matches_the_torch_backend(tmp_path, monkey
         with use_backend(backend):
             rows[backend] = run_search(config, str(tmp_path / backend), progress=False)
     assert len(launches) == 12  # 6 steps x 2 levels, one launch per step on the triton backend only
+    # A level's lone arm trains stacked on the triton backend too: its 3 masked linear layers as grouped calls.
+    assert len(grouped) == 3 * 12
     assert [r["density"] for r in rows["triton"]] == [r["density"] for r in rows["torch"]]
     for level in (0, 1):
         ours = load(os.path.join(arm_dir(str(tmp_path / "triton"), level, "ticket", 0), "final.pt"))

@@ -6,11 +6,12 @@ rebuild after every kind of mask change a user can make.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastticket.kernels.tile_map import TileMapCache, build_tile_map, reference_live_tiles
+from fastticket.kernels.tile_map import TileMapCache, build_stacked_tile_map, build_tile_map, reference_live_tiles
 from fastticket.nn import MaskedLinear
 
 
@@ -99,6 +100,45 @@ def test_grouped_lists_hold_the_union_and_per_tile_bits(case, rows, axis):
         assert entries == block.any(0).nonzero().flatten().tolist()
         for e, c in zip(bits[ptr[g]:ptr[g + 1]], entries):
             assert e == sum(int(block[r, c]) << r for r in range(block.shape[0]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(masks(), min_size=1, max_size=4), st.integers(0, 3))
+def test_stacked_map_concatenates_each_arms_lists(cases, kind_seed):
+    """A stacked map of A arms' masks (same shape and tiles, each its own pattern): arm a's forward list of
+    tile-row r is entry a * tiles_n + r of the one concatenated CSR, its dX list entry a * tiles_k + c, each
+    exactly that arm's own lists; live, live_flags and the counts are every arm's."""
+    first, bn, bk = cases[0]
+    n, k = first.shape
+    gen = torch.Generator().manual_seed(kind_seed)
+    # Every arm takes the first case's shape: its own mask where shapes agree, otherwise a fresh random one.
+    stack = torch.stack([m if m.shape == first.shape else torch.rand(n, k, generator=gen) < 0.3 for m, _, _ in cases])
+    sm = build_stacked_tile_map(stack, bn, bk)
+    arms = stack.shape[0]
+    tn, tk = -(-n // bn), -(-k // bk)
+    assert sm.arms == arms and sm.shape == (n, k) and sm.tiles == (tn, tk)
+    assert sm.row_ptr.numel() == arms * tn + 1 and sm.col_ptr.numel() == arms * tk + 1
+    for t in (sm.row_ptr, sm.col_idx, sm.col_ptr, sm.row_idx):
+        assert t.dtype == torch.int32
+    row_ptr, col_idx = sm.row_ptr.tolist(), sm.col_idx.tolist()
+    col_ptr, row_idx = sm.col_ptr.tolist(), sm.row_idx.tolist()
+    for a in range(arms):
+        one = build_tile_map(stack[a], bn, bk)
+        assert torch.equal(sm.live[a], one.live)
+        assert torch.equal(sm.live_flags[a], one.live.flatten().to(torch.uint8))
+        for r in range(tn):
+            lo, hi = row_ptr[a * tn + r], row_ptr[a * tn + r + 1]
+            assert col_idx[lo:hi] == one.col_idx[one.row_ptr[r]:one.row_ptr[r + 1]].tolist()
+        for c in range(tk):
+            lo, hi = col_ptr[a * tk + c], col_ptr[a * tk + c + 1]
+            assert row_idx[lo:hi] == one.row_idx[one.col_ptr[c]:one.col_ptr[c + 1]].tolist()
+    assert sm.n_live == int(sm.live.sum()) == len(col_idx) == len(row_idx)
+    assert sm.live_fraction == sm.n_live / (arms * tn * tk)
+
+
+def test_stacked_map_needs_a_stacked_2d_mask():
+    with pytest.raises(ValueError, match="arms, N, K"):
+        build_stacked_tile_map(torch.ones(4, 5, dtype=torch.bool), 2, 2)
 
 
 def test_tap_major_order_tiles_the_permuted_filter():
