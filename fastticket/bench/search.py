@@ -4,7 +4,11 @@
     accumulation) against a plain PyTorch loop of the same model (nn.Linear/nn.Conv2d, torch.optim.Adam) on the
     same batches;
 (b) K = 8 LeNet-300-100 arms as one stacked model (fastticket.batched) against the same 8 arms one at a time;
-(c) the same for Conv-2 on CIFAR-shaped synthetic data.
+(c) the same for Conv-2 on CIFAR-shaped synthetic data;
+(d) on CUDA only: (b) with block masks (whole 64 x 64 tiles pruned, BLOCK_LIVE of them live), where the
+    triton backend runs each masked linear layer of the 8 arms as one grouped tile-skipping launch
+    (kernels/grouped_linear.py) against each arm's own tile-skipping launches. On a CPU the torch backend
+    runs both masks alike (dense ops), so the row would repeat (b); it is not timed there.
 
 Unlike the kernel suites these are timed on a CPU too (wall clock, median of repeats): the question is how the
 loop compares with plain PyTorch on the same machine, which a CPU answers. Every row also checks parity: the
@@ -29,6 +33,8 @@ from fastticket.train import ArmJob, ArmSpec, ArmState, SingleEngine, build_mask
 ARMS = 8
 BATCH = 60
 DENSITY = 0.5  # masks of a mid-search level (every layer keeps half its weights)
+BLOCK = 64         # block masks of row (d): the CUDA kernels' tile
+BLOCK_LIVE = 0.25  # live fraction of the tiles (below the linear dispatch threshold, so tiles are skipped)
 
 
 def _synthetic(shape: Tuple[int, int, int], n: int, device: torch.device) -> DeviceData:
@@ -42,11 +48,24 @@ def _synthetic(shape: Tuple[int, int, int], n: int, device: torch.device) -> Dev
     return DeviceData(info, split(n), split(BATCH), split(BATCH), augment=False)
 
 
-def _arm(config: SearchConfig, data: DeviceData, seed: int, device: torch.device) -> Tuple[ArmJob, ArmState]:
+def _block_mask(shape, g: torch.Generator) -> torch.Tensor:
+    """Whole BLOCK x BLOCK tiles kept with probability BLOCK_LIVE (the first always), pruned otherwise."""
+    n, k = shape
+    tiles = torch.rand(-(-n // BLOCK), -(-k // BLOCK), generator=g) < BLOCK_LIVE
+    tiles[0, 0] = True
+    return tiles.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:n, :k]
+
+
+def _arm(config: SearchConfig, data: DeviceData, seed: int, device: torch.device,
+         block: bool = False) -> Tuple[ArmJob, ArmState]:
     model = build_masked_model(config, data.info, seed, device)
     g = torch.Generator().manual_seed(1000 + seed)
     for _, layer in masked_modules(model):
-        layer.set_mask_((torch.rand(layer.weight.shape, generator=g) < DENSITY).to(device))
+        shape = layer.weight.shape
+        # Block masks for the hidden layers (the output layer has one tile-row: kept dense).
+        mask = (_block_mask(shape, g) if block and shape[0] > BLOCK and len(shape) == 2
+                else torch.rand(shape, generator=g) < DENSITY)
+        layer.set_mask_(mask.to(device))
     return (ArmJob(ArmSpec(0, "ticket", seed, 0), model, None, seed),  # type: ignore[arg-type]
             ArmState(model, make_optimizer(config, model), 0))
 
@@ -112,13 +131,14 @@ def _one_arm(model_name: str, data: DeviceData, device: torch.device, steps: int
                                       f"{1 / t_plain:.0f} it/s, {device.type})"})
 
 
-def _k_arms(model_name: str, data: DeviceData, device: torch.device, steps: int, repeats: int) -> BenchRow:
+def _k_arms(model_name: str, data: DeviceData, device: torch.device, steps: int, repeats: int,
+            block: bool = False) -> BenchRow:
     from fastticket.batched import StackedEngine
     config = SearchConfig(model=model_name, batch_size=BATCH)
-    pairs = [_arm(config, data, seed, device) for seed in range(ARMS)]
+    pairs = [_arm(config, data, seed, device, block) for seed in range(ARMS)]
     singles = [SingleEngine(config, [j], [s], data) for j, s in pairs]
     # The stacked group gets its own copies (the same starting weights and masks).
-    stacked_pairs = [_arm(config, data, seed, device) for seed in range(ARMS)]
+    stacked_pairs = [_arm(config, data, seed, device, block) for seed in range(ARMS)]
     stacked = StackedEngine(config, [j for j, _ in stacked_pairs], [s for _, s in stacked_pairs], data)
     first_single = torch.cat([e.step(0) for e in singles])
     first_stacked = stacked.step(0)
@@ -134,8 +154,10 @@ def _k_arms(model_name: str, data: DeviceData, device: torch.device, steps: int,
 
     t_single, t_batched = _seconds([one_at_a_time, batched], steps, device, repeats)
     speedup = t_single / t_batched
-    return BenchRow(suite="search", case=f"{ARMS} arms {model_name}", op="train step (all arms)",
-                    shape=f"K={ARMS} B={BATCH}", dtype="fp32", mask=f"element {DENSITY:.0%}", density=DENSITY,
+    mask = f"block {BLOCK}x{BLOCK}, {BLOCK_LIVE:.0%} of tiles live" if block else f"element {DENSITY:.0%}"
+    return BenchRow(suite="search", case=f"{ARMS} arms {model_name}" + (" block" if block else ""),
+                    op="train step (all arms)", shape=f"K={ARMS} B={BATCH}", dtype="fp32", mask=mask,
+                    density=BLOCK_LIVE if block else DENSITY,
                     times_ms={"one at a time": t_single * 1e3, "batched": t_batched * 1e3},
                     ratio_vs_dense={"batched": speedup}, parity=parity,
                     extra={"model_iters_per_s": {"one at a time": ARMS / t_single, "batched": ARMS / t_batched},
@@ -151,6 +173,9 @@ def search_suite(options: BenchOptions) -> List[BenchRow]:
     conv_steps = 3 if options.quick else 10
     mnist = _synthetic((1, 28, 28), 3500, device)
     cifar = _synthetic((3, 32, 32), 2000, device)
-    return [_one_arm("lenet300", mnist, device, steps, repeats),
+    rows = [_one_arm("lenet300", mnist, device, steps, repeats),
             _k_arms("lenet300", mnist, device, steps, repeats),
             _k_arms("conv2", cifar, device, conv_steps, repeats)]
+    if device.type == "cuda":  # (d): the grouped tile-skipping launch; a CPU would time (b) again
+        rows.append(_k_arms("lenet300", mnist, device, steps, repeats, block=True))
+    return rows
