@@ -214,6 +214,17 @@ def test_vmap_of_grad_inside_is_correct_too():
             assert rel_error(grads[name][a], p.grad) < 1e-12, (a, name)
 
 
+def test_fused_dw_update_inside_vmap_is_refused_in_one_line():
+    """The dW+update fusion writes one arm's weight in place: under vmap it would update the base model, not
+    the stacked arms, so it is refused with a clear error."""
+    models = tiny_arms(2, seed=9)
+    models[0].fc1.fused_update = lambda grad, x: None
+    params, buffers = stack_module_state(models)
+    x = torch.randn(2, 3, 45, dtype=torch.float64)
+    with use_backend("triton"), pytest.raises(RuntimeError, match="fused_update.*vmap"):
+        vmap(lambda p, b, xx: functional_call(models[0], (p, b), (xx,)))(params, buffers, x)
+
+
 # ------------------------------------------------------------------------------------------------ the engine
 
 class TinyData:
