@@ -238,6 +238,7 @@ class TinyData:
         return x, torch.randint(0, 10, (batch_size,), generator=gen)
 
 
+@launches  # the masked Adam's fused Triton step, whatever the layers' path
 @pytest.mark.parametrize("threshold", THRESHOLDS)
 @pytest.mark.parametrize("arms", [3, 1])
 def test_stacked_engine_on_triton_steps_like_each_arm_alone_on_torch(monkeypatch, threshold, arms):
