@@ -44,7 +44,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from fastticket.backend import use_backend
 from fastticket.config import SearchConfig
 from fastticket.functional import gradient_masked_by_optimizer
-from fastticket.train import ArmJob, ArmState, make_optimizer
+from fastticket.train import ArmJob, ArmState, data_parallel, has_statistics, make_optimizer
 
 if TYPE_CHECKING:
     from fastticket.data import DeviceData
@@ -58,10 +58,9 @@ class StackedEngine:
         self.config, self.jobs, self.states, self.data = config, list(jobs), list(states), data
         self.k = len(jobs)
         models = [s.model for s in states]
-        self.base = models[0]  # functional_call swaps the stacked tensors in for the call only
-        params, self.buffers = stack_module_state(models)
-        self.names = list(params)
-        self.params = [params[n] for n in self.names]
+        self.module = _StackedModule(models)
+        self.names, self.params, self.buffers = self.module.names, list(self.module.stacked), self.module.buffer_dict()
+        self.model = data_parallel(self.module, has_statistics(models[0]))  # DDP in a data-parallel search
         arm_params = [dict(m.named_parameters()) for m in models]
         arm_masks = [[s.optimizer.mask_for(arm_params[a][n]) for n in self.names]  # type: ignore[attr-defined]
                      for a, s in enumerate(states)]
@@ -76,11 +75,6 @@ class StackedEngine:
         seeds = [job.seed for job in jobs]
         self.unique_seeds = list(dict.fromkeys(seeds))
         self.gather = torch.tensor([self.unique_seeds.index(s) for s in seeds], device=data.device)
-
-        def forward(p: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.base, (p, b), (x,))
-
-        self.forward = vmap(forward, in_dims=(0, 0, 0))
 
     # ------------------------------------------------------------------ optimizer state in and out
     def _load_optimizer_state(self, arm_params: List[Dict[str, torch.Tensor]]) -> None:
@@ -110,8 +104,7 @@ class StackedEngine:
             x = torch.stack([b[0] for b in batches]).index_select(0, self.gather)
             y = torch.stack([b[1] for b in batches]).index_select(0, self.gather)
         with gradient_masked_by_optimizer():
-            params = dict(zip(self.names, self.params))
-            out = self.forward(params, self.buffers, x)  # [K, B, classes]
+            out = self.model(x)  # [K, B, classes]
             losses = F.cross_entropy(out.flatten(0, 1), y.reshape(-1), reduction="none").view(self.k, -1).mean(1)
             self.optimizer.zero_grad(set_to_none=True)
             # The arms' parameters are disjoint, so the gradient of the sum is each arm's own gradient.
@@ -140,6 +133,32 @@ class StackedEngine:
                 buf.copy_(self.buffers[name][a])
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
+
+
+class _StackedModule(nn.Module):
+    """K models' parameters and buffers stacked along a leading arm dimension, as one module whose forward is
+    the vmapped functional call of the first model (which DistributedDataParallel can wrap)."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        params, buffers = stack_module_state(list(models))
+        self.names = list(params)
+        self.stacked = nn.ParameterList([nn.Parameter(params[n]) for n in self.names])
+        self.buffer_names = list(buffers)
+        for i, name in enumerate(self.buffer_names):  # registered, so DDP can broadcast BatchNorm statistics
+            self.register_buffer(f"stacked_{i}", buffers[name])
+        base = models[0]  # not a submodule: functional_call swaps the stacked tensors in for the call only
+
+        def forward(p: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return functional_call(base, (p, b), (x,))
+
+        self._forward = vmap(forward, in_dims=(0, 0, 0))
+
+    def buffer_dict(self) -> Dict[str, torch.Tensor]:
+        return {name: getattr(self, f"stacked_{i}") for i, name in enumerate(self.buffer_names)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(dict(zip(self.names, self.stacked)), self.buffer_dict(), x)
 
 
 # ------------------------------------------------------------------------------ group sizing

@@ -11,10 +11,10 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, get_args
 
-from fastticket.config import (CONTROLS, REWIND_MODES, SearchConfig, check_early_bird, check_rate, parse_granularity,
-                               parse_refill)
+from fastticket.config import (CONTROLS, REWIND_MODES, DistBackend, DistributedMode, SearchConfig, check_early_bird,
+                               check_rate, parse_granularity, parse_refill)
 from fastticket.errors import ConfigError, FastTicketError, MaskError, OutputError, RunDirError
 
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
@@ -127,10 +127,12 @@ def _checked_by(parse: Callable[[str], Any]) -> Callable[[str], str]:
 _granularity = _checked_by(parse_granularity)
 
 
-def _rewind(text: str) -> str:
-    if text not in REWIND_MODES:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(REWIND_MODES)}, got {text!r}")
-    return text
+def _one_of(values: Sequence[str]) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if text not in values:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(values)}, got {text!r}")
+        return text
+    return check
 
 
 _refill = _checked_by(parse_refill)
@@ -163,11 +165,14 @@ SEARCH_FLAGS: Dict[str, Flag] = {
     "model": Flag("NAME"), "dataset": Flag("NAME"), "data_dir": Flag("DIR"), "levels": Flag("N", _nonneg_int),
     "rate": Flag("R", _rate), "iterations": Flag("N", _positive_int), "batch_size": Flag("N", _positive_int),
     "lr": Flag("LR", _positive_float), "eval_every": Flag("N", _positive_int), "rewind_iter": Flag("K", _nonneg_int),
-    "rewind": Flag("MODE", _rewind), "refill": Flag("block:RxC", _refill), "early_bird": Flag("EPS", _early_bird),
+    "rewind": Flag("MODE", _one_of(REWIND_MODES)), "refill": Flag("block:RxC", _refill),
+    "early_bird": Flag("EPS", _early_bird),
     "controls": Flag("LIST", _controls), "trials": Flag("T", _positive_int), "granularity": Flag("G", _granularity),
     "device": Flag("DEV"), "seed": Flag("S", _int), "reinits": Flag("R", _positive_int),
     "compile": Flag("", switch=True),
     "parallel_arms": Flag("N", _nonneg_int),
+    "distributed": Flag("MODE", _one_of(get_args(DistributedMode))),
+    "dist_backend": Flag("B", _one_of(get_args(DistBackend))),
 }
 # Fields only a preset sets (the paper's training recipe and pruning layout travel together in a preset).
 NOT_FLAGS = frozenset({"val_size", "optimizer", "momentum", "weight_decay", "lr_milestones", "lr_gamma",
@@ -302,14 +307,18 @@ def _progress_bars():
 
 
 def _search(args: argparse.Namespace) -> int:
+    from fastticket.distributed import env_rank
     from fastticket.presets import DEFAULT_PRESET
     from fastticket.report import summary_table
     from fastticket.search import run_search
     config = config_from_args(args)
     out = args.out or os.path.join("runs", args.preset or DEFAULT_PRESET)
     # Bars only on a terminal: in a log file their carriage returns would bury the messages.
-    bars = not args.no_progress and sys.stderr.isatty()
+    main = env_rank() == 0  # under torchrun, rank 0 draws the bars and writes the summary and the report
+    bars = not args.no_progress and sys.stderr.isatty() and main
     rows = run_search(config, out, resume=args.resume, progress=_progress_bars() if bars else None)
+    if not main:
+        return 0 if any(r.get("status") == "ok" for r in rows) else EXIT_RUNTIME
     print(summary_table(rows))
     print(f"run directory: {out}")
     for path in _report_files(out):

@@ -33,6 +33,8 @@ REWIND_MODES: Tuple[str, ...] = get_args(RewindMode)
 
 # Typing aliases for the fields with a closed set of values; validate() checks membership.
 Optimizer = Literal["adam", "adamw", "sgd"]
+DistributedMode = Literal["trials", "data"]  # fastticket.distributed
+DistBackend = Literal["auto", "gloo", "nccl"]
 Scope = Literal["layerwise", "global"]
 CriterionName = Literal["magnitude", "movement", "random"]  # the built-ins; fastticket.prune can register more
 OPTIMIZERS: Tuple[str, ...] = get_args(Optimizer)
@@ -153,6 +155,12 @@ class SearchConfig:
                                "them; 1: one at a time)", default=0, run_only=True)
     compile: bool = _help("compile the training step with torch.compile (fullgraph; CUDA graphs on CUDA); arms "
                           "then train one at a time", default=False, run_only=True)
+    distributed: DistributedMode = _help("under torchrun: trials (spread a level's arms over the ranks, no "
+                                         "gradient traffic; for small models) or data (every arm's batch split "
+                                         "over the ranks, gradients averaged by DDP; for big models)",
+                                         default="trials", run_only=True)
+    dist_backend: DistBackend = _help("under torchrun: auto (nccl with GPUs, gloo on CPUs), nccl or gloo",
+                                      default="auto", run_only=True)
 
     def __post_init__(self) -> None:
         # JSON (config.json) and callers give lists; the config holds tuples (hashable, not shared by copies).
@@ -214,6 +222,10 @@ class SearchConfig:
             check_rate(self.conv_rate, "conv_rate")
         if self.output_rate is not None:
             check_rate(self.output_rate, "output_rate")
+        need(self.distributed in get_args(DistributedMode),
+             f"distributed must be trials or data, got {self.distributed!r}")
+        need(self.dist_backend in get_args(DistBackend),
+             f"dist_backend must be auto, gloo or nccl, got {self.dist_backend!r}")
         need(self.scope in SCOPES, f"scope must be 'layerwise' or 'global', got {self.scope!r}")
         parse_granularity(self.granularity)
         need(self.rewind in REWIND_MODES,

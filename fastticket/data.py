@@ -153,6 +153,39 @@ class DeviceData:
         return self._black_pixel
 
 
+@dataclass
+class DataShard:
+    """One data-parallel rank's view of the data (fastticket.distributed, data mode): rows [lo, hi) of every
+    global training batch, so the ranks of one step together see exactly the one-process batch of the same
+    `batch_size`, and the same share of the validation and test splits (their sums are reduced over the
+    ranks)."""
+
+    data: DeviceData
+    rank: int
+    world: int
+
+    def __post_init__(self) -> None:
+        self.info, self.augment = self.data.info, self.data.augment
+        self.train = self.data.train
+        self.val, self.test = self._share(self.data.val), self._share(self.data.test)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def _rows(self, n: int) -> slice:
+        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+
+    def _share(self, split: Split) -> Split:
+        rows = self._rows(len(split))
+        return Split(split.x[rows], split.y[rows])
+
+    def batch(self, iteration: int, batch_size: int, seed: int) -> Tuple[Tensor, Tensor]:
+        x, y = self.data.batch(iteration, batch_size, seed)
+        rows = self._rows(batch_size)
+        return x[rows], y[rows]
+
+
 def default_data_dir() -> str:
     return os.environ.get("FASTTICKET_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "fastticket", "data")
 

@@ -66,8 +66,11 @@ def _first_line(exc: BaseException) -> str:
 class ArmDir:
     """One arm's directory: levels/level_LL/ARM_trialT. Writes go through checksums.json; reads verify."""
 
-    def __init__(self, path: str, level: int, arm: str, trial: int, replica: int = 0) -> None:
+    def __init__(self, path: str, level: int, arm: str, trial: int, replica: int = 0, writes: bool = True) -> None:
         self.path, self.level, self.arm, self.trial, self.replica = path, level, arm, trial, replica
+        # writes=False: a data-parallel rank other than 0 holds the same state as rank 0, which writes every
+        # file; its own writes are skipped (fastticket.distributed), its reads work as usual.
+        self.writes = writes
 
     def _file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -80,6 +83,8 @@ class ArmDir:
 
     def open(self) -> "ArmDir":
         """Create the directory (if needed) and drop temp files a killed writer left in it."""
+        if not self.writes:
+            return self
         os.makedirs(self.path, exist_ok=True)
         remove_stale_temps(self.path)
         return self
@@ -98,6 +103,8 @@ class ArmDir:
 
     def _publish(self, name: str, data: bytes) -> None:
         """Record `data`'s checksum under this arm, then write it as `name` (both atomically)."""
+        if not self.writes:
+            return
         entries = self._checksums()
         old = entries.get(name) if isinstance(entries.get(name), dict) else None
         entry = {"sha256": _sha256(data), "bytes": len(data), **self.identity}
@@ -109,6 +116,8 @@ class ArmDir:
         atomic_write_bytes(self._file(name), data)
 
     def _forget(self, name: str) -> None:
+        if not self.writes:
+            return
         entries = self._checksums()
         if name in entries:
             del entries[name]
@@ -147,6 +156,8 @@ class ArmDir:
 
     def discard(self, name: str) -> None:
         """Remove `name` and its checksum (a damaged file about to be recomputed, a finished arm's checkpoint)."""
+        if not self.writes:
+            return
         self._forget(name)
         try:
             os.remove(self._file(name))
@@ -183,6 +194,8 @@ class ArmDir:
 
     # metrics
     def write_metrics(self, metrics: List[Dict[str, float]]) -> None:
+        if not self.writes:
+            return
         atomic_write_text(self._file("metrics.jsonl"), "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
 
     def read_metrics(self) -> List[Dict[str, Any]]:
@@ -289,8 +302,9 @@ class ArmDir:
 class RunDir:
     """A search's output directory (see the module docstring for its layout)."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, writes: bool = True) -> None:
         self.root = root
+        self.writes = writes  # False: this process writes nothing here (ArmDir.writes)
         self._lock_fd: Optional[int] = None
 
     @property
@@ -306,7 +320,7 @@ class RunDir:
         keeps {arm}_trial{t}, so run directories written before replicas existed read the same."""
         name = f"{arm}{replica + 1}" if replica else arm
         return ArmDir(os.path.join(self.root, "levels", f"level_{level:02d}", f"{name}_trial{trial}"), level, arm,
-                      trial, replica)
+                      trial, replica, self.writes)
 
     # ----------------------------------------------------------------------------------------------- lock
     def lock(self) -> None:

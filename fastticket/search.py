@@ -24,14 +24,17 @@ result.json exists and continues an unfinished arm from its checkpoint, with the
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
+from fastticket import distributed
 from fastticket.config import PAI_ARMS, RANDOM, REINIT, TICKET, SearchConfig, parse_refill
-from fastticket.errors import ConfigError, DamagedFileError
+from fastticket.errors import ConfigError, DamagedFileError, RunDirError
 from fastticket.nn import densities, install_masks, model_masks
 from fastticket.preflight import preflight
 from fastticket.prune import (alive_count, check_refill_fits, layer_rates, prune_with_config, random_masks_like,
@@ -45,14 +48,16 @@ if TYPE_CHECKING:
     from fastticket.data import DeviceData
 
 _REINIT_SEED_OFFSET = 10_000
+_MASK_SUFFIX = ".weight_mask"
 _STREAM_PRUNE, _STREAM_RANDOM_MASK, _STREAM_REINIT = 1, 2, 3
 Masks = Dict[str, torch.Tensor]
 
 
 def _device_of(config: SearchConfig) -> torch.device:
-    """The config's device, checked against this machine (the config itself checks only the spelling)."""
+    """The config's device, checked against this machine (the config itself checks only the spelling); under
+    torchrun a GPU rank takes the GPU of its local rank."""
     if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         device = torch.device(config.device)
     except (RuntimeError, ValueError):
@@ -63,7 +68,7 @@ def _device_of(config: SearchConfig) -> torch.device:
         raise ConfigError(f"device {config.device!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device must be 'cpu' or 'cuda', got {config.device!r}")
-    return device
+    return distributed.local_device(device) if device.index is None else device
 
 
 def validate_config(config: SearchConfig) -> None:
@@ -90,6 +95,17 @@ class _Search:
     prunable: Sequence[str]
     progress: Progress
     said_split: bool = False
+
+    @property
+    def train_data(self) -> Any:
+        """What the arms train and evaluate on: the data, or in a data-parallel search this rank's share."""
+        context = distributed.current()
+        if not context.data_parallel:
+            return self.data
+        from fastticket.data import DataShard
+        if getattr(self, "_shard", None) is None:
+            self._shard = DataShard(self.data, context.rank, context.world)
+        return self._shard
 
     def model(self, seed: int) -> nn.Module:
         return build_masked_model(self.config, self.data.info, seed, self.device)
@@ -201,7 +217,7 @@ def _element_density(s: _Search, level: int, trial: int, rewind_point: Dict[str,
     return densities(model, s.prunable)[0]
 
 
-def _early_bird_hook(s: _Search, level: int, trial: int, plan: ArmPlan) -> Optional[EvalHook]:
+def _early_bird_hook(s: _Search, level: int, trial: int, min_iter: int) -> Optional[EvalHook]:
     """With --early-bird, the ticket's tracker: it draws the next level's (element) mask at each evaluation."""
     if s.config.early_bird is None:
         return None
@@ -214,7 +230,7 @@ def _early_bird_hook(s: _Search, level: int, trial: int, plan: ArmPlan) -> Optio
         masks = _draw_mask(s, level + 1, trial, model, point, apply=False)
         return {n: m for n, m in masks.items() if n in prunable}
 
-    return EarlyBird(s.config.early_bird, draw, s.config.iterations, min_iter=plan.capture_rewind_at or 0)
+    return EarlyBird(s.config.early_bird, draw, s.config.iterations, min_iter=min_iter)
 
 
 def level_arms(config: SearchConfig, level: int) -> List[Tuple[str, int]]:
@@ -259,16 +275,38 @@ def prepare_arm(s: _Search, level: int, arm: str, trial: int, replica: int = 0) 
         directory.save_rewind(plan.rewind_point if plan.rewind_point is not None else cpu_state(model))
     spec = ArmSpec(level, arm, trial, plan.start_iter, capture_rewind_at=plan.capture_rewind_at,
                    lr_fixed_at=plan.lr_fixed_at, result_extra=plan.result_extra, replica=replica)
-    hook = _early_bird_hook(s, level, trial, plan) if arm == TICKET else None
+    hook = _early_bird_hook(s, level, trial, plan.capture_rewind_at or 0) if arm == TICKET else None
     return ArmJob(spec, model, directory, s.config.seed + trial, hook)
+
+
+def _prepare(s: _Search, level: int, arm: str, trial: int, replica: int = 0) -> Union[ArmJob, Dict[str, Any]]:
+    """`prepare_arm`; in a data-parallel search rank 0 prepares the arm (computes its mask once, reads its
+    files) and every other rank receives it: the result of a finished arm, or the prepared model's state."""
+    context = distributed.current()
+    if not context.data_parallel:
+        return prepare_arm(s, level, arm, trial, replica)
+    prepared = prepare_arm(s, level, arm, trial, replica) if context.main else None
+    shared = context.broadcast(prepared if not isinstance(prepared, ArmJob) else
+                               {"spec": prepared.spec, "state": cpu_state(prepared.model), "seed": prepared.seed})
+    if context.main:
+        return prepared  # type: ignore[return-value]
+    if "spec" not in shared:  # a finished arm's result.json
+        return shared
+    spec, state = shared["spec"], shared["state"]
+    model = s.model(shared["seed"])
+    install_masks(model, {name[:-len(_MASK_SUFFIX)]: mask for name, mask in state.items()
+                          if name.endswith(_MASK_SUFFIX)})
+    model.load_state_dict(state)
+    hook = _early_bird_hook(s, level, trial, spec.capture_rewind_at or 0) if arm == TICKET else None
+    return ArmJob(spec, model, s.run.arm(level, arm, trial, replica), shared["seed"], hook)
 
 
 def run_arm(s: _Search, level: int, arm: str, trial: int, replica: int = 0) -> Dict[str, Any]:
     """One arm alone (the --parallel-arms 1 path): its result.json, trained first if unfinished."""
-    job = prepare_arm(s, level, arm, trial, replica)
+    job = _prepare(s, level, arm, trial, replica)
     if isinstance(job, ArmJob):
         s.progress.arm_started(level, s.config.levels, job.spec.label, trial)
-        job = train_arms(s.config, [job], s.data, s.prunable, s.progress, stacked=False)[0]
+        job = train_arms(s.config, [job], s.train_data, s.prunable, s.progress, stacked=False)[0]
     s.progress.arms_done(1)
     return job
 
@@ -280,6 +318,9 @@ def _group_limit(s: _Search, jobs: Sequence[ArmJob]) -> int:
     if limit > 1 and len(jobs) > 1:
         x, _ = s.data.batch(0, s.config.batch_size, s.config.seed)
         fits = group_size(jobs[0].model, x, s.device)
+        context = distributed.current()
+        if context.data_parallel:  # every rank must split alike (their free memory may differ)
+            fits = context.min_int(fits)
         if fits < min(limit, len(jobs)):
             if not s.said_split:
                 s.progress.message(f"fastticket: {min(limit, len(jobs))} arms would not fit in {s.device} memory "
@@ -292,13 +333,60 @@ def _group_limit(s: _Search, jobs: Sequence[ArmJob]) -> int:
 def run_level(s: _Search, level: int, trials: Sequence[int]) -> List[Dict[str, Any]]:
     """Every arm of `level` for `trials`: finished ones read, the others trained together (arms sharing a
     start iteration and lr rule as one stacked group, at most the group limit at once). Results in run
-    order."""
+    order. In a trials-parallel search each rank trains its share of the arms (`_run_level_shared`)."""
+    arms = [(arm, t, r) for t in trials for arm, r in level_arms(s.config, level)]
+    if distributed.current().trials_parallel:
+        return _run_level_shared(s, level, arms)
     if s.config.parallel_arms == 1 or s.config.compile:  # the compiled step is one arm's (fastticket.compiled)
-        return [run_arm(s, level, arm, t, r) for t in trials for arm, r in level_arms(s.config, level)]
-    slots: List[Union[ArmJob, Dict[str, Any]]] = [prepare_arm(s, level, arm, t, r)
-                                                  for t in trials for arm, r in level_arms(s.config, level)]
-    pending = [i for i, slot in enumerate(slots) if isinstance(slot, ArmJob)]
+        rows = [run_arm(s, level, arm, t, r) for arm, t, r in arms]
+    else:
+        slots = {i: _prepare(s, level, arm, t, r) for i, (arm, t, r) in enumerate(arms)}
+        _train_prepared(s, level, slots)
+        rows = [slots[i] for i in range(len(arms))]  # type: ignore[misc]
+    distributed.current().barrier()  # data-parallel: rank 0 has written the level's files before anyone reads
+    return rows
+
+
+def _run_level_shared(s: _Search, level: int, arms: Sequence[Tuple[str, int, int]]) -> List[Dict[str, Any]]:
+    """Trials-parallel: this rank prepares and trains its contiguous share of the level's arms and writes only
+    their directories; then every rank reads every arm's result (the next level prunes other ranks'
+    tickets)."""
+    context = distributed.current()
+    mine = context.mine(len(arms))
+    slots: Dict[int, Union[ArmJob, Dict[str, Any]]] = {}
+    # Tickets first, on every rank: a control reads its trial's ticket mask, which another rank may write.
+    for i in mine:
+        if arms[i][0] == TICKET:
+            slots[i] = prepare_arm(s, level, *arms[i])
+    context.barrier()
+    for i in mine:
+        if arms[i][0] != TICKET:
+            slots[i] = prepare_arm(s, level, *arms[i])
+    _train_prepared(s, level, slots)
+    context.barrier()
+    s.progress.arms_done(len(arms) - len(mine))
+    rows = []
+    for i, (arm, trial, replica) in enumerate(arms):
+        row = slots[i] if i in slots else s.run.arm(level, arm, trial, replica).read_result()
+        if row is None:
+            raise RuntimeError(f"level {level} {arm} trial {trial}: rank {context.owner(i, len(arms))} finished "
+                               f"without its result.json")
+        rows.append(row)
+    return rows
+
+
+def _train_prepared(s: _Search, level: int, slots: Dict[int, Union[ArmJob, Dict[str, Any]]]) -> None:
+    """Train the prepared arms among `slots` (index -> ArmJob or a finished arm's result), replacing each by
+    its result: one at a time with --parallel-arms 1 or --compile, else as stacked groups."""
+    pending = [i for i, slot in sorted(slots.items()) if isinstance(slot, ArmJob)]
     s.progress.arms_done(len(slots) - len(pending))
+    if s.config.parallel_arms == 1 or s.config.compile:
+        for i in pending:
+            job = slots[i]
+            s.progress.arm_started(level, s.config.levels, job.spec.label, job.spec.trial)  # type: ignore[union-attr]
+            slots[i] = train_arms(s.config, [job], s.train_data, s.prunable, s.progress, stacked=False)[0]  # type: ignore
+            s.progress.arms_done(1)
+        return
     by_start: Dict[Tuple[int, Optional[int]], List[int]] = {}
     for i in pending:
         spec = slots[i].spec  # type: ignore[union-attr]
@@ -314,11 +402,10 @@ def run_level(s: _Search, level: int, trials: Sequence[int]) -> List[Dict[str, A
             # Stacked even for a lone arm, so an arm's numbers do not depend on how its level was split into
             # groups (a resumed level regroups); on the triton backend too, where the stacked step runs the
             # grouped kernels (fastticket.batched).
-            for i, r in zip(chunk, train_arms(s.config, jobs, s.data, s.prunable, s.progress,  # type: ignore
+            for i, r in zip(chunk, train_arms(s.config, jobs, s.train_data, s.prunable, s.progress,  # type: ignore
                                               stacked=True)):
                 slots[i] = r
             s.progress.arms_done(len(jobs))
-    return slots  # type: ignore[return-value]
 
 
 def _ticket_finished(s: _Search, level: int, trial: int) -> bool:
@@ -339,18 +426,71 @@ def run_search(config: SearchConfig, out_dir: str, resume: bool = False,
     progress = progress if isinstance(progress, Progress) else Progress()
     validate_config(config)
     device = _device_of(config)
-    config = config.replace(device=str(device))  # config.json records the device actually used ("auto" resolved)
-    run = RunDir(out_dir)
-    run.prepare(config, resume, create=False)
-    data = load_dataset(config.dataset, config.data_dir, device, config.val_size, config.seed, augment=config.augment)
-    preflight(config, data, device)  # everything else that can fail early, before the first write
-    _check_refill(config, data, device)
-    run.lock()
-    try:
-        run.prepare(config, resume)
-        return _run_levels(config, run, data, device, progress)
-    finally:
-        run.unlock()
+    with distributed.session(config.distributed, config.dist_backend, device) as context:
+        # Every check that can fail on one rank only is agreed on (distributed.Context.agree): a bad set-up
+        # is one line on every rank, never a rank waiting in a collective for one that gave up.
+        distributed.check_same_settings(context, config.to_json(), _settings_differ)
+        # config.json records the device actually used ("auto" resolved; under torchrun its type: each rank
+        # uses its own GPU).
+        config = config.replace(device=str(device) if not context.active else device.type)
+        if not context.main:
+            progress = _OtherRank(quiet=context.data_parallel)
+        run = RunDir(out_dir, writes=context.main or not context.data_parallel)
+        context.agree(lambda: _check_ranks(config, context))
+        context.agree(lambda: run.prepare(config, resume, create=False))
+        data = context.agree(lambda: load_dataset(config.dataset, config.data_dir, device, config.val_size,
+                                                  config.seed, augment=config.augment))
+        # Everything else that can fail early, before the first write.
+        context.agree(lambda: (preflight(config, data, device), _check_refill(config, data, device)))
+        context.agree(lambda: run.lock() if context.main else None)
+        try:
+            context.agree(lambda: run.prepare(config, resume) if context.main else None)
+            context.agree(lambda: _check_shared(run, context))
+            return _run_levels(config, run, data, device, progress)
+        finally:
+            run.unlock()
+
+
+class _OtherRank(Progress):
+    """Progress of a rank other than 0: no bars; its messages marked with its rank (a data-parallel rank,
+    which repeats rank 0's work, stays silent)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            super().message(distributed.prefixed(text))
+
+
+def _settings_differ(first: str, other: str) -> str:
+    a, b = json.loads(first), json.loads(other)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return "; ".join(f"{k}: {b.get(k)!r} vs rank 0's {a.get(k)!r}" for k in keys)
+
+
+def _check_ranks(config: SearchConfig, context: distributed.Context) -> None:
+    """What a multi-process search cannot run with (one line each, what to do instead)."""
+    if context.data_parallel and config.batch_size % context.world:
+        lower = config.batch_size // context.world * context.world
+        raise ConfigError(f"--batch-size {config.batch_size} does not split evenly over {context.world} ranks in "
+                          f"--distributed data (each rank takes an equal share of every batch): use a multiple "
+                          f"of {context.world}, e.g. {lower or context.world} or {lower + context.world}")
+    if context.data_parallel and config.compile:
+        raise ConfigError("--compile is not supported with --distributed data; drop --compile or use "
+                          "--distributed trials")
+
+
+def _check_shared(run: RunDir, context: distributed.Context) -> None:
+    """Every rank must see the run directory rank 0 prepared (one directory on a shared filesystem)."""
+    if context.main:
+        return
+    where = os.path.abspath(run.root)
+    if not os.path.isfile(run.config_path):
+        raise RunDirError(f"cannot see the run directory {where} that rank 0 prepared (no config.json there): "
+                          f"--out must be on a filesystem every rank shares, with the same path on every node")
+    if not context.data_parallel and not os.access(where, os.W_OK):
+        raise RunDirError(f"cannot write to the run directory {where}: every rank writes its own arms there")
 
 
 def _prunable(config: SearchConfig, model: nn.Module) -> List[str]:

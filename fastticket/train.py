@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastticket import distributed
 from fastticket.compiled import make_train_step
 from fastticket.config import SearchConfig
 from fastticket.errors import DamagedFileError
@@ -115,18 +116,23 @@ def cpu_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[float, float]:
-    """(mean cross-entropy, accuracy) over a whole split."""
+    """(mean cross-entropy, accuracy) over a whole split; in a data-parallel search `x, y` are this rank's
+    share of it and the sums are added over the ranks (every rank gets the whole split's numbers)."""
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    totals = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss sum, correct, count
     for i in range(0, x.shape[0], EVAL_CHUNK):
         out = model(x[i:i + EVAL_CHUNK])
         yy = y[i:i + EVAL_CHUNK]
-        loss_sum += float(F.cross_entropy(out.float(), yy, reduction="sum"))
-        correct += int((out.argmax(dim=1) == yy).sum())
+        totals[0] += F.cross_entropy(out.float(), yy, reduction="sum").double()
+        totals[1] += (out.argmax(dim=1) == yy).sum()
+    totals[2] = x.shape[0]
     model.train(was_training)
-    n = max(1, x.shape[0])
-    return loss_sum / n, correct / n
+    context = distributed.current()
+    if context.data_parallel:
+        context.sum_(totals)
+    loss_sum, correct, n = totals.tolist()
+    return loss_sum / max(1.0, n), correct / max(1.0, n)
 
 
 def early_stopping(metrics: List[Dict[str, float]]) -> Dict[str, Any]:
@@ -258,7 +264,9 @@ class SingleEngine:
                  data: "DeviceData") -> None:
         (self.job,), (self.state,) = jobs, states
         self.config, self.data = config, data
-        self.train_step = make_train_step(self.job.model, self.state.optimizer, compiled=config.compile)
+        self.train_step = make_train_step(data_parallel(self.job.model, has_statistics(self.job.model)),
+                                          self.state.optimizer,
+                                          compiled=config.compile)
 
     def set_lr(self, lr: float) -> None:
         self.train_step.set_lr(lr)
@@ -278,6 +286,28 @@ class SingleEngine:
 
     def sync_out(self) -> None:
         """Make each arm's model and optimizer hold the arm's current state (nothing to do here)."""
+
+
+def has_statistics(model: nn.Module) -> bool:
+    """Does `model` hold buffers besides its masks (BatchNorm running statistics)?"""
+    return any(not name.endswith("weight_mask") for name, _ in model.named_buffers())
+
+
+def data_parallel(module: nn.Module, statistics: bool) -> nn.Module:
+    """`module` as this process trains it: wrapped in DistributedDataParallel in a data-parallel search (its
+    gradients averaged over the ranks during backward), else itself. DDP broadcasts rank 0's parameters and
+    buffers when it is built, so every rank starts an engine from one state; it broadcasts buffers before
+    each forward only where the model has `statistics` (BatchNorm: every rank then evaluates with rank 0's
+    running statistics, DDP's default), since masks never change while an arm trains."""
+    if not distributed.current().data_parallel:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+    device = next(module.parameters()).device
+    import warnings
+    with warnings.catch_warnings():  # torch >= 2.12 renames the argument; the old name still means the same
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=statistics)
 
 
 def _engine(config: SearchConfig, jobs: Sequence[ArmJob], states: Sequence[ArmState], data: "DeviceData",
@@ -304,15 +334,20 @@ def train_arms(config: SearchConfig, jobs: Sequence[ArmJob], data: "DeviceData",
     Arms that stand at different points (iteration, start iteration, fixed lr) after their checkpoints are
     read train as separate groups one after the other, so each group shares its lr and step count.
     """
-    states = []
+    context = distributed.current()
+    states, restored = [], []
     for job in jobs:
         state = ArmState(job.model, make_optimizer(config, job.model), job.spec.start_iter)
-        if job.directory.has_checkpoint():
+        # Data-parallel: rank 0 alone reads checkpoints (and may discard a damaged one); the others get its state.
+        if job.directory.writes and job.directory.has_checkpoint():
             if not _restore(state, job.directory, progress, job.hook):
                 state = ArmState(job.model, make_optimizer(config, job.model), job.spec.start_iter)
             # metrics.jsonl may hold evaluations after the checkpoint (killed in between): the checkpoint wins.
             job.directory.write_metrics(state.metrics)
+        restored.append(state.iteration != job.spec.start_iter or bool(state.metrics))
         states.append(state)
+    if context.data_parallel:
+        _share_restored(jobs, states, restored if context.main else None)
     stacked = stacked if stacked is not None else len(jobs) > 1
     groups: Dict[Tuple[Any, ...], List[int]] = {}
     for i, (job, state) in enumerate(zip(jobs, states)):
@@ -325,6 +360,24 @@ def train_arms(config: SearchConfig, jobs: Sequence[ArmJob], data: "DeviceData",
         for i, r in zip(idx, out):
             results[i] = r
     return results  # type: ignore[return-value]
+
+
+def _share_restored(jobs: Sequence[ArmJob], states: Sequence[ArmState], restored: Optional[List[bool]]) -> None:
+    """Data-parallel: every rank continues from what rank 0 restored (`restored` given on rank 0 only): the
+    checkpointed arms' model, optimizer, counters, hook state and RNG, broadcast from rank 0."""
+    context = distributed.current()
+    payload = None
+    if context.main:
+        payload = [{**states[i].state_dict(0.0), **({"hook": jobs[i].hook.state_dict()} if jobs[i].hook else {})}
+                   if again else None for i, again in enumerate(restored or [])]
+    payload = context.broadcast(payload)
+    if context.main:
+        return
+    for job, state, ckpt in zip(jobs, states, payload):
+        if ckpt is not None:
+            state.load_state_dict(ckpt)
+            if job.hook is not None and "hook" in ckpt:
+                job.hook.load_state_dict(ckpt["hook"])
 
 
 def _finish(job: ArmJob, state: ArmState, prunable: Sequence[str], session_s: float, status: str,
@@ -349,6 +402,7 @@ def _finish(job: ArmJob, state: ArmState, prunable: Sequence[str], session_s: fl
 def _train_group(config: SearchConfig, jobs: List[ArmJob], states: List[ArmState], data: "DeviceData",
                  prunable: Sequence[str], progress: Progress, stacked: bool) -> List[Dict[str, Any]]:
     """Arms at one (iteration, start iteration, fixed lr): one loop, one engine."""
+    context = distributed.current()
     results: Dict[int, Dict[str, Any]] = {}
     live = list(range(len(jobs)))
     t0 = time.perf_counter()
@@ -396,7 +450,9 @@ def _train_group(config: SearchConfig, jobs: List[ArmJob], states: List[ArmState
             if iteration % config.eval_every != 0 and iteration != config.iterations:
                 continue
             engine.sync_out()
-            sums = loss_sums.tolist()  # the one device-to-host read of the train losses, per evaluation
+            # The one device-to-host read of the train losses, per evaluation (data-parallel: the mean of the
+            # ranks' shard means, the global batch's mean loss).
+            sums = (context.sum_(loss_sums.clone()) / context.world if context.data_parallel else loss_sums).tolist()
             session_s = time.perf_counter() - t0
             diverged, stopped = [], []
             for i in live:
@@ -412,6 +468,8 @@ def _train_group(config: SearchConfig, jobs: List[ArmJob], states: List[ArmState
                     results[i] = _finish(job, state, prunable, session_s, "diverged", message)
                     diverged.append(i)
                     continue
+                if context.data_parallel and has_statistics(job.model):  # evaluate with rank 0's statistics
+                    context.broadcast_tensors_(list(job.model.buffers()))
                 val_loss, val_acc = evaluate(job.model, data.val.x, data.val.y)
                 _, test_acc = evaluate(job.model, data.test.x, data.test.y)
                 state.record_evaluation(val_loss, val_acc, test_acc)
