@@ -127,9 +127,7 @@ class Context:
         for rank, failure in enumerate(errors):
             if failure is not None:
                 kind, text, host = failure
-                if rank == self.rank:
-                    raise error  # type: ignore[misc]
-                raise kind(f"rank {rank} ({host}): {text}")
+                raise kind(f"rank {rank} ({host}): {text}") from (error if rank == self.rank else None)
         return result
 
     # ------------------------------------------------------------------------------ work split

@@ -19,11 +19,9 @@ from fastticket.search import run_search
 from fastticket.rewind import rewind_to
 from fastticket.testing import rel_error
 from fastticket.train import build_masked_model
+from run_snapshot import ONE_THREAD_ENV, load, run_dir_snapshot
 
 LAYERS = ("fc.0", "fc.1", "output")
-# One intra-op thread (see the one_torch_thread fixture in conftest.py): subprocesses compared bit for bit
-# must use the same thread count as each other.
-ONE_THREAD_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,10 +31,6 @@ def tiny(**changes):
     base = dict(iterations=30, eval_every=10, levels=2, controls=["reinit", "random"], val_size=500)
     base.update(changes)
     return get_preset("lenet-mnist5k").replace(**base)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def result(run, level, arm, trial=0):
@@ -287,21 +281,6 @@ def _search_cmd(out, *extra):
             "--eval-every", "4", "--controls", "reinit", "--out", out, "--no-progress", *extra]
 
 
-def _run_dir_snapshot(out):
-    rows, tensors, lines = {}, {}, {}
-    for path in sorted(glob.glob(os.path.join(out, "levels", "*", "*", "result.json"))):
-        with open(path) as f:
-            r = json.load(f)
-        r.pop("wall_time_s")
-        key = os.path.relpath(os.path.dirname(path), out)
-        rows[key] = r
-        with open(os.path.join(os.path.dirname(path), "metrics.jsonl")) as f:
-            lines[key] = f.read()
-        for name in ("final.pt", "mask.pt"):
-            tensors[f"{key}/{name}"] = load(os.path.join(os.path.dirname(path), name))
-    return rows, tensors, lines
-
-
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     env = ONE_THREAD_ENV
     # The uninterrupted reference runs in this process (one thread, like the subprocesses): same code, same
@@ -338,8 +317,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
 
-    rows_a, tensors_a, lines_a = _run_dir_snapshot(whole)
-    rows_b, tensors_b, lines_b = _run_dir_snapshot(cut)
+    rows_a, tensors_a, lines_a = run_dir_snapshot(whole)
+    rows_b, tensors_b, lines_b = run_dir_snapshot(cut)
     assert len(rows_a) == 3
     assert rows_a == rows_b
     assert lines_a == lines_b
