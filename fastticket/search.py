@@ -20,6 +20,10 @@ Per trial t (seed_t = config.seed + t) and level L = 0..config.levels:
 
 Files live in a RunDir (fastticket.rundir); one arm trains in fastticket.train. Resume skips arms whose
 result.json exists and continues an unfinished arm from its checkpoint, with the same numbers.
+
+Under torchrun (fastticket.distributed) a level's arms are spread over the ranks (trials mode,
+`_run_level_shared`), or every rank trains every arm on its share of each batch with rank 0 preparing the
+arms (data mode, `_prepare`); see docs/architecture.md, "More than one process".
 """
 from __future__ import annotations
 
