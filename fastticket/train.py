@@ -20,6 +20,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -303,7 +304,6 @@ def data_parallel(module: nn.Module, statistics: bool) -> nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
     device = next(module.parameters()).device
-    import warnings
     with warnings.catch_warnings():  # torch >= 2.12 renames the argument; the old name still means the same
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
