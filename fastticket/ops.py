@@ -92,7 +92,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     k, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k)
     tile_map = op_tile_map(mask, *kernels.linear_tile_sizes(x.device, x.dtype))
-    if use_tile_skipping(tile_map.live_fraction, "linear"):
+    if use_tile_skipping(tile_map.live_fraction, "linear", x.dtype):
         y2 = kernels.linear_forward(x2, weight, bias, tile_map)
     else:
         y2 = F.linear(x2, weight, bias)  # exact: pruned weights are zero in storage
@@ -113,7 +113,7 @@ def masked_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
     k, n = x.shape[-1], weight.shape[0]
     x2, g2 = x.reshape(-1, k), grad.reshape(-1, n).to(x.dtype)
     tile_map = op_tile_map(mask, *kernels.linear_tile_sizes(x.device, x.dtype))
-    skipping = use_tile_skipping(tile_map.live_fraction, "linear")
+    skipping = use_tile_skipping(tile_map.live_fraction, "linear", x.dtype)
     dx = dw = x.new_empty(0)
     if need_x:
         dx2 = kernels.linear_grad_input(g2, weight, tile_map) if skipping else g2 @ weight
@@ -240,7 +240,7 @@ def _conv_skipping(x: torch.Tensor, tile_map: TileMap) -> bool:
     # The eager path's rules (kernels/masked_conv2d.py, masked_conv2d): deterministic mode keeps cuDNN.
     if x.device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
         return False
-    return use_tile_skipping(tile_map.live_fraction, "conv2d")
+    return use_tile_skipping(tile_map.live_fraction, "conv2d", x.dtype)
 
 
 @torch.library.custom_op("fastticket::masked_conv2d", mutates_args=())

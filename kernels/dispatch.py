@@ -8,6 +8,9 @@ See the README's "Backend" section for how the values were chosen.
 from __future__ import annotations
 
 import os
+from typing import Optional
+
+import torch
 
 # Live-tile fraction at or above which the dense op runs. `fastticket bench` measures the crossover;
 # these defaults must be replaced by measured values (see README), they are not tuned yet.
@@ -28,6 +31,15 @@ def dense_threshold(op: str) -> float:
         raise ValueError(f"FASTTICKET_DENSE_THRESHOLD_{op.upper()}={value!r} is not a number") from None
 
 
-def use_tile_skipping(live_fraction: float, op: str) -> bool:
-    """True when the tile-skipping kernel should run for a layer whose live-tile fraction is given."""
+# What the one-arm tile kernels compute in (their dots run in fp32 or tensor-core precisions): a float64 layer
+# takes the dense op, which is exact under the invariant, instead of silently losing precision. (The grouped
+# kernels of kernels/grouped_linear.py accumulate float64 in float64 and do not pass a dtype.)
+TILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def use_tile_skipping(live_fraction: float, op: str, dtype: Optional[torch.dtype] = None) -> bool:
+    """True when the tile-skipping kernel should run for a layer whose live-tile fraction is given (and, with
+    `dtype`, whose inputs the one-arm kernels compute in)."""
+    if dtype is not None and dtype not in TILE_DTYPES:
+        return False
     return live_fraction < dense_threshold(op)

@@ -579,7 +579,7 @@ class MaskedLinearFunction(torch.autograd.Function):
         k = x.shape[-1]
         n = weight.shape[0]
         x2 = x.reshape(-1, k)
-        skipping = use_tile_skipping(tile_map.live_fraction, "linear")
+        skipping = use_tile_skipping(tile_map.live_fraction, "linear", x.dtype)
         if skipping:
             y2 = linear_forward(x2, weight, bias, tile_map)
         else:

@@ -163,3 +163,31 @@ def test_autocast_computes_in_the_autocast_dtype(device, path):
     assert model[0].weight.grad.dtype == torch.float32, "the fp32 master weight gets an fp32 gradient"
     assert (model[0].weight.grad[~model[0].weight_mask] == 0).all()
     assert rel_error(out, expected) < 2e-2
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_float64_layers_on_the_triton_backend_are_exact(device, monkeypatch, kind):
+    """The one-arm tile kernels compute in fp32: a float64 layer must not silently lose precision there
+    (it did: errors of order 1 in its output), so it takes the dense op even where tiles would be skipped."""
+    from fastticket.nn import MaskedConv2d
+    monkeypatch.setenv(f"FASTTICKET_DENSE_THRESHOLD_{kind.upper()}", "1.01")  # tile skipping wherever allowed
+    torch.manual_seed(3)
+    if kind == "linear":
+        layer, x = MaskedLinear(70, 50), torch.randn(9, 70)
+        mask = torch.rand(50, 70) < 0.6
+        mask[:32, :32] = False
+    else:
+        layer, x = MaskedConv2d(5, 20, 3, padding=1), torch.randn(2, 5, 6, 7)
+        mask = torch.rand(20, 5, 3, 3) < 0.6
+        mask[:16] = False
+    layer = layer.double().to(device)
+    layer.set_mask_(mask.to(device))
+    x = x.double().to(device).requires_grad_()
+    outputs = {}
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            out = layer(x)
+            grads = torch.autograd.grad(out.square().sum(), (x, layer.weight))
+        outputs[backend] = (out.detach(), *grads)
+    for ref, got in zip(outputs["torch"], outputs["triton"]):
+        assert rel_error(got, ref) < 1e-12
