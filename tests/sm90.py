@@ -135,6 +135,18 @@ class ptr:
         return self._address
 
 
+class Arg:
+    """A stand-in tensor argument for an autotuner's config pruning (it reads dtype, device, element size)."""
+
+    def __init__(self, dtype):
+        import torch
+        self.dtype, self.device = dtype, torch.device("cpu")
+
+    def element_size(self):
+        import torch
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
 def _type_name(arg) -> str:
     if isinstance(arg, ptr):
         return "*" + _TYPE_NAMES[str(arg.dtype).replace("torch.", "")]

@@ -451,12 +451,6 @@ i32, u8, f32 = ptr(torch.int32), ptr(torch.uint8), ptr(torch.float32)
 lists = dict(LIST_CHUNK=ml._LIST_CHUNK, GROUP_M=ml._GROUP_M)
 
 
-class Arg:  # what the autotuner's config pruning reads of a tensor argument
-    def __init__(self, dtype):
-        self.dtype, self.device = dtype, torch.device("cpu")
-    def element_size(self):
-        return torch.empty((), dtype=self.dtype).element_size()
-
 
 ml._SMEM_BUDGET = SMEM_LIMIT_SM90  # the pruning asks an H100 for this; here no device answers
 for dtype, tag, precision in ((torch.bfloat16, "bf16", None), (torch.float32, "tf32", "tf32")):
