@@ -446,3 +446,46 @@ def test_torch_backend_is_multi_tensor_and_equals_the_per_tensor_reference(monke
                 torch.testing.assert_close(q.detach(), p, rtol=1e-12, atol=1e-14)
                 if m is not None:
                     assert bool((q[~m] == 0).all())
+
+
+@pytest.mark.parametrize("cls,kw,state_keys", [
+    (MaskedAdam, dict(lr=0.1, weight_decay=1e-2, amsgrad=True), ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
+    (MaskedAdamW, dict(lr=0.1, maximize=True), ("exp_avg", "exp_avg_sq"))])
+def test_fused_cpu_adam_masks_only_the_gradient_once_pruned_entries_are_zero(cls, kw, state_keys) -> None:
+    """The CPU (fused) Adam step: once a step has left weight and state zero on pruned entries, it masks only
+    the gradient (in place); an in-place mask change, a hand edit or a loaded state makes the next step
+    re-mask them all."""
+    g = torch.Generator().manual_seed(7)
+    p = torch.nn.Parameter(torch.randn(9, 13, generator=g, dtype=torch.float64))
+    mask = torch.rand(9, 13, generator=g) > 0.4
+    with torch.no_grad():
+        p.mul_(mask)
+    opt = cls([p], masks=[mask], **kw)
+
+    def step() -> torch.Tensor:
+        p.grad = torch.randn(9, 13, generator=g, dtype=torch.float64) + 1.0  # non-zero on pruned entries too
+        grad = p.grad
+        with use_backend("torch"):
+            opt.step()
+        return grad
+
+    def pruned_all_zero() -> bool:
+        tensors = [p.detach()] + [opt.state[p][k] for k in state_keys]
+        return all(bool((t[~mask] == 0).all()) for t in tensors)
+
+    assert not bool((step()[~mask] == 0).all())  # first step: weight and state re-masked, gradient untouched
+    assert pruned_all_zero()
+    assert bool((step()[~mask] == 0).all()) and pruned_all_zero()  # steady state: the gradient is masked
+    mask[0, :] = False                                            # prune a row mid-training, in place
+    step()
+    assert pruned_all_zero()                                       # row 0's weights and stale moments zeroed
+    with torch.no_grad():
+        p[~mask] = 5.0                                             # a hand edit (apply_mask_ forgotten)
+    step()
+    assert pruned_all_zero()
+    state = copy.deepcopy(opt.state_dict())
+    for k in state_keys:
+        state["state"][0][k].fill_(1.0)                            # a loaded state with non-zero pruned entries
+    opt.load_state_dict(state)
+    step()
+    assert pruned_all_zero()
