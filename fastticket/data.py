@@ -15,7 +15,7 @@ import gzip
 import os
 import pickle
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -107,6 +107,28 @@ class DeviceData:
         Examples are consumed in order from one permutation per epoch, so batch i covers stream positions
         [i*B, (i+1)*B); a batch straddling an epoch boundary ends epoch e and starts epoch e+1.
         """
+        idx = self._indices(iteration, batch_size, seed)
+        x, y = self.train.x[idx], self.train.y[idx]
+        if self.augment:
+            x = self._augment(x, seed, iteration)
+        return x, y
+
+    def batches(self, iteration: int, batch_size: int, seeds: Sequence[int]) -> Tuple[Tensor, Tensor]:
+        """Batch `iteration` of each seed's stream, stacked: x [len(seeds), B, ...], y [len(seeds), B], equal
+        to stacking `batch(iteration, batch_size, s)` for s in seeds. Without augmentation the examples are
+        gathered with one index over all streams (the batched arms' step: one copy instead of one per stream
+        plus a stack)."""
+        unique = list(dict.fromkeys(seeds))
+        if self.augment:
+            drawn = {s: self.batch(iteration, batch_size, s) for s in unique}
+            return torch.stack([drawn[s][0] for s in seeds]), torch.stack([drawn[s][1] for s in seeds])
+        indices = {s: self._indices(iteration, batch_size, s) for s in unique}
+        idx = torch.cat([indices[s] for s in seeds])
+        return (self.train.x[idx].unflatten(0, (len(seeds), batch_size)),
+                self.train.y[idx].view(len(seeds), batch_size))
+
+    def _indices(self, iteration: int, batch_size: int, seed: int) -> Tensor:
+        """The training-set indices of batch `iteration` of `seed`'s stream (see `batch`)."""
         if iteration < 0 or batch_size <= 0:
             raise ValueError(f"batch() needs iteration >= 0 and batch_size > 0, got {iteration}, {batch_size}")
         n = len(self.train)
@@ -117,11 +139,7 @@ class DeviceData:
             lo = max(start, epoch * n) - epoch * n
             hi = min(start + batch_size, (epoch + 1) * n) - epoch * n
             parts.append(self._permutation(seed, epoch)[lo:hi])
-        idx = parts[0] if len(parts) == 1 else torch.cat(parts)
-        x, y = self.train.x[idx], self.train.y[idx]
-        if self.augment:
-            x = self._augment(x, seed, iteration)
-        return x, y
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _augment(self, x: Tensor, seed: int, iteration: int, pad: int = 4) -> Tensor:
         """CIFAR-style random horizontal flip and random crop from a 4-pixel zero-padded image, batched."""
@@ -184,6 +202,11 @@ class DataShard:
         x, y = self.data.batch(iteration, batch_size, seed)
         rows = self._rows(batch_size)
         return x[rows], y[rows]
+
+    def batches(self, iteration: int, batch_size: int, seeds: Sequence[int]) -> Tuple[Tensor, Tensor]:
+        x, y = self.data.batches(iteration, batch_size, seeds)
+        rows = self._rows(batch_size)
+        return x[:, rows], y[:, rows]
 
 
 def default_data_dir() -> str:

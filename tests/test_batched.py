@@ -205,3 +205,43 @@ def test_parallel_arms_limits_the_group_and_old_run_dirs_resume(tmp_path, float3
         json.dump(saved, f)
     rows_old = run_search(config.replace(reinits=1), a, resume=True, progress=False)  # absent: the default, 1
     assert rows_old == [r for r in rows_a if not r.get("replica")]
+
+
+@pytest.mark.parametrize("model,planned", [("lenet300", True), ("conv-tiny", True), ("resnet20", False)])
+def test_hand_stacked_forward_equals_the_vmap_path_in_float64(conv_tiny, model, planned):
+    """Fully connected and conv nets take the hand-stacked path (bmm for Linear layers, K plain convolutions);
+    three steps of it give the vmap path's weights and optimizer state to float64 rounding, pruned entries
+    exactly zero in every arm. Models it does not know (BatchNorm) keep vmap."""
+    from fastticket.batched import StackedEngine
+    from fastticket.bench.search import _arm, _synthetic
+    from fastticket.config import SearchConfig
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        shape = (1, 28, 28) if model == "lenet300" else (3, 32, 32)
+        data = _synthetic(shape, 64, torch.device("cpu"))
+        config = SearchConfig(model=model, batch_size=4)
+        engines = []
+        for use_plan in (True, False):
+            pairs = [_arm(config, data, seed, torch.device("cpu")) for seed in (0, 1, 1)]  # two arms share a stream
+            engine = StackedEngine(config, [j for j, _ in pairs], [s for _, s in pairs], data)
+            assert (engine.module.plan is not None) == planned
+            if not use_plan:
+                engine.module.plan = None
+            for it in range(3):
+                engine.step(it)
+            engines.append(engine)
+        if not planned:
+            return
+        fast, vmapped = engines
+        for p, q in zip(fast.params, vmapped.params):
+            m = fast.optimizer.mask_for(p)
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(fast.optimizer.state[p][key], vmapped.optimizer.state[q][key],
+                                           rtol=1e-10, atol=1e-14)
+            if m is not None:
+                assert bool((p[~m] == 0).all()) and bool((fast.optimizer.state[p]["exp_avg"][~m] == 0).all())
+    finally:
+        torch.set_default_dtype(previous)

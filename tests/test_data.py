@@ -112,6 +112,25 @@ def test_batches_are_pure_and_wrap_epochs(tmp_path):
     assert big_x.shape[0] == 3 * n + 5
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_batches_of_several_streams_equal_each_streams_batch(tmp_path, augment):
+    """`batches` (the batched arms' one gather) stacks exactly `batch` of each seed, repeated seeds included,
+    across an epoch boundary (16 does not divide the training set)."""
+    write_cifar10(str(tmp_path))
+    d = load_dataset("cifar10", str(tmp_path), "cpu", val_size=10, seed=0, augment=augment)
+    seeds = [3, 1, 3, 8]
+    for it in (0, 2, 7):
+        x, y = d.batches(it, 16, seeds)
+        assert x.shape == (4, 16, 3, 32, 32) and y.shape == (4, 16)
+        for k, s in enumerate(seeds):
+            xs, ys = d.batch(it, 16, s)
+            assert torch.equal(x[k], xs) and torch.equal(y[k], ys)
+        shard = data.DataShard(d, 1, 3)  # a data-parallel rank's rows of every stream's batch
+        xr, yr = shard.batches(it, 16, seeds)
+        for k, s in enumerate(seeds):
+            assert torch.equal(xr[k], shard.batch(it, 16, s)[0]) and torch.equal(yr[k], shard.batch(it, 16, s)[1])
+
+
 def test_augment_keeps_shapes_and_changes_images(tmp_path):
     write_cifar10(str(tmp_path))
     plain = load_dataset("cifar10", str(tmp_path), "cpu", val_size=10, seed=0)
