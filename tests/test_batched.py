@@ -115,18 +115,47 @@ def test_batched_level_equals_arms_one_at_a_time_in_float64(tmp_path, float64_da
             assert torch.all(w2[k[:-len("_mask")]][~w2[k]] == 0)
 
 
-def test_batched_level_agrees_with_arms_one_at_a_time_in_float32(tmp_path, float32_data):
-    """float32: the stacked step sums in another order (bmm instead of one GEMM per arm), so the two runs drift
-    apart by rounding. Measured drift over these 24 Adam steps: losses ~1e-6 relative and at most a test
-    image flipped; tolerances 1e-4 (losses) and 3/200 (accuracies on the 200-image test split) leave ~100x
-    and 3 images of margin while a wrong arm (other batches, other mask) differs by percents."""
+def _max_drift(run_a, rows_a, run_b, rows_b):
+    """(largest relative train/val loss difference, largest val/test accuracy difference) over all arms and
+    evaluations of two runs of the same arms."""
+    loss = acc = 0.0
+    for a, b in zip(rows_a, rows_b):
+        for ma, mb in zip(_metrics(run_a, a), _metrics(run_b, b)):
+            loss = max([loss] + [abs(ma[k] - mb[k]) / max(1.0, abs(ma[k])) for k in ("train_loss", "val_loss")])
+            acc = max([acc] + [abs(ma[k] - mb[k]) for k in ("val_acc", "test_acc")])
+    return loss, acc
+
+
+def test_batched_level_agrees_with_arms_one_at_a_time_in_float32(tmp_path, float32_data, monkeypatch):
+    """float32: the stacked step sums in another order (one bmm over the arms instead of one GEMM per arm),
+    so the two runs differ by rounding. How much rounding alone moves these metrics is measured here, not
+    guessed: the same arms one at a time again, with every Linear layer's reduction in another order (input
+    features permuted: the same math, other roundings). Batched must stay within 10x that drift.
+    Measured (torch 2.14 CPU): permuted order 9e-7 relative in the losses after 24 Adam steps (1.1e-6 after
+    96: the drift grows slowly, Adam's normalised steps do not amplify it), batched 8e-8 (1.1e-7 after 96),
+    so the bound has ~100x margin; a wrong arm (other batches, other mask) differs by >1e-2. Accuracies:
+    an image flips only when its top-two logits are tied to ~1e-6, so a few near-ties (3 of 200 test images)
+    are allowed; 0 flipped in the measurements. The early-stopping iteration may move by one evaluation on a
+    near tie of validation losses, so it is not compared here (float64 pins it)."""
+    import torch.nn.functional as F
     config = tiny(trials=1, reinits=2)
-    one, many = str(tmp_path / "one"), str(tmp_path / "many")
+    one, many, perm = str(tmp_path / "one"), str(tmp_path / "many"), str(tmp_path / "perm")
     rows_one = run_search(config.replace(parallel_arms=1), one, progress=False)
     rows_many = run_search(config, many, progress=False)
+    linear = F.linear
+
+    def permuted_linear(x, w, b=None):
+        order = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(w.shape[1]))
+        return linear(x[..., order], w[:, order], b)
+
+    monkeypatch.setattr(F, "linear", permuted_linear)
+    rows_perm = run_search(config.replace(parallel_arms=1), perm, progress=False)
+    monkeypatch.setattr(F, "linear", linear)
+    rounding, _ = _max_drift(one, rows_one, perm, rows_perm)
+    assert 0 < rounding < 1e-4  # the reordering did change the roundings, and only them
     for a, b in zip(rows_one, rows_many):
-        a["early_stop_iter"] = b["early_stop_iter"] = None  # may move by one evaluation on a near tie
-    _compare(rows_one, rows_many, one, many, dict(acc=3 / 200, loss=1e-4))
+        a["early_stop_iter"] = b["early_stop_iter"] = None
+    _compare(rows_one, rows_many, one, many, dict(acc=3 / 200, loss=10 * rounding))
 
 
 def test_resnet20_with_batchnorm_trains_batched_like_alone(tmp_path, float64_data):
