@@ -9,8 +9,11 @@
     triton backend runs each masked linear layer of the 8 arms as one grouped tile-skipping launch
     (kernels/grouped_linear.py) against each arm's own tile-skipping launches. On a CPU the torch backend
     runs both masks alike (dense ops), so the row would repeat (b); it is not timed there.
+The batched rows run the engine the search uses, so on the torch backend its hand-stacked forward
+(fastticket.stacked_plan) for LeNet and Conv-2.
 
-Unlike the kernel suites these are timed on a CPU too (wall clock, median of repeats): the question is how the
+Unlike the kernel suites these are timed on a CPU too (wall clock; ratios are the median over repeats of
+the two sides' times measured back to back): the question is how the
 loop compares with plain PyTorch on the same machine, which a CPU answers. Every row also checks parity: the
 first step's losses of the fastticket side against the reference side.
 """
@@ -71,9 +74,12 @@ def _arm(config: SearchConfig, data: DeviceData, seed: int, device: torch.device
 
 
 def _seconds(runs: Sequence[Callable[[int], None]], steps: int, device: torch.device,
-             repeats: int) -> List[float]:
-    """Median seconds per step of each `run(iteration)` over `steps` steps, after a warm-up. The runs
-    alternate repeat by repeat, so a change in the machine's load hits both sides of a comparison alike."""
+             repeats: int) -> Tuple[List[float], float]:
+    """Median seconds per step of each `run(iteration)` over `steps` steps, after a warm-up, and the median
+    over repeats of runs[0]'s time / runs[1]'s time. The runs alternate repeat by repeat, so a change in the
+    machine's load hits both sides of a comparison alike; the ratio is taken within each repeat (the two
+    sides' times measured back to back) before the median, which a load burst moves less than it moves
+    the ratio of two medians."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     its = [0] * len(runs)
     for r, run in enumerate(runs):
@@ -90,7 +96,8 @@ def _seconds(runs: Sequence[Callable[[int], None]], steps: int, device: torch.de
                 its[r] += 1
             sync()
             samples[r].append((time.perf_counter() - t0) / steps)
-    return [statistics.median(s) for s in samples]
+    ratio = statistics.median(a / b for a, b in zip(samples[0], samples[1]))
+    return [statistics.median(s) for s in samples], ratio
 
 
 def _one_arm(model_name: str, data: DeviceData, device: torch.device, steps: int, repeats: int) -> BenchRow:
@@ -120,13 +127,13 @@ def _one_arm(model_name: str, data: DeviceData, device: torch.device, steps: int
     with torch.no_grad():
         x, y = data.batch(0, BATCH, job.seed)
         parity = abs(float(F.cross_entropy(job.model(x), y)) - float(F.cross_entropy(plain(x), y)))
-    t_ours, t_plain = _seconds([ours, reference], steps, device, repeats)
+    (t_plain, t_ours), speed = _seconds([reference, ours], steps, device, repeats)
     return BenchRow(suite="search", case=f"one arm {model_name}", op="train step", shape=f"B={BATCH}",
                     dtype="fp32", mask=f"element {DENSITY:.0%}", density=DENSITY,
                     times_ms={"plain PyTorch": t_plain * 1e3, "fastticket": t_ours * 1e3},
-                    ratio_vs_dense={"fastticket": t_plain / t_ours}, parity=parity,
+                    ratio_vs_dense={"fastticket": speed}, parity=parity,
                     extra={"iters_per_s": {"plain PyTorch": 1 / t_plain, "fastticket": 1 / t_ours},
-                           "summary": f"search: one {model_name} arm runs {t_plain / t_ours:.2f}x the "
+                           "summary": f"search: one {model_name} arm runs {speed:.2f}x the "
                                       f"iterations/s of a plain PyTorch loop ({1 / t_ours:.0f} vs "
                                       f"{1 / t_plain:.0f} it/s, {device.type})"})
 
@@ -152,8 +159,7 @@ def _k_arms(model_name: str, data: DeviceData, device: torch.device, steps: int,
     def batched(it: int) -> None:
         acc.add_(stacked.step(it))
 
-    t_single, t_batched = _seconds([one_at_a_time, batched], steps, device, repeats)
-    speedup = t_single / t_batched
+    (t_single, t_batched), speedup = _seconds([one_at_a_time, batched], steps, device, repeats)
     mask = f"block {BLOCK}x{BLOCK}, {BLOCK_LIVE:.0%} of tiles live" if block else f"element {DENSITY:.0%}"
     return BenchRow(suite="search", case=f"{ARMS} arms {model_name}" + (" block" if block else ""),
                     op="train step (all arms)", shape=f"K={ARMS} B={BATCH}", dtype="fp32", mask=mask,
@@ -169,8 +175,8 @@ def _k_arms(model_name: str, data: DeviceData, device: torch.device, steps: int,
 @suite("search")
 def search_suite(options: BenchOptions) -> List[BenchRow]:
     device = options.torch_device
-    steps, repeats = (20, 3) if options.quick else (100, 5)
-    conv_steps = 3 if options.quick else 10
+    steps, repeats = (20, 3) if options.quick else (30, 15)  # many short repeats: paired ratios (_seconds)
+    conv_steps = 2 if options.quick else 3
     mnist = _synthetic((1, 28, 28), 3500, device)
     cifar = _synthetic((3, 32, 32), 2000, device)
     rows = [_one_arm("lenet300", mnist, device, steps, repeats),
