@@ -10,7 +10,8 @@ LR schedulers work as with torch.optim, and state dicts are interchangeable with
 
 Backend (fastticket.backend.resolve_backend of the parameter's device): "triton" runs the fused multi-tensor
 kernels of fastticket.kernels.masked_optim, "torch" runs the formulas of the per-tensor PyTorch reference
-kept beside those kernels as multi-tensor torch._foreach_* passes, one per formula over a group's tensors
+kept beside those kernels as multi-tensor torch._foreach_* passes, one per formula over a group's tensors,
+or for Adam/AdamW on CPU tensors as torch's fused CPU Adam (one pass per tensor; see _adam_step_torch)
 (the tests check both against the reference in float64).
 Rewinding and optimizer-state resets live in fastticket.rewind.
 """
@@ -250,7 +251,7 @@ _FUSED_ADAM = hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_adamw_")
 def _fusable(*lists: Sequence[torch.Tensor]) -> bool:
     """Whether torch's fused Adam kernel takes these tensors: on the CPU (elsewhere its step counts would have
     to live on the device; the foreach passes serve there), one floating dtype, dense and contiguous."""
-    if not _FUSED_ADAM:
+    if not _FUSED_ADAM or not lists[0]:
         return False
     first = lists[0][0]
     if first.device.type != "cpu" or not first.is_floating_point():
@@ -283,7 +284,8 @@ def _adam_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
     moments are known to be zero on pruned entries (`still_zero[i]`, kept by the optimizer from tensor
     versions) has its gradient masked before the step instead of three tensors zeroed after it: with a zero
     gradient, each formula leaves a zero entry zero (the moments stay 0, the update is 0 / (0 + eps), weight
-    decay of 0 is 0), so the result is the same, for one pass instead of three. (Not in the foreach passes:
+    decay of 0 is 0), so the result is the same, for one pass instead of three (the gradient is masked in
+place: afterwards it is zero on pruned entries). (Not in the foreach passes:
     torch.sqrt over a second moment with many exact zeros runs ~30x slower on CPU than over dense values;
     the fused kernel's square root does not, measured.)"""
     buckets: Dict[int, List[int]] = {}
@@ -294,10 +296,10 @@ def _adam_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
         m = [masks[i] for i in idx]
         ea, eas = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
         d = [grads[i] for i in idx]
-        if _fusable(p, d, ea, eas):
+        mx = [max_exp_avg_sqs[i] for i in idx] if amsgrad else []
+        if _fusable(p, d, ea, eas, mx):
             # One pass per tensor (torch's fused CPU Adam: the reference's formulas, read and written once)
             # instead of seven foreach passes.
-            mx = [max_exp_avg_sqs[i] for i in idx] if amsgrad else []
             zero = [bool(still_zero and still_zero[i]) for i in idx]
             _fill_pruned_(d, [mask if z else None for mask, z in zip(m, zero)])
             fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
@@ -320,7 +322,6 @@ def _adam_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
         bias_correction1 = 1 - beta1 ** step
         bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
         if amsgrad:
-            mx = [max_exp_avg_sqs[i] for i in idx]
             torch._foreach_maximum_(mx, eas)
             denom = torch._foreach_sqrt(mx)
         else:
