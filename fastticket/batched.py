@@ -64,7 +64,8 @@ class StackedEngine:
         self.config, self.jobs, self.states, self.data = config, list(jobs), list(states), data
         self.k = len(jobs)
         models = [s.model for s in states]
-        self.module = _StackedModule(models, probe=data.val.x[:4])
+        # A couple of training inputs, on which the hand-stacked forward is checked once against vmap's.
+        self.module = _StackedModule(models, probe=data.batch(0, 2, jobs[0].seed)[0])
         self.names, self.params, self.buffers = self.module.names, list(self.module.stacked), self.module.buffer_dict()
         self.model = data_parallel(self.module, has_statistics(models[0]))  # DDP in a data-parallel search
         arm_params = [dict(m.named_parameters()) for m in models]
@@ -75,6 +76,7 @@ class StackedEngine:
             per_arm = [arm_masks[a][i] for a in range(self.k)]
             masks.append(None if per_arm[0] is None else torch.stack(per_arm))
         self.optimizer = make_optimizer(config, self.params, masks=masks)
+        self.optimizer.stacked_arms = True  # type: ignore[attr-defined]  (steps each arm's slice as if alone)
         self.optimizer.param_groups[0]["lr"] = states[0].optimizer.param_groups[0]["lr"]
         self._load_optimizer_state(arm_params)
         # Batches: each arm's trial stream, gathered to [K, B, ...] (one stream: a broadcast view, no copy).
@@ -160,7 +162,7 @@ class _StackedModule(nn.Module):
         self._forward = vmap(forward, in_dims=(0, 0, 0))
         # Models whose forward fastticket.stacked_plan knows (LeNet, Conv-2/4/6), on the torch backend: the
         # hand-stacked forward (bmm for Linear layers, K plain convolutions; faster on CPU than vmap), checked
-        # once against the vmap forward on `probe` (a few validation inputs).
+        # once against the vmap forward on `probe` (a few inputs).
         device = self.stacked[0].device if self.names else torch.device("cpu")
         self.plan = forward_plan(base) if probe is not None and resolve_backend(device) == "torch" else None
         if self.plan is not None and not self._plan_agrees(probe):

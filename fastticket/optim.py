@@ -86,6 +86,8 @@ class _MaskedOptimizer(Optimizer):
         # param -> the versions of its mask, weight and state as the last torch-backend step left them (exactly
         # zero on pruned entries); see _still_zero.
         self._zero_after_step: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # Set by fastticket.batched: every parameter is K arms stacked along dim 0 (see _adam_step_torch).
+        self.stacked_arms = False
         super().__init__(params, defaults)
         if masks is not None:
             flat = [p for g in self.param_groups for p in g["params"]]
@@ -200,6 +202,7 @@ class _MaskedOptimizer(Optimizer):
         self.__dict__.setdefault("_owner_cache", WeakIdKeyDictionary())
         self.__dict__.setdefault("block_tile", tuple(masked_optim.DEFAULT_TILE))
         self.__dict__["_zero_after_step"] = WeakIdKeyDictionary()
+        self.__dict__.setdefault("stacked_arms", False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,7 +276,7 @@ def _adam_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
                      exp_avg_sqs: Sequence[torch.Tensor], max_exp_avg_sqs: Sequence[Optional[torch.Tensor]],
                      steps: Sequence[int], *, lr: float, beta1: float, beta2: float, eps: float,
                      weight_decay: float, amsgrad: bool, maximize: bool, decoupled: bool,
-                     still_zero: Optional[Sequence[bool]] = None) -> None:
+                     still_zero: Optional[Sequence[bool]] = None, arm_slices: bool = False) -> None:
     """Masked Adam/AdamW over a list of tensors (`steps[i]`: tensor i's step count, already incremented).
 
     Multi-tensor, one pass per formula of masked_optim.adam_reference_ over the tensors sharing a step count
@@ -303,7 +306,13 @@ place: afterwards it is zero on pruned entries). (Not in the foreach passes:
             zero = [bool(still_zero and still_zero[i]) for i in idx]
             _fill_pruned_(d, [mask if z else None for mask, z in zip(m, zero)])
             fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
-            fused(p, d, ea, eas, mx, [_step_tensor(step)] * len(p), lr=lr, beta1=beta1,
+            # The kernel rounds the last few elements of a tensor (its scalar tail) differently from the
+            # vectorised rest, so an element's result depends on where the tensor ends: stacked tensors
+            # ([K, ...], fastticket.batched) are passed as their K arm slices, so each arm is stepped exactly
+            # as it would be alone, whatever the group size (bit-identical resume when a level regroups).
+            lists = [[v for t in ts for v in t.unbind(0)] for ts in (p, d, ea, eas, mx)] if arm_slices \
+                else [p, d, ea, eas, mx]
+            fused(*lists, [_step_tensor(step)] * len(lists[0]), lr=lr, beta1=beta1,
                   beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize)
             after = [None if z else mask for mask, z in zip(m, zero)]
             for group in (p, ea, eas) + ((mx,) if amsgrad else ()):
@@ -462,7 +471,8 @@ class MaskedAdam(_MaskedOptimizer):
                 if backend == "triton":
                     masked_optim.adam_step_(*args, **self._tile_kwargs(params, masks, idx), **hp)
                 else:
-                    _adam_step_torch(*args, **hp, still_zero=self._still_zero(args[0], args[2], _ADAM_STATE))
+                    _adam_step_torch(*args, **hp, still_zero=self._still_zero(args[0], args[2], _ADAM_STATE),
+                                     arm_slices=self.stacked_arms)
                     self._record_zero(args[0], args[2], _ADAM_STATE)
         return loss
 

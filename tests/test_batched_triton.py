@@ -237,6 +237,10 @@ class TinyData:
         x = torch.randn(batch_size, 45, generator=gen, dtype=torch.float64)
         return x, torch.randint(0, 10, (batch_size,), generator=gen)
 
+    def batches(self, iteration: int, batch_size: int, seeds):
+        drawn = [self.batch(iteration, batch_size, s) for s in seeds]
+        return torch.stack([x for x, _ in drawn]), torch.stack([y for _, y in drawn])
+
 
 @launches  # the masked Adam's fused Triton step, whatever the layers' path
 @pytest.mark.parametrize("threshold", THRESHOLDS)

@@ -489,3 +489,29 @@ def test_fused_cpu_adam_masks_only_the_gradient_once_pruned_entries_are_zero(cls
     opt.load_state_dict(state)
     step()
     assert pruned_all_zero()
+
+
+def test_stacked_arms_are_stepped_bit_for_bit_like_each_arm_alone() -> None:
+    """fastticket.batched's stacked optimizer (stacked_arms): each arm's slice of a [K, ...] tensor gets exactly
+    the bits it gets stepped alone (torch's fused CPU Adam rounds a tensor's tail differently, so the arms
+    are passed as their own tensors)."""
+    g = torch.Generator().manual_seed(3)
+    shape = (37, 29)  # odd sizes: every arm's slice ends in a scalar tail
+    arms = [torch.randn(shape, generator=g) for _ in range(3)]
+    masks = [torch.rand(shape, generator=g) > 0.3 for _ in range(3)]
+    grads = [[torch.randn(shape, generator=g) for _ in range(3)] for _ in range(4)]
+    stacked = torch.nn.Parameter(torch.stack(arms) * torch.stack(masks))
+    opt = MaskedAdam([stacked], lr=1e-2, masks=[torch.stack(masks)])
+    opt.stacked_arms = True
+    alone = [torch.nn.Parameter(a * m) for a, m in zip(arms, masks)]
+    opts = [MaskedAdam([p], lr=1e-2, masks=[m]) for p, m in zip(alone, masks)]
+    with use_backend("torch"):
+        for step in grads:
+            stacked.grad = torch.stack(step)
+            opt.step()
+            for p, o, gr in zip(alone, opts, step):
+                p.grad = gr.clone()
+                o.step()
+    for k, p in enumerate(alone):
+        assert torch.equal(stacked[k], p)
+        assert torch.equal(opt.state[stacked]["exp_avg_sq"][k], opts[k].state[p]["exp_avg_sq"])
