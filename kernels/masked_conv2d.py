@@ -810,7 +810,7 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     c_out, c_in, kh, kw = weight.shape
     bn, bk = conv2d_tile_sizes(c_out, c_in * kh * kw, weight.dtype, x.device)
     tile_map = tile_maps(bn, bk, k_order="tap_major")
-    if not use_tile_skipping(tile_map.live_fraction, "conv2d", x.dtype):
+    if not use_tile_skipping(tile_map.live_fraction, "conv2d", weight.dtype):
         return _dense_masked_conv2d(x, weight, bias, mask, stride, padding, dilation, groups)
     if x.device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
         # dX and split dW accumulate with atomics in an order that varies run to run; cuDNN honours the flag.
