@@ -127,7 +127,7 @@ class Context:
         for rank, failure in enumerate(errors):
             if failure is not None:
                 kind, text, host = failure
-                raise kind(f"rank {rank} ({host}): {text}") from (error if rank == self.rank else None)
+                raise _agreed(kind(f"rank {rank} ({host}): {text}")) from (error if rank == self.rank else None)
         return result
 
     # ------------------------------------------------------------------------------ work split
@@ -140,6 +140,13 @@ class Context:
 
 
 _current = Context()
+_AGREED = "raised_by_every_rank"
+
+
+def _agreed(error: Exception) -> Exception:
+    """Mark an error that every rank raises at the same point (see `session`)."""
+    setattr(error, _AGREED, True)
+    return error
 
 
 def current() -> Context:
@@ -187,6 +194,13 @@ def session(mode: str, backend: str, device: torch.device) -> Iterator[Context]:
     previous, _current = _current, context
     try:
         yield context
+    except Exception as exc:
+        # An error every rank raised together (Context.agree): leave together, or a rank destroying its
+        # group after another has exited can wait forever (seen with torch 2.5's gloo). Any other error is
+        # this rank's alone, and torchrun stops the others when it exits.
+        if joined and getattr(exc, _AGREED, False):
+            dist.barrier()
+        raise
     finally:
         _current = previous
         if joined:
@@ -201,8 +215,8 @@ def check_same_settings(context: Context, settings: str, describe: Callable[[str
     every = context.gather(settings)
     for rank, other in enumerate(every):
         if other != every[0]:
-            raise ConfigError(f"rank {rank} was started with other settings than rank 0 ({describe(every[0], other)}); "
-                              f"every rank must get the same command line")
+            raise _agreed(ConfigError(f"rank {rank} was started with other settings than rank 0 "
+                                      f"({describe(every[0], other)}); every rank must get the same command line"))
 
 
 def prefixed(text: str, context: Optional[Context] = None) -> str:
