@@ -381,15 +381,8 @@ def test_search_on_the_triton_backend_matches_the_torch_backend(tmp_path, monkey
     # A level's lone arm trains stacked on the triton backend too: its 3 masked linear layers as grouped calls.
     assert len(grouped) == 3 * 12
     assert [r["density"] for r in rows["triton"]] == [r["density"] for r in rows["torch"]]
-    for level in (0, 1):
-        ours = load(os.path.join(arm_dir(str(tmp_path / "triton"), level, "ticket", 0), "final.pt"))
-        ref = load(os.path.join(arm_dir(str(tmp_path / "torch"), level, "ticket", 0), "final.pt"))
-        for key, value in ref.items():
-            if key.endswith("weight_mask"):
-                assert torch.equal(ours[key], value)
-                assert torch.all(ours[key[:-len("_mask")]][~value] == 0)
-            else:
-                torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-6)
+    _same_tickets(str(tmp_path / "triton"), str(tmp_path / "torch"),
+                  lambda ours, ref, key: torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6))
 
 
 def test_compiled_search_matches_the_eager_search(tmp_path, monkeypatch):
@@ -404,15 +397,24 @@ def test_compiled_search_matches_the_eager_search(tmp_path, monkeypatch):
     assert [r["density"] for r in rows[True]] == [r["density"] for r in rows[False]]
     for a, b in zip(rows[True], rows[False]):
         assert a["final_test_acc"] == pytest.approx(b["final_test_acc"], abs=2e-3)  # one image in 500 may flip
+    def close(ours, ref, key):
+        assert rel_error(ours, ref) < 1e-5, key
+
+    _same_tickets(str(tmp_path / "True"), str(tmp_path / "False"), close)
+
+
+def _same_tickets(run, reference, close):
+    """The level 0 and 1 tickets' final.pt of `run` against `reference`: masks equal, pruned weights exactly
+    zero, every other tensor checked by close(ours, ref, key)."""
     for level in (0, 1):
-        ours = load(os.path.join(arm_dir(str(tmp_path / "True"), level, "ticket", 0), "final.pt"))
-        ref = load(os.path.join(arm_dir(str(tmp_path / "False"), level, "ticket", 0), "final.pt"))
+        ours = load(os.path.join(arm_dir(run, level, "ticket", 0), "final.pt"))
+        ref = load(os.path.join(arm_dir(reference, level, "ticket", 0), "final.pt"))
         for key, value in ref.items():
             if key.endswith("weight_mask"):
                 assert torch.equal(ours[key], value)
                 assert torch.all(ours[key[:-len("_mask")]][~value] == 0)
             else:
-                assert rel_error(ours[key], value) < 1e-5, key
+                close(ours[key], value, key)
 
 
 def test_config_validates_itself_and_round_trips_through_config_json():
