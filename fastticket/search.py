@@ -98,18 +98,8 @@ class _Search:
     device: torch.device
     prunable: Sequence[str]
     progress: Progress
+    train_data: Any  # what the arms train and evaluate on: `data`, or in a data-parallel search this rank's share
     said_split: bool = False
-
-    @property
-    def train_data(self) -> Any:
-        """What the arms train and evaluate on: the data, or in a data-parallel search this rank's share."""
-        context = distributed.current()
-        if not context.data_parallel:
-            return self.data
-        from fastticket.data import DataShard
-        if getattr(self, "_shard", None) is None:
-            self._shard = DataShard(self.data, context.rank, context.world)
-        return self._shard
 
     def model(self, seed: int) -> nn.Module:
         return build_masked_model(self.config, self.data.info, seed, self.device)
@@ -516,7 +506,13 @@ def _run_levels(config: SearchConfig, run: RunDir, data: "DeviceData", device: t
 
     # The layer structure (names, which are prunable) comes from one throwaway build.
     prunable = _prunable(config, build_masked_model(config, data.info, config.seed, device))
-    s = _Search(config, run, data, device, prunable, progress)
+    context = distributed.current()
+    if context.data_parallel:
+        from fastticket.data import DataShard
+        train_data: Any = DataShard(data, context.rank, context.world)
+    else:
+        train_data = data
+    s = _Search(config, run, data, device, prunable, progress, train_data)
 
     arms_per_level = len(level_arms(config, 1))
     progress.search_started((1 + config.levels * arms_per_level) * config.trials)
