@@ -4,10 +4,10 @@ Without CUDA every benchmark is skipped with a reason: a CPU time of a kernel ru
 says nothing about the GPU and is never reported. Parity on CPU is covered by tests/ and by
 `fastticket bench` (which prints parity without timings).
 
-The suites take their cases from the library's suites (fastticket.bench.linear / conv / optim: `grid`,
-`step_grid`, `dw_grid`), their options from `fastticket.bench.options_from_env()` (FASTTICKET_BENCH_QUICK=1:
+The suites take their cases from the library's suites (fastticket.app.bench.linear / conv / optim: `grid`,
+`step_grid`, `dw_grid`), their options from `fastticket.app.bench.options_from_env()` (FASTTICKET_BENCH_QUICK=1:
 the small grid; FASTTICKET_BENCH_DTYPE=bf16|fp16|fp32|tf32) and their do_bench medians from
-`fastticket.bench.time_ms`, so `fastticket bench` and `pytest bench/` measure the same work the same way.
+`fastticket.app.bench.time_ms`, so `fastticket bench` and `pytest bench/` measure the same work the same way.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 
-from fastticket.bench import BenchOptions, op_step, options_from_env, rotating, time_ms
+from fastticket.app.bench import BenchOptions, op_step, options_from_env, rotating, time_ms
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -56,7 +56,7 @@ def synchronized(call: Callable[[], Any]) -> Callable[[], None]:
 
 @pytest.fixture
 def timed_benchmark(benchmark):
-    """run(fn, inputs=None): record fastticket.bench.time_ms(fn, inputs) (the number the results tables use) as
+    """run(fn, inputs=None): record fastticket.app.bench.time_ms(fn, inputs) (the number the results tables use) as
     extra_info["do_bench_ms"] (it must be a positive, finite time), then let pytest-benchmark time the same
     rotating call, synchronized. Returns the do_bench median."""
 
@@ -75,7 +75,7 @@ def layer_op_benchmark(benchmark, timed_benchmark):
     """Time one implementation of a linear / conv layer benchmark (test_bench_linear.py, test_bench_conv.py).
 
     run(layer, fn, op, forced_skip, group, record): under `forced_skip()` (or as is when None), builds the
-    op's work with fastticket.bench.op_step ("fwd": fn(x); "bwd": the graphs built once, `layer.grads` timed
+    op's work with fastticket.app.bench.op_step ("fwd": fn(x); "bwd": the graphs built once, `layer.grads` timed
     alone; "fwd+bwd": both) over the layer's rotated (x, g) input sets, sets the benchmark group to `group`,
     calls `record()` (more extra_info, parity assertions), then times it (`timed_benchmark`).
     """

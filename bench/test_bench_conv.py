@@ -1,6 +1,6 @@
 """Conv2d benchmarks (pytest-benchmark): fastticket's masked Conv2d vs dense cuDNN and the prune-style path.
 
-The same cases as `fastticket bench conv` (fastticket.bench.conv.grid): conv layers of Conv-6, VGG-19 and
+The same cases as `fastticket bench conv` (fastticket.app.bench.conv.grid): conv layers of Conv-6, VGG-19 and
 ResNet-20 on CIFAR-10 inputs and an ImageNet-sized layer, fwd / bwd / fwd+bwd, element and block:64x64
 masks. Each benchmark's group is one (case, mask, density, op), so
 `pytest bench/test_bench_conv.py --benchmark-group-by=group` lines the implementations up; `extra_info`
@@ -16,9 +16,9 @@ import zlib
 import pytest
 import torch
 
-from fastticket.bench import conv as suite
-from fastticket.bench import options_from_env
-from fastticket.testing import parity_tolerance
+from fastticket.app.bench import conv as suite
+from fastticket.app.bench import options_from_env
+from fastticket.sparse.testing import parity_tolerance
 
 OPTIONS = options_from_env()
 CASES, MASKS, DENSITIES = suite.grid(OPTIONS)

@@ -1,6 +1,6 @@
 """Linear-layer benchmarks (pytest-benchmark): fastticket vs dense cuBLAS, prune-style and torch BSR.
 
-The same cases as `fastticket bench linear` (fastticket.bench.linear.grid). Each benchmark's group is one
+The same cases as `fastticket bench linear` (fastticket.app.bench.linear.grid). Each benchmark's group is one
 (case, mask, density, op), so `pytest bench/ --benchmark-group-by=group` lines the implementations up;
 `extra_info` carries the do_bench median (the number the results tables use), the live-tile fraction and,
 for fastticket, its parity against the float64 reference, which must be within the precision's tolerance.
@@ -13,9 +13,9 @@ import zlib
 import pytest
 import torch
 
-from fastticket.bench import linear as suite
-from fastticket.bench import options_from_env
-from fastticket.testing import parity_tolerance
+from fastticket.app.bench import linear as suite
+from fastticket.app.bench import options_from_env
+from fastticket.sparse.testing import parity_tolerance
 
 OPTIONS = options_from_env()
 CASES, MASKS, DENSITIES = suite.grid(OPTIONS)

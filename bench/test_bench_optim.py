@@ -1,5 +1,5 @@
 """Optimizer-step benchmarks (pytest-benchmark): fastticket's masked step vs torch.optim, and the dW+update
-fusion. The same cases as `fastticket bench optim` (fastticket.bench.optim.step_grid / dw_grid); skipped
+fusion. The same cases as `fastticket bench optim` (fastticket.app.bench.optim.step_grid / dw_grid); skipped
 without CUDA (conftest).
 
 Each benchmark's group is one (set, optimizer, mask, density) or (fusion shape, mask, density), so
@@ -14,9 +14,9 @@ import itertools
 import pytest
 import torch
 
-from fastticket.bench import optim as suite
-from fastticket.bench import options_from_env
-from fastticket.testing import parity_tolerance
+from fastticket.app.bench import optim as suite
+from fastticket.app.bench import options_from_env
+from fastticket.sparse.testing import parity_tolerance
 
 OPTIONS = options_from_env()
 SETS, STEP_CASES = suite.step_grid(OPTIONS)
@@ -40,7 +40,7 @@ STEP_PARAMS = [pytest.param(s, k, m, d, i, id=f"{s.name}-{k}-{m}-d{d}-{i}")
 
 @pytest.mark.parametrize("pset,kind,mask,density,impl", STEP_PARAMS)
 def test_optimizer_step(timed_benchmark, benchmark, pset, kind, mask, density, impl):
-    from fastticket.backend import use_backend
+    from fastticket.sparse.backend import use_backend
 
     bench = get_bench(("step", pset.name, mask, density),
                       lambda: suite.StepBench(pset, mask, density, torch.device("cuda")))

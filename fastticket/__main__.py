@@ -1,6 +1,6 @@
 """`python -m fastticket ...` is the `fastticket` command."""
 import sys
 
-from fastticket.cli import main
+from fastticket.app.cli import main
 
 sys.exit(main())

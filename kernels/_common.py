@@ -1,6 +1,6 @@
 """Small helpers shared by the Triton kernels (linear, conv2d, the fused dW + SGD update).
 
-Kept free of any kernel and of triton itself (fastticket.backend imports `interpreter_active` from here
+Kept free of any kernel and of triton itself (fastticket.sparse.backend imports `interpreter_active` from here
 before triton may be imported): only host-side decisions every launcher makes the same way, and the
 masked-gradient identity the dense fallbacks share with the library's torch backend.
 """
@@ -21,7 +21,7 @@ __all__ = ["interpreter_active", "dot_input_precision", "sm_count", "next_power_
 def interpreter_active() -> bool:
     """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1): CPU tensors can take the triton
     backend, and the kernels' launchers use small fixed tiles and no autotuning. The one definition, read by
-    the backend choice (fastticket.backend) and the launchers alike."""
+    the backend choice (fastticket.sparse.backend) and the launchers alike."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -111,7 +111,7 @@ def device_guard(t: torch.Tensor):
 
 class _MaskGradient(torch.autograd.Function):
     """Identity on the weight; multiplies the weight's gradient by the mask. Written in the setup_context
-    form with a generated vmap rule, so a stacked group of arms (fastticket.batched: vmap over per-arm
+    form with a generated vmap rule, so a stacked group of arms (fastticket.lottery.batched: vmap over per-arm
     weights and masks) masks each arm's gradient by its own mask."""
 
     generate_vmap_rule = True
@@ -141,7 +141,7 @@ def _is_batched(t: torch.Tensor) -> bool:
 def mask_gradient(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`weight` unchanged in the forward pass; its gradient arrives multiplied by `mask`. The dense (vendor
     op) paths use it: exact under the zero invariant, with no optimizer able to revive a pruned weight."""
-    # Not `weight.requires_grad`: inside vmap (fastticket.batched) the per-arm weight is a wrapper that reports
+    # Not `weight.requires_grad`: inside vmap (fastticket.lottery.batched) the per-arm weight is a wrapper that reports
     # False even though the stacked weight it views needs a gradient.
     if torch.is_grad_enabled():
         return _MaskGradient.apply(weight, mask)

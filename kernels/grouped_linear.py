@@ -1,6 +1,6 @@
 """K arms' masked linear layers as one grouped launch: Triton kernels, launchers, float64 reference, autograd.
 
-A group of arms trained as one stacked model (fastticket.batched) holds each masked linear layer as stacked
+A group of arms trained as one stacked model (fastticket.lottery.batched) holds each masked linear layer as stacked
 tensors: X [A, M, K] (arm a's tokens), W [A, N, K] (arm a's weight, pruned entries exactly zero), M [A, N, K]
 (arm a's own bool mask), b [A, N]. The math per arm is the one-arm layer's (kernels/masked_linear.py):
 
@@ -305,7 +305,7 @@ class GroupedMaskedLinearFunction(torch.autograd.Function):
 
     apply(x [A, M, K], weight [A, N, K], bias [A, N] or None, mask bool [A, N, K], tile_map StackedTileMap).
     Written in the setup_context form, so functorch transforms around the caller (the vmap rule of
-    fastticket/ops.py calls it on the physical stacked tensors) can see through it."""
+    fastticket/sparse/ops.py calls it on the physical stacked tensors) can see through it."""
 
     @staticmethod
     def forward(x, weight, bias, mask, tile_map):

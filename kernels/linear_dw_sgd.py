@@ -12,14 +12,14 @@ the buffer lives in `optimizer.state[weight]["momentum_buffer"]`, so state dicts
 switch back to the unfused path see the same state.
 
 This file holds the kernel, its launcher and the float64 reference. The wiring into a model and its
-MaskedSGD lives in fastticket/fused_update.py: enabling (`fastticket.optim.enable_fused_dw_update`) sets
+MaskedSGD lives in fastticket/sparse/fused_update.py: enabling (`fastticket.sparse.optim.enable_fused_dw_update`) sets
 each MaskedLinear's `fused_update`; the layer's backward (kernels/masked_linear.py) computes dX with the
 old weight, then calls `fused_update(dY_2d, X_2d)` and returns no weight gradient, so `optimizer.step()`
 skips the weight (grad None) and steps the rest. Only on layers that run the tile-skipping kernels: a layer
 the dispatch sends to cuBLAS keeps cuBLAS's dW (masked) and the optimizer's step, which is faster there than
 any per-tile kernel.
 
-Checked by fastticket/fused_update.py before enabling (otherwise a one-line warning and the unfused path):
+Checked by fastticket/sparse/fused_update.py before enabling (otherwise a one-line warning and the unfused path):
 - the optimizer is a MaskedSGD, every MaskedLinear weight is in it, in exactly one MaskedLinear;
 - the layer's device resolves to the triton backend; weight contiguous, dtype fp32 / fp16 / bf16;
 - no hooks that expect the weight gradient: tensor hooks / post-accumulate-grad hooks on the weight,

@@ -43,8 +43,8 @@ is run on a GPU: it reports the measured crossover (`crossover_live_fraction` an
 the results' `crossover` row).
 
 torch.compile: `masked_linear` is wrapped in `torch.compiler.disable` (the tile-map cache is Python-side and
-the launch grids data-dependent); while compiling, fastticket/functional.py calls the custom op of
-fastticket/ops.py instead, which wraps these launchers, so a compiled model has no graph break here.
+the launch grids data-dependent); while compiling, fastticket/sparse/functional.py calls the custom op of
+fastticket/sparse/ops.py instead, which wraps these launchers, so a compiled model has no graph break here.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ the new weight and state are written as zero there, so no step can revive a prun
 pruned entries stays exactly zero (docs/architecture.md, "The invariant").
 
 This file holds the per-tensor PyTorch reference (in place, float64-capable: the tests check the kernels
-against it, the launchers fall back to it, and fastticket.optim's torch backend steps with it) and the
+against it, the launchers fall back to it, and fastticket.sparse.optim's torch backend steps with it) and the
 Triton kernels + launchers. Triton launches are multi-tensor: one launch per group of same-dtype tensors
 covers all of them through device tables of addresses (kernels/_multi_tensor.py); masks with dead
 (BN x BK) tiles are stepped over live tiles only. Tensors the kernel cannot take (non-contiguous, mixed
@@ -36,7 +36,7 @@ FLAG_FIRST = 4  # SGD: the first step, whose momentum buffer is the gradient its
 
 
 # ----------------------------------------------------------------------------------------------------------
-# PyTorch reference, per tensor (the torch backend of fastticket.optim steps with it)
+# PyTorch reference, per tensor (the torch backend of fastticket.sparse.optim steps with it)
 # ----------------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """Rewinding passes: `w = w_rewind * mask` and optimizer state zeroing, in one multi-tensor launch.
 
-PyTorch references first (the torch backend of fastticket.rewind), Triton launchers after.
+PyTorch references first (the torch backend of fastticket.sparse.rewind), Triton launchers after.
 """
 from __future__ import annotations
 

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from fastticket.backend import use_backend
-from fastticket.nn import MaskedLinear
-from fastticket.optim import MaskedAdam
+from fastticket.sparse.backend import use_backend
+from fastticket.sparse.nn import MaskedLinear
+from fastticket.sparse.optim import MaskedAdam
 
 STEPS, BATCH, IN, OUT = 3, 8, 37, 29
 

@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from fastticket.atomic_io import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temps
+from fastticket.lottery.atomic_io import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temps
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):

@@ -1,4 +1,4 @@
-"""Batched arms (fastticket.batched): a level trained as one stacked model gives the numbers of the same arms
+"""Batched arms (fastticket.lottery.batched): a level trained as one stacked model gives the numbers of the same arms
 trained one at a time (float64 to 1e-9, float32 within a justified tolerance), per-arm files unchanged."""
 import json
 import math
@@ -7,13 +7,13 @@ import os
 import pytest
 import torch
 
-import fastticket.data as data_module
-from fastticket.data import load_dataset
-from fastticket.presets import get_preset
-from fastticket.rundir import RunDir, arm_dir
-from fastticket.search import run_search
-from fastticket.train import ArmJob, ArmSpec, Progress, build_masked_model, train_arms
-from fastticket.nn import masked_modules
+import fastticket.lottery.data as data_module
+from fastticket.lottery.data import load_dataset
+from fastticket.lottery.presets import get_preset
+from fastticket.lottery.rundir import RunDir, arm_dir
+from fastticket.lottery.search import run_search
+from fastticket.lottery.train import ArmJob, ArmSpec, Progress, build_masked_model, train_arms
+from fastticket.sparse.nn import masked_modules
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -86,7 +86,7 @@ def _arm_dirs(run):
 def conv_tiny(monkeypatch):
     """A small conv net (Conv-2's structure, 8 channels, one fc of 32): the conv path without Conv-2's 3.2M
     fc weights, whose checkpoints would dominate the test's time."""
-    from fastticket import models
+    from fastticket.lottery import models
     monkeypatch.setitem(models.MODELS, "conv-tiny", lambda info: models.ConvNet(info, (8,), hidden=(32,)))
 
 
@@ -241,9 +241,9 @@ def test_hand_stacked_forward_equals_the_vmap_path_in_float64(conv_tiny, model, 
     """Fully connected and conv nets take the hand-stacked path (bmm for Linear layers, K plain convolutions);
     three steps of it give the vmap path's weights and optimizer state to float64 rounding, pruned entries
     exactly zero in every arm. Models it does not know (BatchNorm) keep vmap."""
-    from fastticket.batched import StackedEngine
-    from fastticket.bench.search import _arm, _synthetic
-    from fastticket.config import SearchConfig
+    from fastticket.lottery.batched import StackedEngine
+    from fastticket.app.bench.search import _arm, _synthetic
+    from fastticket.lottery.config import SearchConfig
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)

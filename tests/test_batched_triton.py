@@ -1,4 +1,4 @@
-"""Stacked arms on the triton backend (kernels/grouped_linear.py, wired by the vmap rule of fastticket/ops.py):
+"""Stacked arms on the triton backend (kernels/grouped_linear.py, wired by the vmap rule of fastticket/sparse/ops.py):
 K arms' masked linear layers as one grouped launch (the arm a grid dimension over the arms' concatenated
 live-tile lists), or one batched dense GEMM where the dispatch rule says dense.
 
@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from fastticket.backend import use_backend
+from fastticket.sparse.backend import use_backend
 from fastticket.kernels import grouped_linear, masked_linear, masked_optim
 from fastticket.kernels.tile_map import build_stacked_tile_map
-from fastticket.nn import MaskedLinear
-from fastticket.presets import get_preset
-from fastticket.testing import rel_error
+from fastticket.sparse.nn import MaskedLinear
+from fastticket.lottery.presets import get_preset
+from fastticket.sparse.testing import rel_error
 from sm90 import Expect, assert_properties
 
 ON_CUDA = torch.cuda.is_available()
@@ -250,8 +250,8 @@ def test_stacked_engine_on_triton_steps_like_each_arm_alone_on_torch(monkeypatch
     fused Triton step over the stacked tensors, float64 included) against the one-arm engine on the torch backend, arm by arm, in float64: equal to 1e-9
     after several steps, pruned weights and their Adam state exactly zero in every arm. K = 1 too: a lone
     arm of a level trains stacked on the triton backend."""
-    from fastticket.batched import StackedEngine
-    from fastticket.train import SingleEngine, make_optimizer
+    from fastticket.lottery.batched import StackedEngine
+    from fastticket.lottery.train import SingleEngine, make_optimizer
 
     monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_LINEAR", threshold)
     config = get_preset("lenet-mnist5k").replace(optimizer="adam", lr=0.01, batch_size=7)

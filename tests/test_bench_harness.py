@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fastticket.bench import BenchRow, crossover_row
+from fastticket.app.bench import BenchRow, crossover_row
 
 
 def timed_row(case: str, live: float, skip_ms: float, dense_ms: float = 1.0, op: str = "fwd+bwd") -> BenchRow:
@@ -36,7 +36,7 @@ def test_crossover_row_without_timings_says_unmeasured():
 
 
 def test_options_from_env_is_the_one_reader_of_the_bench_variables():
-    from fastticket.bench import DTYPE_ENV, QUICK_ENV, options_from_env
+    from fastticket.app.bench import DTYPE_ENV, QUICK_ENV, options_from_env
 
     assert options_from_env({}).quick is False and options_from_env({}).dtype == "bf16"
     opts = options_from_env({QUICK_ENV: "1", DTYPE_ENV: "TF32"})
@@ -47,7 +47,7 @@ def test_options_from_env_is_the_one_reader_of_the_bench_variables():
 
 
 def test_bench_suites_and_cli_share_one_case_grid():
-    from fastticket.bench import BenchOptions, conv, linear, optim
+    from fastticket.app.bench import BenchOptions, conv, linear, optim
 
     gpu_quick, gpu_full = (BenchOptions(quick=q, dtype="bf16", timing=True, device="cuda") for q in (True, False))
     assert [c.name for c in linear.grid(gpu_quick)[0]] == [c.name for c in linear.quick_gpu_cases()]
@@ -61,7 +61,7 @@ def test_bench_suites_and_cli_share_one_case_grid():
 
 
 def test_op_step_builds_the_timed_work_of_each_op():
-    from fastticket.bench import op_step, rotating
+    from fastticket.app.bench import op_step, rotating
 
     w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     sets = [(torch.randn(2, 4, dtype=torch.float64, requires_grad=True), torch.randn(2, 3, dtype=torch.float64))
@@ -85,7 +85,7 @@ def test_op_step_builds_the_timed_work_of_each_op():
 
 
 def test_write_results_is_atomic_and_complete(tmp_path):
-    from fastticket.bench import environment, write_results
+    from fastticket.app.bench import environment, write_results
 
     rows = [timed_row("large.a", 0.1, 0.5)]
     json_path, md_path = write_results(rows, environment(), tmp_path / "results")
@@ -95,8 +95,8 @@ def test_write_results_is_atomic_and_complete(tmp_path):
 
 
 def test_cli_fails_a_row_outside_the_shared_tolerance(monkeypatch, capsys):
-    import fastticket.bench as bench
-    from fastticket.testing import parity_tolerance
+    import fastticket.app.bench as bench
+    from fastticket.sparse.testing import parity_tolerance
 
     def fake(options):
         tol = parity_tolerance(options.dtype)

@@ -3,8 +3,8 @@ asserted here; `fastticket bench --suite search` measures it)."""
 import pytest
 import torch
 
-from fastticket import bench
-from fastticket.bench import search as search_bench
+from fastticket.app import bench
+from fastticket.app.bench import search as search_bench
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,9 +28,9 @@ def test_block_row_prunes_whole_tiles_and_keeps_parity(monkeypatch):
     """Row (d) (timed on CUDA only, where the triton backend runs the grouped tile-skipping launch): its arms'
     hidden layers hold whole dead 64 x 64 tiles, the output layer an element mask; batched and one-at-a-time
     agree on the first step. Here on the CPU's torch backend, at tiny settings."""
-    from fastticket.config import SearchConfig
+    from fastticket.lottery.config import SearchConfig
     from fastticket.kernels.tile_map import build_tile_map
-    from fastticket.nn import masked_modules
+    from fastticket.sparse.nn import masked_modules
 
     monkeypatch.setattr(search_bench, "ARMS", 2)
     monkeypatch.setattr(search_bench, "BATCH", 8)

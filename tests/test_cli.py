@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from fastticket import cli
-from fastticket.presets import get_preset
+from fastticket.app import cli
+from fastticket.lottery.presets import get_preset
 
 ONE_THREAD_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 TINY = ["--levels", "1", "--iterations", "20", "--eval-every", "10", "--no-progress"]
@@ -98,11 +98,11 @@ def test_resume_with_a_different_config(capsys, tmp_path):
 
 
 def test_missing_data_offline(capsys, tmp_path, monkeypatch):
-    import fastticket.data
+    import fastticket.lottery.data
 
     def offline(name, root):
         raise OSError("network is unreachable")
-    monkeypatch.setattr(fastticket.data, "_download", offline)
+    monkeypatch.setattr(fastticket.lottery.data, "_download", offline)
     code, _, err = run_main(["search", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
                              "--out", str(tmp_path / "run")] + TINY, capsys)
     assert_one_line_error(code, err, "--data-dir")
@@ -141,7 +141,7 @@ def test_rate_scales_the_preset_ratios():
 def test_every_config_field_is_a_flag_or_listed_as_not_one():
     import dataclasses
 
-    from fastticket.config import SearchConfig
+    from fastticket.lottery.config import SearchConfig
     fields = {f.name for f in dataclasses.fields(SearchConfig)}
     assert set(cli.SEARCH_FLAGS) | cli.NOT_FLAGS == fields
     assert not set(cli.SEARCH_FLAGS) & cli.NOT_FLAGS

@@ -1,4 +1,4 @@
-"""fastticket.compare and `fastticket report RUN_DIR RUN_DIR --out DIR`: several runs in one table and one set
+"""fastticket.app.compare and `fastticket report RUN_DIR RUN_DIR --out DIR`: several runs in one table and one set
 of plots; the single-run report shows the methods' fields (refill, early-bird, rewind mode)."""
 import csv
 import json
@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-import fastticket.compare as compare
-from fastticket.cli import main
-from fastticket.report import arm_label, make_report
-from fastticket.rundir import ArmDir
+import fastticket.app.compare as compare
+from fastticket.app.cli import main
+from fastticket.app.report import arm_label, make_report
+from fastticket.lottery.rundir import ArmDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

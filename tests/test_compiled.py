@@ -1,5 +1,5 @@
-"""torch.compile on sparsified models: the custom ops of fastticket/ops.py (no graph break) and the compiled
-training step of fastticket/compiled.py (forward, backward, masked optimizer step), against eager.
+"""torch.compile on sparsified models: the custom ops of fastticket/sparse/ops.py (no graph break) and the compiled
+training step of fastticket/lottery/compiled.py (forward, backward, masked optimizer step), against eager.
 
 `backend="aot_eager"` (FASTTICKET_COMPILE_BACKEND): dynamo's full-graph capture and AOTAutograd's backward
 graph, without inductor's C++ code generation (minutes on CI's 2 cores). fullgraph=True everywhere: a graph
@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 import fastticket
-from fastticket.backend import use_backend
-from fastticket.compiled import CompiledTrainStep, make_train_step
-from fastticket.data import DatasetInfo
-from fastticket.models import build_model
-from fastticket.optim import MaskedAdam, MaskedAdamW, MaskedSGD
-from fastticket.testing import rel_error
+from fastticket.sparse.backend import use_backend
+from fastticket.lottery.compiled import CompiledTrainStep, make_train_step
+from fastticket.lottery.data import DatasetInfo
+from fastticket.lottery.models import build_model
+from fastticket.sparse.optim import MaskedAdam, MaskedAdamW, MaskedSGD
+from fastticket.sparse.testing import rel_error
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.launches_triton)]
 TOL = 1e-5

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastticket import data
-from fastticket.data import DATASETS, DatasetUnavailableError, load_dataset
+from fastticket.lottery import data
+from fastticket.lottery.data import DATASETS, DatasetUnavailableError, load_dataset
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""A search over several processes (fastticket.distributed), on CPU with gloo over 127.0.0.1: trials mode gives
+"""A search over several processes (fastticket.lottery.platform), on CPU with gloo over 127.0.0.1: trials mode gives
 the one-process numbers exactly, data mode within float32 reduction order, both resume after a rank is
 SIGKILLed, and bad set-ups end in one line on every rank instead of a hang.
 
@@ -17,8 +17,8 @@ import time
 import pytest
 import torch
 
-from fastticket import cli
-from fastticket.data import DataShard, load_dataset
+from fastticket.app import cli
+from fastticket.lottery.data import DataShard, load_dataset
 from run_snapshot import ONE_THREAD_ENV, load, run_dir_snapshot
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,7 +1,7 @@
-"""Early-bird tickets (fastticket.early_bird): the tracker stops when the mask settles, and not before."""
+"""Early-bird tickets (fastticket.lottery.early_bird): the tracker stops when the mask settles, and not before."""
 import torch
 
-from fastticket.early_bird import PATIENCE, EarlyBird, mask_distance
+from fastticket.lottery.early_bird import PATIENCE, EarlyBird, mask_distance
 
 
 def masks_with_changes(seq):

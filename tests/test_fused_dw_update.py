@@ -1,4 +1,4 @@
-"""The dW+update fusion (kernels/linear_dw_sgd.py, wired by fastticket/fused_update.py) against the unfused path
+"""The dW+update fusion (kernels/linear_dw_sgd.py, wired by fastticket/sparse/fused_update.py) against the unfused path
 and a float64 reference."""
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from fastticket import optim as fopt
-from fastticket.backend import use_backend
+from fastticket.sparse import optim as fopt
+from fastticket.sparse.backend import use_backend
 from fastticket.kernels import linear_dw_sgd
 from fastticket.kernels.masked_linear import linear_tile_sizes
 from fastticket.kernels.tile_map import build_tile_map
-from fastticket.nn import MaskedLinear
-from fastticket.testing import parity_tolerance, rel_error
+from fastticket.sparse.nn import MaskedLinear
+from fastticket.sparse.testing import parity_tolerance, rel_error
 
 pytestmark = pytest.mark.launches_triton  # every test here launches the Triton kernels
 

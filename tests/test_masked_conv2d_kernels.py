@@ -18,7 +18,7 @@ from fastticket.kernels.masked_conv2d import (
 )
 import fastticket.kernels.masked_conv2d as masked_conv2d_module
 from fastticket.kernels.tile_map import TileMapCache, build_tile_map
-from fastticket.testing import rel_error
+from fastticket.sparse.testing import rel_error
 from sm90 import Expect, assert_properties
 
 FP32_TOL = 1e-5
@@ -162,7 +162,7 @@ ENTRY_CASES = [
 def test_default_dispatch_sends_every_conv_layer_to_cudnn(device, monkeypatch):
     """Until a GPU measures a crossover, the conv threshold is 0: even one live tile out of many runs cuDNN
     (kernels/dispatch.py), while the benchmark's forced path still reaches the kernels."""
-    from fastticket.bench import conv as conv_suite
+    from fastticket.app.bench import conv as conv_suite
     from fastticket.kernels.dispatch import DENSE_THRESHOLDS, use_tile_skipping
 
     monkeypatch.delenv("FASTTICKET_DENSE_THRESHOLD_CONV2D", raising=False)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastticket import MaskedConv2d, MaskedLinear
-from fastticket.backend import use_backend
+from fastticket.sparse.backend import use_backend
 import fastticket.kernels.masked_conv2d as masked_conv2d_module
 from fastticket.kernels.masked_conv2d import conv2d_tile_sizes
 

@@ -14,7 +14,7 @@ import torch
 
 from fastticket.kernels import masked_linear
 from fastticket.kernels.tile_map import TileMap, TileMapCache, build_tile_map
-from fastticket.testing import rel_error
+from fastticket.sparse.testing import rel_error
 from sm90 import Expect, assert_properties, problems
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}

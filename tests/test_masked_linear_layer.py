@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastticket.backend import use_backend
-from fastticket.testing import rel_error
-from fastticket.nn import MaskedLinear, masked_modules
+from fastticket.sparse.backend import use_backend
+from fastticket.sparse.testing import rel_error
+from fastticket.sparse.nn import MaskedLinear, masked_modules
 
 pytestmark = pytest.mark.launches_triton  # the tests here run the triton backend
 
@@ -126,8 +126,8 @@ def test_mask_change_is_seen_by_the_next_forward(device, path):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_torch_compile_runs(device, backend, monkeypatch):
     # aot_eager exercises dynamo + autograd tracing without a C++ compile (slow on CI's 2 cores); fullgraph:
-    # the triton path traces through the custom ops of fastticket/ops.py, no graph break.
-    from fastticket import ops
+    # the triton path traces through the custom ops of fastticket/sparse/ops.py, no graph break.
+    from fastticket.sparse import ops
     from fastticket.kernels import masked_linear as ml
 
     dispatched = []
@@ -169,7 +169,7 @@ def test_autocast_computes_in_the_autocast_dtype(device, path):
 def test_float64_layers_on_the_triton_backend_are_exact(device, monkeypatch, kind):
     """The one-arm tile kernels compute in fp32: a float64 layer must not silently lose precision there
     (it did: errors of order 1 in its output), so it takes the dense op even where tiles would be skipped."""
-    from fastticket.nn import MaskedConv2d
+    from fastticket.sparse.nn import MaskedConv2d
     monkeypatch.setenv(f"FASTTICKET_DENSE_THRESHOLD_{kind.upper()}", "1.01")  # tile skipping wherever allowed
     torch.manual_seed(3)
     if kind == "linear":

@@ -15,12 +15,12 @@ from typing import Dict, List
 import pytest
 import torch
 
-from fastticket import _mask_registry
-from fastticket.backend import use_backend
+from fastticket.sparse import _mask_registry
+from fastticket.sparse.backend import use_backend
 from fastticket.kernels import masked_optim
-from fastticket.optim import MaskedAdam, MaskedAdamW, MaskedSGD
-from fastticket.rewind import reset_state_, rewind_, rewind_and_reset_
-from fastticket.testing import rel_error
+from fastticket.sparse.optim import MaskedAdam, MaskedAdamW, MaskedSGD
+from fastticket.sparse.rewind import reset_state_, rewind_, rewind_and_reset_
+from fastticket.sparse.testing import rel_error
 from sm90 import Expect, assert_properties
 
 SHAPES = [(40, 30), (30,), (17, 13), (12, 20)]
@@ -318,7 +318,7 @@ def test_triton_launchers_match_float64_reference(kind: str) -> None:
 
 @pytest.mark.launches_triton
 def test_layer_masks_found_automatically() -> None:
-    from fastticket.nn import MaskedLinear
+    from fastticket.sparse.nn import MaskedLinear
 
     layer = MaskedLinear(12, 9)
     assert _mask_registry.layer_of(layer.weight) is layer
@@ -341,7 +341,7 @@ def test_masks_found_after_sparsify_of_an_optimized_model() -> None:
     masked layers: the owner is resolved when the step runs, not when the optimizer is built."""
     from torch import nn
 
-    from fastticket.nn import sparsify
+    from fastticket.sparse.nn import sparsify
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 4))
@@ -492,7 +492,7 @@ def test_fused_cpu_adam_masks_only_the_gradient_once_pruned_entries_are_zero(cls
 
 
 def test_stacked_arms_are_stepped_bit_for_bit_like_each_arm_alone() -> None:
-    """fastticket.batched's stacked optimizer (stacked_arms): each arm's slice of a [K, ...] tensor gets exactly
+    """fastticket.lottery.batched's stacked optimizer (stacked_arms): each arm's slice of a [K, ...] tensor gets exactly
     the bits it gets stepped alone (torch's fused CPU Adam rounds a tensor's tail differently, so the arms
     are passed as their own tensors)."""
     g = torch.Generator().manual_seed(3)

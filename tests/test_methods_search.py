@@ -5,13 +5,13 @@ import os
 import pytest
 import torch
 
-import fastticket.search as search_mod
-import fastticket.train as train_mod
-from fastticket.cli import main
-from fastticket.presets import get_preset
-from fastticket.rundir import arm_dir
-from fastticket.search import run_search
-from fastticket.train import cpu_state, lr_at
+import fastticket.lottery.search as search_mod
+import fastticket.lottery.train as train_mod
+from fastticket.app.cli import main
+from fastticket.lottery.presets import get_preset
+from fastticket.lottery.rundir import arm_dir
+from fastticket.lottery.search import run_search
+from fastticket.lottery.train import cpu_state, lr_at
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PRUNED = ("fc.0", "fc.1", "output")
@@ -136,7 +136,7 @@ def test_early_bird_stops_the_ticket_and_prunes_its_mask(tmp_path):
 
 
 def test_early_bird_resume_continues_the_tracker_from_the_checkpoint(tmp_path):
-    from fastticket.train import Progress
+    from fastticket.lottery.train import Progress
 
     class Interrupt(Progress):
         def evaluated(self, iteration, loss, val_acc):

@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 from fastticket import masked_modules, sparsify
-from fastticket.data import DatasetInfo
-from fastticket.models import MODELS, build_model, layer_kind, list_models, output_layer_name
-from fastticket.nn import MaskedConv2d, MaskedLinear
+from fastticket.lottery.data import DatasetInfo
+from fastticket.lottery.models import MODELS, build_model, layer_kind, list_models, output_layer_name
+from fastticket.sparse.nn import MaskedConv2d, MaskedLinear
 
 MNIST = DatasetInfo("mnist", (1, 28, 28), 10)
 CIFAR = DatasetInfo("cifar10", (3, 32, 32), 10)

@@ -6,7 +6,7 @@ from torch import nn
 
 import fastticket
 from fastticket import MaskedConv2d, MaskedLinear, densify, density, sparsify
-from fastticket.backend import resolve_backend, use_backend
+from fastticket.sparse.backend import resolve_backend, use_backend
 
 
 def random_mask(shape, keep: float, seed: int) -> torch.Tensor:

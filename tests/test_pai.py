@@ -1,4 +1,4 @@
-"""Pruning at initialization (fastticket.pai): SNIP, GraSP and SynFlow scores against finite-difference and
+"""Pruning at initialization (fastticket.lottery.pai): SNIP, GraSP and SynFlow scores against finite-difference and
 hand-computed float64 references on a tiny network, and pruning to an exact count."""
 import pytest
 import torch
@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastticket.errors import ConfigError
-from fastticket.nn import masked_modules, sparsify
-from fastticket.pai import GRASP_TEMPERATURE, grasp_saliency, prune_at_init, snip_saliency, synflow_saliency
-from fastticket.prune import alive_count, prune, prune_to_count
-from fastticket.testing import rel_error
+from fastticket.sparse.nn import masked_modules, sparsify
+from fastticket.lottery.pai import GRASP_TEMPERATURE, grasp_saliency, prune_at_init, snip_saliency, synflow_saliency
+from fastticket.lottery.prune import alive_count, prune, prune_to_count
+from fastticket.sparse.testing import rel_error
 
 LAYERS = ("1", "3")
 

@@ -1,9 +1,9 @@
 """Presets: the paper's settings (Frankle & Carbin 2019), and every preset is a runnable config."""
 import pytest
 
-from fastticket.data import DATASETS
-from fastticket.models import MODELS
-from fastticket.presets import DEFAULT_PRESET, PRESETS, get_preset, list_presets
+from fastticket.lottery.data import DATASETS
+from fastticket.lottery.models import MODELS
+from fastticket.lottery.presets import DEFAULT_PRESET, PRESETS, get_preset, list_presets
 
 
 def test_every_preset_names_known_parts():
@@ -16,7 +16,7 @@ def test_every_preset_names_known_parts():
 
 
 def test_presets_pass_the_search_validation():
-    from fastticket import search  # a broken driver module fails here, it is not skipped
+    from fastticket.lottery import search  # a broken driver module fails here, it is not skipped
 
     for name in list_presets():
         search.validate_config(get_preset(name))

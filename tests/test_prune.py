@@ -1,4 +1,4 @@
-"""fastticket.prune: exact counts, masks only shrink, deterministic ties, block tiles, criteria, controls."""
+"""fastticket.lottery.prune: exact counts, masks only shrink, deterministic ties, block tiles, criteria, controls."""
 import math
 
 import pytest
@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fastticket.errors import ConfigError
-from fastticket.nn import masked_modules, sparsify
-from fastticket.prune import parse_granularity, prune, random_masks_like, remove_count
+from fastticket.sparse.nn import masked_modules, sparsify
+from fastticket.lottery.prune import parse_granularity, prune, random_masks_like, remove_count
 
 
 class Small(nn.Module):
@@ -269,7 +269,7 @@ def test_random_masks_like_block_granularity_keeps_tile_counts():
     model = small_model()
     prune(model, 0.5, granularity="block:4x8")
     masks = random_masks_like(model, generator=torch.Generator().manual_seed(0), granularity="block:4x8")
-    from fastticket.prune import alive_units
+    from fastticket.lottery.prune import alive_units
     for name, layer in masked_modules(model):
         assert int(alive_units(masks[name], (4, 8)).sum()) == int(alive_units(layer.weight_mask, (4, 8)).sum())
 

@@ -1,12 +1,12 @@
-"""Refilling an element-wise ticket into whole tiles (fastticket.prune.refill_mask, Chen et al. 2022)."""
+"""Refilling an element-wise ticket into whole tiles (fastticket.lottery.prune.refill_mask, Chen et al. 2022)."""
 import pytest
 import torch
 from torch import nn
 
 from fastticket.errors import ConfigError
 from fastticket.kernels.tile_map import as_2d_mask
-from fastticket.nn import sparsify
-from fastticket.prune import check_refill_fits, refill_mask, refill_masks
+from fastticket.sparse.nn import sparsify
+from fastticket.lottery.prune import check_refill_fits, refill_mask, refill_masks
 
 
 def tiles_whole(mask, r, c):

@@ -1,4 +1,4 @@
-"""fastticket.report on a synthetic run directory in the search's on-disk format."""
+"""fastticket.app.report on a synthetic run directory in the search's on-disk format."""
 import csv
 import json
 import math
@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from fastticket.report import collect_results, make_report, summary_table
-from fastticket.rundir import ArmDir
+from fastticket.app.report import collect_results, make_report, summary_table
+from fastticket.lottery.rundir import ArmDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DENSITY = {0: 1.0, 1: 0.8, 2: 0.64}

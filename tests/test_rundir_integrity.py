@@ -13,11 +13,11 @@ import sys
 import pytest
 import torch
 
-from fastticket import cli
+from fastticket.app import cli
 from fastticket.errors import ConfigError, DamagedFileError, OutputError, RunDirError, RunLockedError
-from fastticket.presets import get_preset
-from fastticket.rundir import ArmDir, RunDir, arm_dir
-from fastticket.search import run_search
+from fastticket.lottery.presets import get_preset
+from fastticket.lottery.rundir import ArmDir, RunDir, arm_dir
+from fastticket.lottery.search import run_search
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -186,7 +186,7 @@ def test_a_second_process_is_refused_with_the_holder_named(tmp_path, capsys):
 
 def test_a_crashed_holder_leaves_no_stale_lock(tmp_path):
     out = str(tmp_path / "run")
-    code = ("import sys, time; from fastticket.rundir import RunDir; RunDir(sys.argv[1]).lock(); "
+    code = ("import sys, time; from fastticket.lottery.rundir import RunDir; RunDir(sys.argv[1]).lock(); "
             "print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, out], stdout=subprocess.PIPE, text=True)
     try:
@@ -296,8 +296,8 @@ def test_tiny_rate_blames_rate_not_a_flag_the_user_never_set(tmp_path, capsys):
 
 
 def test_batch_that_does_not_fit_memory_is_refused_with_what_fits(tmp_path, capsys, monkeypatch):
-    import fastticket.preflight
-    monkeypatch.setattr(fastticket.preflight, "available_memory", lambda device: 64 * 2**20)
+    import fastticket.lottery.preflight
+    monkeypatch.setattr(fastticket.lottery.preflight, "available_memory", lambda device: 64 * 2**20)
     code = main(["search", "--out", str(tmp_path / "run"), *TINY_FLAGS, "--batch-size", "3000",
                      "--model", "conv2", "--dataset", "mnist5k"])
     err = capsys.readouterr().err
@@ -307,9 +307,9 @@ def test_batch_that_does_not_fit_memory_is_refused_with_what_fits(tmp_path, caps
 
 
 def test_triton_backend_that_cannot_run_is_one_line(tmp_path, capsys, monkeypatch):
-    import fastticket.backend
+    import fastticket.sparse.backend
     monkeypatch.setenv("FASTTICKET_BACKEND", "triton")
-    monkeypatch.setattr(fastticket.backend, "triton_interpreter_active", lambda: False)
+    monkeypatch.setattr(fastticket.sparse.backend, "triton_interpreter_active", lambda: False)
     code = main(["search", "--out", str(tmp_path / "run"), *TINY_FLAGS, "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "FASTTICKET_BACKEND=torch" in err
@@ -334,13 +334,13 @@ def test_a_config_left_by_a_failed_start_is_reused(tmp_path, capsys):
 
 def test_a_start_that_failed_before_training_is_reused_without_its_stale_files(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    import fastticket.train
+    import fastticket.lottery.train
 
     def out_of_memory(*args, **kwargs):
         raise MemoryError()
     with monkeypatch.context() as mp:  # dies at the first training step, after mask.pt / rewind.pt
-        mp.setattr(fastticket.train, "evaluate", out_of_memory)
-        mp.setattr(fastticket.train.F, "cross_entropy", out_of_memory)
+        mp.setattr(fastticket.lottery.train, "evaluate", out_of_memory)
+        mp.setattr(fastticket.lottery.train.F, "cross_entropy", out_of_memory)
         assert main(["search", "--out", str(out), *TINY_FLAGS, "--seed", "5"]) == 1
     assert "out of memory" in capsys.readouterr().err
     assert (out / "levels" / "level_00" / "ticket_trial0" / "rewind.pt").exists()

@@ -1,4 +1,4 @@
-"""fastticket.search: the IMP driver on the embedded mnist5k data with tiny schedules."""
+"""fastticket.lottery.search: the IMP driver on the embedded mnist5k data with tiny schedules."""
 import glob
 import json
 import os
@@ -10,15 +10,15 @@ import time
 import pytest
 import torch
 
-from fastticket.data import load_dataset
+from fastticket.lottery.data import load_dataset
 from fastticket.errors import ConfigError, RunDirError
-from fastticket.nn import masked_modules
-from fastticket.presets import get_preset
-from fastticket.rundir import arm_dir
-from fastticket.search import run_search
-from fastticket.rewind import rewind_to
-from fastticket.testing import rel_error
-from fastticket.train import build_masked_model
+from fastticket.sparse.nn import masked_modules
+from fastticket.lottery.presets import get_preset
+from fastticket.lottery.rundir import arm_dir
+from fastticket.lottery.search import run_search
+from fastticket.sparse.rewind import rewind_to
+from fastticket.sparse.testing import rel_error
+from fastticket.lottery.train import build_masked_model
 from run_snapshot import ONE_THREAD_ENV, load, run_dir_snapshot
 
 LAYERS = ("fc.0", "fc.1", "output")
@@ -53,7 +53,7 @@ def expected_alive(size, hundredths, level):
 def _keeping_checkpoints(config, out):
     """run_search with finished arms keeping their rolling checkpoint (a real run drops it: see
     test_finished_arms_drop_their_checkpoint), so tests can inspect the optimizer state at the end."""
-    from fastticket.rundir import ArmDir
+    from fastticket.lottery.rundir import ArmDir
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ArmDir, "drop_checkpoint", lambda self: None)
         return run_search(config, out, progress=False)
@@ -360,7 +360,7 @@ def test_global_block_search_with_exclusions_and_movement(tmp_path):
 def test_search_on_the_triton_backend_matches_the_torch_backend(tmp_path, monkeypatch):
     """The IMP driver on the triton backend: a lone arm stacked (grouped masked-linear calls), fused Triton
     optimizer steps (here in the interpreter), the same numbers as the PyTorch backend within fp32 rounding, pruned weights exactly zero."""
-    from fastticket.backend import use_backend
+    from fastticket.sparse.backend import use_backend
     from fastticket.kernels import masked_optim
 
     from fastticket.kernels import grouped_linear
@@ -418,7 +418,7 @@ def _same_tickets(run, reference, close):
 
 
 def test_config_validates_itself_and_round_trips_through_config_json():
-    from fastticket.config import SearchConfig
+    from fastticket.lottery.config import SearchConfig
     config = get_preset("resnet20-cifar10")
     assert isinstance(config.lr_milestones, tuple) and isinstance(config.exclude, tuple)
     # config.json holds lists; reading it back (as --resume does) gives the same config, with tuples.

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastticket.kernels.tile_map import TileMapCache, build_stacked_tile_map, build_tile_map, reference_live_tiles
-from fastticket.nn import MaskedLinear
+from fastticket.sparse.nn import MaskedLinear
 
 
 @st.composite

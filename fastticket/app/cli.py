@@ -1,0 +1,429 @@
+"""The `fastticket` command: `search` (an IMP ticket search), `report` (plots and tables), `bench`.
+
+Bad input never shows a traceback: errors fastticket raises for the user (fastticket.errors, and the
+ValueErrors of presets/models/data) become one line on stderr and exit status 2 (bad arguments or settings)
+or 1 (the run directory, the data or a saved file cannot be used).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, get_args
+
+from fastticket.lottery.config import (CONTROLS, REWIND_MODES, DistBackend, DistributedMode, SearchConfig, check_early_bird,
+                               check_rate, parse_granularity, parse_refill)
+from fastticket.errors import ConfigError, FastTicketError, MaskError, OutputError, RunDirError
+
+EXIT_RUNTIME, EXIT_USAGE = 1, 2
+
+SEARCH_EPILOG = """\
+examples:
+  fastticket search                                  # default preset lenet-mnist5k: 10 levels + reinit, minutes on CPU
+  fastticket search --levels 3 --iterations 300 --out runs/quick
+  fastticket search --preset conv2-cifar10 --device cuda --data-dir ~/data --controls reinit,random --trials 3
+  fastticket search --preset resnet20-cifar10 --rewind-iter 500 --granularity block:16x16 --device cuda
+  fastticket search --out runs/quick --levels 3 --iterations 300 --resume   # continue an interrupted run
+  fastticket search --controls reinit,random,snip,grasp,synflow   # pruning-at-init baselines as controls
+  fastticket search --rewind lr --rewind-iter 100     # lr rewinding (Renda et al. 2020); none: fine-tuning
+  fastticket search --refill block:16x16              # structured tickets by refilling (Chen et al. 2022)
+  fastticket search --early-bird 0.02                 # stop a level once its mask settles (You et al. 2020)
+
+Flags override the preset's fields. --rate R sets the per-level rate of fc layers (layerwise) or of the global
+pool, and scales the preset's conv and output-layer rates by the same factor (R / preset rate), so their
+ratios to the fc rate stay as in the paper (e.g. lenet: fc 20%, output 10%; --rate 0.4 gives 40% / 20%).
+The run directory defaults to runs/<preset> (deterministic, so --resume finds it again without --out).
+"""
+
+REPORT_EPILOG = """\
+examples:
+  fastticket report runs/lenet-mnist5k     # writes runs/lenet-mnist5k/report/{results.csv,results.md,*.png}
+  fastticket report runs/element runs/refill --out runs/compare   # runs side by side: one table, one set of plots
+Several runs must share the model and dataset; each is labelled by the settings in which the runs differ.
+"""
+
+BENCH_EPILOG = """\
+examples:
+  fastticket bench --quick                          # every suite, small shapes
+  fastticket bench --suite linear,conv --dtype bf16 --out bench/results
+  fastticket bench --gpu-session --out bench/results/session   # the whole GPU validation, < 8 min
+Without a GPU only the parity checks run (Triton interpreter); timings need a GPU.
+"""
+
+
+class _OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but its usage errors are one line (argparse prints the usage block first otherwise)."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    try:
+        return check_rate(value, "rate")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text}")
+    return value
+
+
+def _controls(text: str) -> Tuple[str, ...]:
+    if text.strip().lower() in ("none", ""):
+        return ()
+    items = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in items if c not in CONTROLS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown control(s) {bad}; use a comma list of {', '.join(CONTROLS)} "
+                                         f"(e.g. reinit,random,snip) or none")
+    return tuple(dict.fromkeys(items))
+
+
+def _checked_by(parse: Callable[[str], Any]) -> Callable[[str], str]:
+    """An argparse type that keeps the flag's text once the config's own parser accepts it."""
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    return check
+
+
+_granularity = _checked_by(parse_granularity)
+
+
+def _one_of(values: Sequence[str]) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if text not in values:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(values)}, got {text!r}")
+        return text
+    return check
+
+
+_refill = _checked_by(parse_refill)
+
+
+def _early_bird(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    try:
+        return check_early_bird(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """How a SearchConfig field appears on the command line: --field-name METAVAR, parsed by `type`; the help
+    text is the field's own (its `help` metadata)."""
+
+    metavar: str
+    type: Optional[Callable[[str], Any]] = None
+    switch: bool = False  # a flag without a value (sets the field True)
+
+
+# `fastticket search` flags, in --help order: config field -> flag. Every SearchConfig field is either here or in
+# NOT_FLAGS (build_parser refuses a field in neither), so a new field cannot be forgotten by the CLI.
+SEARCH_FLAGS: Dict[str, Flag] = {
+    "model": Flag("NAME"), "dataset": Flag("NAME"), "data_dir": Flag("DIR"), "levels": Flag("N", _nonneg_int),
+    "rate": Flag("R", _rate), "iterations": Flag("N", _positive_int), "batch_size": Flag("N", _positive_int),
+    "lr": Flag("LR", _positive_float), "eval_every": Flag("N", _positive_int), "rewind_iter": Flag("K", _nonneg_int),
+    "rewind": Flag("MODE", _one_of(REWIND_MODES)), "refill": Flag("block:RxC", _refill),
+    "early_bird": Flag("EPS", _early_bird),
+    "controls": Flag("LIST", _controls), "trials": Flag("T", _positive_int), "granularity": Flag("G", _granularity),
+    "device": Flag("DEV"), "seed": Flag("S", _int), "reinits": Flag("R", _positive_int),
+    "compile": Flag("", switch=True),
+    "parallel_arms": Flag("N", _nonneg_int),
+    "distributed": Flag("MODE", _one_of(get_args(DistributedMode))),
+    "dist_backend": Flag("B", _one_of(get_args(DistBackend))),
+}
+# Fields only a preset sets (the paper's training recipe and pruning layout travel together in a preset).
+NOT_FLAGS = frozenset({"val_size", "optimizer", "momentum", "weight_decay", "lr_milestones", "lr_gamma",
+                       "warmup_iters", "augment", "scope", "conv_rate", "output_rate", "exclude", "criterion"})
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _config_fields() -> Dict[str, dataclasses.Field]:
+    fields = {f.name: f for f in dataclasses.fields(SearchConfig)}
+    missing = sorted(set(fields) - set(SEARCH_FLAGS) - NOT_FLAGS)
+    unknown = sorted((set(SEARCH_FLAGS) | NOT_FLAGS) - set(fields))
+    if missing or unknown:
+        raise RuntimeError(f"cli.SEARCH_FLAGS / NOT_FLAGS are out of date with SearchConfig: fields without a flag "
+                           f"or a NOT_FLAGS entry {missing}, entries naming no field {unknown}")
+    return fields
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineArgumentParser(
+        prog="fastticket",
+        description="Lottery-ticket search: iterative magnitude pruning with rewinding (Frankle & Carbin, ICLR "
+                    "2019), with random-reinit and random-pruning controls, and fast masked training.",
+        epilog="Run `fastticket <command> --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{search,report,bench}", parser_class=_OneLineArgumentParser)
+
+    s = sub.add_parser("search", help="run (or resume) an IMP ticket search",
+                       description="Run iterative magnitude pruning: train, prune, rewind, repeat for levels "
+                                   "0..N, with controls; write results under --out and draw the report.",
+                       epilog=SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from fastticket.lottery.presets import DEFAULT_PRESET, list_presets
+    s.add_argument("--preset", metavar="NAME", default=None, help=f"named settings to start from (default {DEFAULT_PRESET}): "
+                                                  f"{', '.join(list_presets())}")
+    fields = _config_fields()
+    for name, flag in SEARCH_FLAGS.items():
+        if flag.switch:  # default None: an absent switch leaves the preset's value
+            s.add_argument(flag_name(name), dest=name, action="store_true", default=None,
+                           help=fields[name].metadata["help"])
+            continue
+        s.add_argument(flag_name(name), dest=name, metavar=flag.metavar, type=flag.type,
+                       help=fields[name].metadata["help"])
+    s.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset>); must be empty unless --resume")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out (same settings required)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("report", help="draw plots and tables of a run directory",
+                       description="Plots (test accuracy and early-stopping iteration vs % weights remaining, "
+                                   "tickets against controls with error bars over trials) and CSV/markdown "
+                                   "tables, written to RUN_DIR/report/.",
+                       epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="directories written by `fastticket search`")
+    r.add_argument("--out", metavar="DIR", help="where to write (default RUN_DIR/report; required for several runs)")
+
+    b = sub.add_parser("bench", help="kernel benchmarks with parity checks against dense PyTorch",
+                       description="Benchmark the masked kernels against dense PyTorch (timings on a GPU; "
+                                   "parity everywhere).",
+                       epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--suite", default="", help="comma list of suites: linear, conv, optim (default: all)")
+    b.add_argument("--out", help="directory to write JSON + markdown results into")
+    b.add_argument("--dtype", help="fp32, tf32, bf16 or fp16")
+    b.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
+    b.add_argument("--gpu-session", action="store_true",
+                   help="the whole GPU validation in one call (< 8 min on one H100): real-size kernel tests, "
+                        "the test suite, every suite, the dispatch crossovers, a search timing; needs --out")
+    b.add_argument("--dry-run", action="store_true", help="with --gpu-session: print the plan, run nothing")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    """The preset with the command line's overrides applied (see SEARCH_EPILOG for --rate)."""
+    from fastticket.lottery.presets import DEFAULT_PRESET, get_preset
+    config = get_preset(args.preset or DEFAULT_PRESET)
+    changes = {name: getattr(args, name) for name in SEARCH_FLAGS
+               if name != "rate" and getattr(args, name) is not None}
+    if args.rate is not None:
+        factor = args.rate / config.rate
+        changes["rate"] = args.rate
+        # Keep the preset's conv/output rates in proportion to the fc rate (the paper's ratios).
+        for field in ("conv_rate", "output_rate"):
+            preset_value = getattr(config, field)
+            if preset_value is not None:
+                scaled = preset_value * factor
+                if not 0.0 < scaled < 1.0:
+                    raise ConfigError(f"--rate {args.rate} scales the preset's {field} {preset_value} to "
+                                      f"{scaled:.3g}, outside (0, 1); choose a smaller --rate")
+                changes[field] = round(scaled, 12) or scaled  # rounding must not turn a tiny rate into 0
+    return config.replace(**changes)
+
+
+def _progress_bars():
+    """A fastticket.lottery.train.Progress that draws tqdm bars on stderr: one over the search's arms, one per training."""
+    from tqdm import tqdm
+
+    from fastticket.lottery.train import Progress
+
+    class Bars(Progress):
+        def __init__(self) -> None:
+            self.arms = self.bar = None
+
+        def search_started(self, total_arms: int) -> None:
+            self.arms = tqdm(total=total_arms, desc="arms", dynamic_ncols=True, file=sys.stderr)
+
+        def arm_started(self, level: int, levels: int, arm: str, trial: int) -> None:
+            self.arms.set_description(f"level {level}/{levels} {arm} trial {trial}")
+
+        def arms_done(self, count: int = 1) -> None:
+            self.arms.update(count)
+
+        def search_finished(self) -> None:
+            self.arms.close()
+
+        def training_started(self, label: str, total: int, initial: int) -> None:
+            self.bar = tqdm(total=total, initial=initial, desc=label, leave=False, dynamic_ncols=True,
+                            mininterval=0.5, file=sys.stderr)
+
+        def step(self, iteration: int, loss: float) -> None:
+            self.bar.update(iteration - self.bar.n)  # called a few times per second, not per step
+
+        def evaluated(self, iteration: int, loss: float, val_acc: float) -> None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", val_acc=f"{val_acc:.4f}", refresh=False)
+
+        def training_finished(self) -> None:
+            self.bar.close()
+
+        def message(self, text: str) -> None:
+            tqdm.write(text, file=sys.stderr)  # keeps an active bar intact
+
+    return Bars()
+
+
+def _search(args: argparse.Namespace) -> int:
+    from fastticket.lottery.platform import env_rank
+    from fastticket.lottery.presets import DEFAULT_PRESET
+    from fastticket.app.report import summary_table
+    from fastticket.lottery.search import run_search
+    config = config_from_args(args)
+    out = args.out or os.path.join("runs", args.preset or DEFAULT_PRESET)
+    # Bars only on a terminal: in a log file their carriage returns would bury the messages.
+    main = env_rank() == 0  # under torchrun, rank 0 draws the bars and writes the summary and the report
+    bars = not args.no_progress and sys.stderr.isatty() and main
+    rows = run_search(config, out, resume=args.resume, progress=_progress_bars() if bars else None)
+    if not main:
+        return 0 if any(r.get("status") == "ok" for r in rows) else EXIT_RUNTIME
+    print(summary_table(rows))
+    print(f"run directory: {out}")
+    for path in _report_files(out):
+        print(f"wrote {path}")
+    if rows and all(r.get("status") != "ok" for r in rows):
+        print(f"fastticket: error: every arm diverged (loss became NaN/inf); nothing was learned: lower --lr "
+              f"(now {config.lr:g})", file=sys.stderr)
+        return EXIT_RUNTIME
+    return 0
+
+
+def _report_files(run_dir: str, out_dir: Optional[str] = None):
+    """make_report (into `out_dir`, default RUN_DIR/report), naming on stderr every file it could not read and
+    an unfinished run."""
+    from fastticket.app.report import make_report
+    problems: list = []
+    try:
+        return make_report(run_dir, problems, out_dir)
+    finally:
+        for line in problems:
+            print(f"fastticket: warning: {line}", file=sys.stderr)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fastticket.app.report import collect_results, summary_table
+    for run_dir in args.run_dirs:
+        if not os.path.isdir(run_dir):
+            raise RunDirError(f"no run directory at {run_dir}")
+    if len(args.run_dirs) > 1:
+        from fastticket.app.compare import comparison_rows, comparison_table, make_comparison
+        if not args.out:
+            raise ConfigError("several runs are compared into one new directory: pass --out DIR")
+        problems: list = []
+        try:
+            paths = make_comparison(args.run_dirs, args.out, problems)
+        finally:
+            for line in dict.fromkeys(problems):
+                print(f"fastticket: warning: {line}", file=sys.stderr)
+        print(comparison_table(comparison_rows(args.run_dirs, [])[0]))
+    else:
+        paths = _report_files(args.run_dirs[0], args.out)
+        print(summary_table(collect_results(args.run_dirs[0])))
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from fastticket.lottery.atomic_io import ensure_writable_dir
+    from fastticket.app.bench import run_cli
+    if args.out:
+        ensure_writable_dir(args.out, "--out")  # before minutes of benchmarks, not after
+    if args.gpu_session:
+        from fastticket.app.bench.gpu_session import session_cli
+        return session_cli(args.out, args.dry_run)
+    if args.dry_run:
+        print("error: --dry-run goes with --gpu-session", file=sys.stderr)
+        return EXIT_USAGE
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    return run_cli(suites, out=args.out, dtype=args.dtype, quick=args.quick)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `fastticket` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    handler = {"search": _search, "report": _report, "bench": _bench}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("fastticket: interrupted; continue with the same command plus --resume", file=sys.stderr)
+        return 130
+    except (RunDirError, MaskError, OutputError) as exc:
+        print(f"fastticket: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except (FastTicketError, ValueError) as exc:
+        # ValueError: unknown preset/model/dataset (presets, models, data) and DatasetUnavailableError.
+        from fastticket.lottery.data import DatasetUnavailableError
+        code = EXIT_RUNTIME if isinstance(exc, DatasetUnavailableError) else EXIT_USAGE
+        print(f"fastticket: error: {_one_line(exc)}", file=sys.stderr)
+        return code
+    except OSError as exc:  # a file or directory the command needs cannot be read or written
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"fastticket: error: {exc.strerror or _one_line(exc)}{where}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except MemoryError:
+        print("fastticket: error: out of memory; lower --batch-size or use a smaller model, then rerun the same "
+              "command (an interrupted run continues with --resume)", file=sys.stderr)
+        return EXIT_RUNTIME
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc).lower():  # torch.cuda.OutOfMemoryError is a RuntimeError
+            raise
+        print(f"fastticket: error: out of memory on the GPU ({_one_line(exc)[:160]}); lower --batch-size or use a "
+              f"smaller model, then rerun the same command (an interrupted run continues with --resume)",
+              file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

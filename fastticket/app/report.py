@@ -1,0 +1,397 @@
+"""Tables and paper-style plots from a search's run directory.
+
+Reads the results (result.json + metrics.jsonl of every arm) of a run directory (fastticket.lottery.rundir) and
+writes run_dir/report/: results.csv, results.md, accuracy_vs_weights.png, early_stop_vs_weights.png, curves.png.
+Accuracies are stored as fractions in [0, 1]; every table and plot shows them in percent.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from fastticket.lottery.config import ARMS, GRASP, RANDOM, REINIT, SNIP, SYNFLOW, TICKET
+from fastticket.errors import DamagedFileError
+from fastticket.lottery.rundir import ArmDir, RunDir
+
+ARM_ORDER = ARMS
+ARM_LABELS = {TICKET: "winning ticket (IMP)", REINIT: "random reinit", RANDOM: "random pruning",
+              SNIP: "SNIP at init", GRASP: "GraSP at init", SYNFLOW: "SynFlow at init"}
+ARM_COLORS = {TICKET: "tab:blue", REINIT: "tab:orange", RANDOM: "tab:green", SNIP: "tab:red", GRASP: "tab:purple",
+              SYNFLOW: "tab:brown"}
+
+CSV_COLUMNS = ("level", "arm", "weights_remaining_pct", "test_acc_at_early_stop_mean", "test_acc_at_early_stop_std",
+               "final_test_acc_mean", "final_test_acc_std", "early_stop_iter_mean", "early_stop_iter_std",
+               "n_trials", "n_diverged")
+# Written only by runs that use the method: --refill (element_density_pct) and --early-bird.
+METHOD_COLUMNS = ("element_density_pct", "early_bird_iter_mean", "iterations_saved_mean")
+
+
+def arm_label(arm: str, config: Dict[str, Any]) -> str:
+    """The legend label of an arm, naming the run's rewind mode / refill where they are not the defaults."""
+    label = ARM_LABELS.get(arm, arm)
+    if arm == TICKET and config:
+        extras = []
+        if config.get("rewind", "weights") != "weights":
+            extras.append(f"rewind {config['rewind']}")
+        if config.get("refill"):
+            extras.append(f"refill {config['refill']}")
+        if config.get("early_bird") is not None:
+            extras.append(f"early-bird {config['early_bird']:g}")
+        if extras:
+            label += " (" + ", ".join(extras) + ")"
+    return label
+
+
+def _arm_key(arm: str) -> Tuple[int, str]:
+    return (ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER), arm)
+
+
+def collect_results(run_dir: str, problems: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    """Every verified result.json under run_dir (one dict per level x arm x trial), sorted by level, arm, trial.
+
+    Each dict also carries "path": the directory it came from (where metrics.jsonl lives). A result.json that
+    cannot be read or fails verification is left out; with `problems` given, a line naming it is added.
+    """
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"no run directory at {run_dir}: run `fastticket search --out {run_dir}` first")
+    results = RunDir(run_dir).results(problems, require_final=False)
+    results.sort(key=lambda r: (r["level"], _arm_key(r["arm"]), r["trial"]))
+    return results
+
+
+def expected_arms(config: Dict[str, Any]) -> List[Tuple[int, str, int]]:
+    """(level, arm, trial) of every arm a finished run with `config` holds ([] when config.json says too
+    little to know)."""
+    try:
+        levels, trials = int(config["levels"]), int(config["trials"])
+        controls = [str(c) for c in config.get("controls", ())]
+    except (KeyError, TypeError, ValueError):
+        return []
+    return [(level, arm, trial) for level in range(levels + 1) for trial in range(trials)
+            for arm in (TICKET, *(controls if level > 0 else ()))]
+
+
+def missing_arms(results: Sequence[Dict[str, Any]], config: Dict[str, Any]) -> List[Tuple[int, str, int]]:
+    """The expected arms with no verified result (unfinished, skipped, or unreadable)."""
+    have = {(int(r["level"]), str(r["arm"]), int(r["trial"])) for r in results}
+    return [key for key in expected_arms(config) if key not in have]
+
+
+def _missing_note(missing: Sequence[Tuple[int, str, int]], total: int) -> str:
+    if not missing:
+        return ""
+    listed = ", ".join(f"L{level} {arm} t{trial}" for level, arm, trial in missing[:8])
+    more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+    return f"unfinished run: {len(missing)} of {total} arms missing ({listed}{more})"
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    # Sample std over trials; undefined (NaN, shown blank) for a single trial.
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def _values(trials: Sequence[Dict[str, Any]], key: str, scale: float) -> List[float]:
+    # None (a run with no evaluation) and NaN carry no measurement; skip them rather than poison the mean.
+    values = [scale * float(t[key]) for t in trials if t.get(key) is not None]
+    return [v for v in values if math.isfinite(v)]
+
+
+def aggregate(results: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (level, arm): means and stds over trials, accuracies in percent.
+
+    Diverged trials are counted in n_diverged and left out of the means: their accuracies measure the blow-up,
+    not the subnetwork.
+    """
+    groups: Dict[Tuple[int, str], List[Dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((int(r["level"]), str(r["arm"])), []).append(r)
+    rows = []
+    for (level, arm), trials in sorted(groups.items(), key=lambda kv: (kv[0][0], _arm_key(kv[0][1]))):
+        ok = [t for t in trials if t.get("status", "ok") == "ok"]
+        acc_es = _mean_std(_values(ok, "test_acc_at_early_stop", 100.0))
+        acc_final = _mean_std(_values(ok, "final_test_acc", 100.0))
+        es_iter = _mean_std(_values(ok, "early_stop_iter", 1.0))
+        methods = {"element_density_pct": _mean_std(_values(trials, "element_density", 100.0))[0],
+                   "early_bird_iter_mean": _mean_std(_values(ok, "early_bird_iter", 1.0))[0],
+                   "iterations_saved_mean": _mean_std(_values(ok, "iterations_saved", 1.0))[0]}
+        rows.append({**methods,
+            "level": level, "arm": arm,
+            "weights_remaining_pct": 100.0 * statistics.fmean(float(t["density"]) for t in trials),
+            "test_acc_at_early_stop_mean": acc_es[0], "test_acc_at_early_stop_std": acc_es[1],
+            "final_test_acc_mean": acc_final[0], "final_test_acc_std": acc_final[1],
+            "early_stop_iter_mean": es_iter[0], "early_stop_iter_std": es_iter[1],
+            "n_trials": len(ok), "n_diverged": len(trials) - len(ok),
+        })
+    return rows
+
+
+def _fmt(mean: float, std: float, digits: int) -> str:
+    if math.isnan(mean):
+        return "-"
+    text = f"{mean:.{digits}f}"
+    return text if math.isnan(std) else f"{text} ± {std:.{digits}f}"
+
+
+def _rows_of(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    # Accept per-trial results (collect_results) as well as aggregated rows.
+    return list(rows) if not rows or "n_trials" in rows[0] else aggregate(rows)
+
+
+def summary_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """A plain-text table, one line per level, a column group per arm (test accuracy at early stop, its
+    iteration). `rows`: the output of collect_results or of aggregate."""
+    rows = _rows_of(rows)
+    if not rows:
+        return "(no finished levels)"
+    arms = sorted({r["arm"] for r in rows}, key=_arm_key)
+    by_key = {(r["level"], r["arm"]): r for r in rows}
+    levels = sorted({r["level"] for r in rows})
+    header = ["level", "weights %"]
+    for arm in arms:
+        header += [f"{arm} acc@stop %", f"{arm} stop iter"]
+    table = [header]
+    for level in levels:
+        density = next(by_key[(level, a)]["weights_remaining_pct"] for a in arms if (level, a) in by_key)
+        line = [str(level), f"{density:.1f}"]
+        for arm in arms:
+            r = by_key.get((level, arm))
+            if r is None:
+                line += ["", ""]
+            else:
+                line += [_fmt(r["test_acc_at_early_stop_mean"], r["test_acc_at_early_stop_std"], 2),
+                         _fmt(r["early_stop_iter_mean"], r["early_stop_iter_std"], 0)]
+        table.append(line)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        columns = CSV_COLUMNS + _method_columns(rows)
+        writer.writerow(columns)
+        for r in rows:
+            writer.writerow(["" if isinstance(r[c], float) and math.isnan(r[c]) else
+                             (round(r[c], 4) if isinstance(r[c], float) else r[c]) for c in columns])
+
+
+def _method_columns(rows: Sequence[Dict[str, Any]]) -> Tuple[str, ...]:
+    """The METHOD_COLUMNS some row has a value for."""
+    return tuple(c for c in METHOD_COLUMNS
+                 if any(isinstance(r.get(c), float) and not math.isnan(r[c]) for r in rows))
+
+
+METHOD_HEADERS = {"element_density_pct": "element ticket weights %", "early_bird_iter_mean": "early-bird iteration",
+                  "iterations_saved_mean": "iterations saved"}
+
+
+def _write_markdown(rows: Sequence[Dict[str, Any]], path: str, config: Dict[str, Any],
+                    notes: Sequence[str] = ()) -> None:
+    extra = _method_columns(rows)
+    lines = ["# Lottery-ticket search results", ""]
+    lines += [f"**{note}**" for note in notes] + ([""] if notes else [])
+    if config:
+        keys = ("model", "dataset", "iterations", "batch_size", "optimizer", "lr", "scope", "rate", "rewind_iter",
+                "rewind", "refill", "early_bird", "trials", "seed")
+        lines += [", ".join(f"{k}={config[k]}" for k in keys if config.get(k) is not None), ""]
+    lines += ["Test accuracy in percent, mean ± std over trials; early stop = iteration of minimum validation loss.",
+              "",
+              "| level | arm | weights remaining % | test acc at early stop % | final test acc % "
+              "| early-stop iteration | trials |" + "".join(f" {METHOD_HEADERS[c]} |" for c in extra),
+              "|---:|---|---:|---:|---:|---:|---:|" + "---:|" * len(extra)]
+    for r in rows:
+        trials = str(r["n_trials"]) + (f" (+{r['n_diverged']} diverged)" if r["n_diverged"] else "")
+        lines.append(f"| {r['level']} | {r['arm']} | {r['weights_remaining_pct']:.1f} "
+                     f"| {_fmt(r['test_acc_at_early_stop_mean'], r['test_acc_at_early_stop_std'], 2)} "
+                     f"| {_fmt(r['final_test_acc_mean'], r['final_test_acc_std'], 2)} "
+                     f"| {_fmt(r['early_stop_iter_mean'], r['early_stop_iter_std'], 0)} | {trials} |"
+                     + "".join(f" {_fmt(r[c], math.nan, 1 if c == 'element_density_pct' else 0)} |" for c in extra))
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _density_axis(ax, densities: Sequence[float]) -> None:
+    """Log-scale x in percent remaining, reversed so that sparser networks are to the right, as in the paper."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_xscale("log")
+    ticks = sorted(set(round(d, 1) for d in densities if d > 0), reverse=True)
+    if len(ticks) > 8:  # keep labels legible: every k-th level, always including the densest and sparsest
+        step = math.ceil(len(ticks) / 8)
+        ticks = sorted(set(ticks[::step]) | {ticks[-1]}, reverse=True)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    lo, hi = min(densities), max(densities)
+    ax.set_xlim(hi * 1.15, lo / 1.15)
+    ax.set_xlabel("percent of weights remaining")
+    ax.grid(True, alpha=0.3)
+
+
+def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, title: str, path: str,
+                     config: Optional[Dict[str, Any]] = None) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    arms = sorted({r["arm"] for r in rows}, key=_arm_key)
+    any_bars = False
+    for i, arm in enumerate(arms):
+        pts = [r for r in rows if r["arm"] == arm and not math.isnan(r[f"{key}_mean"])]
+        if not pts:
+            continue
+        # Arms share densities (reinit and random use the ticket's): a small multiplicative offset per arm
+        # (the axis is logarithmic) keeps their error bars apart.
+        shift = 1.0 + 0.015 * (i - (len(arms) - 1) / 2)
+        xs = [r["weights_remaining_pct"] * shift for r in pts]
+        ys = [r[f"{key}_mean"] for r in pts]
+        errs = [0.0 if math.isnan(r[f"{key}_std"]) else r[f"{key}_std"] for r in pts]
+        n = sorted({int(r["n_trials"]) for r in pts})
+        n_text = f"n={n[0]}" if len(n) == 1 else f"n={n[0]}-{n[-1]}"
+        any_bars = any_bars or any(errs)
+        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", markersize=4, capsize=3,
+                    color=ARM_COLORS.get(arm), label=f"{arm_label(arm, config or {})} ({n_text})")
+    _density_axis(ax, [r["weights_remaining_pct"] for r in rows])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    if any_bars:
+        ax.annotate("points: mean over n trials; error bars: sample std over n trials", (0.01, 0.01),
+                    xycoords="axes fraction", fontsize=7, alpha=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _read_metrics(result: Dict[str, Any], problems: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    try:
+        entries = ArmDir(result["path"], result["level"], result["arm"], result["trial"],
+                         result.get("replica", 0)).read_metrics()
+    except DamagedFileError as exc:
+        if problems is not None:
+            problems.append(str(exc))
+        return []
+    return [e for e in entries if isinstance(e.get("test_acc"), (int, float)) and isinstance(e.get("iteration"), int)]
+
+
+def _mean_curve(results: Sequence[Dict[str, Any]], problems: Optional[List[str]] = None
+                ) -> Tuple[List[int], List[float]]:
+    """Test accuracy (percent) per iteration, averaged over the trials that recorded that iteration."""
+    per_iter: Dict[int, List[float]] = {}
+    for r in results:
+        for e in _read_metrics(r, problems):
+            per_iter.setdefault(int(e["iteration"]), []).append(100.0 * float(e["test_acc"]))
+    its = sorted(per_iter)
+    return its, [statistics.fmean(per_iter[i]) for i in its]
+
+
+def _curve_levels(levels: Sequence[int], count: int = 5) -> List[int]:
+    """About `count` levels spread over the search, always the dense level 0 and the last."""
+    if len(levels) <= count:
+        return list(levels)
+    picks = {levels[round(i * (len(levels) - 1) / (count - 1))] for i in range(count)}
+    return sorted(picks)
+
+
+CURVE_STYLES = {TICKET: "-", REINIT: "--", RANDOM: ":"}
+
+
+def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], path: str,
+                 problems: Optional[List[str]] = None, title_note: str = "") -> bool:
+    import matplotlib.pyplot as plt
+
+    density = {(r["level"], r["arm"]): r["weights_remaining_pct"] for r in rows}
+    ticket_levels = sorted({r["level"] for r in results if r["arm"] == TICKET})
+    if not ticket_levels:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    cmap = plt.get_cmap("viridis")
+    picks = _curve_levels(ticket_levels)
+    drew = False
+    for i, level in enumerate(picks):
+        color = cmap(i / max(1, len(picks) - 1) * 0.9)
+        for arm in sorted({r["arm"] for r in results if r["level"] == level}, key=_arm_key):
+            style = CURVE_STYLES.get(arm, "-.")
+            its, accs = _mean_curve([r for r in results if r["level"] == level and r["arm"] == arm], problems)
+            if not its:
+                continue
+            label = f"{density[(level, arm)]:.1f}%" + ("" if arm == TICKET else f" {arm}")
+            ax.plot(its, accs, style, color=color, label=label, linewidth=1.4)
+            drew = True
+    if not drew:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel("test accuracy (%)")
+    arms = sorted({r["arm"] for r in results}, key=_arm_key)
+    styles = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
+    key = ", ".join(f"{styles[CURVE_STYLES.get(a, '-.')]}: {a}" for a in arms)
+    ax.set_title(f"Test accuracy during training ({key}){title_note}", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="weights remaining", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def make_report(run_dir: str, problems: Optional[List[str]] = None, out_dir: Optional[str] = None) -> List[str]:
+    """Write the tables and plots for `run_dir` into `out_dir` (default run_dir/report/) and return the paths
+    written.
+
+    `problems` (a list) receives one line per file that could not be read (it is left out of the report)
+    and one for an unfinished run (missing arms, also marked in results.md and the plot titles)."""
+    problems = [] if problems is None else problems
+    results = collect_results(run_dir, problems)
+    if not results:
+        detail = f" ({'; '.join(problems)})" if problems else ""
+        raise ValueError(f"no finished levels in {run_dir}: run `fastticket search` first{detail}")
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+
+    run = RunDir(run_dir)
+    try:
+        config = run.read_config()
+    except DamagedFileError as exc:
+        problems.append(str(exc))
+        config = {}
+    missing = missing_arms(results, config)
+    note = _missing_note(missing, len(expected_arms(config)))
+    title_note = f"\n[{note.split(' (')[0]}]" if note else ""
+    for r in results:  # metrics files too: every unreadable file is named before anything is written
+        _read_metrics(r, problems)
+    file_problems = list(problems)
+    if note:
+        problems.append(f"{run_dir}: {note}")
+
+    rows = aggregate(results)
+    out = out_dir or run.report_dir
+    os.makedirs(out, exist_ok=True)
+    written = []
+
+    def path(name: str) -> str:
+        written.append(os.path.join(out, name))
+        return written[-1]
+
+    _write_csv(rows, path("results.csv"))
+    _write_markdown(rows, path("results.md"), config,
+                    ([note] if note else []) + [f"left out, unreadable: {p}" for p in file_problems])
+    name = f"{config.get('model', '')} on {config.get('dataset', '')}".strip() if config else ""
+    suffix = f" ({name})" if name and name != "on" else ""
+    _plot_vs_weights(rows, "test_acc_at_early_stop", "test accuracy at early stop (%)\nmean ± std over n trials",
+                     f"Test accuracy vs sparsity{suffix}{title_note}", path("accuracy_vs_weights.png"), config)
+    _plot_vs_weights(rows, "early_stop_iter", "early-stopping iteration\nmean ± std over n trials",
+                     f"Early-stopping iteration vs sparsity{suffix}{title_note}", path("early_stop_vs_weights.png"),
+                     config)
+    curves = os.path.join(out, "curves.png")
+    if _plot_curves(results, rows, curves, None, title_note):
+        written.append(curves)
+    return written

@@ -1,0 +1,262 @@
+"""One dataclass holds every knob of a ticket search (OpenLTH's hparams idea, without its ceremony).
+
+Presets are instances of it; CLI flags override fields (each field's `help` metadata is its flag's help);
+`config.json` in a run directory is its `asdict`. A SearchConfig checks itself when it is built (also by
+`replace` and `from_dict`): an invalid one raises ConfigError, so every consumer sees valid settings.
+Settings that depend on the machine (is the requested GPU there?) are checked where the search starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Tuple, get_args
+
+from fastticket.errors import ConfigError
+
+# The arms of a search: the ticket and its controls. Every module names arms through these constants.
+# reinit/random: the paper's controls; snip/grasp/synflow: networks pruned at their initialization
+# (fastticket.lottery.pai) to the level's ticket density.
+ArmName = Literal["ticket", "reinit", "random", "snip", "grasp", "synflow"]
+ARMS: Tuple[str, ...] = get_args(ArmName)
+TICKET, REINIT, RANDOM, SNIP, GRASP, SYNFLOW = ARMS
+CONTROLS: Tuple[str, ...] = (REINIT, RANDOM, SNIP, GRASP, SYNFLOW)
+PAI_ARMS: Tuple[str, ...] = (SNIP, GRASP, SYNFLOW)  # pruning-at-initialization controls
+
+# How a level >= 1 ticket starts (Renda et al. 2020): "weights" rewinds weights and lr schedule to iteration
+# k; "lr" keeps the trained weights and rewinds only the lr schedule to k; "none" fine-tunes the trained
+# weights at the final lr for the same iterations.
+RewindMode = Literal["weights", "lr", "none"]
+REWIND_MODES: Tuple[str, ...] = get_args(RewindMode)
+
+# Typing aliases for the fields with a closed set of values; validate() checks membership.
+Optimizer = Literal["adam", "adamw", "sgd"]
+DistributedMode = Literal["trials", "data"]  # fastticket.lottery.platform
+DistBackend = Literal["auto", "gloo", "nccl"]
+Scope = Literal["layerwise", "global"]
+CriterionName = Literal["magnitude", "movement", "random"]  # the built-ins; fastticket.lottery.prune can register more
+OPTIMIZERS: Tuple[str, ...] = get_args(Optimizer)
+SCOPES: Tuple[str, ...] = get_args(Scope)
+
+MAX_SEED = 2**31 - 1
+MAX_LEVELS = 1000
+
+Block = Optional[Tuple[int, int]]  # None: element granularity; (R, C): block granularity
+
+
+def check_rate(value: object, what: str = "rate") -> float:
+    """`value` as a float in the open interval (0, 1), or a ConfigError naming `what`.
+    The one rate check: the config, fastticket.lottery.prune and the CLI all use it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) < 1.0):
+        raise ConfigError(f"{what} must be in (0, 1) (the fraction of surviving weights removed per level), "
+                          f"got {value!r}")
+    return float(value)
+
+
+def parse_granularity(spec: str) -> Block:
+    """"element" -> None; "block:RxC" -> (R, C) with R, C >= 1; anything else is a ConfigError."""
+    if spec == "element":
+        return None
+    match = re.fullmatch(r"block:(\d+)x(\d+)", str(spec).strip())
+    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise ConfigError(f"granularity must be 'element' or 'block:RxC' with positive R and C "
+                          f"(e.g. block:16x16), got {spec!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_refill(spec: Optional[str]) -> Block:
+    """None -> None; "block:RxC" -> (R, C) (the tiles a refilled ticket keeps whole); else a ConfigError."""
+    if spec is None:
+        return None
+    match = re.fullmatch(r"block:(\d+)x(\d+)", str(spec).strip())
+    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise ConfigError(f"refill must be 'block:RxC' with positive R and C (e.g. block:16x16), got {spec!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_early_bird(value: object) -> Optional[float]:
+    """None, or the early-bird eps as a float in the open interval (0, 1); else a ConfigError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) < 1.0):
+        raise ConfigError(f"early_bird eps must be in (0, 1) (the fraction of mask entries allowed to change "
+                          f"between evaluations), got {value!r}")
+    return float(value)
+
+
+def _help(text: str, run_only: bool = False, **default: Any) -> Any:
+    """A dataclass field documented by `text` (shown as its CLI flag's help where it has one). run_only: how
+    the search runs, not what it computes (a resumed run may change it)."""
+    return field(metadata={"help": text, "run_only": run_only}, **default)
+
+
+def run_only_fields() -> Tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(SearchConfig) if f.metadata.get("run_only"))
+
+
+def field_defaults() -> dict:
+    return {f.name: f.default for f in dataclasses.fields(SearchConfig)}
+
+
+@dataclass
+class SearchConfig:
+    # what to train
+    model: str = _help("model name (lenet300, conv2, conv4, conv6, vgg19, resnet20, torchvision:<name>)",
+                       default="lenet300")
+    dataset: str = _help("mnist5k (embedded, offline), mnist, cifar10", default="mnist5k")
+    data_dir: Optional[str] = _help("where MNIST / CIFAR-10 live or are downloaded to", default=None)
+    val_size: int = _help("validation images held out of the training split", default=500)
+
+    # how to train one level
+    iterations: int = _help("training iterations per level", default=2000)
+    batch_size: int = _help("training batch size", default=60)
+    optimizer: Optimizer = _help("adam, adamw or sgd", default="adam")
+    lr: float = _help("learning rate", default=1.2e-3)
+    momentum: float = _help("SGD momentum (sgd only)", default=0.9)
+    weight_decay: float = _help("weight decay", default=0.0)
+    lr_milestones: Tuple[int, ...] = _help("iterations where lr *= lr_gamma", default=())
+    lr_gamma: float = _help("lr factor at each milestone", default=0.1)
+    warmup_iters: int = _help("linear lr warmup from 0 over this many iterations", default=0)
+    augment: bool = _help("GPU-side random flip + crop (CIFAR)", default=False)
+    eval_every: int = _help("evaluate (and checkpoint) every N iterations", default=100)
+
+    # how to prune
+    levels: int = _help("pruning levels after the dense level 0", default=10)
+    scope: Scope = _help("layerwise (per-layer rates) or global (one threshold)", default="layerwise")
+    rate: float = _help("fraction of surviving weights pruned per level, in (0, 1); conv/output rates scale "
+                        "with it", default=0.2)
+    conv_rate: Optional[float] = _help("layerwise rate of conv layers (None: same as rate)", default=None)
+    output_rate: Optional[float] = _help("layerwise rate of the output layer (None: same as rate)", default=None)
+    exclude: Tuple[str, ...] = _help("layer names or patterns never pruned (\"output\": the output layer)",
+                                     default=())
+    granularity: str = _help("element, or block:RxC (prune whole RxC tiles)", default="element")
+    criterion: CriterionName = _help("pruning criterion: magnitude, movement, random", default="magnitude")
+    rewind_iter: int = _help("0: rewind to init; K: late rewinding to iteration K", default=0)
+    rewind: RewindMode = _help("weights: rewind weights and lr schedule to K; lr: keep the trained weights, "
+                               "rewind the lr schedule to K; none: fine-tune at the final lr", default="weights")
+    refill: Optional[str] = _help("block:RxC: refill each element-wise ticket into whole RxC tiles of the same "
+                                  "density (element granularity only)", default=None)
+    early_bird: Optional[float] = _help("EPS in (0, 1): stop a ticket's training once its pruning mask changes "
+                                        "by less than EPS between evaluations, several in a row", default=None)
+
+    # experiment design
+    controls: Tuple[ArmName, ...] = _help("comma list of reinit, random, snip, grasp, synflow; or none",
+                                          default=(REINIT,))
+    trials: int = _help("independent trials (seeds seed..seed+T-1)", default=1)
+    reinits: int = _help("random-reinit controls per ticket, each with its own init seed and arm directory",
+                         default=1)
+    seed: int = _help("base seed: trial t uses S+t for init and batches", default=0)
+    device: str = _help("auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N; config.json records "
+                        "the device used", default="auto")
+    # how to run (not what: results do not depend on it beyond float rounding, so resume ignores it)
+    parallel_arms: int = _help("at most N arms of a level train together as one stacked model (0: all of "
+                               "them; 1: one at a time)", default=0, run_only=True)
+    compile: bool = _help("compile the training step with torch.compile (fullgraph; CUDA graphs on CUDA); arms "
+                          "then train one at a time", default=False, run_only=True)
+    distributed: DistributedMode = _help("under torchrun: trials (spread a level's arms over the ranks, no "
+                                         "gradient traffic; for small models) or data (every arm's batch split "
+                                         "over the ranks, gradients averaged by DDP; for big models)",
+                                         default="trials", run_only=True)
+    dist_backend: DistBackend = _help("under torchrun: auto (nccl with GPUs, gloo on CPUs), nccl or gloo",
+                                      default="auto", run_only=True)
+
+    def __post_init__(self) -> None:
+        # JSON (config.json) and callers give lists; the config holds tuples (hashable, not shared by copies).
+        for name in ("lr_milestones", "exclude", "controls"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError (one clear line) for any setting the search cannot run with."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        need(is_int(self.iterations) and self.iterations > 0,
+             f"iterations must be a positive integer, got {self.iterations!r}")
+        need(is_int(self.levels) and 0 <= self.levels <= MAX_LEVELS,
+             f"levels must be an integer in [0, {MAX_LEVELS}] (level 0 is the dense network; {MAX_LEVELS} levels "
+             f"at the smallest sensible rate already leave no weight), got {self.levels!r}")
+        need(isinstance(self.device, str) and bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)),
+             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        need(is_int(self.batch_size) and self.batch_size > 0,
+             f"batch_size must be a positive integer, got {self.batch_size!r}")
+        need(is_int(self.eval_every) and self.eval_every > 0,
+             f"eval_every must be a positive integer, got {self.eval_every!r}")
+        need(is_int(self.trials) and self.trials >= 1, f"trials must be an integer >= 1, got {self.trials!r}")
+        need(is_int(self.reinits) and self.reinits >= 1, f"reinits must be an integer >= 1, got {self.reinits!r}")
+        need(is_int(self.parallel_arms) and self.parallel_arms >= 0,
+             f"parallel_arms must be an integer >= 0 (0: all arms of a level at once), got {self.parallel_arms!r}")
+        need(is_int(self.val_size) and self.val_size > 0,
+             f"val_size must be a positive integer, got {self.val_size!r}")
+        # Seeds feed 32-bit seed mixing (trial, level and control offsets added): larger ones would alias.
+        need(is_int(self.seed) and 0 <= self.seed <= MAX_SEED, f"seed must be an integer in [0, {MAX_SEED}], "
+                                                                f"got {self.seed!r}")
+        need(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and math.isfinite(self.lr)
+             and self.lr > 0, f"lr must be a finite positive number, got {self.lr!r}")
+        need(isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}")
+        need(is_int(self.warmup_iters) and self.warmup_iters >= 0,
+             f"warmup_iters must be an integer >= 0, got {self.warmup_iters!r}")
+        need(isinstance(self.lr_milestones, tuple) and all(is_int(m) and m >= 0 for m in self.lr_milestones),
+             f"lr_milestones must be iterations (integers >= 0), got {self.lr_milestones!r}")
+        # k = iterations would leave levels >= 1 nothing to train (and nothing to evaluate).
+        need(is_int(self.rewind_iter) and 0 <= self.rewind_iter < self.iterations,
+             f"rewind_iter must be an integer in [0, iterations={self.iterations}), got {self.rewind_iter!r}")
+        need(self.optimizer in OPTIMIZERS,
+             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        need(isinstance(self.controls, tuple), f"controls must be a list of names, got {self.controls!r}")
+        unknown = [c for c in self.controls if c not in CONTROLS]
+        need(not unknown, f"unknown control(s) {unknown}; controls are a subset of {', '.join(CONTROLS)} (or none)")
+        need(len(set(self.controls)) == len(self.controls), f"controls repeat an entry: {list(self.controls)}")
+        need(isinstance(self.exclude, tuple) and all(isinstance(e, str) for e in self.exclude),
+             f"exclude must be a list of layer names or patterns, got {self.exclude!r}")
+        check_rate(self.rate, "rate")
+        if self.conv_rate is not None:
+            check_rate(self.conv_rate, "conv_rate")
+        if self.output_rate is not None:
+            check_rate(self.output_rate, "output_rate")
+        need(self.distributed in get_args(DistributedMode),
+             f"distributed must be trials or data, got {self.distributed!r}")
+        need(self.dist_backend in get_args(DistBackend),
+             f"dist_backend must be auto, gloo or nccl, got {self.dist_backend!r}")
+        need(self.scope in SCOPES, f"scope must be 'layerwise' or 'global', got {self.scope!r}")
+        parse_granularity(self.granularity)
+        need(self.rewind in REWIND_MODES,
+             f"rewind must be one of {', '.join(REWIND_MODES)}, got {self.rewind!r}")
+        parse_refill(self.refill)
+        need(self.refill is None or self.granularity == "element",
+             f"refill turns element-wise tickets into blocks: it needs granularity element, got "
+             f"{self.granularity!r}")
+        check_early_bird(self.early_bird)
+        # The registries (criteria, datasets, models) live in the modules that fill them.
+        from fastticket.lottery.prune import get_criterion
+        get_criterion(self.criterion)
+        from fastticket.lottery.data import DATASETS
+        need(self.dataset in DATASETS,
+             f"unknown dataset {self.dataset!r}; known datasets are {', '.join(DATASETS)}")
+        from fastticket.lottery import models
+        if not self.model.startswith(models.TORCHVISION_PREFIX):
+            known = [m for m in models.list_models() if not m.startswith(models.TORCHVISION_PREFIX)]
+            need(self.model in known, f"unknown model {self.model!r}; known models are "
+                                      f"{', '.join(models.list_models())}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SearchConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "SearchConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,525 @@
+"""Masked optimizers (drop-in for torch.optim.SGD / Adam / AdamW) and the opt-in dW+update fusion.
+
+`MaskedSGD(model.parameters(), lr=...)` finds the masks of masked layers' weights by itself (through
+`fastticket.sparse._mask_registry`); masks for other tensors are given as `masks=[...]` aligned with the params, or
+as a param-group key `"mask"` (a list aligned with the group's params). For a masked parameter the step
+masks the gradient, keeps optimizer state zero on pruned entries and writes pruned weights as exact zeros,
+so no step can revive them (docs/architecture.md, "The invariant"). State lives in `self.state` under
+torch.optim's keys ('step', 'momentum_buffer', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'), so state dicts and
+LR schedulers work as with torch.optim, and state dicts are interchangeable with torch.optim's.
+
+Backend (fastticket.sparse.backend.resolve_backend of the parameter's device): "triton" runs the fused multi-tensor
+kernels of fastticket.kernels.masked_optim, "torch" runs the formulas of the per-tensor PyTorch reference
+kept beside those kernels as multi-tensor torch._foreach_* passes, one per formula over a group's tensors,
+or for Adam/AdamW on CPU tensors as torch's fused CPU Adam (one pass per tensor; see _adam_step_torch)
+(the tests check both against the reference in float64).
+Rewinding and optimizer-state resets live in fastticket.sparse.rewind.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
+
+from fastticket.sparse import _mask_registry, fused_update
+from fastticket.sparse.backend import indices_by_backend
+from fastticket.kernels import masked_optim
+from fastticket.kernels._common import zero_pruned_
+
+ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]]]
+
+__all__ = ["MaskedSGD", "MaskedAdam", "MaskedAdamW", "enable_fused_dw_update", "disable_fused_dw_update",
+           "mask_optimizer_state_"]
+
+
+@torch.no_grad()
+def mask_optimizer_state_(optimizer: Optimizer) -> int:
+    """Zero the state of any optimizer (torch.optim's too) on pruned entries, and the pruned weights; call it
+    after changing masks mid-training. Returns how many parameters had a mask.
+
+    Masked layers mask the weight gradient, but torch.optim's SGD with momentum, Adam and AdamW keep stepping
+    with the state gathered before a mask change and would revive every newly pruned weight. With that state
+    zero, a zero gradient and a zero weight, each of their updates on a pruned entry is exactly zero (weight
+    decay included), so the pruned weights stay zero. The masked optimizers of this module need no such call.
+    """
+    masked = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            mask = (optimizer.mask_for(p) if isinstance(optimizer, _MaskedOptimizer)
+                    else _mask_registry.mask_of(p))
+            if mask is None:
+                continue
+            masked += 1
+            pruned = ~mask.to(device=p.device, dtype=torch.bool)
+            p.masked_fill_(pruned, 0.0)
+            for value in optimizer.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(p.shape):
+                    value.masked_fill_(pruned, 0.0)
+    return masked
+
+
+def _as_bool_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    if tuple(mask.shape) != tuple(param.shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match parameter shape {tuple(param.shape)}")
+    if mask.dtype == torch.bool and mask.device == param.device:
+        return mask  # kept by reference: later in-place edits of the caller's mask are seen
+    return (mask != 0).to(param.device)
+
+
+class _MaskedOptimizer(Optimizer):
+    """What the masked optimizers share: mask lookup and the explicit-mask bookkeeping."""
+
+    def __init__(self, params: ParamsT, defaults: Dict[str, Any],
+                 masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+        # Masks are kept out of param_groups so that state_dict() stays tensor-free in its groups, exactly
+        # like torch.optim's; identity-keyed because tensors hash by id but compare elementwise.
+        self._explicit_masks: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._owner_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # Tile size of block-mask skipping: masks with a dead (BN x BK) tile are stepped over live tiles only.
+        self.block_tile: Tuple[int, int] = tuple(masked_optim.DEFAULT_TILE)  # type: ignore[assignment]
+        # param -> the versions of its mask, weight and state as the last torch-backend step left them (exactly
+        # zero on pruned entries); see _still_zero.
+        self._zero_after_step: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # Set by fastticket.lottery.batched: every parameter is K arms stacked along dim 0 (see _adam_step_torch).
+        self.stacked_arms = False
+        super().__init__(params, defaults)
+        if masks is not None:
+            flat = [p for g in self.param_groups for p in g["params"]]
+            masks = list(masks)
+            if len(masks) != len(flat):
+                raise ValueError(f"masks=[...] has {len(masks)} entries for {len(flat)} parameters")
+            for p, m in zip(flat, masks):
+                if m is not None:
+                    self._explicit_masks[p] = _as_bool_mask(m, p)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        group_masks = param_group.pop("mask", None) if isinstance(param_group, dict) else None
+        super().add_param_group(param_group)
+        if group_masks is not None:
+            params = self.param_groups[-1]["params"]
+            if isinstance(group_masks, torch.Tensor):
+                group_masks = [group_masks]
+            group_masks = list(group_masks)
+            if len(group_masks) != len(params):
+                raise ValueError(f"param group 'mask' has {len(group_masks)} entries for {len(params)} params")
+            for p, m in zip(params, group_masks):
+                if m is not None:
+                    self._explicit_masks[p] = _as_bool_mask(m, p)
+
+    def mask_for(self, param: torch.Tensor) -> Optional[torch.Tensor]:
+        """The mask the step applies to `param`: explicit, else its masked layer's `weight_mask`, else None."""
+        mask = self._explicit_masks.get(param)
+        if mask is not None:
+            return mask
+        cached = self._owner_cache.get(param)
+        if cached is not None:
+            layer_ref, registry_size = cached  # (weak ref to the owner or None, registry generation)
+            layer = layer_ref() if layer_ref is not None else None
+            if layer is not None and getattr(layer, "weight", None) is param:
+                return layer.weight_mask
+            if layer_ref is None and registry_size == _mask_registry.generation():
+                return None  # known unowned, and no layer was built since we looked
+        layer = _mask_registry.layer_of(param)
+        self._owner_cache[param] = (weakref.ref(layer) if layer is not None else None,
+                                    _mask_registry.generation())
+        return None if layer is None else layer.weight_mask
+
+    def tile_map_for(self, param: torch.Tensor, mask: Optional[torch.Tensor]):
+        """Tile map for the live-tile-only step, or None (element mode). Layer masks use the layer's cached
+        tile maps (rebuilt only when the mask changes); explicit masks a cache keyed on the mask tensor."""
+        if mask is None:
+            return None
+        provider = None
+        if param not in self._explicit_masks:
+            cached = self._owner_cache.get(param)
+            layer = cached[0]() if cached is not None and cached[0] is not None else None
+            if layer is not None and hasattr(layer, "tile_map"):
+                provider = layer.tile_map
+        return masked_optim.tile_map_for(mask, self.block_tile, provider)
+
+    def _grad_of(self, p: torch.Tensor) -> torch.Tensor:
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        return p.grad
+
+    @staticmethod
+    def _closure_loss(closure: Optional[Callable[[], float]]) -> Optional[float]:
+        """The closure's loss, evaluated with grad enabled (step() itself runs under no_grad), or None."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _stepped(self, group: Dict[str, Any]
+                 ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[Optional[torch.Tensor]]]:
+        """The parameters of `group` that have a gradient (the ones a step updates), their gradients and
+        masks."""
+        params = [p for p in group["params"] if p.grad is not None]
+        return params, [self._grad_of(p) for p in params], [self.mask_for(p) for p in params]
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._zero_after_step = WeakIdKeyDictionary()  # loaded state is re-masked in full at its first step
+        super().load_state_dict(state_dict)
+
+    def _versions(self, p: torch.Tensor, m: torch.Tensor, keys: Sequence[str]) -> Tuple[int, ...]:
+        state = self.state.get(p, {})
+        held = [state.get(k) for k in keys]
+        return (id(m), m._version, p._version, *((id(t), t._version) if t is not None else (0, 0) for t in held))
+
+    def _still_zero(self, params: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
+                    keys: Sequence[str]) -> List[bool]:
+        """Per parameter: are its weight and state still exactly zero on its pruned entries, as the last step
+        left them? Anything that touched the mask, the weight or the state since (a mask change, a rewind, a
+        hand edit, a loaded state) bumped a tensor version, and that parameter is re-masked in full."""
+        return [m is not None and self._zero_after_step.get(p) == self._versions(p, m, keys)
+                for p, m in zip(params, masks)]
+
+    def _record_zero(self, params: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
+                     keys: Sequence[str]) -> None:
+        for p, m in zip(params, masks):
+            if m is not None:
+                self._zero_after_step[p] = self._versions(p, m, keys)
+
+    @staticmethod
+    def _by_backend(params: Sequence[torch.Tensor]):
+        """(backend, indices into params) for each backend the parameters' devices resolve to."""
+        return indices_by_backend([p.device for p in params]).items()
+
+    def _tile_kwargs(self, params: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
+                     idx: Sequence[int]) -> Dict[str, Any]:
+        """The live-tile arguments of a triton step over params[i] for i in idx."""
+        return dict(tile_maps=[self.tile_map_for(params[i], masks[i]) for i in idx], block=self.block_tile)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_explicit_masks", WeakIdKeyDictionary())
+        self.__dict__.setdefault("_owner_cache", WeakIdKeyDictionary())
+        self.__dict__.setdefault("block_tile", tuple(masked_optim.DEFAULT_TILE))
+        self.__dict__["_zero_after_step"] = WeakIdKeyDictionary()
+        self.__dict__.setdefault("stacked_arms", False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Torch backend: the per-tensor reference of kernels/masked_optim.py over the lists the kernels take at once
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fill_pruned_(tensors: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]) -> None:
+    """Exact zeros on every pruned entry (NaN/inf included): in place, per tensor (there is no foreach
+    masked_fill; zero_pruned_ is a bitwise AND, much cheaper than masked_fill_ on CPU)."""
+    for t, m in zip(tensors, masks):
+        if m is not None:
+            zero_pruned_(t, m)
+
+
+def _sgd_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                    masks: Sequence[Optional[torch.Tensor]], momentum_buffers: List[Optional[torch.Tensor]], *,
+                    lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float,
+                    maximize: bool) -> None:
+    """Masked SGD over a list of tensors (fills `momentum_buffers` in place on the first step).
+
+    Multi-tensor: each formula of masked_optim.sgd_reference_ runs once over all tensors (torch._foreach_*).
+    The direction is not masked before use: every entry is computed independently, so a live entry gets the
+    reference's value and the pruned entries of the buffer and the weight are then overwritten with exact
+    zeros, which is what the reference leaves there too."""
+    params, masks = list(params), list(masks)
+    d = torch._foreach_neg(list(grads)) if maximize else list(grads)
+    if weight_decay != 0:
+        d = torch._foreach_add(d, params, alpha=weight_decay)
+    if momentum != 0:
+        fresh = [i for i, b in enumerate(momentum_buffers) if b is None]
+        old = [i for i, b in enumerate(momentum_buffers) if b is not None]
+        for i in fresh:
+            momentum_buffers[i] = torch.clone(d[i]).detach()
+        if old:
+            bufs = [momentum_buffers[i] for i in old]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, [d[i] for i in old], alpha=1 - dampening)
+        bufs = list(momentum_buffers)
+        _fill_pruned_(bufs, masks)
+        d = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
+    torch._foreach_add_(params, d, alpha=-lr)
+    _fill_pruned_(params, masks)
+
+
+_FUSED_ADAM = hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_adamw_")
+
+
+def _fusable(*lists: Sequence[torch.Tensor]) -> bool:
+    """Whether torch's fused Adam kernel takes these tensors: on the CPU (elsewhere its step counts would have
+    to live on the device; the foreach passes serve there), one floating dtype, dense and contiguous."""
+    if not _FUSED_ADAM or not lists[0]:
+        return False
+    first = lists[0][0]
+    if first.device.type != "cpu" or not first.is_floating_point():
+        return False
+    return all(t.device.type == "cpu" and t.dtype == first.dtype and not t.is_sparse and t.is_contiguous()
+               for ts in lists for t in ts)
+
+
+def _step_tensor(step: int) -> torch.Tensor:
+    # The fused kernel reads each tensor's step count from a tensor (it does not increment it).
+    return torch.tensor(float(step))
+
+
+_ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _adam_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                     masks: Sequence[Optional[torch.Tensor]], exp_avgs: Sequence[torch.Tensor],
+                     exp_avg_sqs: Sequence[torch.Tensor], max_exp_avg_sqs: Sequence[Optional[torch.Tensor]],
+                     steps: Sequence[int], *, lr: float, beta1: float, beta2: float, eps: float,
+                     weight_decay: float, amsgrad: bool, maximize: bool, decoupled: bool,
+                     still_zero: Optional[Sequence[bool]] = None, arm_slices: bool = False) -> None:
+    """Masked Adam/AdamW over a list of tensors (`steps[i]`: tensor i's step count, already incremented).
+
+    Multi-tensor, one pass per formula of masked_optim.adam_reference_ over the tensors sharing a step count
+    (normally all of them); pruned entries of the weight and the moments end as exact zeros, as in the
+    reference (see _sgd_step_torch for why the direction need not be masked first).
+
+    On the CPU the formulas run as torch's fused Adam, one pass per tensor. There, a tensor whose weight and
+    moments are known to be zero on pruned entries (`still_zero[i]`, kept by the optimizer from tensor
+    versions) has its gradient masked before the step instead of three tensors zeroed after it: with a zero
+    gradient, each formula leaves a zero entry zero (the moments stay 0, the update is 0 / (0 + eps), weight
+    decay of 0 is 0), so the result is the same, for one pass instead of three (the gradient is masked in
+place: afterwards it is zero on pruned entries). (Not in the foreach passes:
+    torch.sqrt over a second moment with many exact zeros runs ~30x slower on CPU than over dense values;
+    the fused kernel's square root does not, measured.)"""
+    buckets: Dict[int, List[int]] = {}
+    for i, step in enumerate(steps):
+        buckets.setdefault(int(step), []).append(i)
+    for step, idx in buckets.items():
+        p = [params[i] for i in idx]
+        m = [masks[i] for i in idx]
+        ea, eas = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
+        d = [grads[i] for i in idx]
+        mx = [max_exp_avg_sqs[i] for i in idx] if amsgrad else []
+        if _fusable(p, d, ea, eas, mx):
+            # One pass per tensor (torch's fused CPU Adam: the reference's formulas, read and written once)
+            # instead of seven foreach passes.
+            zero = [bool(still_zero and still_zero[i]) for i in idx]
+            _fill_pruned_(d, [mask if z else None for mask, z in zip(m, zero)])
+            fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+            # The kernel rounds the last few elements of a tensor (its scalar tail) differently from the
+            # vectorised rest, so an element's result depends on where the tensor ends: stacked tensors
+            # ([K, ...], fastticket.lottery.batched) are passed as their K arm slices, so each arm is stepped exactly
+            # as it would be alone, whatever the group size (bit-identical resume when a level regroups).
+            lists = [[v for t in ts for v in t.unbind(0)] for ts in (p, d, ea, eas, mx)] if arm_slices \
+                else [p, d, ea, eas, mx]
+            fused(*lists, [_step_tensor(step)] * len(lists[0]), lr=lr, beta1=beta1,
+                  beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize)
+            after = [None if z else mask for mask, z in zip(m, zero)]
+            for group in (p, ea, eas) + ((mx,) if amsgrad else ()):
+                _fill_pruned_(group, after)
+            continue
+        if maximize:
+            d = torch._foreach_neg(d)
+        if weight_decay != 0:
+            if decoupled:
+                torch._foreach_mul_(p, 1 - lr * weight_decay)
+            else:
+                d = torch._foreach_add(d, p, alpha=weight_decay)
+        torch._foreach_lerp_(ea, d, 1 - beta1)
+        torch._foreach_mul_(eas, beta2)
+        torch._foreach_addcmul_(eas, d, d, value=1 - beta2)
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+        if amsgrad:
+            torch._foreach_maximum_(mx, eas)
+            denom = torch._foreach_sqrt(mx)
+        else:
+            denom = torch._foreach_sqrt(eas)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p, ea, denom, value=-lr / bias_correction1)
+        for group in (p, ea, eas) + ((mx,) if amsgrad else ()):
+            _fill_pruned_(group, m)
+
+
+class MaskedSGD(_MaskedOptimizer):
+    """torch.optim.SGD with masks; same constructor arguments (foreach / fused accepted and ignored: the step
+    is always one fused pass per group on the triton backend; groups record fused=None so that
+    load_state_dict keeps 'step' counters on the CPU as torch's non-fused optimizers do)."""
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
+                 masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if differentiable:
+            raise ValueError("MaskedSGD does not support differentiable=True")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=False, fused=None)
+        super().__init__(params, defaults, masks)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        loss = self._closure_loss(closure)
+        for group in self.param_groups:
+            params, grads, masks = self._stepped(group)
+            if not params:
+                continue
+            bufs = [self.state[p].get("momentum_buffer") for p in params]
+            hp = dict(lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
+                      nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+            for backend, idx in self._by_backend(params):
+                sub_bufs = [bufs[i] for i in idx]
+                args = ([params[i] for i in idx], [grads[i] for i in idx], [masks[i] for i in idx], sub_bufs)
+                if backend == "triton":
+                    masked_optim.sgd_step_(*args, **self._tile_kwargs(params, masks, idx), **hp)
+                else:
+                    _sgd_step_torch(*args, **hp)
+                for i, b in zip(idx, sub_bufs):
+                    bufs[i] = b
+            if group["momentum"] != 0:
+                for p, b in zip(params, bufs):
+                    self.state[p]["momentum_buffer"] = b
+        return loss
+
+
+def _scalar_dtype() -> torch.dtype:
+    # torch.optim keeps 'step' as a CPU float tensor of this dtype; matching it keeps state dicts interchangeable.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class MaskedAdam(_MaskedOptimizer):
+    """torch.optim.Adam with masks; same constructor arguments (foreach / fused / capturable / differentiable
+    accepted; capturable and differentiable must be False)."""
+
+    _decoupled_default = False
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
+                 foreach: Optional[bool] = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None,
+                 decoupled_weight_decay: Optional[bool] = None,
+                 masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if eps < 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameters: {betas}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if capturable or differentiable:
+            raise ValueError(f"{type(self).__name__} does not support capturable=True or differentiable=True")
+        if decoupled_weight_decay is None:
+            decoupled_weight_decay = self._decoupled_default
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=False, differentiable=False, fused=None,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, masks)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("decoupled_weight_decay", self._decoupled_default)
+
+    def _init_state(self, p: torch.Tensor, amsgrad: bool) -> Dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0 or "exp_avg" not in state:
+            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        loss = self._closure_loss(closure)
+        for group in self.param_groups:
+            params, grads, masks = self._stepped(group)
+            if not params:
+                continue
+            amsgrad = group["amsgrad"]
+            states = [self._init_state(p, amsgrad) for p in params]
+            steps = []
+            for s in states:
+                s["step"] += 1  # a CPU scalar tensor, as in torch.optim: no device sync
+                steps.append(int(s["step"].item()))
+            beta1, beta2 = group["betas"]
+            hp = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+                      weight_decay=group["weight_decay"], amsgrad=amsgrad, maximize=group["maximize"],
+                      decoupled=group.get("decoupled_weight_decay", self._decoupled_default))
+            for backend, idx in self._by_backend(params):
+                args = ([params[i] for i in idx], [grads[i] for i in idx], [masks[i] for i in idx],
+                        [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
+                        [states[i].get("max_exp_avg_sq") if amsgrad else None for i in idx], [steps[i] for i in idx])
+                if backend == "triton":
+                    masked_optim.adam_step_(*args, **self._tile_kwargs(params, masks, idx), **hp)
+                else:
+                    _adam_step_torch(*args, **hp, still_zero=self._still_zero(args[0], args[2], _ADAM_STATE),
+                                     arm_slices=self.stacked_arms)
+                    self._record_zero(args[0], args[2], _ADAM_STATE)
+        return loss
+
+
+class MaskedAdamW(MaskedAdam):
+    """torch.optim.AdamW with masks (decoupled weight decay, default 1e-2); same constructor arguments."""
+
+    _decoupled_default = True
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
+                         fused=fused, decoupled_weight_decay=True, masks=masks)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dW + update fusion
+# ----------------------------------------------------------------------------------------------------------
+
+_warned_reasons: set = set()
+
+
+def _warn_once(reason: str) -> None:
+    # Once per distinct reason: a training loop re-enabling every level must not repeat the same line.
+    if reason not in _warned_reasons:
+        _warned_reasons.add(reason)
+        warnings.warn(f"fastticket: dW+update fusion not enabled ({reason}); using the unfused path",
+                      RuntimeWarning, stacklevel=3)
+
+
+def enable_fused_dw_update(model: nn.Module, optimizer: Optimizer) -> bool:
+    """Opt in to the dW+update fusion for every MaskedLinear of `model` trained by `optimizer` (a MaskedSGD
+    on the triton backend): the layer's backward applies the SGD update per live tile and never writes dW.
+
+    Returns whether it was enabled; when a precondition fails (listed in fastticket.kernels.linear_dw_sgd)
+    it warns once, in one line, and leaves the unfused path. Precondition the caller must keep: no gradient
+    clipping or accumulation between backward and step (fused weights have no .grad; accumulation raises).
+    """
+    if not isinstance(optimizer, MaskedSGD):
+        _warn_once(f"optimizer is {type(optimizer).__name__}, the fusion needs MaskedSGD")
+        return False
+    return fused_update.enable(model, optimizer, _warn_once)
+
+
+def disable_fused_dw_update(model: nn.Module) -> None:
+    """Back to the unfused path: every MaskedLinear's `fused_update` is cleared."""
+    fused_update.disable(model)
