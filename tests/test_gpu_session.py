@@ -145,6 +145,15 @@ def test_findings_of_junit_and_rows(tmp_path) -> None:
     assert len(rows) == 2  # the line a kill cut short is dropped
     assert found["summaries"] == ["linear: crossover at 0.2 live"]
     assert found["ratios"] == {"linear:fastticket": (0.4, 1.7)}
+    assert "partial_crossover" not in found  # no timings, nothing to bound
+    from fastticket.app.bench import BenchRow
+
+    timed = [BenchRow("linear", "large.a", "fwd+bwd", "s", "bf16", "block:64x64", live,
+                      times_ms={"dense": 1.0, "fastticket-skip": skip}, extra={"live_fraction": live}).to_dict()
+             for live, skip in ((0.1, 0.5), (0.5, 1.5))]
+    (tmp_path / session_steps.ROWS_FILE).write_text("".join(json.dumps(r) + "\n" for r in timed))
+    partial, _ = session_run.step_findings(step, tmp_path)  # a crossover step killed before its closing row
+    assert partial["partial_crossover"]["suggested_threshold"] == pytest.approx(0.3)
     step.status, step.findings = "failed", found
     assert "linear: crossover at 0.2 live" in session_run.summary_table([step])
 
