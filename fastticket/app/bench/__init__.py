@@ -10,8 +10,7 @@ on one is never reported).
 Timing (docs/architecture.md, "Benchmarks"): median of `triton.testing.do_bench` after warm-up, with several
 input sets rotated so a working set that fits in L2 does not flatter the kernel. `time_ms`, `op_step` and
 `rotating` are the one timing path: `fastticket bench` and the pytest-benchmark suites in bench/ both use them.
-Parity uses fastticket.sparse.testing (rel_error, nan_max, parity_tolerance); results are written with
-fastticket.lottery.atomic_io.
+Parity uses fastticket.sparse.testing; running the suites and writing results: runner.py.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import tarfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 from fastticket.lottery.atomic_io import atomic_write, atomic_write_text
 
