@@ -148,6 +148,18 @@ def mask_gradient(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+FIRST_CONFIG_ENV = "FASTTICKET_FIRST_CONFIG"
+
+
+def first_config_only(configs: list) -> list:
+    """An autotuner's pruned `configs`, or only the first of them when FASTTICKET_FIRST_CONFIG=1: correctness
+    runs (the GPU session's real-size checks) then compile one variant per kernel and shape and time none
+    (triton benchmarks nothing when one config is left), where autotuning compiles every config."""
+    if os.environ.get(FIRST_CONFIG_ENV, "0").strip() in ("", "0"):
+        return configs
+    return list(configs)[:1]
+
+
 def live_bucket(live_fraction: float) -> int:
     """Autotune key for sparsity: floor(-log2(live fraction)), capped at 7 (<= 1/128 live). IMP levels that
     prune 20% each stay ~3 levels in a bucket, so a layer is re-tuned a few times per search, not per level."""

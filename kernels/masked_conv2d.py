@@ -62,8 +62,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fastticket.kernels._common import (device_guard, dot_input_precision, interpreter_active, live_bucket,
-                                        mask_gradient, next_power_of_2, sm_count)
+from fastticket.kernels._common import (device_guard, dot_input_precision, first_config_only, interpreter_active,
+                                        live_bucket, mask_gradient, next_power_of_2, sm_count)
 from fastticket.kernels.dispatch import use_tile_skipping
 from fastticket.kernels.tile_map import TileMap
 
@@ -498,6 +498,14 @@ def _cuda_configs() -> list:
     return [triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages) for bm, warps, stages in shapes]
 
 
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop 128-row programs where the output has under 256 rows (mostly padding, as the linear kernels'
+    pruning does), then apply FASTTICKET_FIRST_CONFIG (_common.first_config_only)."""
+    m = named_args["M_in"] if "M_in" in named_args else named_args["M"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= 64 or c.kwargs["BLOCK_M"] * 2 <= m]
+    return first_config_only(kept or configs)
+
+
 _AUTOTUNED: dict = {}
 
 
@@ -517,7 +525,8 @@ def _kernel(name: str, atomic: bool = False):
         # Atomic outputs must start from zero for every timed run and again before the real one. Plain stores
         # are idempotent and get no reset, so dead tiles of a caller's dW buffer are never touched.
         zero = {"dx": ["dx_ptr"], "dw": ["dw_ptr"]}.get(name) if atomic else None
-        _AUTOTUNED[tag] = triton.autotune(configs=_cuda_configs(), key=key, reset_to_zero=zero)(raw)
+        _AUTOTUNED[tag] = triton.autotune(configs=_cuda_configs(), key=key, reset_to_zero=zero,
+                                          prune_configs_by={"early_config_prune": _prune_configs})(raw)
     return _AUTOTUNED[tag]
 
 

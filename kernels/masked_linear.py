@@ -58,7 +58,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fastticket.kernels._common import autocast_inputs, device_guard, dot_input_precision, live_bucket, sm_count
+from fastticket.kernels._common import (autocast_inputs, device_guard, dot_input_precision, first_config_only, live_bucket,
+                                        sm_count)
 from fastticket.kernels.dispatch import use_tile_skipping
 from fastticket.kernels.tile_map import TileMap
 
@@ -149,13 +150,13 @@ def _prune_configs(configs, named_args, **kwargs):
     if not kept:
         stages = max(2, min(3, budget // ((64 * step + step * width) * elem)))
         return [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=stages)]
-    return list(kept.values())
+    return first_config_only(list(kept.values()))
 
 
 def _dw_prune_configs(configs, named_args, **kwargs):
     m = named_args["M"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] >= 64 or m <= _SMALL_M]
-    return kept or configs
+    return first_config_only(kept or configs)
 
 
 # ------------------------------------------------------------------------------------------------ kernels

@@ -49,6 +49,7 @@ examples:
   fastticket bench --quick                          # every suite, small shapes
   fastticket bench --suite linear,conv --dtype bf16 --out bench/results
   fastticket bench --gpu-session --out bench/results/session   # the whole GPU validation, < 8 min
+  fastticket bench --gpu-session --rehearse --out /tmp/session # the same plan on a CPU, tiny shapes
 Without a GPU only the parity checks run (Triton interpreter); timings need a GPU.
 """
 
@@ -233,14 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Benchmark the masked kernels against dense PyTorch (timings on a GPU; "
                                    "parity everywhere).",
                        epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("--suite", default="", help="comma list of suites: linear, conv, optim (default: all)")
+    b.add_argument("--suite", default="", help="comma list of suites: linear, conv, optim, search (default: all)")
     b.add_argument("--out", help="directory to write JSON + markdown results into")
     b.add_argument("--dtype", help="fp32, tf32, bf16 or fp16")
     b.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
     b.add_argument("--gpu-session", action="store_true",
-                   help="the whole GPU validation in one call (< 8 min on one H100): real-size kernel tests, "
-                        "the test suite, every suite, the dispatch crossovers, a search timing; needs --out")
+                   help="the whole GPU validation in one call, within a budget (default 8 min): dispatch "
+                        "crossovers, real-size kernel checks, the search bench, the rest; needs --out")
     b.add_argument("--dry-run", action="store_true", help="with --gpu-session: print the plan, run nothing")
+    b.add_argument("--rehearse", action="store_true",
+                   help="with --gpu-session: run the same plan on this machine (tiny shapes, 4 min budget)")
+    b.add_argument("--budget", type=int, metavar="S", help="with --gpu-session: the session's budget in seconds")
     return parser
 
 
@@ -373,9 +377,9 @@ def _bench(args: argparse.Namespace) -> int:
         ensure_writable_dir(args.out, "--out")  # before minutes of benchmarks, not after
     if args.gpu_session:
         from fastticket.app.bench.gpu_session import session_cli
-        return session_cli(args.out, args.dry_run)
-    if args.dry_run:
-        print("error: --dry-run goes with --gpu-session", file=sys.stderr)
+        return session_cli(args.out, args.dry_run, args.rehearse, args.budget)
+    if args.dry_run or args.rehearse or args.budget is not None:
+        print("error: --dry-run, --rehearse and --budget go with --gpu-session", file=sys.stderr)
         return EXIT_USAGE
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     return run_cli(suites, out=args.out, dtype=args.dtype, quick=args.quick)
