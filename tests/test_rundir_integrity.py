@@ -380,3 +380,14 @@ def test_a_verified_checkpoint_of_this_arm_is_still_used(tmp_path, monkeypatch, 
 def test_damaged_file_errors_are_run_dir_errors():
     assert issubclass(DamagedFileError, RunDirError) and issubclass(OutputError, OSError)
     assert issubclass(RunLockedError, RunDirError) and issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_kill_while_the_first_config_was_written_does_not_brick_the_directory(resume, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".config.json.4242.k3j2.tmp").write_text('{"lr": 0.')  # the temp file of a killed first write
+    flags = ["--resume"] if resume else []
+    code = main(["search", "--out", str(out), *TINY_FLAGS, "--levels", "0", "--device", "cpu", *flags])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "config.json").exists() and not list(out.glob(".*.tmp"))

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from fastticket.lottery.atomic_io import (atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir,
-                                  remove_stale_temps, torch_bytes)
+                                          is_temp, remove_stale_temps, torch_bytes)
 from fastticket.lottery.config import SearchConfig, field_defaults, run_only_fields
 from fastticket.errors import DamagedFileError, MaskError, RunDirError, RunLockedError
 from fastticket.sparse.nn import check_mask_file
@@ -82,11 +82,15 @@ class ArmDir:
         return {"level": self.level, "arm": self.arm, "trial": self.trial, **extra}
 
     def open(self) -> "ArmDir":
-        """Create the directory (if needed) and drop temp files a killed writer left in it."""
+        """Create the directory (if needed) and drop what a killed writer left in it: temp files, and the
+        rolling checkpoint of an arm that finished (killed between result.json and the checkpoint's removal;
+        result.json is written after final.pt, so the checkpoint holds nothing resume needs)."""
         if not self.writes:
             return self
         os.makedirs(self.path, exist_ok=True)
         remove_stale_temps(self.path)
+        if os.path.exists(self._file(RESULT)) and (self.has_checkpoint() or CHECKPOINT in self._checksums()):
+            self.drop_checkpoint()
         return self
 
     # ---------------------------------------------------------------------------- checksums and verification
@@ -360,7 +364,11 @@ class RunDir:
 
     # -------------------------------------------------------------------------------------------- config
     def _entries(self) -> List[str]:
-        return [e for e in os.listdir(self.root) if e != LOCK_FILE] if os.path.isdir(self.root) else []
+        # A killed writer's temp file is not content: counted, a kill while the first config.json was written
+        # would make the directory neither startable (not empty) nor resumable (no config.json).
+        if not os.path.isdir(self.root):
+            return []
+        return [e for e in os.listdir(self.root) if e != LOCK_FILE and not is_temp(e)]
 
     # What a start that failed before any training finished a step can have written: its config, the level 0
     # arms' masks and rewind points, their checksums, empty metrics. Nothing in them is worth keeping.
@@ -371,7 +379,7 @@ class RunDir:
         if not set(self._entries()) <= {CONFIG_FILE, "levels"}:
             return False
         for _, _, files in os.walk(os.path.join(self.root, "levels")):
-            if any(f not in self._START_FILES and not f.endswith(".tmp") for f in files):
+            if any(f not in self._START_FILES and not is_temp(f) for f in files):
                 return False
         return True
 
@@ -392,6 +400,8 @@ class RunDir:
         out_dir, config_path = self.root, self.config_path
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise RunDirError(f"--out {out_dir} is a file, not a directory; choose a directory")
+        if create and self.writes:
+            remove_stale_temps(out_dir)  # e.g. of a first config.json whose writer was killed
         if self._entries() and (resume or not self._failed_start()):
             if not resume:
                 raise RunDirError(f"output directory {out_dir} is not empty; pass --resume to continue that run "
