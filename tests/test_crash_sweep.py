@@ -105,15 +105,16 @@ def same_run(out, ref):
         assert all(torch.equal(value[k], ref_tensors[key][k]) for k in value), key
     assert checksums(out) == checksums(ref)
     assert files(out) == files(ref)  # no temp file, no rolling checkpoint left over
+    return True
 
 
-def check_point(n, points, run, ref, work):
+def check_point(n, points, run, ref, work, same):
     """Kill `run` at fault point `n`, resume it with the same call, compare with the uninterrupted `ref`."""
     out, log = os.path.join(work, f"at{n}"), os.path.join(work, f"at{n}.log")
     assert forked(lambda: run(out, False), {FAULT_AT_ENV: str(n)}, log) == -signal.SIGKILL, open(log).read()
     assert forked(lambda: run(out, True), {}, log) == 0, f"point {n}: {open(log).read()}"
     try:
-        same_run(out, ref)
+        assert same(out, ref)
     except AssertionError as exc:
         raise AssertionError(f"resume after a kill at fault point {n} of {points} differs: {exc}") from None
     lock = RunDir(out)
@@ -123,8 +124,8 @@ def check_point(n, points, run, ref, work):
     os.remove(log)
 
 
-def sweep(tmp_path, run):
-    """`check_point` at every fault point of `run(out, resume)`, the points shared by two workers (two
+def sweep(tmp_path, run, same=None):
+    """`check_point` (comparing by `same`, default `same_run`) at every fault point of `run(out, resume)`, the points shared by two workers (two
     cores); the number of points. On tmpfs where there is one: fsync there costs nothing, and a process
     kill (not a power cut) is what is injected, so durability on the disk is not what is tested."""
     work = tempfile.mkdtemp(dir="/dev/shm") if os.path.isdir("/dev/shm") else str(tmp_path)
@@ -136,7 +137,7 @@ def sweep(tmp_path, run):
 
         def share(k):
             for n in range(1 + k, points + 1, workers):
-                check_point(n, points, run, ref, work)
+                check_point(n, points, run, ref, work, same or same_run)
         logs = [str(tmp_path / f"worker{k}.log") for k in range(workers)]
         pids = [fork_worker(lambda k=k: share(k), logs[k]) for k in range(workers)]
         failed = [open(log).read() for pid, log in zip(pids, logs) if wait(pid) != 0]
@@ -164,3 +165,23 @@ def test_multi_trial_search_survives_a_kill_at_every_fault_point(tmp_path):
     config = tiny(trials=2, controls=[], parallel_arms=1)  # two trials, arms trained one at a time
     points = sweep(tmp_path, lambda out, resume: run_search(config, out, resume=resume, progress=False))
     print(f"multi-trial search: {points} fault points, every resume identical")
+
+
+def test_report_survives_a_kill_at_every_fault_point(tmp_path):
+    from fastticket.app import cli
+    run_dir = str(tmp_path / "run")
+    run_search(tiny(), run_dir, progress=False)
+    assert cli.main(["report", run_dir]) == 0  # here once: the children inherit matplotlib, loaded
+    shutil.rmtree(os.path.join(run_dir, "report"))
+
+    def report(out, resume):
+        if not os.path.exists(out):
+            shutil.copytree(run_dir, out)
+        assert cli.main(["report", out]) == 0
+
+    def report_files(out):
+        folder = os.path.join(out, "report")
+        return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+    points = sweep(tmp_path, report, same=lambda out, ref: report_files(out) == report_files(ref))
+    print(f"report: {points} fault points, every rerun identical")
