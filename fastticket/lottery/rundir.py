@@ -114,7 +114,7 @@ class ArmDir:
         entry = {"sha256": _sha256(data), "bytes": len(data), **self.identity}
         if name == CHECKPOINT and old is not None and old.get("sha256"):
             # Crash between the two writes: the previous checkpoint is still the one on disk and still good.
-            entry["previous_sha256"] = old["sha256"]
+            entry["previous_sha256"], entry["previous_bytes"] = old["sha256"], old.get("bytes")
         entries[name] = entry
         atomic_write_json(self._file(CHECKSUMS_FILE), entries)
         atomic_write_bytes(self._file(name), data)
@@ -129,13 +129,9 @@ class ArmDir:
 
     def verified_bytes(self, name: str) -> bytes:
         """The bytes of `name` after checking them against checksums.json and this arm's identity, or a
-        DamagedFileError naming the file and what failed."""
+        DamagedFileError naming the file and what failed. The recorded size is compared before the body is
+        read: a huge junk file is refused without reading it."""
         path = self._file(name)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise DamagedFileError(f"cannot read {path}: {exc.strerror or exc}") from None
         entry = self._checksums().get(name)
         if not isinstance(entry, dict) or "sha256" not in entry:
             raise DamagedFileError(f"{path} failed verification: {os.path.join(self.path, CHECKSUMS_FILE)} has no "
@@ -145,6 +141,18 @@ class ArmDir:
             raise DamagedFileError(f"{path} failed verification: it belongs to level {owner['level']} "
                                    f"{owner['arm']} trial {owner['trial']}, not to this arm (copied in from "
                                    f"another arm?)")
+        try:
+            size = os.path.getsize(path)
+            sizes = {entry.get("bytes"), entry.get("previous_bytes")}
+            if "previous_sha256" in entry and entry.get("previous_bytes") is None:
+                sizes = {size}  # written before previous sizes were recorded: the checksum decides
+            if isinstance(entry.get("bytes"), int) and size not in sizes:
+                raise DamagedFileError(f"{path} failed verification: it holds {size} bytes, {entry['bytes']} "
+                                       f"were written (damaged or replaced); not read")
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise DamagedFileError(f"cannot read {path}: {exc.strerror or exc}") from None
         digest = _sha256(data)
         if digest != entry["sha256"] and digest != entry.get("previous_sha256"):
             raise DamagedFileError(f"{path} failed verification: its checksum does not match (damaged: "
