@@ -203,3 +203,18 @@ def test_search_then_report_end_to_end(tmp_path):
     assert "Traceback" not in done.stderr
     assert "reinit acc@stop" in done.stdout and ".png" in done.stdout
     assert len(glob.glob(os.path.join(out, "report", "*.png"))) >= 2
+
+
+@pytest.mark.parametrize("flags, both", [
+    (["--rewind", "none", "--rewind-iter", "5"], ("rewind none", "rewind_iter 5")),
+    (["--early-bird", "0.1", "--rewind", "none"], ("early_bird", "rewind is none")),
+])
+def test_contradictory_flags_are_one_line_naming_both(flags, both, tmp_path, capsys):
+    from fastticket.app import cli
+    try:
+        code = cli.main(["search", "--out", str(tmp_path / "run"), "--iterations", "20", "--no-progress", *flags])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code not in (0, None) and len(err.strip().splitlines()) == 1 and all(b in err for b in both), err
+    assert not (tmp_path / "run").exists()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastticket.lottery import data
+from fastticket.lottery import data, datafiles
 from fastticket.lottery.data import DATASETS, DatasetUnavailableError, load_dataset
 
 
@@ -60,7 +60,7 @@ def test_mnist_idx_files(tmp_path):
     assert d.train.x.shape == (45, 1, 28, 28) and d.val.x.shape == (15, 1, 28, 28) and d.test.x.shape == (10, 1, 28, 28)
     assert d.train.x.dtype == torch.float32 and d.train.y.dtype == torch.int64
     # Normalisation: raw bytes b map to (b/255 - 0.1307) / 0.3081.
-    raw = data._read_idx(os.path.join(str(tmp_path), "MNIST", "raw", "t10k-images-idx3-ubyte"))
+    raw = datafiles.read_idx(os.path.join(str(tmp_path), "MNIST", "raw", "t10k-images-idx3-ubyte"))
     expected = (torch.from_numpy(raw.astype(np.float32)) / 255 - 0.1307) / 0.3081
     torch.testing.assert_close(d.test.x[:, 0], expected)
     assert d.test.y.tolist() == list(range(10))
@@ -209,3 +209,65 @@ def test_cifar10_batches_are_unpickled_without_running_code(tmp_path, monkeypatc
         f.write(b"\x80\x04truncated")
     with pytest.raises(ValueError, match="data_batch_3 is not a readable CIFAR-10 batch"):
         load_dataset("cifar10", str(tmp_path), torch.device("cpu"), 4, 0)
+
+
+def _rewrite_cifar(root, name, change):
+    path = os.path.join(root, "cifar-10-batches-py", name)
+    with open(path, "rb") as f:
+        entry = pickle.load(f)
+    change(entry)
+    with open(path, "wb") as f:
+        pickle.dump(entry, f)
+    return path
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda e: e.update(labels=e["labels"][:5]), "12 images but 5 labels"),
+    (lambda e: e["labels"].__setitem__(3, 99), "label 99 is out of range"),
+    (lambda e: e["labels"].__setitem__(0, -1), "label -1 is out of range"),
+    (lambda e: e.update(data=e["data"][:, :3000]), "rows of 3072 bytes"),
+    (lambda e: e.update(data=e["data"].astype(np.float32)), "rows of 3072 bytes"),
+])
+def test_an_inconsistent_cifar_batch_is_refused_naming_the_file(change, fragment, tmp_path):
+    write_cifar10(str(tmp_path))
+    path = _rewrite_cifar(str(tmp_path), "data_batch_2", change)
+    with pytest.raises(ValueError) as info:
+        load_dataset("cifar10", str(tmp_path), "cpu", val_size=5, seed=0)
+    assert fragment in str(info.value) and path in str(info.value) and "\n" not in str(info.value)
+
+
+def test_mnist_labels_out_of_range_are_refused(tmp_path):
+    write_mnist(str(tmp_path))
+    path = os.path.join(str(tmp_path), "MNIST", "raw", "train-labels-idx1-ubyte")
+    _idx(path, (np.arange(60) % 10 + 5).astype(np.uint8))
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte: label 10 is out of range"):
+        load_dataset("mnist", str(tmp_path), "cpu", val_size=10, seed=0)
+
+
+def test_an_idx_header_is_checked_against_the_file_size_before_reading(tmp_path):
+    path = str(tmp_path / "images")
+    with open(path, "wb") as f:  # declares 2**31 bytes but holds 100
+        f.write(bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (2**31 // 784, 28, 28)) + bytes(100))
+    with pytest.raises(ValueError, match="more than an MNIST file holds"):
+        datafiles.read_idx(path)
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (10, 28, 28)) + bytes(100))
+    with pytest.raises(ValueError, match=r"header says shape \(10, 28, 28\) \(7840 bytes\) but the file holds 100"):
+        datafiles.read_idx(path)
+
+
+def test_a_gz_is_expanded_only_as_far_as_its_header_declares(tmp_path):
+    import tracemalloc
+    path = str(tmp_path / "labels")
+    with gzip.open(path + ".gz", "wb") as f:  # declares 10 labels, expands to 64 MiB
+        f.write(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big"))
+        for _ in range(64):
+            f.write(bytes(2**20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="header says shape \\(10,\\) \\(10 bytes\\) but the file holds more"):
+            datafiles.read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20  # not the 64 MiB it expands to

@@ -515,3 +515,24 @@ def test_stacked_arms_are_stepped_bit_for_bit_like_each_arm_alone() -> None:
     for k, p in enumerate(alone):
         assert torch.equal(stacked[k], p)
         assert torch.equal(opt.state[stacked]["exp_avg_sq"][k], opts[k].state[p]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -1e-3])
+def test_a_learning_rate_that_makes_no_sense_is_refused(lr):
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    for cls in (MaskedAdam, MaskedSGD):
+        with pytest.raises(ValueError, match="Invalid learning rate.*finite number >= 0"):
+            cls([p], lr=lr)
+
+
+def test_another_models_optimizer_state_is_refused_not_a_crash():
+    from fastticket.sparse.nn import MaskedLinear
+    small, big = MaskedLinear(4, 3), MaskedLinear(8, 5)
+    for layer in (small, big):
+        layer.weight.grad, layer.bias.grad = torch.randn_like(layer.weight), torch.randn_like(layer.bias)
+    other = MaskedAdam(big.parameters(), lr=1e-3)
+    other.step()
+    opt = MaskedAdam(small.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match=r"exp_avg of parameter 0 \(group 0\) has shape \(5, 8\), the parameter "
+                                         r"\(3, 4\); it is another model's state"):
+        opt.load_state_dict(other.state_dict())

@@ -142,3 +142,13 @@ def test_backend_switch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with use_backend("triton"), pytest.raises(RuntimeError, match="cannot run on cpu"):
         resolve_backend(torch.device("cpu"))
+
+
+def test_density_of_a_zero_size_layer_and_a_meta_mask():
+    from fastticket.sparse.nn import MaskedLinear, density
+    empty = MaskedLinear(0, 3)
+    assert empty.density() == 1.0 and density(empty)["layers"][""]["density"] == 1.0
+    with torch.device("meta"):
+        meta = MaskedLinear(4, 3)
+    with pytest.raises(ValueError, match="meta device"):
+        meta.density()

@@ -380,3 +380,33 @@ def test_a_verified_checkpoint_of_this_arm_is_still_used(tmp_path, monkeypatch, 
 def test_damaged_file_errors_are_run_dir_errors():
     assert issubclass(DamagedFileError, RunDirError) and issubclass(OutputError, OSError)
     assert issubclass(RunLockedError, RunDirError) and issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_kill_while_the_first_config_was_written_does_not_brick_the_directory(resume, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".config.json.4242.k3j2.tmp").write_text('{"lr": 0.')  # the temp file of a killed first write
+    flags = ["--resume"] if resume else []
+    code = main(["search", "--out", str(out), *TINY_FLAGS, "--levels", "0", "--device", "cpu", *flags])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "config.json").exists() and not list(out.glob(".*.tmp"))
+
+
+def test_a_file_of_the_wrong_size_is_refused_before_its_body_is_read(reference, tmp_path, monkeypatch):
+    ref_out, _ = reference
+    out = str(tmp_path / "run")
+    shutil.copytree(ref_out, out)
+    final = os.path.join(arm_dir(out, 1, "reinit", 0), "final.pt")
+    written = os.path.getsize(final)
+    with open(final, "ab") as f:
+        f.write(bytes(2**20))  # junk appended: far more bytes than checksums.json records
+    import builtins
+    real_open = builtins.open
+
+    def no_body_reads(path, mode="r", *args, **kwargs):
+        assert not (str(path) == final and "r" in mode), "the body was read"
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", no_body_reads)
+    with pytest.raises(DamagedFileError, match=f"holds {written + 2**20} bytes, {written} were written.*not read"):
+        RunDir(out).arm(1, "reinit", 0).verified_bytes("final.pt")

@@ -8,14 +8,14 @@ different models or datasets are refused: their accuracies are not comparable.
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fastticket.errors import ConfigError
 from fastticket.app.report import (ARM_LABELS, CSV_COLUMNS, _arm_key, _density_axis, _fmt, _method_columns, aggregate,
-                               collect_results)
+                               collect_results, save_figure, write_csv)
+from fastticket.lottery.atomic_io import atomic_write_text
 from fastticket.lottery.rundir import RunDir
 
 # Settings that never tell runs apart in a label: where they were run, not what was run; and the controls,
@@ -76,13 +76,7 @@ def comparison_rows(run_dirs: Sequence[str], problems: Optional[List[str]] = Non
 
 
 def _write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
-    columns = ("run",) + CSV_COLUMNS + _method_columns(rows)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for r in rows:
-            writer.writerow(["" if isinstance(r[c], float) and math.isnan(r[c]) else
-                             (round(r[c], 4) if isinstance(r[c], float) else r[c]) for c in columns])
+    write_csv(path, ("run",) + CSV_COLUMNS + _method_columns(rows), rows)
 
 
 def comparison_table(rows: Sequence[Dict[str, Any]]) -> str:
@@ -129,7 +123,7 @@ def _plot(rows: Sequence[Dict[str, Any]], labels: Sequence[str], key: str, ylabe
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return drawn
 
@@ -149,8 +143,7 @@ def make_comparison(run_dirs: Sequence[str], out_dir: str, problems: Optional[Li
                                                                   in zip(labels, run_dirs)), "",
               "Test accuracy in percent, mean ± std over trials; early stop = iteration of minimum validation loss.",
               ""]
-    with open(written[1], "w") as f:
-        f.write("\n".join(header + [comparison_table(rows)]) + "\n")
+    atomic_write_text(written[1], "\n".join(header + [comparison_table(rows)]) + "\n")
     _plot(rows, labels, "test_acc_at_early_stop", "test accuracy at early stop (%)",
           f"Test accuracy vs sparsity ({name})", written[2])
     _plot(rows, labels, "early_stop_iter", "early-stopping iteration",

@@ -1,17 +1,20 @@
 """Tables and paper-style plots from a search's run directory.
 
 Reads the results (result.json + metrics.jsonl of every arm) of a run directory (fastticket.lottery.rundir) and
-writes run_dir/report/: results.csv, results.md, accuracy_vs_weights.png, early_stop_vs_weights.png, curves.png.
+writes run_dir/report/: results.csv, results.md, accuracy_vs_weights.png, early_stop_vs_weights.png, curves.png,
+each atomically (fastticket.lottery.atomic_io): a killed report leaves the previous file or the new one.
 Accuracies are stored as fractions in [0, 1]; every table and plot shows them in percent.
 """
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import statistics
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from fastticket.lottery.atomic_io import atomic_write, atomic_write_text, remove_stale_temps
 from fastticket.lottery.config import ARMS, GRASP, RANDOM, REINIT, SNIP, SYNFLOW, TICKET
 from fastticket.errors import DamagedFileError
 from fastticket.lottery.rundir import ArmDir, RunDir
@@ -172,14 +175,24 @@ def summary_table(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_csv(path: str, columns: Sequence[str], rows: Sequence[Dict[str, Any]]) -> None:
+    """`rows` as CSV (NaN as an empty cell, floats to 4 places), written atomically."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    for r in rows:
+        writer.writerow(["" if isinstance(r[c], float) and math.isnan(r[c]) else
+                         (round(r[c], 4) if isinstance(r[c], float) else r[c]) for c in columns])
+    atomic_write_text(path, text.getvalue())
+
+
+def save_figure(fig: Any, path: str, dpi: int) -> None:
+    """A matplotlib figure as PNG, written atomically."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
 def _write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        columns = CSV_COLUMNS + _method_columns(rows)
-        writer.writerow(columns)
-        for r in rows:
-            writer.writerow(["" if isinstance(r[c], float) and math.isnan(r[c]) else
-                             (round(r[c], 4) if isinstance(r[c], float) else r[c]) for c in columns])
+    write_csv(path, CSV_COLUMNS + _method_columns(rows), rows)
 
 
 def _method_columns(rows: Sequence[Dict[str, Any]]) -> Tuple[str, ...]:
@@ -213,8 +226,7 @@ def _write_markdown(rows: Sequence[Dict[str, Any]], path: str, config: Dict[str,
                      f"| {_fmt(r['final_test_acc_mean'], r['final_test_acc_std'], 2)} "
                      f"| {_fmt(r['early_stop_iter_mean'], r['early_stop_iter_std'], 0)} | {trials} |"
                      + "".join(f" {_fmt(r[c], math.nan, 1 if c == 'element_density_pct' else 0)} |" for c in extra))
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _density_axis(ax, densities: Sequence[float]) -> None:
@@ -266,7 +278,7 @@ def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, titl
         ax.annotate("points: mean over n trials; error bars: sample std over n trials", (0.01, 0.01),
                     xycoords="axes fraction", fontsize=7, alpha=0.8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -337,7 +349,7 @@ def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any
     ax.grid(True, alpha=0.3)
     ax.legend(title="weights remaining", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return True
 
@@ -375,6 +387,7 @@ def make_report(run_dir: str, problems: Optional[List[str]] = None, out_dir: Opt
     rows = aggregate(results)
     out = out_dir or run.report_dir
     os.makedirs(out, exist_ok=True)
+    remove_stale_temps(out)  # of a killed report (a live writer's are kept)
     written = []
 
     def path(name: str) -> str:

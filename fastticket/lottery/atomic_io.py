@@ -4,15 +4,21 @@ resumed run) sees either the old complete file or the new complete one, never a 
 
 Temp names carry the writer's pid and a random suffix so two processes never share one; they start with a
 dot and end in `.tmp`, which `remove_stale_temps` recognises after a crash.
+
+Fault injection (to prove crash consistency at every point, not at sampled ones): every atomic write passes
+two fault points, "fsync" (the temp file written, not yet synced or renamed) and "rename" (the destination
+replaced, its directory not yet synced). FASTTICKET_FAULT_AT=N sends SIGKILL to the process at its N-th
+point; FASTTICKET_FAULT_LOG=FILE appends "N kind path" per point, which is how a test counts them. Points
+are counted per process (a forked child counts from 1 again).
 """
 from __future__ import annotations
 
 import errno
-import glob
 import io
 import json
 import os
 import shutil
+import signal
 import tempfile
 from typing import IO, Any, Callable, Optional
 
@@ -21,6 +27,7 @@ import torch
 from fastticket.errors import OutputError
 
 TEMP_SUFFIX = ".tmp"
+FAULT_AT_ENV, FAULT_LOG_ENV = "FASTTICKET_FAULT_AT", "FASTTICKET_FAULT_LOG"
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
@@ -31,6 +38,25 @@ def _umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_umask()
+
+
+_fault_count = {"pid": -1, "n": 0}
+
+
+def fault_point(kind: str, path: str) -> None:
+    """One fault point (see the module docstring): counted and logged when asked, SIGKILL at the chosen one."""
+    at, log = os.environ.get(FAULT_AT_ENV), os.environ.get(FAULT_LOG_ENV)
+    if not at and not log:
+        return
+    if _fault_count["pid"] != os.getpid():
+        _fault_count.update(pid=os.getpid(), n=0)
+    _fault_count["n"] += 1
+    n = _fault_count["n"]
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{n} {kind} {path}\n")
+    if at and int(at) == n:
+        os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no finally, no atexit, no flushed buffers
 
 
 def fsync_dir(path: str) -> None:
@@ -109,8 +135,10 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], Any], size: Optional[in
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            fault_point("fsync", path)
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fault_point("rename", path)
     except BaseException as exc:
         if tmp is not None:
             try:
@@ -147,11 +175,40 @@ def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def is_temp(name: str) -> bool:
+    """Whether `name` is an atomic write's temp file (never a published file: those do not start with a dot)."""
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+def _writer_alive(name: str) -> bool:
+    # .{basename}.{pid}.{random}.tmp: the writer's pid is the second field from the end.
+    try:
+        pid = int(name[: -len(TEMP_SUFFIX)].rsplit(".", 2)[-2])
+    except (ValueError, IndexError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # alive, someone else's
+    return True
+
+
 def remove_stale_temps(directory: str) -> None:
-    """Delete temp files a killed writer left in `directory`. Call only while holding the directory (a live
-    writer's temp file would be deleted too); a temp file never holds the only copy of anything."""
-    for tmp in glob.glob(os.path.join(directory, f".*{TEMP_SUFFIX}")):
+    """Delete temp files a killed writer left in `directory`. A temp file whose writer (on this host) still
+    runs is kept, so a directory nobody holds a lock on (a report folder) can be cleaned too; a temp file
+    never holds the only copy of anything."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not is_temp(name) or _writer_alive(name):
+            continue
         try:
-            os.remove(tmp)
+            os.remove(os.path.join(directory, name))
         except OSError:
             pass

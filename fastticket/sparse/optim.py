@@ -72,6 +72,11 @@ def _as_bool_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return (mask != 0).to(param.device)
 
 
+def _check_lr(lr: float) -> None:
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr} (must be a finite number >= 0)")
+
+
 class _MaskedOptimizer(Optimizer):
     """What the masked optimizers share: mask lookup and the explicit-mask bookkeeping."""
 
@@ -164,8 +169,22 @@ class _MaskedOptimizer(Optimizer):
         return params, [self._grad_of(p) for p in params], [self.mask_for(p) for p in params]
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._check_state_shapes(state_dict)
         self._zero_after_step = WeakIdKeyDictionary()  # loaded state is re-masked in full at its first step
         super().load_state_dict(state_dict)
+
+    def _check_state_shapes(self, state_dict: Dict[str, Any]) -> None:
+        """Every per-parameter state tensor (moments, momentum) must have its parameter's shape: the fused
+        kernels index them as such, so another model's state would read out of bounds (a crash, not an error)."""
+        saved_groups = state_dict.get("param_groups", []) if isinstance(state_dict, dict) else []
+        state = state_dict.get("state", {}) if isinstance(state_dict, dict) else {}
+        for g, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            for i, (p, key) in enumerate(zip(group["params"], saved.get("params", []))):
+                for name, t in (state.get(key) or {}).items():
+                    if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != p.shape:
+                        raise ValueError(f"optimizer state does not fit: {name} of parameter {i} (group {g}) has "
+                                         f"shape {tuple(t.shape)}, the parameter {tuple(p.shape)}; it is another "
+                                         f"model's state")
 
     def _versions(self, p: torch.Tensor, m: torch.Tensor, keys: Sequence[str]) -> Tuple[int, ...]:
         state = self.state.get(p, {})
@@ -351,8 +370,7 @@ class MaskedSGD(_MaskedOptimizer):
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
                  masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        _check_lr(lr)
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
         if weight_decay < 0.0:
@@ -413,8 +431,7 @@ class MaskedAdam(_MaskedOptimizer):
                  differentiable: bool = False, fused: Optional[bool] = None,
                  decoupled_weight_decay: Optional[bool] = None,
                  masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        _check_lr(lr)
         if eps < 0.0:
             raise ValueError(f"Invalid epsilon value: {eps}")
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
