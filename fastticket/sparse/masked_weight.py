@@ -88,17 +88,18 @@ class MaskOps:
         return float(self.weight_mask.sum()) / self.weight_mask.numel()
 
 
-class _MaskGradient:
-    """The gradient hook of a masked Parameter: zeroes the gradient of pruned entries. Not serialized (torch
-    warns for hooks it cannot save): a copy re-registers its own when its handle is restored."""
+class MaskGradient:
+    """The gradient hook of a masked Parameter (`handle`: anything with `weight_mask`): zeroes the gradient of
+    pruned entries. Not serialized (torch warns for hooks it cannot save): a copy registers its own."""
 
     __torch_unserializable__ = True
 
     def __init__(self, handle: "MaskedWeight") -> None:
         self.handle = handle
 
-    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad.masked_fill(~self.handle.weight_mask, 0)
+    def __call__(self, grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        # None: the dW+update fusion applied the (masked) update inside the backward and left no gradient.
+        return None if grad is None else grad.masked_fill(~self.handle.weight_mask, 0)
 
 
 class MaskedWeight(MaskOps):
@@ -110,7 +111,7 @@ class MaskedWeight(MaskOps):
         self._attach()
 
     def _attach(self) -> None:
-        self._hook = self._param.register_hook(_MaskGradient(self))
+        self._hook = self._param.register_hook(MaskGradient(self))
         _mask_registry.register_layer(self)  # lets fastticket.sparse.optim find this weight's mask by itself
 
     def __getstate__(self) -> dict:

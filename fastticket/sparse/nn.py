@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastticket.sparse import _mask_registry, functional
-from fastticket.sparse.masked_weight import (MaskOps, check_loaded_masks, check_mask, mask_weight_, owned_masks,
+from fastticket.sparse.masked_weight import (MaskGradient, MaskOps, check_loaded_masks, check_mask, mask_weight_, owned_masks,
                                              reapply_masks_after_load, refuse_foreign_mask, unmask_weight_,
                                              watch_loads)
 from fastticket.errors import MaskError
@@ -35,13 +35,20 @@ class MaskedLayer(MaskOps):
         self._tile_maps = TileMapCache()
         self._register_load_state_dict_pre_hook(check_loaded_masks, with_module=True)
         self.register_load_state_dict_post_hook(reapply_masks_after_load)
+        self.hook_weight_()
         _mask_registry.register_layer(self)  # lets fastticket.sparse.optim find this weight's mask by itself
+
+    def hook_weight_(self) -> None:
+        """Mask the gradient of the current `weight` Parameter wherever it is used: modules that hand a layer's
+        weight to a functional op without calling the layer (Swin's attention, MHA) bypass its forward."""
+        self._grad_hook = self.weight.register_hook(MaskGradient(self))
 
     def __setstate__(self, state) -> None:
         # deepcopy, pickle and a whole-model torch.load rebuild the layer without __init__: register the copy
         # too, or the masked optimizers would not find its mask and would revive pruned weights after a mask
         # change.
         super().__setstate__(state)  # type: ignore[misc]
+        self.hook_weight_()  # a copied Parameter comes without hooks
         _mask_registry.register_layer(self)
 
     def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
@@ -162,6 +169,10 @@ def _twin(module: nn.Module, cls: type) -> nn.Module:
     new.weight = module.weight
     new.bias = module.bias
     new.train(module.training)
+    if isinstance(new, MaskedLayer):
+        new.hook_weight_()
+    else:
+        module._grad_hook.remove()
     return new
 
 
@@ -177,7 +188,8 @@ def _weights(model: nn.Module, tied: bool = False) -> Iterator[Tuple[str, str, n
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             lazy = isinstance(param, nn.parameter.UninitializedParameter)
-            if (id(param) in seen and not tied) or not param.is_floating_point() or not (lazy or param.dim() >= 2):
+            if (id(param) in seen and not tied) or not param.is_floating_point() or not (
+                    (lazy and _is_weight(param_name)) or (not lazy and param.dim() >= 2)):
                 continue
             seen.add(id(param))
             yield module_name, param_name, module, param
