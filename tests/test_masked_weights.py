@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import pathlib
 import warnings
 
 import pytest
@@ -230,3 +231,11 @@ def test_densify_removes_every_mask_and_keeps_zeros():
     assert not list(fastticket.masked_modules(model)) and model.state_dict().keys() == plain.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.items())
     assert mask_weight_(model[1]).density() == 1.0  # a densified module can be masked again
+
+
+def test_readme_own_model_imp_loop_runs_and_prints_the_densities(capsys):
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = readme.split("### Your own model: an IMP loop\n\n```python\n", 1)[1].split("```", 1)[0]
+    torch.manual_seed(0)
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert capsys.readouterr().out.split() == ["0", "0.8", "1", "0.64", "2", "0.51"]
