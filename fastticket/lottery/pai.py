@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastticket.sparse.nn import densify, masked_modules, model_masks
+from fastticket.sparse.nn import densify, masked_modules, model_masks, weight_key
 
 Batches = Sequence[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -39,10 +39,10 @@ GRASP_TEMPERATURE = 200.0
 
 def _dense_copy(model: nn.Module) -> Tuple[nn.Module, Dict[str, nn.Parameter]]:
     """A float64 plain-layer copy of `model` and its masked layers' weights by module name."""
-    names = [name for name, _ in masked_modules(model)]
+    keys = {name: weight_key(name, layer) for name, layer in masked_modules(model)}
     twin = densify(copy.deepcopy(model)).double()
-    modules = dict(twin.named_modules())
-    return twin, {name: modules[name].weight for name in names}
+    params = dict(twin.named_parameters())
+    return twin, {name: params[key] for name, key in keys.items()}
 
 
 def snip_saliency(model: nn.Module, batches: Batches) -> Dict[str, torch.Tensor]:

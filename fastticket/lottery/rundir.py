@@ -246,7 +246,7 @@ class ArmDir:
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
             raise DamagedFileError(f"{path} is not a checkpoint (no model state)")
         for name, mask in (masks or {}).items():
-            saved = ckpt["model"].get(f"{name}.weight_mask")
+            saved = ckpt["model"].get(f"{name}.weight_mask", ckpt["model"].get(f"{name}_mask"))  # nn.entry_name
             if not isinstance(saved, torch.Tensor) or not torch.equal(saved.cpu().bool(), mask.cpu().bool()):
                 raise DamagedFileError(f"{path} failed verification: its mask of layer {name!r} differs from "
                                        f"{self._file(MASK)}")

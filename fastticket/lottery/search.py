@@ -39,7 +39,7 @@ from torch import nn
 from fastticket.lottery import platform as distributed
 from fastticket.lottery.config import PAI_ARMS, RANDOM, REINIT, TICKET, SearchConfig, parse_refill
 from fastticket.errors import ConfigError, DamagedFileError, RunDirError
-from fastticket.sparse.nn import densities, install_masks, model_masks
+from fastticket.sparse.nn import densities, install_masks, masks_in_state, model_masks
 from fastticket.lottery.preflight import preflight
 from fastticket.lottery.prune import (alive_count, check_refill_fits, layer_rates, prune_with_config, random_masks_like,
                               refill_masks)
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
     from fastticket.lottery.data import DeviceData
 
 _REINIT_SEED_OFFSET = 10_000
-_MASK_SUFFIX = ".weight_mask"
 _STREAM_PRUNE, _STREAM_RANDOM_MASK, _STREAM_REINIT = 1, 2, 3
 Masks = Dict[str, torch.Tensor]
 
@@ -288,8 +287,7 @@ def _prepare(s: _Search, level: int, arm: str, trial: int, replica: int = 0) -> 
         return shared
     spec, state = shared["spec"], shared["state"]
     model = s.model(shared["seed"])
-    install_masks(model, {name[:-len(_MASK_SUFFIX)]: mask for name, mask in state.items()
-                          if name.endswith(_MASK_SUFFIX)})
+    install_masks(model, masks_in_state(model, state))
     model.load_state_dict(state)
     hook = _early_bird_hook(s, level, trial, spec.capture_rewind_at or 0) if arm == TICKET else None
     return ArmJob(spec, model, s.run.arm(level, arm, trial, replica), shared["seed"], hook)

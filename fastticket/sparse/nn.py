@@ -2,94 +2,66 @@
 
 The invariant (docs/architecture.md, "The invariant"): pruned weights are exactly zero in storage. `weight` stays an ordinary
 Parameter; `weight_mask` is a bool buffer of the same shape saved in state dicts. Loading a state dict
-re-applies the mask; `apply_mask_()` re-zeroes pruned entries after a user edits weights by hand.
+checks the loaded masks (0/1 only) and re-applies them; `apply_mask_()` re-zeroes pruned entries after a user
+edits weights by hand. Weights of other modules carry a `MaskedWeight` (fastticket.sparse.masked_weight): the
+same calls, a gradient hook instead of the kernels.
 """
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastticket.sparse import _mask_registry, functional
+from fastticket.sparse.masked_weight import (MaskGradient, MaskOps, alive_in, check_loaded_masks, check_mask,
+                                             mask_weight_, owned_masks, reapply_masks_after_load,
+                                             refuse_foreign_mask, unmask_weight_, watch_loads)
 from fastticket.errors import MaskError
 from fastticket.kernels.tile_map import TileMap, TileMapCache
 
-
-def _reapply_mask_after_load(module: "MaskedLayer", incompatible_keys) -> None:
-    module.mask_changed_()
-
-
-def check_mask(mask: object, shape: Tuple[int, ...], owner: str = "weight") -> torch.Tensor:
-    """`mask` as a bool tensor, or a MaskError: only bool tensors and numeric tensors holding nothing but 0
-    and 1 are masks (0.3, NaN, 2 or -1 would otherwise silently mean "keep"); lists and numpy arrays are
-    refused rather than guessed at."""
-    if not isinstance(mask, torch.Tensor):
-        raise MaskError(f"a mask must be a torch.Tensor (bool, or 0/1 values), got {type(mask).__name__}; "
-                        f"convert it with torch.as_tensor(mask).bool()")
-    if tuple(mask.shape) != tuple(shape):
-        raise MaskError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(shape)} of {owner}")
-    if mask.dtype == torch.bool:
-        return mask
-    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-        bad = mask[~((mask == 0) | (mask == 1))].flatten()[:1].tolist()
-        raise MaskError(f"a {mask.dtype} mask must hold only 0 and 1 (1 keeps a weight, 0 prunes it), found "
-                        f"{bad[0] if bad else 'a complex value'}; threshold it explicitly, e.g. mask > 0.5")
-    return mask != 0
+__all__ = ["MaskedLinear", "MaskedConv2d", "sparsify", "densify", "density", "masked_modules", "unmasked_weights",
+           "check_mask"]
 
 
-class MaskedLayer:
+class MaskedLayer(MaskOps):
     """What MaskedLinear and MaskedConv2d share. Not a Module by itself: mixed into nn.Linear / nn.Conv2d."""
-
-    weight: nn.Parameter
-    weight_mask: torch.Tensor
 
     def _init_mask(self) -> None:
         self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.mask_version = 0  # bumped on every mask change; tile maps and kernels key their caches on it
         self._tile_maps = TileMapCache()
-        self.register_load_state_dict_post_hook(_reapply_mask_after_load)
+        self._register_load_state_dict_pre_hook(check_loaded_masks, with_module=True)
+        self.register_load_state_dict_post_hook(reapply_masks_after_load)
+        self.hook_weight_()
         _mask_registry.register_layer(self)  # lets fastticket.sparse.optim find this weight's mask by itself
+
+    def hook_weight_(self) -> None:
+        """Mask the gradient of the current `weight` Parameter wherever it is used: modules that hand a layer's
+        weight to a functional op without calling the layer (Swin's attention, MHA) bypass its forward."""
+        self._grad_hook = self.weight.register_hook(MaskGradient(self))
 
     def __setstate__(self, state) -> None:
         # deepcopy, pickle and a whole-model torch.load rebuild the layer without __init__: register the copy
         # too, or the masked optimizers would not find its mask and would revive pruned weights after a mask
         # change.
         super().__setstate__(state)  # type: ignore[misc]
+        self.hook_weight_()  # a copied Parameter comes without hooks
         _mask_registry.register_layer(self)
 
-    @torch.no_grad()
-    def apply_mask_(self):
-        """Zero the pruned weights in place (exact zeros, NaN/inf included)."""
-        self.weight.masked_fill_(~self.weight_mask, 0.0)
-        return self
-
-    @torch.no_grad()
-    def set_mask_(self, mask: torch.Tensor):
-        """Replace the mask (bool or 0/1 tensor of the weight's shape) and zero the newly pruned weights.
-
-        After a mask change mid-training, an optimizer's state (momentum, Adam moments) is not zero on the
-        newly pruned entries: fastticket.sparse.optim's masked optimizers handle that themselves; for a torch.optim
-        optimizer call `fastticket.sparse.optim.mask_optimizer_state_(optimizer)` after this."""
-        self.weight_mask.copy_(check_mask(mask, tuple(self.weight.shape), self.__class__.__name__))
-        return self.mask_changed_()
-
-    def mask_changed_(self):
-        """Call after editing `weight_mask` in place: re-zeroes weights and invalidates cached tile maps."""
-        self.mask_version += 1
-        return self.apply_mask_()
+    def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
+        # torch.nn.utils.prune re-registers `weight_mask` as its own float mask: refused (torch rolls back).
+        if name == "weight_mask" and "weight_mask" in self.__dict__.get("_buffers", ()):
+            refuse_foreign_mask(name, tensor)
+        super().register_buffer(name, tensor, persistent)  # type: ignore[misc]
 
     def tile_map(self, block_n: int, block_k: int, k_order: str = "mask") -> TileMap:
         """Live-tile lists of the mask for (block_n x block_k) tiles, cached until the mask changes. k_order
         "tap_major" (conv filters) tiles the mask permuted to the conv kernels' K order; the buffer itself
         keeps its layout."""
         return self._tile_maps.get(self.weight_mask, block_n, block_k, self.mask_version, k_order)
-
-    def density(self) -> float:
-        """Alive / size of the mask (1.0 for a zero-size layer: nothing in it is pruned)."""
-        return _alive(self.weight_mask) / self.weight_mask.numel() if self.weight_mask.numel() else 1.0
 
     def _density_repr(self) -> str:
         return f"density={self.density():.4f}"
@@ -137,16 +109,33 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
 
 
 MASKED_TYPES = (MaskedLinear, MaskedConv2d)
+_SWAPPED = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}  # exact types only: a subclass keeps its class
 
 
-def masked_modules(model: nn.Module) -> Iterator[Tuple[str, MaskedLayer]]:
-    """(qualified name, layer) for every masked layer of `model`, in registration order."""
-    for name, module in model.named_modules():
-        if isinstance(module, MASKED_TYPES):
-            yield name, module
+def entry_name(module_name: str, param_name: str) -> str:
+    """A mask's name: its module's for a parameter called `weight` (so "{name}.weight_mask" is its state key),
+    else the parameter's qualified name ("attn.in_proj_weight", state key "attn.in_proj_weight_mask")."""
+    if param_name == "weight":
+        return module_name
+    return f"{module_name}.{param_name}" if module_name else param_name
 
 
-def untied_masked_modules(model: nn.Module) -> Iterator[Tuple[str, MaskedLayer]]:
+def weight_key(name: str, layer: MaskOps) -> str:
+    """The state-dict key of the weight a mask named `name` covers; its mask's key is this + "_mask"."""
+    if layer.param_name != "weight":
+        return name
+    return f"{name}.weight" if name else "weight"
+
+
+def masked_modules(model: nn.Module) -> Iterator[Tuple[str, MaskOps]]:
+    """(name, mask) for every masked weight of `model` in registration order: masked layers, and the
+    `MaskedWeight`s of other modules (named by `entry_name`). Each has `weight`, `weight_mask`, `set_mask_`."""
+    for module_name, module in model.named_modules():
+        for param_name, mask in owned_masks(module):
+            yield entry_name(module_name, param_name), mask
+
+
+def untied_masked_modules(model: nn.Module) -> Iterator[Tuple[str, MaskOps]]:
     """`masked_modules`, refusing (MaskError) two masked layers that share one weight tensor: each would
     prune it at its own rate and density() would count it twice."""
     seen: Dict[int, str] = {}
@@ -168,108 +157,160 @@ def _replace_child(model: nn.Module, qualified_name: str, new: nn.Module) -> Non
     setattr(parent, child_name, new)
 
 
-def _masked_twin(module: nn.Module) -> MaskedLayer:
+def _twin(module: nn.Module, cls: type) -> nn.Module:
+    """A `cls` (MaskedLinear / nn.Linear, MaskedConv2d / nn.Conv2d) holding `module`'s very Parameter objects, so
+    optimizers and hooks that hold them keep working."""
     kwargs = dict(device=module.weight.device, dtype=module.weight.dtype)
     if isinstance(module, nn.Linear):
-        new = MaskedLinear(module.in_features, module.out_features, bias=module.bias is not None, **kwargs)
+        new = cls(module.in_features, module.out_features, bias=module.bias is not None, **kwargs)
     else:
-        new = MaskedConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                           module.padding, module.dilation, module.groups, module.bias is not None,
-                           module.padding_mode, **kwargs)
-    # The same Parameter objects: optimizers and hooks that hold them keep working.
+        new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                  module.dilation, module.groups, module.bias is not None, module.padding_mode, **kwargs)
     new.weight = module.weight
     new.bias = module.bias
     new.train(module.training)
-    return new
-
-
-def _dense_twin(module: MaskedLayer) -> nn.Module:
-    kwargs = dict(device=module.weight.device, dtype=module.weight.dtype)
-    if isinstance(module, MaskedLinear):
-        new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, **kwargs)
+    if isinstance(new, MaskedLayer):
+        new.hook_weight_()
     else:
-        new = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                        module.padding, module.dilation, module.groups, module.bias is not None,
-                        module.padding_mode, **kwargs)
-    module.apply_mask_()
-    new.weight = module.weight
-    new.bias = module.bias
-    new.train(module.training)
+        module._grad_hook.remove()
     return new
+
+
+def _is_weight(param_name: str) -> bool:
+    return param_name == "weight" or param_name.endswith("_weight") or param_name.startswith("weight_")
+
+
+def _weights(model: nn.Module, tied: bool = False) -> Iterator[Tuple[str, str, nn.Module, nn.Parameter]]:
+    """(module name, parameter name, module, parameter) for every floating-point parameter of 2 or more
+    dimensions (or not yet initialized): the tensors a mask could cover. Biases and norm scales are 1-D.
+    A tied parameter comes once, or with `tied=True` once per module holding it."""
+    seen = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            lazy = isinstance(param, nn.parameter.UninitializedParameter)
+            if (id(param) in seen and not tied) or not param.is_floating_point() or not (
+                    (lazy and _is_weight(param_name)) or (not lazy and param.dim() >= 2)):
+                continue
+            seen.add(id(param))
+            yield module_name, param_name, module, param
+
+
+def unmasked_weights(model: nn.Module) -> Dict[str, str]:
+    """{qualified parameter name: why} for every weight (see `_weights`) that carries no mask: what stays dense."""
+    masked = {id(layer.weight) for _, layer in masked_modules(model)}
+    out = {}
+    for module_name, param_name, module, param in _weights(model):
+        if id(param) in masked:
+            continue
+        key = f"{module_name}.{param_name}" if module_name else param_name
+        if isinstance(param, nn.parameter.UninitializedParameter):
+            out[key] = f"{type(module).__name__}: not initialized yet (lazy); run one forward, then sparsify again"
+        elif not _is_weight(param_name):
+            out[key] = (f"{type(module).__name__}: not named like a weight; mask it with "
+                        f"fastticket.sparse.masked_weight.mask_weight_(module, {param_name!r})")
+        else:
+            out[key] = f"{type(module).__name__}: excluded or not masked yet"
+    return out
+
+
+def _plan(model: nn.Module, include: Optional[List[str]], exclude: Optional[List[str]]):
+    """What sparsify masks: [(module name, parameter name, module)], refusing include patterns that match nothing."""
+    masked = {id(layer.weight) for _, layer in masked_modules(model)}
+    candidates = [(m, p, module) for m, p, module, param in _weights(model, tied=True)
+                  if _is_weight(p) and id(param) not in masked
+                  and not isinstance(param, nn.parameter.UninitializedParameter)]
+    if include is not None:
+        names = [n for m, p, _ in candidates for n in {m, entry_name(m, p)}]
+        unmatched = [pat for pat in include if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
+        if unmatched:
+            raise ValueError(f"sparsify(include=...) matched no Linear/Conv2d layer or other weight for {unmatched}; "
+                             f"maskable weights are {sorted({entry_name(m, p) for m, p, _ in candidates})}")
+    return [(m, p, module) for m, p, module in candidates
+            if (include is None or _matches(m, include) or _matches(entry_name(m, p), include))
+            and not (_matches(m, exclude) or _matches(entry_name(m, p), exclude))]
 
 
 def sparsify(model: nn.Module, include: Optional[Iterable[str]] = None, exclude: Optional[Iterable[str]] = None,
-             masks_from_zeros: bool = False) -> nn.Module:
-    """Swap nn.Linear / nn.Conv2d layers of `model` for their masked versions, in place; returns `model`.
+             masks_from_zeros: bool = False, strict: bool = False) -> nn.Module:
+    """Mask every weight of `model` in place (all-ones masks, or `weight != 0` with `masks_from_zeros=True`, to
+    re-sparsify a model saved by `densify`); returns `model`.
 
-    include / exclude: qualified module names or fnmatch patterns ("features.*"); by default every
-    Linear and Conv2d is swapped. Weights are kept (the same Parameter objects). Masks start all-ones, or
-    with `masks_from_zeros=True` as `weight != 0` (to re-sparsify a model saved by `densify`).
+    Exact nn.Linear / nn.Conv2d become MaskedLinear / MaskedConv2d (the Triton kernels; the same Parameter
+    objects). Every other parameter named `weight`, `*_weight` or `weight_*` with 2 or more dimensions (Conv1d/3d,
+    ConvTranspose, Embedding, Bilinear, MultiheadAttention, subclasses of Linear / Conv2d, user layers) gets a
+    `MaskedWeight` and keeps its module, class and forward. include / exclude: fnmatch patterns over module names
+    or mask names ("features.*", "attn.in_proj_weight"). What stays dense is listed by `unmasked_weights`;
+    `strict=True` refuses it (excluded weights aside) with a line naming the module and its class.
     """
     include = list(include) if include is not None else None
     exclude = list(exclude) if exclude is not None else None
-    if isinstance(model, (nn.Linear, nn.Conv2d)) and not isinstance(model, MASKED_TYPES):
+    if type(model) in _SWAPPED:
         raise MaskError(f"sparsify swaps the Linear/Conv2d layers inside a model, and this model is itself a bare "
-                        f"{type(model).__name__}: build a {'MaskedLinear' if isinstance(model, nn.Linear) else 'MaskedConv2d'} "
+                        f"{type(model).__name__}: build a {_SWAPPED[type(model)].__name__} "
                         f"instead, or wrap it (nn.Sequential(layer))")
-    candidates = [(n, m) for n, m in model.named_modules()
-                  if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, MASKED_TYPES) and n]
-    if not candidates and not any(True for _ in masked_modules(model)):
-        raise MaskError(f"sparsify found no nn.Linear or nn.Conv2d layer in this {type(model).__name__}: nothing to "
-                        f"mask")
-    if include is not None:
-        names = [n for n, _ in candidates]
-        unmatched = [p for p in include if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-        if unmatched:
-            raise ValueError(f"sparsify(include=...) matched no Linear/Conv2d layer for {unmatched}; "
-                             f"layers are {names}")
-    chosen = [(n, m) for n, m in candidates
-              if (include is None or _matches(n, include)) and not _matches(n, exclude)]
-    # Tied weights (one Parameter in two layers) would get two masks: one tensor pruned at two layers' rates
-    # and counted twice by density(). Refuse rather than guess which layer's mask should win.
-    owners: Dict[int, str] = {id(m.weight): n for n, m in masked_modules(model)}
-    for name, module in chosen:
-        other = owners.setdefault(id(module.weight), name)
+    chosen = _plan(model, include, exclude)
+    if not chosen and not any(True for _ in masked_modules(model)):
+        raise MaskError(f"sparsify found no nn.Linear or nn.Conv2d layer nor any other weight in this "
+                        f"{type(model).__name__}: nothing to mask")
+    if strict:
+        chosen_ids = {id(module._parameters[p]) for _, p, module in chosen}
+        excluded = {f"{m}.{p}" if m else p for m, p, module, param in _weights(model)
+                    if _matches(m, exclude) or _matches(entry_name(m, p), exclude)}
+        left = {k: why for k, why in unmasked_weights(model).items()
+                if k not in excluded and id(model.get_parameter(k)) not in chosen_ids}
+        if left:
+            key, why = next(iter(left.items()))
+            raise MaskError(f"sparsify(strict=True): {key!r} ({why}) would stay dense"
+                            f"{f' (and {len(left) - 1} more)' if len(left) > 1 else ''}; exclude it or drop strict")
+    # Tied weights (one Parameter in two modules) would get two masks: one tensor pruned at two rates and counted
+    # twice by density(). Refuse rather than guess which mask should win.
+    owners: Dict[int, str] = {id(layer.weight): n for n, layer in masked_modules(model)}
+    for module_name, param_name, module in chosen:
+        name = entry_name(module_name, param_name)
+        other = owners.setdefault(id(module._parameters[param_name]), name)
         if other != name:
             raise MaskError(f"layers {other!r} and {name!r} share one weight tensor (tied weights), which would get "
                             f"two masks; mask only one of them, e.g. sparsify(model, exclude=[{name!r}])")
-    for name, module in chosen:
-        twin = _masked_twin(module)
+    watch_loads(model)
+    for module_name, param_name, module in chosen:
+        if type(module) in _SWAPPED and param_name == "weight" and module_name:
+            mask: MaskOps = _twin(module, _SWAPPED[type(module)])
+            _replace_child(model, module_name, mask)
+        else:
+            mask = mask_weight_(module, param_name)
         if masks_from_zeros:
-            twin.set_mask_(module.weight.detach() != 0)
-        _replace_child(model, name, twin)
+            mask.set_mask_(mask.weight.detach() != 0)
     return model
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Swap masked layers back to nn.Linear / nn.Conv2d in place (pruned weights stay zero); returns `model`.
-
-    The result's state dict has the keys of the plain model, so e.g. a torchvision model loads it strictly.
-    """
-    for name, module in list(masked_modules(model)):
-        if name:
-            _replace_child(model, name, _dense_twin(module))
+    """Undo `sparsify` in place (pruned weights stay zero): masked layers back to nn.Linear / nn.Conv2d, other
+    weights' masks removed; returns `model`. The state dict then has the plain model's keys, so e.g. a
+    torchvision model loads it strictly."""
+    for module_name, module in list(model.named_modules()):
+        for param_name, mask in owned_masks(module):
+            if isinstance(mask, MaskedLayer) and module_name:
+                mask.apply_mask_()
+                _replace_child(model, module_name, _twin(mask, nn.Linear if isinstance(mask, nn.Linear) else nn.Conv2d))
+            elif not isinstance(mask, MaskedLayer):
+                unmask_weight_(module, param_name)
     return model
 
 
-def _alive(mask: torch.Tensor) -> int:
-    if mask.is_meta:  # counting it would raise a bare NotImplementedError
-        raise ValueError("a weight mask is on the meta device (shapes only, no values): materialise the model "
-                         "(model.to_empty(device=...) and set its masks) before counting or training it")
-    return int(mask.sum())
-
-
 def density(model: nn.Module) -> Dict[str, Union[int, float, dict]]:
-    """Per masked layer and in total: alive weights, size, and density (alive / size)."""
+    """Per masked weight and in total: alive weights, size, and density (alive / size). "dense" lists the
+    weights without a mask ({name: size}, None while a lazy one is uninitialized): never counted as pruned."""
     layers = {}
     alive_total = size_total = 0
     for name, module in untied_masked_modules(model):
-        alive, size = _alive(module.weight_mask), module.weight_mask.numel()
+        alive, size = alive_in(module.weight_mask), module.weight_mask.numel()
         layers[name] = {"alive": alive, "size": size, "density": alive / size if size else 1.0}
         alive_total += alive
         size_total += size
+    dense = {k: (None if isinstance(p, nn.parameter.UninitializedParameter) else p.numel())
+             for k, p in ((k, model.get_parameter(k)) for k in unmasked_weights(model))}
     return {"layers": layers, "alive": alive_total, "size": size_total,
-            "density": alive_total / size_total if size_total else 1.0}
+            "density": alive_total / size_total if size_total else 1.0, "dense": dense}
 
 
 def densities(model: nn.Module, prunable: Sequence[str]) -> Tuple[float, Dict[str, float]]:
@@ -284,6 +325,11 @@ def densities(model: nn.Module, prunable: Sequence[str]) -> Tuple[float, Dict[st
 def model_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
     """{layer name: a CPU copy of its bool mask} for every masked layer."""
     return {name: layer.weight_mask.detach().to("cpu", copy=True) for name, layer in masked_modules(model)}
+
+
+def masks_in_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """{mask name: mask} for every masked weight of `model`, read from its state dict `state`."""
+    return {name: state[weight_key(name, layer) + "_mask"] for name, layer in masked_modules(model)}
 
 
 def install_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> None:

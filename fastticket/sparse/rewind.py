@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from fastticket.sparse.backend import indices_by_backend
 from fastticket.kernels import rewind as rewind_kernels
-from fastticket.sparse.nn import masked_modules
+from fastticket.sparse.nn import masked_modules, weight_key
 
 __all__ = ["rewind_", "rewind_to", "rewind_and_reset_", "reset_state_"]
 
@@ -35,13 +35,15 @@ def rewind_(params: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
 
 
 def rewind_to(model: nn.Module, source_state: Dict[str, torch.Tensor]) -> None:
-    """weights = source * mask for masked weights (current masks), plain copies for everything else."""
-    masked = {f"{name}.weight": layer for name, layer in masked_modules(model)}
+    """Rewind `model` to `source_state` (e.g. a state dict saved at initialization) and keep its current masks:
+    masked weights become source * mask, everything else a plain copy; the masks in `source_state` are ignored.
+    The call an IMP loop uses between levels (a bare `load_state_dict` would restore the saved masks too)."""
+    masked = {weight_key(name, layer): layer for name, layer in masked_modules(model)}
     params, sources, masks = [], [], []
     state = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for key, tensor in state.items():
-            if key.endswith("weight_mask") and key[: -len("_mask")] in masked:
+            if key.endswith("_mask") and key[: -len("_mask")] in masked:
                 continue  # the masks are the ones already installed, not the rewind point's
             src = source_state[key].to(tensor.device)
             if key in masked:
