@@ -1,4 +1,4 @@
-"""Masked Conv2d: implicit-GEMM Triton kernels that skip pruned weight tiles, a float64 reference, autograd.
+"""Masked Conv2d: implicit-GEMM Triton kernels that skip pruned weight tiles, launchers, a float64 reference.
 
 GEMM view (docs/architecture.md, "Kernels"). With X [N, C_in, H, W], W [C_out, C_in, kh, kw], Y [N, C_out, H_out, W_out]:
 
@@ -37,11 +37,8 @@ stride, padding ('same' included) and dilation, out-of-image taps masked to zero
   atomics to fill the GPU; the element mask is applied in the epilogue; dead tiles are never written.
 - dbias: one reduction of dY over (N, H_out, W_out).
 
-Dispatch: `masked_conv2d` runs dense cuDNN (`F.conv2d`, exact under the zero invariant of
-docs/architecture.md, "The invariant", with the weight gradient masked) when the layer's live-tile fraction
-is at or above `kernels.dispatch.dense_threshold("conv2d")`, and the tile-skipping kernels below it (override
-for experiments with FASTTICKET_DENSE_THRESHOLD_CONV2D; 1.01 forces the kernels, 0.0 forces cuDNN). groups != 1 always falls
-back to cuDNN with the masked weight gradient: the kernels implement groups == 1 only.
+Autograd and the choice between these kernels and dense cuDNN live in fastticket/sparse/conv.py (the
+kernels implement groups == 1 only).
 
 Memory formats: NCHW and channels_last inputs (and weights) are read through their strides; the output
 and dX use the input's memory format (channels_last if X or W is, as cuDNN does). dtypes: fp32 (IEEE, or
@@ -54,28 +51,25 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from fastticket.kernels._common import (device_guard, dot_input_precision, interpreter_active, live_bucket,
-                                        mask_gradient, next_power_of_2, sm_count)
-from fastticket.kernels.dispatch import use_tile_skipping
+                                        next_power_of_2, sm_count)
 from fastticket.kernels.tile_map import TileMap
 
 __all__ = [
     "ConvGeometry", "conv_geometry", "conv2d_tile_sizes", "conv2d_forward", "conv2d_grad_input",
-    "conv2d_grad_weight", "MaskedConv2dFunction", "masked_conv2d", "reference_masked_conv2d",
+    "conv2d_grad_weight", "reference_masked_conv2d",
     "reference_masked_conv2d_grads", "tile_map_expand",
 ]
 
 IntPair = Union[int, Sequence[int]]
 Padding = Union[int, Sequence[int], str]
-TileMapProvider = Callable[[int, int], TileMap]
 
 # Interpreter-only tiles: small enough that test layers (<= 16 channels) have several tiles per dimension,
 # so tile skipping and the transposed lists are exercised. tl.dot on a GPU needs every dim >= 16, which
@@ -735,97 +729,6 @@ def tile_map_expand(tile_map: TileMap, shape: Sequence[int], device: torch.devic
         c_out, c_in, kh, kw = (int(v) for v in shape)
         return live.reshape(c_out, kh, kw, c_in).permute(0, 3, 1, 2)
     return live.reshape(tuple(shape))
-
-
-# ------------------------------------------------------------------------------------------- autograd
-
-def _grad_bias(grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return grad_out.sum(dim=(0, 2, 3), dtype=torch.float32).to(dtype)
-
-
-class MaskedConv2dFunction(torch.autograd.Function):
-    """Y = conv2d(X, W) + b with the tile-skipping kernels in forward and backward (groups == 1).
-
-    The weight gradient is masked (pruned weights never receive gradient); X and W gradients are exact
-    under the zero invariant.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor,
-                tile_map: TileMap, stride: Tuple[int, int], padding: Padding, dilation: Tuple[int, int]):
-        y = conv2d_forward(x, weight, bias, tile_map, stride, padding, dilation)
-        ctx.save_for_backward(x, weight, mask)
-        ctx.tile_map = tile_map
-        ctx.conv = (stride, padding, dilation)
-        ctx.has_bias = bias is not None
-        ctx.channels_last = _wants_channels_last(x, weight)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight, mask = ctx.saved_tensors
-        stride, padding, dilation = ctx.conv
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = conv2d_grad_input(grad_out, weight, ctx.tile_map, x.shape, stride, padding, dilation,
-                                       channels_last=ctx.channels_last)
-        if ctx.needs_input_grad[1]:
-            grad_w = conv2d_grad_weight(x, grad_out, mask, ctx.tile_map, stride, padding, dilation)
-            if grad_w.dtype != weight.dtype:
-                grad_w = grad_w.to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = _grad_bias(grad_out, x.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
-
-
-def _dense_masked_conv2d(x, weight, bias, mask, stride, padding, dilation, groups) -> torch.Tensor:
-    return F.conv2d(x, mask_gradient(weight, mask), bias, stride, padding, dilation, groups)
-
-
-def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor,
-                  tile_maps: TileMapProvider, stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1,
-                  groups: int = 1) -> torch.Tensor:
-    """Masked conv2d on the triton backend (what `MaskedConv2d.forward` calls).
-
-    Picks per call between dense cuDNN (`F.conv2d` on the stored weight, exact because pruned weights are
-    zero, with the weight gradient masked) and the tile-skipping kernels, from the live-tile fraction of
-    `tile_maps(BN, BK)` and `kernels.dispatch`. `groups != 1` always takes the dense cuDNN path with the
-    masked weight gradient: the kernels implement groups == 1 only. So does a CUDA layer under
-    torch.use_deterministic_algorithms(True): the kernels' atomic adds (dX, split dW) are not deterministic.
-    Accepts [N, C, H, W] or unbatched [C, H, W] input, like nn.Conv2d.
-    """
-    if groups != 1:
-        return _dense_masked_conv2d(x, weight, bias, mask, stride, padding, dilation, groups)
-    if x.dim() == 3:
-        return masked_conv2d(x.unsqueeze(0), weight, bias, mask, tile_maps, stride, padding, dilation, groups)[0]
-    if x.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"masked_conv2d expects a 4-D input and filter, "
-                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(f"input has {x.shape[1]} channels, the filter expects {weight.shape[1]} (groups=1)")
-    stride_p, dil_p = _pair(stride, "stride"), _pair(dilation, "dilation")
-    if not isinstance(padding, str):
-        padding = _pair(padding, "padding")
-    c_out, c_in, kh, kw = weight.shape
-    bn, bk = conv2d_tile_sizes(c_out, c_in * kh * kw, weight.dtype, x.device)
-    tile_map = tile_maps(bn, bk, k_order="tap_major")
-    if not use_tile_skipping(tile_map.live_fraction, "conv2d", weight.dtype):
-        return _dense_masked_conv2d(x, weight, bias, mask, stride, padding, dilation, groups)
-    if x.device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
-        # dX and split dW accumulate with atomics in an order that varies run to run; cuDNN honours the flag.
-        return _dense_masked_conv2d(x, weight, bias, mask, stride, padding, dilation, groups)
-    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        # Autocast does not see inside a custom Function: cast as F.conv2d would, then run without autocast.
-        dtype = torch.get_autocast_dtype("cuda")
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast("cuda", enabled=False):
-            return MaskedConv2dFunction.apply(x, weight, bias, mask, tile_map, stride_p, padding, dil_p)
-    if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise TypeError(f"masked_conv2d needs matching dtypes, got input {x.dtype}, weight {weight.dtype}"
-                        + (f", bias {bias.dtype}" if bias is not None else ""))
-    return MaskedConv2dFunction.apply(x, weight, bias, mask, tile_map, stride_p, padding, dil_p)
 
 
 # ------------------------------------------------------------------------------------------- reference

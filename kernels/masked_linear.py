@@ -1,4 +1,4 @@
-"""Masked linear layer that skips pruned tiles: Triton kernels, launchers, float64 reference, autograd.
+"""Masked linear layer that skips pruned tiles: Triton kernels, launchers, float64 reference.
 
 Math (docs/architecture.md, "The invariant" and "Kernels"), with W the stored weight [N, K] whose pruned
 entries are exactly zero and M its bool mask:
@@ -36,37 +36,24 @@ dW: one program per (live tile, token split); _dw_split picks enough splits to g
 when few tiles are live (the splits add into an fp32 buffer with atomics), 1 off CUDA or under
 torch.use_deterministic_algorithms(True).
 
-Dispatch per layer (kernels/dispatch.py): when the live-tile fraction is at or above the measured
-threshold, dense cuBLAS runs instead (`F.linear` forward and dX are exact under the zero invariant; dW is
-masked after the matmul). The threshold values there are placeholders until `fastticket bench --suite linear`
-is run on a GPU: it reports the measured crossover (`crossover_live_fraction` and `suggested_threshold` in
-the results' `crossover` row).
-
-torch.compile: `masked_linear` is wrapped in `torch.compiler.disable` (the tile-map cache is Python-side and
-the launch grids data-dependent); while compiling, fastticket/sparse/functional.py calls the custom op of
-fastticket/sparse/ops.py instead, which wraps these launchers, so a compiled model has no graph break here.
+Autograd, and the per-layer choice between these kernels and dense cuBLAS (kernels/dispatch.py's
+thresholds), live in fastticket/sparse/linear.py; the threshold values are placeholders until
+`fastticket bench --suite linear` is run on a GPU (its `crossover` row suggests one).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from fastticket.kernels._common import autocast_inputs, device_guard, dot_input_precision, live_bucket, sm_count
-from fastticket.kernels.dispatch import use_tile_skipping
+from fastticket.kernels._common import device_guard, dot_input_precision, live_bucket, sm_count
 from fastticket.kernels.tile_map import TileMap
 
-TileMapProvider = Callable[[int, int], TileMap]
-FusedUpdate = Callable[[torch.Tensor, torch.Tensor], None]
-
 __all__ = [
-    "masked_linear", "MaskedLinearFunction", "linear_tile_sizes", "linear_forward", "linear_grad_input",
+    "linear_tile_sizes", "linear_forward", "linear_grad_input",
     "linear_grad_weight", "reference_masked_linear", "reference_masked_linear_grads",
 ]
 
@@ -560,97 +547,3 @@ def reference_masked_linear_grads(x: torch.Tensor, weight: torch.Tensor, bias: O
     dw = (g2.t() @ x2) * m
     db = g2.sum(0) if bias is not None else None
     return dx, dw, db
-
-
-# ------------------------------------------------------------------------------------------------ autograd
-
-class MaskedLinearFunction(torch.autograd.Function):
-    """Y = X @ W^T + b with tile skipping or dense cuBLAS (chosen per layer), masked dW.
-
-    apply(x, weight, bias, mask, tile_map, fused_update): x has any leading dims; tile_map is the layer's
-    TileMap for `linear_tile_sizes(x.device, x.dtype)`; fused_update, when given, is called in the backward as
-    fused_update(grad_out_2d, x_2d) after dX is computed, updates the weight in place, and the weight gets no
-    .grad (None is returned for it).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor,
-                tile_map: TileMap, fused_update: Optional[FusedUpdate]) -> torch.Tensor:
-        k = x.shape[-1]
-        n = weight.shape[0]
-        x2 = x.reshape(-1, k)
-        skipping = use_tile_skipping(tile_map.live_fraction, "linear", x.dtype)
-        if skipping:
-            y2 = linear_forward(x2, weight, bias, tile_map)
-        else:
-            # Dense cuBLAS is exact here: pruned weights are zero in storage.
-            y2 = F.linear(x2, weight, bias)
-        ctx.save_for_backward(x2, weight, mask)
-        ctx.tile_map = tile_map
-        ctx.skipping = skipping
-        ctx.has_bias = bias is not None
-        ctx.fused_update = fused_update
-        ctx.x_shape = x.shape
-        return y2.reshape(*x.shape[:-1], n)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        x2, weight, mask = ctx.saved_tensors
-        tile_map: TileMap = ctx.tile_map
-        n = weight.shape[0]
-        g2 = grad_out.reshape(-1, n)
-        if g2.dtype != x2.dtype:
-            g2 = g2.to(x2.dtype)
-        if ctx.skipping and g2.stride(-1) != 1 and g2.stride(0) != 1:
-            g2 = g2.contiguous()  # e.g. an expanded (stride-0) gradient: keep the kernels' loads coalesced
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-
-        grad_x = grad_w = grad_b = None
-        # dX first: a fused optimizer update below rewrites the weight in place.
-        if need_x:
-            grad_x = linear_grad_input(g2, weight, tile_map) if ctx.skipping else g2 @ weight
-            grad_x = grad_x.reshape(ctx.x_shape)
-        if need_b and ctx.has_bias:
-            # 16-bit gradients summed in fp32 over possibly thousands of rows, then rounded once.
-            acc_dtype = torch.float32 if g2.dtype in (torch.float16, torch.bfloat16) else g2.dtype
-            grad_b = g2.sum(0, dtype=acc_dtype).to(g2.dtype)
-        if need_w:
-            if ctx.fused_update is not None and ctx.skipping:
-                # Fused only where tiles are skipped: a dense-dispatched layer keeps cuBLAS's dW below.
-                ctx.fused_update(g2, x2)
-                grad_w = None
-            elif ctx.skipping:
-                grad_w = linear_grad_weight(g2, x2, mask, tile_map)
-            else:
-                grad_w = (g2.t() @ x2).masked_fill_(~mask.bool(), 0.0)
-        return grad_x, grad_w, grad_b, None, None, None
-
-
-# ------------------------------------------------------------------------------------------------ entry point
-
-@torch.compiler.disable
-def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor,
-                  tile_maps: TileMapProvider, fused_update: Optional[FusedUpdate] = None) -> torch.Tensor:
-    """Masked linear layer on the triton backend: tile skipping or dense cuBLAS, chosen per layer.
-
-    x: [..., K]; weight: [N, K] with pruned entries exactly zero; mask: bool [N, K]; tile_maps: callable
-    (BN, BK) -> TileMap, cached by the layer per mask version; fused_update: see MaskedLinearFunction.
-    Runs under torch.no_grad() (no autograd graph is recorded) and inside a torch.compile'd model (graph break
-    here: this function is excluded from tracing and runs eagerly).
-    """
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"input has {x.shape[-1]} features, weight expects {weight.shape[1]} "
-                         f"(weight shape {tuple(weight.shape)})")
-    x, weight, bias = autocast_inputs(x, weight, bias)
-    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"masked_linear: input dtype {x.dtype}, weight {weight.dtype}"
-                        + (f", bias {bias.dtype}" if bias is not None else "") + " must match")
-    bn, bk = linear_tile_sizes(x.device, x.dtype)
-    tile_map = tile_maps(bn, bk)
-    # Inputs are already in the compute dtype; autocast must not re-cast inside the dense path.
-    no_autocast = (torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu")
-                   else contextlib.nullcontext())
-    with no_autocast:
-        return MaskedLinearFunction.apply(x, weight, bias, mask, tile_map, fused_update)
-
