@@ -42,9 +42,9 @@ import triton
 import triton.language as tl
 
 from fastticket.kernels._common import device_guard, dot_input_precision, live_bucket
+from fastticket.kernels._masked_linear_jit import _grouped_tile, _live_tiles_dot
 from fastticket.kernels.masked_linear import (_GROUP_M, _INTERPRETER_BLOCK_M, _LIST_CHUNK, _cuda_configs,
-                                              _dw_cuda_configs, _dw_prune_configs, _grouped_tile,
-                                              _live_tiles_dot, _prune_configs, linear_tile_sizes,
+                                              _dw_cuda_configs, _dw_prune_configs, _prune_configs, linear_tile_sizes,
                                               reference_masked_linear, reference_masked_linear_grads)
 from fastticket.kernels.tile_map import StackedTileMap
 
