@@ -11,7 +11,7 @@ LR schedulers work as with torch.optim, and state dicts are interchangeable with
 Backend (fastticket.sparse.backend.resolve_backend of the parameter's device): "triton" runs the fused multi-tensor
 kernels of fastticket.kernels.masked_optim, "torch" runs the formulas of
 kernels/masked_optim_reference.py (torch._foreach_* passes, one per formula over a group's tensors), or for
-Adam/AdamW on CPU tensors torch's fused CPU Adam (one pass per tensor; fastticket/sparse/optim_torch.py)
+Adam/AdamW on CPU tensors torch's fused CPU Adam (one pass per tensor; fastticket/sparse/_optim_torch.py)
 (the tests check both against the reference in float64).
 Rewinding and optimizer-state resets live in fastticket.sparse.rewind.
 """
@@ -28,7 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fastticket.sparse import _mask_registry, fused_update
 from fastticket.sparse.backend import indices_by_backend
-from fastticket.sparse.optim_torch import ADAM_STATE, adam_step_torch
+from fastticket.sparse._optim_torch import ADAM_STATE, adam_step_torch
 from fastticket.kernels import masked_optim
 from fastticket.kernels.masked_optim_reference import sgd_foreach_
 
@@ -86,7 +86,7 @@ class _MaskedOptimizer(Optimizer):
         # param -> the versions of its mask, weight and state as the last torch-backend step left them (exactly
         # zero on pruned entries); see _still_zero.
         self._zero_after_step: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        # Set by fastticket.lottery.batched: every parameter is K arms stacked along dim 0 (see fastticket/sparse/optim_torch.py).
+        # Set by fastticket.lottery.batched: every parameter is K arms stacked along dim 0 (see _optim_torch.py).
         self.stacked_arms = False
         super().__init__(params, defaults)
         if masks is not None:
