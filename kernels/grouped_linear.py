@@ -1,4 +1,4 @@
-"""K arms' masked linear layers as one grouped launch: Triton kernels, launchers, float64 reference, autograd.
+"""K arms' masked linear layers as one grouped launch: Triton kernels, launchers, float64 reference.
 
 A group of arms trained as one stacked model (fastticket.lottery.batched) holds each masked linear layer as stacked
 tensors: X [A, M, K] (arm a's tokens), W [A, N, K] (arm a's weight, pruned entries exactly zero), M [A, N, K]
@@ -35,24 +35,21 @@ Autotuning (CUDA): the one-arm kernels' forward / dX / dW configs and pruning, k
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from fastticket.kernels._common import autocast_inputs, device_guard, dot_input_precision, live_bucket
-from fastticket.kernels.dispatch import use_tile_skipping
+from fastticket.kernels._common import device_guard, dot_input_precision, live_bucket
+from fastticket.kernels._masked_linear_jit import _grouped_tile, _live_tiles_dot
 from fastticket.kernels.masked_linear import (_GROUP_M, _INTERPRETER_BLOCK_M, _LIST_CHUNK, _cuda_configs,
-                                              _dw_cuda_configs, _dw_prune_configs, _grouped_tile,
-                                              _live_tiles_dot, _prune_configs, linear_tile_sizes,
+                                              _dw_cuda_configs, _dw_prune_configs, _prune_configs, linear_tile_sizes,
                                               reference_masked_linear, reference_masked_linear_grads)
 from fastticket.kernels.tile_map import StackedTileMap
 
 __all__ = ["grouped_linear_forward", "grouped_linear_grad_input", "grouped_linear_grad_weight",
-           "GroupedMaskedLinearFunction", "grouped_masked_linear", "reference_grouped_linear",
+           "reference_grouped_linear",
            "reference_grouped_linear_grads"]
 
 
@@ -295,70 +292,3 @@ def reference_grouped_linear_grads(x, weight, bias, mask, grad_out, dtype: torch
                                              grad_out[a], dtype) for a in range(x.shape[0])]
     dx, dw, db = zip(*per_arm)
     return torch.stack(dx), torch.stack(dw), (None if bias is None else torch.stack(db))
-
-
-# ------------------------------------------------------------------------------------------------ autograd
-
-class GroupedMaskedLinearFunction(torch.autograd.Function):
-    """Y[a] = X[a] @ W[a]^T + b[a] for stacked arms: the grouped tile-skipping launch or one batched dense
-    GEMM, chosen by the one-arm dispatch rule on the stacked map's live fraction; masked dW.
-
-    apply(x [A, M, K], weight [A, N, K], bias [A, N] or None, mask bool [A, N, K], tile_map StackedTileMap).
-    Written in the setup_context form, so functorch transforms around the caller (the vmap rule of
-    fastticket/sparse/ops.py calls it on the physical stacked tensors) can see through it."""
-
-    @staticmethod
-    def forward(x, weight, bias, mask, tile_map):
-        if use_tile_skipping(tile_map.live_fraction, "linear"):
-            return grouped_linear_forward(x, weight, bias, tile_map)
-        # Dense is exact: pruned weights are zero in storage.
-        if bias is None:
-            return torch.bmm(x, weight.transpose(1, 2))
-        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, mask, tile_map = inputs
-        ctx.save_for_backward(x, weight, mask)
-        ctx.tile_map = tile_map
-        ctx.skipping = use_tile_skipping(tile_map.live_fraction, "linear")
-        ctx.has_bias = bias is not None
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, weight, mask = ctx.saved_tensors
-        g = grad_out.to(x.dtype)
-        if ctx.skipping and g.stride(-1) != 1 and g.stride(-2) != 1:
-            g = g.contiguous()  # e.g. an expanded gradient: keep the kernels' loads coalesced
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            grad_x = grouped_linear_grad_input(g, weight, ctx.tile_map) if ctx.skipping else torch.bmm(g, weight)
-        if need_w:
-            if ctx.skipping:
-                grad_w = grouped_linear_grad_weight(g, x, mask, ctx.tile_map)
-            else:
-                grad_w = torch.bmm(g.transpose(1, 2), x).masked_fill_(~mask.bool(), 0.0)
-        if need_b and ctx.has_bias:
-            # 16-bit gradients summed in fp32 over the tokens, then rounded once (as the one-arm layer).
-            acc = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
-            grad_b = g.sum(1, dtype=acc).to(g.dtype)
-        return grad_x, grad_w, grad_b, None, None
-
-
-def grouped_masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          mask: torch.Tensor, tile_map: StackedTileMap) -> torch.Tensor:
-    """Stacked arms' masked linear layer on the triton backend (see GroupedMaskedLinearFunction): x [A, M, K],
-    weight [A, N, K], bias [A, N] or None, mask [A, N, K], tile_map for linear_tile_sizes(x.device, x.dtype)."""
-    if x.dim() != 3 or weight.dim() != 3 or x.shape[0] != weight.shape[0] or x.shape[2] != weight.shape[2]:
-        raise ValueError(f"grouped masked linear needs x [A, M, K] and weight [A, N, K], got "
-                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
-    x, weight, bias = autocast_inputs(x, weight, bias)
-    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"grouped masked linear: input dtype {x.dtype}, weight {weight.dtype}"
-                        + (f", bias {bias.dtype}" if bias is not None else "") + " must match")
-    no_autocast = (torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu")
-                   else contextlib.nullcontext())
-    with no_autocast:
-        return GroupedMaskedLinearFunction.apply(x, weight, bias, mask, tile_map)

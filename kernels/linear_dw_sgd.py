@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from fastticket.kernels._common import device_guard, dot_input_precision
-from fastticket.kernels.masked_linear import dw_tile
+from fastticket.kernels._masked_linear_jit import dw_tile
 from fastticket.kernels.masked_optim import sgd_reference_, sgd_update
 from fastticket.kernels.tile_map import TileMap
 

@@ -4,9 +4,8 @@ The math is torch.optim's, with a mask: the gradient (after weight decay) is zer
 the new weight and state are written as zero there, so no step can revive a pruned weight and state on
 pruned entries stays exactly zero (docs/architecture.md, "The invariant").
 
-This file holds the per-tensor PyTorch reference (in place, float64-capable: the tests check the kernels
-against it, the launchers fall back to it, and fastticket.sparse.optim's torch backend steps with it) and the
-Triton kernels + launchers. Triton launches are multi-tensor: one launch per group of same-dtype tensors
+This file holds the Triton kernels + launchers; the formulas as multi-tensor PyTorch (the tests' float64
+reference, the launchers' fallback, the torch backend and the compiled step) are kernels/masked_optim_reference.py. Triton launches are multi-tensor: one launch per group of same-dtype tensors
 covers all of them through device tables of addresses (kernels/_multi_tensor.py); masks with dead
 (BN x BK) tiles are stepped over live tiles only. Tensors the kernel cannot take (non-contiguous, mixed
 dtypes) go through the reference, per tensor.
@@ -22,6 +21,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from fastticket.kernels._common import device_guard
 from fastticket.kernels._multi_tensor import (DEFAULT_TILE, FLAG_MASK, FLAG_TILE, HAS_TRITON, TensorTable,
                                               kernel_supported, pointer_type, tl_dtype)
+from fastticket.kernels.masked_optim_reference import adam_reference_, sgd_reference_
 from fastticket.kernels.tile_map import TileMapCache
 
 if HAS_TRITON:
@@ -33,73 +33,6 @@ if HAS_TRITON:
 __all__ = ["DEFAULT_TILE", "sgd_reference_", "adam_reference_", "sgd_step_", "adam_step_", "tile_map_for"]
 
 FLAG_FIRST = 4  # SGD: the first step, whose momentum buffer is the gradient itself
-
-
-# ----------------------------------------------------------------------------------------------------------
-# PyTorch reference, per tensor (the torch backend of fastticket.sparse.optim steps with it)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _masked(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    # torch.where rather than a multiply: a NaN/inf gradient on a pruned entry must not leak into the step.
-    return t if mask is None else torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-
-@torch.no_grad()
-def sgd_reference_(param: torch.Tensor, grad: torch.Tensor, mask: Optional[torch.Tensor],
-                   momentum_buffer: Optional[torch.Tensor], *, lr: float, momentum: float, dampening: float,
-                   nesterov: bool, weight_decay: float, maximize: bool) -> Optional[torch.Tensor]:
-    """One masked SGD step on `param` in place; returns the momentum buffer (new on the first step).
-
-    torch.optim.SGD semantics: the first step's buffer is the (masked, decayed) gradient itself, later steps
-    `buf = momentum * buf + (1 - dampening) * d`.
-    """
-    d = -grad if maximize else grad
-    if weight_decay != 0:
-        d = d + weight_decay * param
-    d = _masked(d, mask)
-    if momentum != 0:
-        if momentum_buffer is None:
-            momentum_buffer = d.clone(memory_format=torch.preserve_format)
-        else:
-            momentum_buffer.mul_(momentum).add_(d, alpha=1 - dampening)
-            if mask is not None:
-                momentum_buffer.masked_fill_(~mask, 0.0)
-        d = d + momentum * momentum_buffer if nesterov else momentum_buffer
-    param.add_(d, alpha=-lr)
-    if mask is not None:
-        param.masked_fill_(~mask, 0.0)
-    return momentum_buffer
-
-
-@torch.no_grad()
-def adam_reference_(param: torch.Tensor, grad: torch.Tensor, mask: Optional[torch.Tensor], exp_avg: torch.Tensor,
-                    exp_avg_sq: torch.Tensor, max_exp_avg_sq: Optional[torch.Tensor], *, step: int, lr: float,
-                    beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
-                    decoupled: bool) -> None:
-    """One masked Adam (decoupled=False) / AdamW (decoupled=True) step in place; `step` already incremented."""
-    d = -grad if maximize else grad
-    if weight_decay != 0:
-        if decoupled:
-            param.mul_(1 - lr * weight_decay)
-        else:
-            d = d + weight_decay * param
-    d = _masked(d, mask)
-    exp_avg.lerp_(d, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(d, d, value=1 - beta2)
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
-    if amsgrad:
-        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-        denom = (max_exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    else:
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
-    if mask is not None:
-        pruned = ~mask
-        for t in (param, exp_avg, exp_avg_sq) + ((max_exp_avg_sq,) if amsgrad else ()):
-            t.masked_fill_(pruned, 0.0)  # in place, and exact zeros even where t held NaN/inf
-
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from fastticket.sparse.backend import use_backend
 from fastticket.kernels import grouped_linear, masked_linear, masked_optim
+from fastticket.sparse import linear as linear_op
 from fastticket.kernels.tile_map import build_stacked_tile_map
 from fastticket.sparse.nn import MaskedLinear
 from fastticket.lottery.presets import get_preset
@@ -162,7 +163,7 @@ class Calls:
 
 
 def spy(monkeypatch) -> Calls:
-    return Calls(monkeypatch, grouped_call=(grouped_linear, "grouped_masked_linear"),
+    return Calls(monkeypatch, grouped_call=(linear_op, "grouped_masked_linear"),
                  grouped_fwd=(grouped_linear, "grouped_linear_forward"),
                  grouped_dx=(grouped_linear, "grouped_linear_grad_input"),
                  grouped_dw=(grouped_linear, "grouped_linear_grad_weight"),

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from fastticket.kernels.masked_conv2d import (
-    conv2d_forward, conv2d_grad_input, conv2d_grad_weight, conv2d_tile_sizes, conv_geometry, masked_conv2d,
+    conv2d_forward, conv2d_grad_input, conv2d_grad_weight, conv2d_tile_sizes, conv_geometry,
     reference_masked_conv2d_grads, tile_map_expand,
 )
+from fastticket.sparse.conv import masked_conv2d
 import fastticket.kernels.masked_conv2d as masked_conv2d_module
 from fastticket.kernels.tile_map import TileMapCache, build_tile_map
 from fastticket.sparse.testing import rel_error

@@ -14,7 +14,7 @@ from torch import nn
 
 from fastticket import MaskedConv2d, MaskedLinear
 from fastticket.sparse.backend import use_backend
-import fastticket.kernels.masked_conv2d as masked_conv2d_module
+import fastticket.sparse.conv as masked_conv2d_module
 from fastticket.kernels.masked_conv2d import conv2d_tile_sizes
 
 pytestmark = pytest.mark.launches_triton  # the tests here run the triton backend

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastticket.kernels import masked_linear
+from fastticket.sparse import linear as linear_op
 from fastticket.kernels.tile_map import TileMap, TileMapCache, build_tile_map
 from fastticket.sparse.testing import rel_error
 from sm90 import Expect, assert_properties, problems
@@ -273,7 +274,7 @@ def run_autograd(x, w, b, mask, g, fused_update=None):
     w = w.detach().clone().requires_grad_(True)
     b = b.detach().clone().requires_grad_(True) if b is not None else None
     cache = TileMapCache()
-    y = masked_linear.masked_linear(x, w, b, mask, lambda bn, bk: cache.get(mask, bn, bk), fused_update)
+    y = linear_op.masked_linear(x, w, b, mask, lambda bn, bk: cache.get(mask, bn, bk), fused_update)
     y.backward(g)
     return y, x.grad, w.grad, (b.grad if b is not None else None)
 
@@ -370,7 +371,7 @@ def test_no_grad_inference(device, path):
     cache = TileMapCache()
     w.requires_grad_(True)
     with torch.no_grad():
-        y = masked_linear.masked_linear(x, w, b, mask, lambda bn, bk: cache.get(mask, bn, bk))
+        y = linear_op.masked_linear(x, w, b, mask, lambda bn, bk: cache.get(mask, bn, bk))
     assert not y.requires_grad
     assert_parity(y, masked_linear.reference_masked_linear(x, w, b, mask), 1e-5, "forward")
 

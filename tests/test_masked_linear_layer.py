@@ -127,13 +127,11 @@ def test_mask_change_is_seen_by_the_next_forward(device, path):
 def test_torch_compile_runs(device, backend, monkeypatch):
     # aot_eager exercises dynamo + autograd tracing without a C++ compile (slow on CI's 2 cores); fullgraph:
     # the triton path traces through the custom ops of fastticket/sparse/ops.py, no graph break.
-    from fastticket.sparse import ops
-    from fastticket.kernels import masked_linear as ml
+    from fastticket.sparse import linear
 
     dispatched = []
-    real = ml.use_tile_skipping
-    for module in (ml, ops):
-        monkeypatch.setattr(module, "use_tile_skipping", lambda *a: dispatched.append(a) or real(*a))
+    real = linear.use_tile_skipping
+    monkeypatch.setattr(linear, "use_tile_skipping", lambda *a: dispatched.append(a) or real(*a))
     model = make_mlp(device)
     x = torch.randn(8, 20, generator=torch.Generator().manual_seed(7)).to(device)
     with use_backend("torch"):

@@ -363,7 +363,7 @@ def test_search_on_the_triton_backend_matches_the_torch_backend(tmp_path, monkey
     from fastticket.sparse.backend import use_backend
     from fastticket.kernels import masked_optim
 
-    from fastticket.kernels import grouped_linear
+    from fastticket.sparse import linear as grouped_linear
 
     launches, grouped = [], []
     real_sgd_step = masked_optim.sgd_step_

@@ -7,9 +7,9 @@ step. fastticket.lottery.train's SingleEngine drives it (one arm at a time: `--c
 Compiled (`CompiledTrainStep`, `fastticket search --compile`):
 - the forward + loss is compiled with `fullgraph=True`: masked layers trace through the custom ops of
   fastticket/sparse/ops.py (no graph break), and AOTAutograd compiles the backward graph with it;
-- the optimizer step is a second `fullgraph=True` function: the masked SGD / Adam / AdamW update of
-  kernels/masked_optim.py's per-tensor reference, written over device tensors (torch.compile fuses it into
-  a few kernels, as it does for torch.optim). The learning rate and the step count live on the device, so
+- the optimizer step is a second `fullgraph=True` function: the masked SGD / Adam / AdamW formulas of
+  kernels/masked_optim_reference.py (the torch backend's own), traced over device tensors (torch.compile
+  fuses it into a few kernels, as it does for torch.optim). The learning rate and the step count live on the device, so
   no value changes the graph and nothing syncs with the host;
 - on CUDA the mode is "reduce-overhead" (CUDA graphs). Masks and tile maps are static while an arm trains,
   so each step replays one captured graph; a step object is built per arm, and building one resets
@@ -23,11 +23,13 @@ on the CPU as well), so checkpoints, resume and `optimizer.state_dict()` work as
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastticket.kernels.masked_optim_reference import adam_foreach_, sgd_foreach_
 
 __all__ = ["TrainStep", "CompiledTrainStep", "make_train_step", "compile_backend"]
 
@@ -164,55 +166,28 @@ class _StaticGroup:
         self.max_exp_avg_sqs = [state[p].get("max_exp_avg_sq") for p in self.params]
 
 
-def _masked(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    return t if mask is None else torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-
 def _sgd(group: _StaticGroup, live: List[int], lr: torch.Tensor, first: torch.Tensor) -> None:
-    """kernels/masked_optim.py's sgd_reference_ over device scalars: the first step's buffer is d itself."""
+    """The masked SGD formulas (kernels/masked_optim_reference.py) over device scalars: lr, and `first`, which
+    makes this step's momentum buffers the direction itself."""
     hp = group.hp
-    momentum, dampening = hp["momentum"], hp["dampening"]
-    for i in live:
-        p, m = group.params[i], group.masks[i]
-        d = -p.grad if hp["maximize"] else p.grad
-        if hp["weight_decay"] != 0:
-            d = d + hp["weight_decay"] * p
-        d = _masked(d, m)
-        if momentum != 0:
-            buf = group.bufs[i]
-            buf.copy_(_masked(torch.where(first, d, buf * momentum + (1 - dampening) * d), m))
-            d = d + momentum * buf if hp["nesterov"] else buf
-        p.copy_(_masked(p - lr * d, m))
+    bufs = [group.bufs[i] for i in live]
+    sgd_foreach_([group.params[i] for i in live], [group.params[i].grad for i in live],
+                 [group.masks[i] for i in live], bufs, lr=lr, momentum=hp["momentum"], dampening=hp["dampening"],
+                 nesterov=hp["nesterov"], weight_decay=hp["weight_decay"], maximize=hp["maximize"],
+                 first=first if hp["momentum"] != 0 else None)
 
 
 def _adam(group: _StaticGroup, live: List[int], lr: torch.Tensor, step: torch.Tensor) -> None:
-    """kernels/masked_optim.py's adam_reference_ over device scalars (lr and the step count)."""
+    """The masked Adam / AdamW formulas (kernels/masked_optim_reference.py) over device scalars (lr and the
+    step count)."""
     hp = group.hp
     beta1, beta2 = hp["betas"]
-    eps, wd = hp["eps"], hp["weight_decay"]
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
-    for i in live:
-        p, m = group.params[i], group.masks[i]
-        exp_avg, exp_avg_sq, max_sq = group.exp_avgs[i], group.exp_avg_sqs[i], group.max_exp_avg_sqs[i]
-        d = -p.grad if hp["maximize"] else p.grad
-        if wd != 0:
-            if hp.get("decoupled_weight_decay", False):
-                p.mul_(1 - lr * wd)
-            else:
-                d = d + wd * p
-        d = _masked(d, m)
-        exp_avg.lerp_(d, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(d, d, value=1 - beta2)
-        v = exp_avg_sq
-        if hp["amsgrad"]:
-            torch.maximum(max_sq, v, out=max_sq)
-            v = max_sq
-        denom = v.sqrt() / bias_correction2_sqrt + eps
-        p.sub_(lr / bias_correction1 * (exp_avg / denom))
-        if m is not None:
-            for t in [p, exp_avg, exp_avg_sq] + ([max_sq] if hp["amsgrad"] else []):
-                t.copy_(_masked(t, m))
+    adam_foreach_([group.params[i] for i in live], [group.params[i].grad for i in live],
+                  [group.masks[i] for i in live], [group.exp_avgs[i] for i in live],
+                  [group.exp_avg_sqs[i] for i in live], [group.max_exp_avg_sqs[i] for i in live], step=step,
+                  lr=lr, beta1=beta1, beta2=beta2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+                  amsgrad=hp["amsgrad"], maximize=hp["maximize"],
+                  decoupled=hp.get("decoupled_weight_decay", False))
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, compiled: bool = False,

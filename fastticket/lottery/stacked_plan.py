@@ -4,10 +4,10 @@ fastticket.lottery.batched runs a group of arms as one `vmap(functional_call(mod
 For models built of Linear layers, elementwise activations, Flatten, and plain convolutions with pooling
 (LeNet-300-100, Conv-2/4/6, an nn.Sequential of those) this module runs the same forward as a plan read
 off the model, which is faster on CPU (measured: README, Results):
-- Linear layers of the K arms are one `torch.baddbmm` over the stacked [K, out, in] weights, and the
-  backward (`_StackedLinear`) computes dW = g^T x as one bmm straight into [K, out, in]: vmap's linear rule
-  yields a transposed view that autograd's AccumulateGrad then copies into a contiguous gradient, a pass
-  over every weight each step;
+- Linear layers of the K arms are the engine's stacked linear op (fastticket.sparse.linear.stacked_linear:
+  one `torch.baddbmm` over the stacked [K, out, in] weights, dW = g^T x as one bmm straight into
+  [K, out, in]; vmap's linear rule yields a transposed view that autograd's AccumulateGrad then copies into
+  a contiguous gradient, a pass over every weight each step);
 - convolutions run arm by arm (K plain convolutions on the arms' slices of the stacked weights): vmap turns
   them into one grouped convolution, which is ~2x slower on CPU than K plain ones;
 - no per-step functional_call (swapping the stacked tensors into the module and back) and no vmap dispatch.
@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastticket.sparse.linear import stacked_linear
+
 __all__ = ["forward_plan", "stacked_forward"]
 
 # A plan step: "flatten"; ("linear", NAME) or ("conv", NAME, the Conv2d) for the layer whose stacked params are
@@ -30,25 +32,6 @@ __all__ = ["forward_plan", "stacked_forward"]
 Step = Union[str, Tuple[str, str], Callable[[torch.Tensor], torch.Tensor]]
 
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Identity)
-
-
-class _StackedLinear(torch.autograd.Function):
-    """y[k] = x[k] @ w[k]^T + b[k] for x [K, B, in], w [K, out, in], b [K, out] (or None)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-        wt = w.transpose(1, 2)
-        return torch.baddbmm(b.unsqueeze(1), x, wt) if b is not None else torch.bmm(x, wt)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        x, w = ctx.saved_tensors
-        gx = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
-        gw = torch.bmm(g.transpose(1, 2), x) if ctx.needs_input_grad[1] else None  # [K, out, in], contiguous
-        gb = g.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
 
 
 def _lenet_plan(model: nn.Module) -> List[Step]:
@@ -124,7 +107,7 @@ def stacked_forward(plan: List[Step], params: Dict[str, torch.Tensor], x: torch.
             x = torch.stack([a.flatten(1) for a in arms]) if arms is not None else x.flatten(2)
             arms = None
         elif isinstance(step, tuple) and step[0] == "linear":
-            x = _StackedLinear.apply(x, params[step[1] + ".weight"], params.get(step[1] + ".bias"))
+            x = stacked_linear(x, params[step[1] + ".weight"], params.get(step[1] + ".bias"))
         elif isinstance(step, tuple):
             conv = step[2]
             ws = params[step[1] + ".weight"].unbind(0)

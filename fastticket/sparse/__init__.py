@@ -2,6 +2,6 @@
 fastticket.lottery or fastticket.app, so it serves any training loop on its own."""
 from fastticket._lazy import lazy_attributes
 
-SUBMODULES = ("nn", "masked_weight", "functional", "backend", "ops", "optim", "fused_update", "rewind", "testing")
+SUBMODULES = ("nn", "masked_weight", "functional", "backend", "linear", "conv", "ops", "optim", "fused_update", "rewind", "testing")
 
 __getattr__, __dir__ = lazy_attributes(__name__, {name: name for name in SUBMODULES})

@@ -7,7 +7,7 @@ cuDNN and tile skipping from the layer's live-tile fraction. While torch.compile
 goes through the custom ops of fastticket/sparse/ops.py (no graph break), or straight to the traceable dense op when
 the dispatch threshold sends every layer of that kind to the vendor library. Inside a functorch transform
 (the stacked arms of fastticket.lottery.batched: `vmap(functional_call(model))`) a Triton launch cannot take the
-batched tensors: a masked linear layer goes through `fastticket.sparse.ops.vmapped_masked_linear`, whose vmap rule
+batched tensors: a masked linear layer goes through `fastticket.sparse.linear.vmapped_masked_linear`, whose vmap rule
 runs the arms as one grouped launch (or one batched GEMM, by the same dispatch rule); a masked conv layer
 takes the dense op (vmap makes it one grouped convolution), which is what the conv dispatch threshold
 (0: every conv layer to cuDNN) picks for one arm too. A grouped conv launch is not built.
@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from fastticket.sparse import conv, linear
 from fastticket.sparse.backend import resolve_backend
 from fastticket.kernels._common import autocast_inputs, mask_gradient
 from fastticket.kernels.dispatch import dense_threshold
@@ -74,14 +75,9 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tenso
             if fused_update is not None:
                 raise RuntimeError("masked_linear: the dW+update fusion (fused_update) cannot run inside vmap / "
                                    "torch.func transforms; disable it (fastticket.sparse.optim.disable_fused_dw_update)")
-            from fastticket.sparse import ops
-
             x, weight, bias = autocast_inputs(x, weight, bias)
-            return ops.vmapped_masked_linear(x, weight, bias, mask)
-        # Imported on use: triton is optional (not installed off Linux) and the torch backend must not need it.
-        from fastticket.kernels.masked_linear import masked_linear as triton_masked_linear
-
-        return triton_masked_linear(x, weight, bias, mask, tile_maps, fused_update)
+            return linear.vmapped_masked_linear(x, weight, bias, mask)
+        return linear.masked_linear(x, weight, bias, mask, tile_maps, fused_update)
     return F.linear(x, _grad_masked(weight, mask), bias)
 
 
@@ -94,9 +90,7 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tenso
             return _compiled_conv2d(x, weight, bias, mask, stride, padding, dilation)
         if _in_functorch_transform():  # stacked arms: the dense op (see the module docstring)
             return F.conv2d(x, _grad_masked(weight, mask), bias, stride, padding, dilation, groups)
-        from fastticket.kernels.masked_conv2d import masked_conv2d as triton_masked_conv2d
-
-        return triton_masked_conv2d(x, weight, bias, mask, tile_maps, stride, padding, dilation, groups)
+        return conv.masked_conv2d(x, weight, bias, mask, tile_maps, stride, padding, dilation, groups)
     return F.conv2d(x, _grad_masked(weight, mask), bias, stride, padding, dilation, groups)
 
 

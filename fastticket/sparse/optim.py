@@ -9,15 +9,14 @@ torch.optim's keys ('step', 'momentum_buffer', 'exp_avg', 'exp_avg_sq', 'max_exp
 LR schedulers work as with torch.optim, and state dicts are interchangeable with torch.optim's.
 
 Backend (fastticket.sparse.backend.resolve_backend of the parameter's device): "triton" runs the fused multi-tensor
-kernels of fastticket.kernels.masked_optim, "torch" runs the formulas of the per-tensor PyTorch reference
-kept beside those kernels as multi-tensor torch._foreach_* passes, one per formula over a group's tensors,
-or for Adam/AdamW on CPU tensors as torch's fused CPU Adam (one pass per tensor; see _adam_step_torch)
+kernels of fastticket.kernels.masked_optim, "torch" runs the formulas of
+kernels/masked_optim_reference.py (torch._foreach_* passes, one per formula over a group's tensors), or for
+Adam/AdamW on CPU tensors torch's fused CPU Adam (one pass per tensor; fastticket/sparse/_optim_torch.py)
 (the tests check both against the reference in float64).
 Rewinding and optimizer-state resets live in fastticket.sparse.rewind.
 """
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -29,8 +28,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fastticket.sparse import _mask_registry, fused_update
 from fastticket.sparse.backend import indices_by_backend
+from fastticket.sparse._optim_torch import ADAM_STATE, adam_step_torch
 from fastticket.kernels import masked_optim
-from fastticket.kernels._common import zero_pruned_
+from fastticket.kernels.masked_optim_reference import sgd_foreach_
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]]]
 
@@ -91,7 +91,7 @@ class _MaskedOptimizer(Optimizer):
         # param -> the versions of its mask, weight and state as the last torch-backend step left them (exactly
         # zero on pruned entries); see _still_zero.
         self._zero_after_step: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        # Set by fastticket.lottery.batched: every parameter is K arms stacked along dim 0 (see _adam_step_torch).
+        # Set by fastticket.lottery.batched: every parameter is K arms stacked along dim 0 (see _optim_torch.py).
         self.stacked_arms = False
         super().__init__(params, defaults)
         if masks is not None:
@@ -224,143 +224,6 @@ class _MaskedOptimizer(Optimizer):
         self.__dict__.setdefault("stacked_arms", False)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Torch backend: the per-tensor reference of kernels/masked_optim.py over the lists the kernels take at once
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _fill_pruned_(tensors: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]) -> None:
-    """Exact zeros on every pruned entry (NaN/inf included): in place, per tensor (there is no foreach
-    masked_fill; zero_pruned_ is a bitwise AND, much cheaper than masked_fill_ on CPU)."""
-    for t, m in zip(tensors, masks):
-        if m is not None:
-            zero_pruned_(t, m)
-
-
-def _sgd_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                    masks: Sequence[Optional[torch.Tensor]], momentum_buffers: List[Optional[torch.Tensor]], *,
-                    lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float,
-                    maximize: bool) -> None:
-    """Masked SGD over a list of tensors (fills `momentum_buffers` in place on the first step).
-
-    Multi-tensor: each formula of masked_optim.sgd_reference_ runs once over all tensors (torch._foreach_*).
-    The direction is not masked before use: every entry is computed independently, so a live entry gets the
-    reference's value and the pruned entries of the buffer and the weight are then overwritten with exact
-    zeros, which is what the reference leaves there too."""
-    params, masks = list(params), list(masks)
-    d = torch._foreach_neg(list(grads)) if maximize else list(grads)
-    if weight_decay != 0:
-        d = torch._foreach_add(d, params, alpha=weight_decay)
-    if momentum != 0:
-        fresh = [i for i, b in enumerate(momentum_buffers) if b is None]
-        old = [i for i, b in enumerate(momentum_buffers) if b is not None]
-        for i in fresh:
-            momentum_buffers[i] = torch.clone(d[i]).detach()
-        if old:
-            bufs = [momentum_buffers[i] for i in old]
-            torch._foreach_mul_(bufs, momentum)
-            torch._foreach_add_(bufs, [d[i] for i in old], alpha=1 - dampening)
-        bufs = list(momentum_buffers)
-        _fill_pruned_(bufs, masks)
-        d = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
-    torch._foreach_add_(params, d, alpha=-lr)
-    _fill_pruned_(params, masks)
-
-
-_FUSED_ADAM = hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_adamw_")
-
-
-def _fusable(*lists: Sequence[torch.Tensor]) -> bool:
-    """Whether torch's fused Adam kernel takes these tensors: on the CPU (elsewhere its step counts would have
-    to live on the device; the foreach passes serve there), one floating dtype, dense and contiguous."""
-    if not _FUSED_ADAM or not lists[0]:
-        return False
-    first = lists[0][0]
-    if first.device.type != "cpu" or not first.is_floating_point():
-        return False
-    return all(t.device.type == "cpu" and t.dtype == first.dtype and not t.is_sparse and t.is_contiguous()
-               for ts in lists for t in ts)
-
-
-def _step_tensor(step: int) -> torch.Tensor:
-    # The fused kernel reads each tensor's step count from a tensor (it does not increment it).
-    return torch.tensor(float(step))
-
-
-_ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
-def _adam_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                     masks: Sequence[Optional[torch.Tensor]], exp_avgs: Sequence[torch.Tensor],
-                     exp_avg_sqs: Sequence[torch.Tensor], max_exp_avg_sqs: Sequence[Optional[torch.Tensor]],
-                     steps: Sequence[int], *, lr: float, beta1: float, beta2: float, eps: float,
-                     weight_decay: float, amsgrad: bool, maximize: bool, decoupled: bool,
-                     still_zero: Optional[Sequence[bool]] = None, arm_slices: bool = False) -> None:
-    """Masked Adam/AdamW over a list of tensors (`steps[i]`: tensor i's step count, already incremented).
-
-    Multi-tensor, one pass per formula of masked_optim.adam_reference_ over the tensors sharing a step count
-    (normally all of them); pruned entries of the weight and the moments end as exact zeros, as in the
-    reference (see _sgd_step_torch for why the direction need not be masked first).
-
-    On the CPU the formulas run as torch's fused Adam, one pass per tensor. There, a tensor whose weight and
-    moments are known to be zero on pruned entries (`still_zero[i]`, kept by the optimizer from tensor
-    versions) has its gradient masked before the step instead of three tensors zeroed after it: with a zero
-    gradient, each formula leaves a zero entry zero (the moments stay 0, the update is 0 / (0 + eps), weight
-    decay of 0 is 0), so the result is the same, for one pass instead of three (the gradient is masked in
-place: afterwards it is zero on pruned entries). (Not in the foreach passes:
-    torch.sqrt over a second moment with many exact zeros runs ~30x slower on CPU than over dense values;
-    the fused kernel's square root does not, measured.)"""
-    buckets: Dict[int, List[int]] = {}
-    for i, step in enumerate(steps):
-        buckets.setdefault(int(step), []).append(i)
-    for step, idx in buckets.items():
-        p = [params[i] for i in idx]
-        m = [masks[i] for i in idx]
-        ea, eas = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
-        d = [grads[i] for i in idx]
-        mx = [max_exp_avg_sqs[i] for i in idx] if amsgrad else []
-        if _fusable(p, d, ea, eas, mx):
-            # One pass per tensor (torch's fused CPU Adam: the reference's formulas, read and written once)
-            # instead of seven foreach passes.
-            zero = [bool(still_zero and still_zero[i]) for i in idx]
-            _fill_pruned_(d, [mask if z else None for mask, z in zip(m, zero)])
-            fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
-            # The kernel rounds the last few elements of a tensor (its scalar tail) differently from the
-            # vectorised rest, so an element's result depends on where the tensor ends: stacked tensors
-            # ([K, ...], fastticket.lottery.batched) are passed as their K arm slices, so each arm is stepped exactly
-            # as it would be alone, whatever the group size (bit-identical resume when a level regroups).
-            lists = [[v for t in ts for v in t.unbind(0)] for ts in (p, d, ea, eas, mx)] if arm_slices \
-                else [p, d, ea, eas, mx]
-            fused(*lists, [_step_tensor(step)] * len(lists[0]), lr=lr, beta1=beta1,
-                  beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize)
-            after = [None if z else mask for mask, z in zip(m, zero)]
-            for group in (p, ea, eas) + ((mx,) if amsgrad else ()):
-                _fill_pruned_(group, after)
-            continue
-        if maximize:
-            d = torch._foreach_neg(d)
-        if weight_decay != 0:
-            if decoupled:
-                torch._foreach_mul_(p, 1 - lr * weight_decay)
-            else:
-                d = torch._foreach_add(d, p, alpha=weight_decay)
-        torch._foreach_lerp_(ea, d, 1 - beta1)
-        torch._foreach_mul_(eas, beta2)
-        torch._foreach_addcmul_(eas, d, d, value=1 - beta2)
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
-        if amsgrad:
-            torch._foreach_maximum_(mx, eas)
-            denom = torch._foreach_sqrt(mx)
-        else:
-            denom = torch._foreach_sqrt(eas)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(p, ea, denom, value=-lr / bias_correction1)
-        for group in (p, ea, eas) + ((mx,) if amsgrad else ()):
-            _fill_pruned_(group, m)
-
-
 class MaskedSGD(_MaskedOptimizer):
     """torch.optim.SGD with masks; same constructor arguments (foreach / fused accepted and ignored: the step
     is always one fused pass per group on the triton backend; groups record fused=None so that
@@ -405,7 +268,7 @@ class MaskedSGD(_MaskedOptimizer):
                 if backend == "triton":
                     masked_optim.sgd_step_(*args, **self._tile_kwargs(params, masks, idx), **hp)
                 else:
-                    _sgd_step_torch(*args, **hp)
+                    sgd_foreach_(*args, **hp)
                 for i, b in zip(idx, sub_bufs):
                     bufs[i] = b
             if group["momentum"] != 0:
@@ -488,9 +351,9 @@ class MaskedAdam(_MaskedOptimizer):
                 if backend == "triton":
                     masked_optim.adam_step_(*args, **self._tile_kwargs(params, masks, idx), **hp)
                 else:
-                    _adam_step_torch(*args, **hp, still_zero=self._still_zero(args[0], args[2], _ADAM_STATE),
+                    adam_step_torch(*args, **hp, still_zero=self._still_zero(args[0], args[2], ADAM_STATE),
                                      arm_slices=self.stacked_arms)
-                    self._record_zero(args[0], args[2], _ADAM_STATE)
+                    self._record_zero(args[0], args[2], ADAM_STATE)
         return loss
 
 

@@ -156,7 +156,7 @@ class BenchLayer:
         return torch.autograd.grad(y, [x, self.weight, self.bias], g, retain_graph=retain)
 
     def fastticket(self, x: torch.Tensor) -> torch.Tensor:
-        from fastticket.kernels.masked_conv2d import masked_conv2d
+        from fastticket.sparse.conv import masked_conv2d
 
         return masked_conv2d(x, self.weight, self.bias, self.mask, self.tile_map, *self.conv)
 

@@ -126,7 +126,7 @@ class BenchLayer:
         return torch.autograd.grad(y, [x, self.weight, self.bias], g, retain_graph=retain, allow_unused=True)
 
     def fastticket(self, x: torch.Tensor) -> torch.Tensor:
-        from fastticket.kernels.masked_linear import masked_linear
+        from fastticket.sparse.linear import masked_linear
 
         return masked_linear(x, self.weight, self.bias, self.mask, self.tile_map)
 

@@ -123,6 +123,7 @@ def test_linear_dx_of_a_wide_head(forced_tile_skipping) -> None:
 @pytest.mark.parametrize("layer", CONV_LAYERS, ids=[c[0] for c in CONV_LAYERS])
 def test_conv_vgg19_and_resnet20_layers(layer, precision, forced_tile_skipping) -> None:
     from fastticket.kernels import masked_conv2d as mc
+    from fastticket.sparse.conv import masked_conv2d
     from fastticket.kernels.tile_map import TileMapCache
 
     _, batch, c_in, c_out, h, w_, kernel, stride = layer
@@ -138,7 +139,7 @@ def test_conv_vgg19_and_resnet20_layers(layer, precision, forced_tile_skipping) 
     with tf32_set("cudnn", precision == "tf32"):
         xr, wr, br = (t.clone().requires_grad_(True) for t in (x, weight, bias))
         maps = lambda bn, bk, k_order="mask": cache.get(mask, bn, bk, 0, k_order)  # noqa: E731
-        y = mc.masked_conv2d(xr, wr, br, mask, maps, stride, 1, 1)
+        y = masked_conv2d(xr, wr, br, mask, maps, stride, 1, 1)
         assert "MaskedConv2dFunction" in type(y.grad_fn).__name__  # the kernels ran, not cuDNN
         g = torch.randn(y.shape, generator=gen, device=DEVICE).to(dtype)
         y.backward(g)
