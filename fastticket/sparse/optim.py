@@ -17,6 +17,7 @@ Rewinding and optimizer-state resets live in fastticket.sparse.rewind.
 """
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
