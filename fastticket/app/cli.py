@@ -13,8 +13,9 @@ import os
 import sys
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, get_args
 
-from fastticket.lottery.config import (CONTROLS, REWIND_MODES, DistBackend, DistributedMode, SearchConfig, check_early_bird,
-                               check_rate, parse_granularity, parse_refill)
+from fastticket.lottery.arms import CONTROLS
+from fastticket.lottery.config import (REWIND_MODES, DistBackend, DistributedMode, SearchConfig, check_early_bird,
+                                       check_rate, parse_granularity, parse_refill)
 from fastticket.errors import ConfigError, FastTicketError, MaskError, OutputError, RunDirError
 
 EXIT_RUNTIME, EXIT_USAGE = 1, 2

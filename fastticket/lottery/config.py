@@ -15,15 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Tuple, get_args
 
 from fastticket.errors import ConfigError
-
-# The arms of a search: the ticket and its controls. Every module names arms through these constants.
-# reinit/random: the paper's controls; snip/grasp/synflow: networks pruned at their initialization
-# (fastticket.lottery.pai) to the level's ticket density.
-ArmName = Literal["ticket", "reinit", "random", "snip", "grasp", "synflow"]
-ARMS: Tuple[str, ...] = get_args(ArmName)
-TICKET, REINIT, RANDOM, SNIP, GRASP, SYNFLOW = ARMS
-CONTROLS: Tuple[str, ...] = (REINIT, RANDOM, SNIP, GRASP, SYNFLOW)
-PAI_ARMS: Tuple[str, ...] = (SNIP, GRASP, SYNFLOW)  # pruning-at-initialization controls
+from fastticket.lottery.arms import CONTROLS, REINIT  # the arm registry: the ticket and its controls
+from fastticket.lottery.criteria import Block, get_criterion
 
 # How a level >= 1 ticket starts (Renda et al. 2020): "weights" rewinds weights and lr schedule to iteration
 # k; "lr" keeps the trained weights and rewinds only the lr schedule to k; "none" fine-tunes the trained
@@ -42,8 +35,6 @@ SCOPES: Tuple[str, ...] = get_args(Scope)
 
 MAX_SEED = 2**31 - 1
 MAX_LEVELS = 1000
-
-Block = Optional[Tuple[int, int]]  # None: element granularity; (R, C): block granularity
 
 
 def check_rate(value: object, what: str = "rate") -> float:
@@ -142,8 +133,7 @@ class SearchConfig:
                                         "by less than EPS between evaluations, several in a row", default=None)
 
     # experiment design
-    controls: Tuple[ArmName, ...] = _help("comma list of reinit, random, snip, grasp, synflow; or none",
-                                          default=(REINIT,))
+    controls: Tuple[str, ...] = _help(f"comma list of {', '.join(CONTROLS)}; or none", default=(REINIT,))
     trials: int = _help("independent trials (seeds seed..seed+T-1)", default=1)
     reinits: int = _help("random-reinit controls per ticket, each with its own init seed and arm directory",
                          default=1)
@@ -236,7 +226,6 @@ class SearchConfig:
              f"{self.granularity!r}")
         check_early_bird(self.early_bird)
         # The registries (criteria, datasets, models) live in the modules that fill them.
-        from fastticket.lottery.prune import get_criterion
         get_criterion(self.criterion)
         from fastticket.lottery.data import DATASETS
         need(self.dataset in DATASETS,
