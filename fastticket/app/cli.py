@@ -175,9 +175,12 @@ SEARCH_FLAGS: Dict[str, Flag] = {
     "distributed": Flag("MODE", _one_of(get_args(DistributedMode))),
     "dist_backend": Flag("B", _one_of(get_args(DistBackend))),
 }
-# Fields only a preset sets (the paper's training recipe and pruning layout travel together in a preset).
+# Fields only a preset sets (the paper's training recipe and pruning layout travel together in a preset), and
+# the recorded ones.
 NOT_FLAGS = frozenset({"val_size", "optimizer", "momentum", "weight_decay", "lr_milestones", "lr_gamma",
-                       "warmup_iters", "augment", "scope", "conv_rate", "output_rate", "exclude", "criterion"})
+                       "warmup_iters", "augment", "scope", "conv_rate", "output_rate", "exclude", "criterion",
+                       # set through FASTTICKET_BACKEND / FASTTICKET_DENSE_THRESHOLD_<OP>, recorded by the search
+                       "backend", "dense_thresholds"})
 
 
 def flag_name(field_name: str) -> str:
@@ -267,10 +270,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _progress_bars():
-    """A fastticket.lottery.train.Progress that draws tqdm bars on stderr: one over the search's arms, one per training."""
+    """A fastticket.lottery.progress.Progress that draws tqdm bars on stderr: one over the search's arms, one per training."""
     from tqdm import tqdm
 
-    from fastticket.lottery.train import Progress
+    from fastticket.lottery.progress import Progress
 
     class Bars(Progress):
         def __init__(self) -> None:

@@ -2,7 +2,7 @@
 
 An `ArmKind` says all there is to know about a kind: its name (config.json, result.json, the CLI's
 --controls), how its mask and init are planned (`plan`, over a `Planner`: the search's access to the run's
-masks, rewind points and pruning; fastticket.lottery.plans), its legend label, colour and curve style (the
+masks, rewind points and pruning: fastticket.lottery.plans.SearchState), its legend label, colour and curve style (the
 report), and whether --reinits replicates it. Its replicas' names (r-th replica: NAME{r+1}, the first plain
 NAME) are the arms' directory names and progress labels. The search, the report, the CLI and the config all
 read this table; a new arm kind is one entry here (and, if its mask needs something new, one Planner method).
@@ -12,7 +12,7 @@ This module is a leaf of the experiment (it imports nothing of it), so the confi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -36,8 +36,8 @@ class ArmPlan:
     result_extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded in result.json
 
 
-class Planner:
-    """What a plan reads from the search (implemented by fastticket.lottery.plans.SearchPlanner)."""
+class Planner(Protocol):
+    """What a plan reads from the search (fastticket.lottery.plans.SearchState implements it)."""
 
     config: Any  # the SearchConfig
 

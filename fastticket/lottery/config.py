@@ -12,11 +12,12 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Tuple, get_args
+from typing import Any, Dict, Literal, Optional, Tuple, get_args
 
 from fastticket.errors import ConfigError
 from fastticket.lottery.arms import CONTROLS, REINIT  # the arm registry: the ticket and its controls
 from fastticket.lottery.criteria import Block, get_criterion
+from fastticket.sparse.backend import BACKENDS
 
 # How a level >= 1 ticket starts (Renda et al. 2020): "weights" rewinds weights and lr schedule to iteration
 # k; "lr" keeps the trained weights and rewinds only the lr schedule to k; "none" fine-tunes the trained
@@ -88,7 +89,8 @@ def run_only_fields() -> Tuple[str, ...]:
 
 
 def field_defaults() -> dict:
-    return {f.name: f.default for f in dataclasses.fields(SearchConfig)}
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            for f in dataclasses.fields(SearchConfig)}
 
 
 @dataclass
@@ -140,6 +142,12 @@ class SearchConfig:
     seed: int = _help("base seed: trial t uses S+t for init and batches", default=0)
     device: str = _help("auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N; config.json records "
                         "the device used", default="auto")
+    # how the masked layers compute (recorded by the search: what the run used)
+    backend: str = _help("auto (FASTTICKET_BACKEND, else triton on CUDA when it imports, torch otherwise), torch "
+                         "or triton; config.json records the backend used", default="auto")
+    dense_thresholds: Dict[str, float] = _help("dispatch thresholds overridden by FASTTICKET_DENSE_THRESHOLD_<OP> "
+                                               "({op: live fraction}); config.json records them",
+                                               default_factory=dict)
     # how to run (not what: results do not depend on it beyond float rounding, so resume ignores it)
     parallel_arms: int = _help("at most N arms of a level train together as one stacked model (0: all of "
                                "them; 1: one at a time)", default=0, run_only=True)
@@ -212,6 +220,11 @@ class SearchConfig:
             check_rate(self.conv_rate, "conv_rate")
         if self.output_rate is not None:
             check_rate(self.output_rate, "output_rate")
+        need(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        need(isinstance(self.dense_thresholds, dict) and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in self.dense_thresholds.items()),
+             f"dense_thresholds must map op names to numbers, got {self.dense_thresholds!r}")
         need(self.distributed in get_args(DistributedMode),
              f"distributed must be trials or data, got {self.distributed!r}")
         need(self.dist_backend in get_args(DistBackend),
