@@ -12,6 +12,7 @@ normalised by the number of entries they hold.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
