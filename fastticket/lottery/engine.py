@@ -8,11 +8,12 @@ Two ways to step K arms, chosen per device and model (`stacks`) unless the calle
 - stacked: the arms' parameters stacked along a leading arm dimension as one model
   (fastticket.lottery.batched.StackedModule) and one masked optimizer over the stacked tensors (its update
   is elementwise, so each arm's slice gets exactly the update it would get alone). K = 1 takes this path
-  too, so an arm's numbers do not depend on how its level was split into groups;
+  too, so an arm's numbers do not depend on how its level was split into groups (--parallel-arms N >= 2);
 - arm by arm: each arm's own model and optimizer through its TrainStep (fastticket.lottery.compiled),
   compiled with torch.compile under --compile (the compiled step is one arm's).
-The default stacks, except with --compile and for conv nets on CPU, where K plain convolutions one arm at a
-time beat the stacked step (batched's hand-stacked plan or vmap's grouped convolution).
+The default stacks, except with --compile or --parallel-arms 1 (one arm at a time) and for conv nets on CPU,
+where K plain convolutions one arm at a time beat the stacked step (batched's hand-stacked plan or vmap's
+grouped convolution).
 
 Both leave pruned weights and optimizer state exactly zero: the masked optimizer zeroes them after every
 step, so the layers' own gradient mask is switched off (`gradient_masked_by_optimizer`; the gradient is
@@ -60,15 +61,16 @@ def has_statistics(model: nn.Module) -> bool:
 
 def stacks(config: SearchConfig, model: nn.Module, device: torch.device) -> bool:
     """Does the engine stack arms of this model on this device by default (see the module docstring)?"""
-    if config.compile:
+    if arms_per_engine(config) == 1:
         return False
     return not (device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()))
 
 
 def arms_per_engine(config: SearchConfig) -> Optional[int]:
-    """The most arms one engine takes (None: any number). Compiled steps train one arm at a time: building one
-    resets torch.compile's caches (fastticket.lottery.compiled)."""
-    return 1 if config.compile else None
+    """The most arms one engine takes (None: any number): one with --parallel-arms 1 (each arm alone, its
+    own plain step) and with --compile (building a compiled step resets torch.compile's caches,
+    fastticket.lottery.compiled)."""
+    return 1 if config.compile or config.parallel_arms == 1 else None
 
 
 class Engine:

@@ -232,7 +232,8 @@ def dispatch_settings(backend: str, thresholds: Dict[str, float], device: torch.
     from fastticket.kernels.dispatch import DENSE_THRESHOLDS, dense_threshold
     from fastticket.sparse.backend import resolve_backend, use_backend
     try:
-        with use_backend(backend):
+        # "auto" leaves FASTTICKET_BACKEND its say (use_backend("auto") would override it).
+        with use_backend(backend) if backend != "auto" else contextlib.nullcontext():
             resolved = resolve_backend(device)
         overrides = {op: dense_threshold(op) for op in DENSE_THRESHOLDS if dense_threshold(op) != DENSE_THRESHOLDS[op]}
     except (RuntimeError, ValueError) as exc:

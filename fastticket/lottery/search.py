@@ -77,11 +77,6 @@ def _group_limit(s: SearchState, jobs: Sequence[ArmJob]) -> int:
     return max(1, limit)
 
 
-def _one_at_a_time(config: SearchConfig) -> bool:
-    """Prepare and train a level's arms one after the other (only one arm's model in memory at a time)?"""
-    return config.parallel_arms == 1 or arms_per_engine(config) == 1
-
-
 def run_level(s: SearchState, level: int, trials: Sequence[int]) -> List[Dict[str, Any]]:
     """Every arm of `level` for `trials`: finished ones read, the others trained together (arms sharing a
     start iteration and lr rule as one group, at most the group limit at once). Results in run order. In a
@@ -89,7 +84,7 @@ def run_level(s: SearchState, level: int, trials: Sequence[int]) -> List[Dict[st
     arms = [(arm, t, r) for t in trials for arm, r in level_arms(s.config.controls, s.config.reinits, level)]
     if s.context.trials_parallel:
         return _run_level_shared(s, level, arms)
-    if _one_at_a_time(s.config):
+    if arms_per_engine(s.config) == 1:  # prepared and trained one by one: one arm's model in memory at a time
         rows = []
         for arm, t, r in arms:
             slots = {0: prepare_shared(s, level, arm, t, r)}
