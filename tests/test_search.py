@@ -251,7 +251,7 @@ def test_config_records_the_backend_and_threshold_overrides_and_resume_checks_th
     run_search(config, out, progress=False)
     with open(os.path.join(out, "config.json")) as f:
         saved = json.load(f)
-    assert saved["backend"] == "torch" and saved["dense_thresholds"] == {"linear": 0.7}
+    assert saved["backend"] == "auto" and saved["dense_thresholds"] == {"linear": 0.7}
     monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_LINEAR", "0.6")
     with pytest.raises(RunDirError, match="dense_thresholds"):
         run_search(config, out, resume=True, progress=False)
@@ -259,7 +259,7 @@ def test_config_records_the_backend_and_threshold_overrides_and_resume_checks_th
     monkeypatch.setenv("FASTTICKET_BACKEND", "triton")  # runs on CPU here: the tests' Triton interpreter
     with pytest.raises(RunDirError, match="backend"):
         run_search(config, out, resume=True, progress=False)
-    monkeypatch.setenv("FASTTICKET_BACKEND", "torch")
+    monkeypatch.delenv("FASTTICKET_BACKEND")  # the run's own settings again: it resumes
     run_search(config, out, resume=True, progress=False)
 
 

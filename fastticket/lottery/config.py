@@ -143,8 +143,8 @@ class SearchConfig:
     device: str = _help("auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N; config.json records "
                         "the device used", default="auto")
     # how the masked layers compute (recorded by the search: what the run used)
-    backend: str = _help("auto (FASTTICKET_BACKEND, else triton on CUDA when it imports, torch otherwise), torch "
-                         "or triton; config.json records the backend used", default="auto")
+    backend: str = _help("auto (triton on CUDA when it imports, torch otherwise), torch or triton; the search "
+                         "takes FASTTICKET_BACKEND's value for auto and config.json records it", default="auto")
     dense_thresholds: Dict[str, float] = _help("dispatch thresholds overridden by FASTTICKET_DENSE_THRESHOLD_<OP> "
                                                "({op: live fraction}); config.json records them",
                                                default_factory=dict)

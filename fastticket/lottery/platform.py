@@ -225,16 +225,17 @@ def resolve_device(requested: str) -> torch.device:
 
 def dispatch_settings(backend: str, thresholds: Dict[str, float], device: torch.device
                       ) -> Tuple[str, Dict[str, float]]:
-    """The backend masked layers on `device` run with ("auto": FASTTICKET_BACKEND, else as resolved by
-    fastticket.sparse.backend) and the dispatch thresholds overridden by FASTTICKET_DENSE_THRESHOLD_<OP>
-    ({op: value}, only those that differ from the kernels' defaults): what config.json records. Given
-    `thresholds` must be those of the environment (the kernels read the variables, not the config)."""
+    """What config.json records of how the masked layers compute: the backend asked for (`backend`, or with
+    "auto" FASTTICKET_BACKEND's value; "auto" resolves by the recorded device and whether triton imports,
+    fastticket.sparse.backend), checked to run on `device`, and the dispatch thresholds overridden by
+    FASTTICKET_DENSE_THRESHOLD_<OP> ({op: value}, those that differ from the kernels' defaults). Given
+    `thresholds` must be the environment's (the kernels read the variables, not the config)."""
     from fastticket.kernels.dispatch import DENSE_THRESHOLDS, dense_threshold
-    from fastticket.sparse.backend import resolve_backend, use_backend
+    from fastticket.sparse.backend import requested_backend, resolve_backend, use_backend
     try:
-        # "auto" leaves FASTTICKET_BACKEND its say (use_backend("auto") would override it).
-        with use_backend(backend) if backend != "auto" else contextlib.nullcontext():
-            resolved = resolve_backend(device)
+        requested = backend if backend != "auto" else requested_backend()
+        with use_backend(requested):
+            resolve_backend(device)  # one clear line now if it cannot run here, not at the first layer
         overrides = {op: dense_threshold(op) for op in DENSE_THRESHOLDS if dense_threshold(op) != DENSE_THRESHOLDS[op]}
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
@@ -242,7 +243,7 @@ def dispatch_settings(backend: str, thresholds: Dict[str, float], device: torch.
         names = ", ".join(f"FASTTICKET_DENSE_THRESHOLD_{op.upper()}={v:g}" for op, v in sorted(thresholds.items()))
         raise ConfigError(f"dense_thresholds {thresholds} are not those in effect ({overrides or 'the defaults'}): "
                           f"the kernels read them from the environment; set {names}")
-    return resolved, overrides
+    return requested, overrides
 
 
 @contextlib.contextmanager

@@ -408,9 +408,8 @@ class RunDir:
             except (OSError, ValueError) as exc:
                 raise RunDirError(f"cannot resume {out_dir}: config.json is unreadable ({_first_line(exc)})") from None
             current = _config_dict(config)
-            for key in ("device", "backend"):  # "auto" by hand, or no backend recorded yet: whatever it resolves to
-                if saved.get(key, "auto" if key == "backend" else None) == "auto":
-                    saved[key] = current.get(key)
+            if saved.get("device") == "auto":  # written by hand: any device the run resolves to matches
+                saved["device"] = current.get("device")
             # Fields a run's config.json predates count as their defaults (old run directories stay
             # resumable); run-only fields (how to run, e.g. parallel_arms) may change on resume.
             defaults = json.loads(json.dumps(field_defaults()))

@@ -174,7 +174,7 @@ def run_search(config: SearchConfig, out_dir: str, resume: bool = False,
         # is one line on every rank, never a rank waiting in a collective for one that gave up.
         platform.check_same_settings(context, config.to_json(), _settings_differ)
         # config.json records the device actually used ("auto" resolved; under torchrun its type: each rank
-        # uses its own GPU), and the backend and dispatch thresholds the masked layers run with.
+        # uses its own GPU), and the backend and dispatch-threshold overrides the masked layers run with.
         config = config.replace(device=str(device) if not context.active else device.type, backend=backend,
                                 dense_thresholds=thresholds)
         if not context.main:
