@@ -56,7 +56,6 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 from fastticket.kernels._common import (device_guard, dot_input_precision, first_config_only,
                                         interpreter_active, live_bucket,

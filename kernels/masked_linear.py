@@ -42,12 +42,10 @@ thresholds), live in fastticket/sparse/linear.py; the threshold values are place
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
 import triton
-import triton.language as tl
 
 from fastticket.kernels._common import device_guard, dot_input_precision, first_config_only, live_bucket, sm_count
 from fastticket.kernels.tile_map import TileMap

@@ -12,7 +12,8 @@ from fastticket.lottery.data import load_dataset
 from fastticket.lottery.presets import get_preset
 from fastticket.lottery.rundir import RunDir, arm_dir
 from fastticket.lottery.search import run_search
-from fastticket.lottery.train import ArmJob, ArmSpec, Progress, build_masked_model, train_arms
+from fastticket.lottery.progress import Progress
+from fastticket.lottery.train import ArmJob, ArmSpec, build_masked_model, train_arms
 from fastticket.sparse.nn import masked_modules
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -241,7 +242,7 @@ def test_hand_stacked_forward_equals_the_vmap_path_in_float64(conv_tiny, model, 
     """Fully connected and conv nets take the hand-stacked path (bmm for Linear layers, K plain convolutions);
     three steps of it give the vmap path's weights and optimizer state to float64 rounding, pruned entries
     exactly zero in every arm. Models it does not know (BatchNorm) keep vmap."""
-    from fastticket.lottery.batched import StackedEngine
+    from fastticket.lottery.engine import Engine
     from fastticket.app.bench.search import _arm, _synthetic
     from fastticket.lottery.config import SearchConfig
 
@@ -254,7 +255,7 @@ def test_hand_stacked_forward_equals_the_vmap_path_in_float64(conv_tiny, model, 
         engines = []
         for use_plan in (True, False):
             pairs = [_arm(config, data, seed, torch.device("cpu")) for seed in (0, 1, 1)]  # two arms share a stream
-            engine = StackedEngine(config, [j for j, _ in pairs], [s for _, s in pairs], data)
+            engine = Engine(config, [j for j, _ in pairs], [s for _, s in pairs], data, stacked=True)
             assert (engine.module.plan is not None) == planned
             if not use_plan:
                 engine.module.plan = None

@@ -251,8 +251,7 @@ def test_stacked_engine_on_triton_steps_like_each_arm_alone_on_torch(monkeypatch
     fused Triton step over the stacked tensors, float64 included) against the one-arm engine on the torch backend, arm by arm, in float64: equal to 1e-9
     after several steps, pruned weights and their Adam state exactly zero in every arm. K = 1 too: a lone
     arm of a level trains stacked on the triton backend."""
-    from fastticket.lottery.batched import StackedEngine
-    from fastticket.lottery.train import SingleEngine, make_optimizer
+    from fastticket.lottery.engine import Engine, make_optimizer
 
     monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_LINEAR", threshold)
     config = get_preset("lenet-mnist5k").replace(optimizer="adam", lr=0.01, batch_size=7)
@@ -263,7 +262,7 @@ def test_stacked_engine_on_triton_steps_like_each_arm_alone_on_torch(monkeypatch
     with use_backend("triton"):
         states = [SimpleNamespace(model=m, optimizer=make_optimizer(config, m)) for m in models]
         jobs = [SimpleNamespace(seed=s, model=m) for s, m in zip(seeds, models)]
-        engine = StackedEngine(config, jobs, states, data)
+        engine = Engine(config, jobs, states, data, stacked=True)
         calls = spy(monkeypatch)
         adam = Calls(monkeypatch, fused=(masked_optim, "adam_step_"))
         for it in range(3):
@@ -275,8 +274,8 @@ def test_stacked_engine_on_triton_steps_like_each_arm_alone_on_torch(monkeypatch
     for a, model in enumerate(alone):
         with use_backend("torch"):
             opt = make_optimizer(config, model)
-            single = SingleEngine(config, [SimpleNamespace(seed=seeds[a], model=model)],
-                                  [SimpleNamespace(model=model, optimizer=opt)], data)
+            single = Engine(config, [SimpleNamespace(seed=seeds[a], model=model)],
+                            [SimpleNamespace(model=model, optimizer=opt)], data, stacked=False)
             for it in range(3):
                 single.step(it)
         stacked = dict(models[a].named_parameters())

@@ -136,7 +136,7 @@ def test_early_bird_stops_the_ticket_and_prunes_its_mask(tmp_path):
 
 
 def test_early_bird_resume_continues_the_tracker_from_the_checkpoint(tmp_path):
-    from fastticket.lottery.train import Progress
+    from fastticket.lottery.progress import Progress
 
     class Interrupt(Progress):
         def evaluated(self, iteration, loss, val_acc):

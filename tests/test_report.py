@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from fastticket.app.report import collect_results, make_report, summary_table
+from fastticket.app.report import collect_results, expected_arms, make_report, missing_arms, summary_table
 from fastticket.lottery.rundir import ArmDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -159,6 +159,17 @@ def test_unfinished_run_and_missing_arms_are_marked(tmp_path, monkeypatch):
     md = open(os.path.join(str(tmp_path), "report", "results.md")).read()
     assert "unfinished run: 4 of 10 arms missing" in md
     assert all("unfinished run: 4 of 10 arms missing" in args[0] for args, _, _ in titles), titles
+
+
+def test_a_missing_reinit_replica_is_reported():
+    """--reinits 2 trains reinit and reinit2 per ticket: a run missing reinit2 is unfinished."""
+    config = {"levels": 1, "trials": 1, "controls": ["reinit"], "reinits": 2}
+    assert expected_arms(config) == [(0, "ticket", 0, 0), (1, "ticket", 0, 0), (1, "reinit", 0, 0),
+                                     (1, "reinit", 0, 1)]
+    results = [{"level": 0, "arm": "ticket", "trial": 0}, {"level": 1, "arm": "ticket", "trial": 0},
+               {"level": 1, "arm": "reinit", "trial": 0}]
+    assert missing_arms(results, config) == [(1, "reinit", 0, 1)]
+    assert missing_arms(results + [{"level": 1, "arm": "reinit", "trial": 0, "replica": 1}], config) == []
 
 
 def test_error_bars_are_labelled_offset_and_curves_show_every_arm(tmp_path, monkeypatch):

@@ -241,6 +241,28 @@ def test_resume_skips_finished_arms_and_checks_the_config(adam_run, tmp_path):
         run_search(config.replace(rate=0.3, lr=0.01), out, resume=True, progress=False)
 
 
+def test_config_records_the_backend_and_threshold_overrides_and_resume_checks_them(tmp_path, monkeypatch):
+    """config.json says how the numbers were computed: the backend used and any dispatch threshold set in
+    the environment; resuming under another one is refused like any changed setting."""
+    out = str(tmp_path / "run")
+    monkeypatch.delenv("FASTTICKET_BACKEND", raising=False)
+    monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_LINEAR", "0.7")
+    config = tiny(levels=0, controls=[], iterations=10)
+    run_search(config, out, progress=False)
+    with open(os.path.join(out, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["backend"] == "auto" and saved["dense_thresholds"] == {"linear": 0.7}
+    monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_LINEAR", "0.6")
+    with pytest.raises(RunDirError, match="dense_thresholds"):
+        run_search(config, out, resume=True, progress=False)
+    monkeypatch.setenv("FASTTICKET_DENSE_THRESHOLD_LINEAR", "0.7")
+    monkeypatch.setenv("FASTTICKET_BACKEND", "triton")  # runs on CPU here: the tests' Triton interpreter
+    with pytest.raises(RunDirError, match="backend"):
+        run_search(config, out, resume=True, progress=False)
+    monkeypatch.delenv("FASTTICKET_BACKEND")  # the run's own settings again: it resumes
+    run_search(config, out, resume=True, progress=False)
+
+
 def test_foreign_mask_on_resume_is_recomputed(tmp_path, capsys):
     """A mask.pt that fails verification is never used: it is recomputed (one line says so), same result."""
     out = str(tmp_path / "run")

@@ -1,6 +1,6 @@
 """The front ends: the `fastticket` command line, the report and comparison of run directories, the benchmarks."""
 from fastticket._lazy import lazy_attributes
 
-SUBMODULES = ("cli", "report", "compare", "bench")
+SUBMODULES = ("cli", "bars", "report", "compare", "bench")
 
 __getattr__, __dir__ = lazy_attributes(__name__, {name: name for name in SUBMODULES})

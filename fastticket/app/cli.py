@@ -13,8 +13,9 @@ import os
 import sys
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, get_args
 
-from fastticket.lottery.config import (CONTROLS, REWIND_MODES, DistBackend, DistributedMode, SearchConfig, check_early_bird,
-                               check_rate, parse_granularity, parse_refill)
+from fastticket.lottery.arms import CONTROLS
+from fastticket.lottery.config import (REWIND_MODES, DistBackend, DistributedMode, SearchConfig, check_early_bird,
+                                       check_rate, parse_granularity, parse_refill)
 from fastticket.errors import ConfigError, FastTicketError, MaskError, OutputError, RunDirError
 
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
@@ -175,9 +176,12 @@ SEARCH_FLAGS: Dict[str, Flag] = {
     "distributed": Flag("MODE", _one_of(get_args(DistributedMode))),
     "dist_backend": Flag("B", _one_of(get_args(DistBackend))),
 }
-# Fields only a preset sets (the paper's training recipe and pruning layout travel together in a preset).
+# Fields only a preset sets (the paper's training recipe and pruning layout travel together in a preset), and
+# the recorded ones.
 NOT_FLAGS = frozenset({"val_size", "optimizer", "momentum", "weight_decay", "lr_milestones", "lr_gamma",
-                       "warmup_iters", "augment", "scope", "conv_rate", "output_rate", "exclude", "criterion"})
+                       "warmup_iters", "augment", "scope", "conv_rate", "output_rate", "exclude", "criterion",
+                       # set through FASTTICKET_BACKEND / FASTTICKET_DENSE_THRESHOLD_<OP>, recorded by the search
+                       "backend", "dense_thresholds"})
 
 
 def flag_name(field_name: str) -> str:
@@ -269,48 +273,8 @@ def config_from_args(args: argparse.Namespace):
     return config.replace(**changes)
 
 
-def _progress_bars():
-    """A fastticket.lottery.train.Progress that draws tqdm bars on stderr: one over the search's arms, one per training."""
-    from tqdm import tqdm
-
-    from fastticket.lottery.train import Progress
-
-    class Bars(Progress):
-        def __init__(self) -> None:
-            self.arms = self.bar = None
-
-        def search_started(self, total_arms: int) -> None:
-            self.arms = tqdm(total=total_arms, desc="arms", dynamic_ncols=True, file=sys.stderr)
-
-        def arm_started(self, level: int, levels: int, arm: str, trial: int) -> None:
-            self.arms.set_description(f"level {level}/{levels} {arm} trial {trial}")
-
-        def arms_done(self, count: int = 1) -> None:
-            self.arms.update(count)
-
-        def search_finished(self) -> None:
-            self.arms.close()
-
-        def training_started(self, label: str, total: int, initial: int) -> None:
-            self.bar = tqdm(total=total, initial=initial, desc=label, leave=False, dynamic_ncols=True,
-                            mininterval=0.5, file=sys.stderr)
-
-        def step(self, iteration: int, loss: float) -> None:
-            self.bar.update(iteration - self.bar.n)  # called a few times per second, not per step
-
-        def evaluated(self, iteration: int, loss: float, val_acc: float) -> None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", val_acc=f"{val_acc:.4f}", refresh=False)
-
-        def training_finished(self) -> None:
-            self.bar.close()
-
-        def message(self, text: str) -> None:
-            tqdm.write(text, file=sys.stderr)  # keeps an active bar intact
-
-    return Bars()
-
-
 def _search(args: argparse.Namespace) -> int:
+    from fastticket.app.bars import progress_bars
     from fastticket.lottery.platform import env_rank
     from fastticket.lottery.presets import DEFAULT_PRESET
     from fastticket.app.report import summary_table
@@ -320,7 +284,7 @@ def _search(args: argparse.Namespace) -> int:
     # Bars only on a terminal: in a log file their carriage returns would bury the messages.
     main = env_rank() == 0  # under torchrun, rank 0 draws the bars and writes the summary and the report
     bars = not args.no_progress and sys.stderr.isatty() and main
-    rows = run_search(config, out, resume=args.resume, progress=_progress_bars() if bars else None)
+    rows = run_search(config, out, resume=args.resume, progress=progress_bars() if bars else None)
     if not main:
         return 0 if any(r.get("status") == "ok" for r in rows) else EXIT_RUNTIME
     print(summary_table(rows))

@@ -13,8 +13,9 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fastticket.errors import ConfigError
-from fastticket.app.report import (ARM_LABELS, CSV_COLUMNS, _arm_key, _density_axis, _fmt, _method_columns, aggregate,
+from fastticket.app.report import (CSV_COLUMNS, _density_axis, _fmt, _method_columns, aggregate,
                                collect_results, save_figure, write_csv)
+from fastticket.lottery import arms as registry
 from fastticket.lottery.atomic_io import atomic_write_text
 from fastticket.lottery.rundir import RunDir
 
@@ -106,14 +107,14 @@ def _plot(rows: Sequence[Dict[str, Any]], labels: Sequence[str], key: str, ylabe
     markers = ["o", "s", "^", "D", "v", "P"]
     cmap = plt.get_cmap("tab10")
     lines = [(label, arm) for label in labels
-             for arm in sorted({r["arm"] for r in rows if r["run"] == label}, key=_arm_key)]
+             for arm in sorted({r["arm"] for r in rows if r["run"] == label}, key=registry.order_key)]
     for i, (label, arm) in enumerate(lines):
         pts = [r for r in rows if r["run"] == label and r["arm"] == arm and not math.isnan(r[f"{key}_mean"])]
         if not pts:
             continue
         errs = [0.0 if math.isnan(r[f"{key}_std"]) else r[f"{key}_std"] for r in pts]
         run_index = labels.index(label)
-        drawn.append(f"{label}: {ARM_LABELS.get(arm, arm)}" if len(labels) > 1 else ARM_LABELS.get(arm, arm))
+        drawn.append(f"{label}: {registry.label(arm)}" if len(labels) > 1 else registry.label(arm))
         ax.errorbar([r["weights_remaining_pct"] for r in pts], [r[f"{key}_mean"] for r in pts],
                     yerr=errs if any(errs) else None, color=cmap(i % 10), linestyle=styles[run_index % len(styles)],
                     marker=markers[run_index % len(markers)], markersize=4, capsize=3,

@@ -15,15 +15,10 @@ import statistics
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from fastticket.lottery.atomic_io import atomic_write, atomic_write_text, remove_stale_temps
-from fastticket.lottery.config import ARMS, GRASP, RANDOM, REINIT, SNIP, SYNFLOW, TICKET
 from fastticket.errors import DamagedFileError
+from fastticket.lottery import arms as registry
+from fastticket.lottery.arms import TICKET
 from fastticket.lottery.rundir import ArmDir, RunDir
-
-ARM_ORDER = ARMS
-ARM_LABELS = {TICKET: "winning ticket (IMP)", REINIT: "random reinit", RANDOM: "random pruning",
-              SNIP: "SNIP at init", GRASP: "GraSP at init", SYNFLOW: "SynFlow at init"}
-ARM_COLORS = {TICKET: "tab:blue", REINIT: "tab:orange", RANDOM: "tab:green", SNIP: "tab:red", GRASP: "tab:purple",
-              SYNFLOW: "tab:brown"}
 
 CSV_COLUMNS = ("level", "arm", "weights_remaining_pct", "test_acc_at_early_stop_mean", "test_acc_at_early_stop_std",
                "final_test_acc_mean", "final_test_acc_std", "early_stop_iter_mean", "early_stop_iter_std",
@@ -34,7 +29,7 @@ METHOD_COLUMNS = ("element_density_pct", "early_bird_iter_mean", "iterations_sav
 
 def arm_label(arm: str, config: Dict[str, Any]) -> str:
     """The legend label of an arm, naming the run's rewind mode / refill where they are not the defaults."""
-    label = ARM_LABELS.get(arm, arm)
+    label = registry.label(arm)
     if arm == TICKET and config:
         extras = []
         if config.get("rewind", "weights") != "weights":
@@ -48,10 +43,6 @@ def arm_label(arm: str, config: Dict[str, Any]) -> str:
     return label
 
 
-def _arm_key(arm: str) -> Tuple[int, str]:
-    return (ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER), arm)
-
-
 def collect_results(run_dir: str, problems: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     """Every verified result.json under run_dir (one dict per level x arm x trial), sorted by level, arm, trial.
 
@@ -61,32 +52,38 @@ def collect_results(run_dir: str, problems: Optional[List[str]] = None) -> List[
     if not os.path.isdir(run_dir):
         raise ValueError(f"no run directory at {run_dir}: run `fastticket search --out {run_dir}` first")
     results = RunDir(run_dir).results(problems, require_final=False)
-    results.sort(key=lambda r: (r["level"], _arm_key(r["arm"]), r["trial"]))
+    results.sort(key=lambda r: (r["level"], registry.order_key(r["arm"]), r["trial"]))
     return results
 
 
-def expected_arms(config: Dict[str, Any]) -> List[Tuple[int, str, int]]:
-    """(level, arm, trial) of every arm a finished run with `config` holds ([] when config.json says too
-    little to know)."""
+ArmKey = Tuple[int, str, int, int]  # (level, arm, trial, replica)
+
+
+def expected_arms(config: Dict[str, Any]) -> List[ArmKey]:
+    """(level, arm, trial, replica) of every arm a finished run with `config` holds, --reinits replicas
+    included ([] when config.json says too little to know)."""
     try:
         levels, trials = int(config["levels"]), int(config["trials"])
         controls = [str(c) for c in config.get("controls", ())]
+        reinits = int(config.get("reinits", 1))
+        per_level = [registry.level_arms(controls, reinits, level) for level in range(levels + 1)]
     except (KeyError, TypeError, ValueError):
         return []
-    return [(level, arm, trial) for level in range(levels + 1) for trial in range(trials)
-            for arm in (TICKET, *(controls if level > 0 else ()))]
+    return [(level, arm, trial, replica) for level in range(levels + 1) for trial in range(trials)
+            for arm, replica in per_level[level]]
 
 
-def missing_arms(results: Sequence[Dict[str, Any]], config: Dict[str, Any]) -> List[Tuple[int, str, int]]:
+def missing_arms(results: Sequence[Dict[str, Any]], config: Dict[str, Any]) -> List[ArmKey]:
     """The expected arms with no verified result (unfinished, skipped, or unreadable)."""
-    have = {(int(r["level"]), str(r["arm"]), int(r["trial"])) for r in results}
+    have = {(int(r["level"]), str(r["arm"]), int(r["trial"]), int(r.get("replica", 0))) for r in results}
     return [key for key in expected_arms(config) if key not in have]
 
 
-def _missing_note(missing: Sequence[Tuple[int, str, int]], total: int) -> str:
+def _missing_note(missing: Sequence[ArmKey], total: int) -> str:
     if not missing:
         return ""
-    listed = ", ".join(f"L{level} {arm} t{trial}" for level, arm, trial in missing[:8])
+    listed = ", ".join(f"L{level} {registry.arm_name(arm, replica)} t{trial}"
+                       for level, arm, trial, replica in missing[:8])
     more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
     return f"unfinished run: {len(missing)} of {total} arms missing ({listed}{more})"
 
@@ -114,7 +111,7 @@ def aggregate(results: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for r in results:
         groups.setdefault((int(r["level"]), str(r["arm"])), []).append(r)
     rows = []
-    for (level, arm), trials in sorted(groups.items(), key=lambda kv: (kv[0][0], _arm_key(kv[0][1]))):
+    for (level, arm), trials in sorted(groups.items(), key=lambda kv: (kv[0][0], registry.order_key(kv[0][1]))):
         ok = [t for t in trials if t.get("status", "ok") == "ok"]
         acc_es = _mean_std(_values(ok, "test_acc_at_early_stop", 100.0))
         acc_final = _mean_std(_values(ok, "final_test_acc", 100.0))
@@ -151,7 +148,7 @@ def summary_table(rows: Sequence[Dict[str, Any]]) -> str:
     rows = _rows_of(rows)
     if not rows:
         return "(no finished levels)"
-    arms = sorted({r["arm"] for r in rows}, key=_arm_key)
+    arms = sorted({r["arm"] for r in rows}, key=registry.order_key)
     by_key = {(r["level"], r["arm"]): r for r in rows}
     levels = sorted({r["level"] for r in rows})
     header = ["level", "weights %"]
@@ -252,7 +249,7 @@ def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, titl
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    arms = sorted({r["arm"] for r in rows}, key=_arm_key)
+    arms = sorted({r["arm"] for r in rows}, key=registry.order_key)
     any_bars = False
     for i, arm in enumerate(arms):
         pts = [r for r in rows if r["arm"] == arm and not math.isnan(r[f"{key}_mean"])]
@@ -268,7 +265,7 @@ def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, titl
         n_text = f"n={n[0]}" if len(n) == 1 else f"n={n[0]}-{n[-1]}"
         any_bars = any_bars or any(errs)
         ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", markersize=4, capsize=3,
-                    color=ARM_COLORS.get(arm), label=f"{arm_label(arm, config or {})} ({n_text})")
+                    color=registry.color(arm), label=f"{arm_label(arm, config or {})} ({n_text})")
     _density_axis(ax, [r["weights_remaining_pct"] for r in rows])
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -312,9 +309,6 @@ def _curve_levels(levels: Sequence[int], count: int = 5) -> List[int]:
     return sorted(picks)
 
 
-CURVE_STYLES = {TICKET: "-", REINIT: "--", RANDOM: ":"}
-
-
 def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], path: str,
                  problems: Optional[List[str]] = None, title_note: str = "") -> bool:
     import matplotlib.pyplot as plt
@@ -329,8 +323,8 @@ def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any
     drew = False
     for i, level in enumerate(picks):
         color = cmap(i / max(1, len(picks) - 1) * 0.9)
-        for arm in sorted({r["arm"] for r in results if r["level"] == level}, key=_arm_key):
-            style = CURVE_STYLES.get(arm, "-.")
+        for arm in sorted({r["arm"] for r in results if r["level"] == level}, key=registry.order_key):
+            style = registry.curve_style(arm)
             its, accs = _mean_curve([r for r in results if r["level"] == level and r["arm"] == arm], problems)
             if not its:
                 continue
@@ -342,9 +336,9 @@ def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any
         return False
     ax.set_xlabel("training iteration")
     ax.set_ylabel("test accuracy (%)")
-    arms = sorted({r["arm"] for r in results}, key=_arm_key)
+    arms = sorted({r["arm"] for r in results}, key=registry.order_key)
     styles = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
-    key = ", ".join(f"{styles[CURVE_STYLES.get(a, '-.')]}: {a}" for a in arms)
+    key = ", ".join(f"{styles[registry.curve_style(a)]}: {a}" for a in arms)
     ax.set_title(f"Test accuracy during training ({key}){title_note}", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(title="weights remaining", fontsize=8)

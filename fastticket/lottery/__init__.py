@@ -2,7 +2,8 @@
 data, models and the platform (ranks and devices). It builds on fastticket.sparse and never on fastticket.app."""
 from fastticket._lazy import lazy_attributes
 
-SUBMODULES = ("config", "presets", "models", "data", "datafiles", "prune", "pai", "early_bird", "train", "batched",
-              "stacked_plan", "compiled", "search", "rundir", "atomic_io", "preflight", "platform")
+SUBMODULES = ("config", "arms", "presets", "models", "data", "datafiles", "criteria", "prune", "pai", "early_bird", "progress",
+              "train", "engine", "batched", "stacked_plan", "compiled", "plans", "search", "rundir", "atomic_io",
+              "preflight", "platform")
 
 __getattr__, __dir__ = lazy_attributes(__name__, {name: name for name in SUBMODULES})

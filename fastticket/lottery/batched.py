@@ -1,4 +1,4 @@
-"""A group of K arms trained as one stacked model (the batched path of fastticket.lottery.train.train_arms).
+"""K arms as one stacked model (the stacked step of fastticket.lottery.engine.Engine), and how many fit.
 
 Mechanism: torch.func. The arms' parameters and buffers (BatchNorm running statistics and the weight masks
 included) are stacked along a new leading arm dimension (`stack_module_state`), and one `vmap` of
@@ -17,8 +17,8 @@ vmap rule, for anyone calling a masked layer in vmap directly.)
 The arms of a group share the iteration and the start iteration (fastticket.lottery.train groups them that way), so
 the lr and the optimizer's step count are shared; each arm keeps its own batch stream (batches are drawn once
 per trial and stacked to x[K, B, ...]). The per-arm models and optimizers stay the arms' canonical state:
-`sync_out` copies the stacked tensors back into them before every evaluation and checkpoint, so the files
-each arm writes are exactly those of an arm trained alone.
+the engine's `sync_out` copies the stacked tensors back into them before every evaluation and checkpoint, so
+the files each arm writes are exactly those of an arm trained alone.
 
 Backend: the stacked step runs on the backend a lone arm would use (fastticket.sparse.backend). On the triton
 backend vmap cannot batch a Triton launch, so the masked layers see that they are inside a functorch
@@ -39,109 +39,17 @@ the weight gradient computed in the weights' layout, convolutions arm by arm), m
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from fastticket.sparse.backend import resolve_backend, use_backend
-from fastticket.lottery.config import SearchConfig
-from fastticket.sparse.functional import gradient_masked_by_optimizer
 from fastticket.lottery.stacked_plan import forward_plan, stacked_forward
-from fastticket.lottery.train import ArmJob, ArmState, data_parallel, has_statistics, make_optimizer
-
-if TYPE_CHECKING:
-    from fastticket.lottery.data import DeviceData
+from fastticket.sparse.backend import resolve_backend, use_backend
 
 
-class StackedEngine:
-    """K arms (same model architecture, same iteration and start iteration) as one stacked model."""
-
-    def __init__(self, config: SearchConfig, jobs: Sequence[ArmJob], states: Sequence[ArmState],
-                 data: "DeviceData") -> None:
-        self.config, self.jobs, self.states, self.data = config, list(jobs), list(states), data
-        self.k = len(jobs)
-        models = [s.model for s in states]
-        # A couple of training inputs, on which the hand-stacked forward is checked once against vmap's.
-        self.module = _StackedModule(models, probe=data.batch(0, 2, jobs[0].seed)[0])
-        self.names, self.params, self.buffers = self.module.names, list(self.module.stacked), self.module.buffer_dict()
-        self.model = data_parallel(self.module, has_statistics(models[0]))  # DDP in a data-parallel search
-        arm_params = [dict(m.named_parameters()) for m in models]
-        arm_masks = [[s.optimizer.mask_for(arm_params[a][n]) for n in self.names]  # type: ignore[attr-defined]
-                     for a, s in enumerate(states)]
-        masks: List[Optional[torch.Tensor]] = []
-        for i in range(len(self.names)):
-            per_arm = [arm_masks[a][i] for a in range(self.k)]
-            masks.append(None if per_arm[0] is None else torch.stack(per_arm))
-        self.optimizer = make_optimizer(config, self.params, masks=masks)
-        self.optimizer.stacked_arms = True  # type: ignore[attr-defined]  (steps each arm's slice as if alone)
-        self.optimizer.param_groups[0]["lr"] = states[0].optimizer.param_groups[0]["lr"]
-        self._load_optimizer_state(arm_params)
-        # Batches: each arm's trial stream, gathered to [K, B, ...] (one stream: a broadcast view, no copy).
-        self.seeds = [job.seed for job in jobs]
-
-    # ------------------------------------------------------------------ optimizer state in and out
-    def _load_optimizer_state(self, arm_params: List[Dict[str, torch.Tensor]]) -> None:
-        for i, name in enumerate(self.names):
-            per_arm = [self.states[a].optimizer.state.get(arm_params[a][name], {}) for a in range(self.k)]
-            if not per_arm[0]:
-                continue
-            stacked = {}
-            for key, value in per_arm[0].items():
-                if key == "step" or not torch.is_tensor(value) or value.shape != arm_params[0][name].shape:
-                    stacked[key] = value.clone() if torch.is_tensor(value) else value  # shared: same step count
-                else:
-                    stacked[key] = torch.stack([s[key] for s in per_arm])
-            self.optimizer.state[self.params[i]] = stacked
-
-    def _batches(self, iteration: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        if len(set(self.seeds)) == 1:
-            x, y = self.data.batch(iteration, self.config.batch_size, self.seeds[0])
-            return x.unsqueeze(0).expand(self.k, *x.shape), y.unsqueeze(0).expand(self.k, *y.shape)
-        return self.data.batches(iteration, self.config.batch_size, self.seeds)
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def step(self, iteration: int) -> torch.Tensor:
-        """One training step of every arm; returns the arms' losses [K] on the device (no sync)."""
-        x, y = self._batches(iteration)
-        with gradient_masked_by_optimizer():
-            out = self.model(x)  # [K, B, classes]
-            losses = F.cross_entropy(out.flatten(0, 1), y.reshape(-1), reduction="none").view(self.k, -1).mean(1)
-            self.optimizer.zero_grad(set_to_none=True)
-            # The arms' parameters are disjoint, so the gradient of the sum is each arm's own gradient.
-            losses.sum().backward()
-            self.optimizer.step()
-        return losses.detach()
-
-    @torch.no_grad()
-    def sync_out(self) -> None:
-        """Copy each arm's slice of the stacked parameters, buffers and optimizer state into its own model
-        and optimizer (what its checkpoint and evaluation read)."""
-        lr = self.optimizer.param_groups[0]["lr"]
-        for a, state in enumerate(self.states):
-            arm_params = dict(state.model.named_parameters())
-            for i, name in enumerate(self.names):
-                arm_params[name].copy_(self.params[i][a])
-                stacked = self.optimizer.state.get(self.params[i])
-                if stacked:
-                    state.optimizer.state[arm_params[name]] = {
-                        key: (value[a].clone() if torch.is_tensor(value) and key != "step"
-                              and value.dim() > 0 and value.shape[0] == self.k
-                              and value.shape[1:] == arm_params[name].shape
-                              else (value.clone() if torch.is_tensor(value) else value))
-                        for key, value in stacked.items()}
-            for name, buf in state.model.named_buffers():
-                buf.copy_(self.buffers[name][a])
-            for group in state.optimizer.param_groups:
-                group["lr"] = lr
-
-
-class _StackedModule(nn.Module):
+class StackedModule(nn.Module):
     """K models' parameters and buffers stacked along a leading arm dimension, as one module whose forward is
     the vmapped functional call of the first model (which DistributedDataParallel can wrap)."""
 

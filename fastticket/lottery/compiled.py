@@ -2,7 +2,7 @@
 
 `make_train_step(model, optimizer, compiled)` returns a `TrainStep`: `set_lr(lr)` sets the learning rate of
 the following steps, `loss(x, y)` runs the forward and the loss, `update(loss)` the backward and the optimizer
-step. fastticket.lottery.train's SingleEngine drives it (one arm at a time: `--compile` does not stack arms).
+step. fastticket.lottery.engine.Engine drives it arm by arm (`--compile` does not stack arms).
 
 Compiled (`CompiledTrainStep`, `fastticket search --compile`):
 - the forward + loss is compiled with `fullgraph=True`: masked layers trace through the custom ops of

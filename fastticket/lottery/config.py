@@ -12,18 +12,12 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Tuple, get_args
+from typing import Any, Dict, Literal, Optional, Tuple, get_args
 
 from fastticket.errors import ConfigError
-
-# The arms of a search: the ticket and its controls. Every module names arms through these constants.
-# reinit/random: the paper's controls; snip/grasp/synflow: networks pruned at their initialization
-# (fastticket.lottery.pai) to the level's ticket density.
-ArmName = Literal["ticket", "reinit", "random", "snip", "grasp", "synflow"]
-ARMS: Tuple[str, ...] = get_args(ArmName)
-TICKET, REINIT, RANDOM, SNIP, GRASP, SYNFLOW = ARMS
-CONTROLS: Tuple[str, ...] = (REINIT, RANDOM, SNIP, GRASP, SYNFLOW)
-PAI_ARMS: Tuple[str, ...] = (SNIP, GRASP, SYNFLOW)  # pruning-at-initialization controls
+from fastticket.lottery.arms import CONTROLS, REINIT  # the arm registry: the ticket and its controls
+from fastticket.lottery.criteria import Block, get_criterion
+from fastticket.sparse.backend import BACKENDS
 
 # How a level >= 1 ticket starts (Renda et al. 2020): "weights" rewinds weights and lr schedule to iteration
 # k; "lr" keeps the trained weights and rewinds only the lr schedule to k; "none" fine-tunes the trained
@@ -42,8 +36,6 @@ SCOPES: Tuple[str, ...] = get_args(Scope)
 
 MAX_SEED = 2**31 - 1
 MAX_LEVELS = 1000
-
-Block = Optional[Tuple[int, int]]  # None: element granularity; (R, C): block granularity
 
 
 def check_rate(value: object, what: str = "rate") -> float:
@@ -97,7 +89,8 @@ def run_only_fields() -> Tuple[str, ...]:
 
 
 def field_defaults() -> dict:
-    return {f.name: f.default for f in dataclasses.fields(SearchConfig)}
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            for f in dataclasses.fields(SearchConfig)}
 
 
 @dataclass
@@ -142,14 +135,19 @@ class SearchConfig:
                                         "by less than EPS between evaluations, several in a row", default=None)
 
     # experiment design
-    controls: Tuple[ArmName, ...] = _help("comma list of reinit, random, snip, grasp, synflow; or none",
-                                          default=(REINIT,))
+    controls: Tuple[str, ...] = _help(f"comma list of {', '.join(CONTROLS)}; or none", default=(REINIT,))
     trials: int = _help("independent trials (seeds seed..seed+T-1)", default=1)
     reinits: int = _help("random-reinit controls per ticket, each with its own init seed and arm directory",
                          default=1)
     seed: int = _help("base seed: trial t uses S+t for init and batches", default=0)
     device: str = _help("auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N; config.json records "
                         "the device used", default="auto")
+    # how the masked layers compute (recorded by the search: what the run used)
+    backend: str = _help("auto (triton on CUDA when it imports, torch otherwise), torch or triton; the search "
+                         "takes FASTTICKET_BACKEND's value for auto and config.json records it", default="auto")
+    dense_thresholds: Dict[str, float] = _help("dispatch thresholds overridden by FASTTICKET_DENSE_THRESHOLD_<OP> "
+                                               "({op: live fraction}); config.json records them",
+                                               default_factory=dict)
     # how to run (not what: results do not depend on it beyond float rounding, so resume ignores it)
     parallel_arms: int = _help("at most N arms of a level train together as one stacked model (0: all of "
                                "them; 1: one at a time)", default=0, run_only=True)
@@ -222,6 +220,11 @@ class SearchConfig:
             check_rate(self.conv_rate, "conv_rate")
         if self.output_rate is not None:
             check_rate(self.output_rate, "output_rate")
+        need(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        need(isinstance(self.dense_thresholds, dict) and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in self.dense_thresholds.items()),
+             f"dense_thresholds must map op names to numbers, got {self.dense_thresholds!r}")
         need(self.distributed in get_args(DistributedMode),
              f"distributed must be trials or data, got {self.distributed!r}")
         need(self.dist_backend in get_args(DistBackend),
@@ -241,7 +244,6 @@ class SearchConfig:
         need(self.early_bird is None or self.rewind != "none", "early_bird draws a ticket early and rewinds it, "
              "but rewind is none: drop --early-bird or choose --rewind weights/lr")
         # The registries (criteria, datasets, models) live in the modules that fill them.
-        from fastticket.lottery.prune import get_criterion
         get_criterion(self.criterion)
         from fastticket.lottery.data import DATASETS
         need(self.dataset in DATASETS,

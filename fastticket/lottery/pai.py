@@ -1,8 +1,8 @@
 """Pruning at initialization: the SNIP, GraSP and SynFlow saliencies, and the controls built from them.
 
-The saliencies are whole-model passes, registered as pruning criteria in fastticket.lottery.prune ("snip",
-"grasp", "synflow"); `prune_at_init` prunes a freshly initialised network with one of them to a given count
-of alive weights, the way the search builds its snip/grasp/synflow control arms (same total density as the
+The saliencies are whole-model passes, registered here as pruning criteria ("snip", "grasp", "synflow";
+fastticket.lottery.criteria); `prune_at_init` prunes a freshly initialised network with one of them to a given
+count of alive weights, the way the search builds its snip/grasp/synflow control arms (same total density as the
 level's ticket, global over the prunable layers, then trained like the ticket).
 
 Each pass runs on a dense float64 copy of the model (fastticket.sparse.nn.densify): the masked layers' weights are
@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastticket.errors import ConfigError
+from fastticket.lottery.criteria import ScoreContext, criterion
+from fastticket.lottery.prune import alive_count, prune_to_count
 from fastticket.sparse.nn import densify, masked_modules, model_masks, weight_key
 
 Batches = Sequence[Tuple[torch.Tensor, torch.Tensor]]
@@ -91,12 +94,42 @@ def synflow_saliency(model: nn.Module, input_shape: Sequence[int]) -> Dict[str, 
     return {name: (g * w).abs().detach() for (name, w), g in zip(weights.items(), grads)}
 
 
+# The saliencies as pruning criteria (fastticket.lottery.criteria): registered when this module is imported.
+
+def _need_batches(ctx: ScoreContext, name: str) -> Sequence[Tuple[torch.Tensor, torch.Tensor]]:
+    if not ctx.batches:
+        raise ConfigError(f"the {name} criterion needs training batches to score with: pass batches=[(x, y), ...]")
+    return ctx.batches
+
+
+@criterion("snip")
+def _snip(ctx: ScoreContext) -> torch.Tensor:
+    # Connection sensitivity |g * w| (Lee et al. 2019).
+    scores = ctx.whole_model("snip", lambda model, c: snip_saliency(model, _need_batches(c, "snip")))
+    return ctx.unit_sum(scores[ctx.name].to(ctx.weight.device))
+
+
+@criterion("grasp")
+def _grasp(ctx: ScoreContext) -> torch.Tensor:
+    # Gradient-signal preservation (Wang et al. 2020): keep the weights with the largest w * Hg.
+    scores = ctx.whole_model("grasp", lambda model, c: grasp_saliency(model, _need_batches(c, "grasp")))
+    return ctx.unit_sum(scores[ctx.name].to(ctx.weight.device))
+
+
+@criterion("synflow")
+def _synflow(ctx: ScoreContext) -> torch.Tensor:
+    # Synaptic flow |w * dR/dw| of the all-ones input through |W| (Tanaka et al. 2020); data-free: only the
+    # input's shape is taken from the batches. Iterating it is prune_at_init's job.
+    scores = ctx.whole_model("synflow", lambda model, c: synflow_saliency(
+        model, tuple(_need_batches(c, "synflow")[0][0].shape[1:])))
+    return ctx.unit_sum(scores[ctx.name].to(ctx.weight.device))
+
+
 def prune_at_init(model: nn.Module, method: str, keep: int, prunable: Sequence[str], *,
                   batches: Batches, granularity: str = "element",
                   rounds: int = SYNFLOW_ROUNDS) -> Dict[str, torch.Tensor]:
     """Prune `model` (in place) with `method` (snip, grasp, synflow) to exactly `keep` alive units over the
     prunable layers; returns the masks. SNIP and GraSP prune in one shot; SynFlow in `rounds` rounds."""
-    from fastticket.lottery.prune import alive_count, prune_to_count
     if method not in ("snip", "grasp", "synflow"):
         raise ValueError(f"unknown pruning-at-init method {method!r}; use snip, grasp or synflow")
     if method != "synflow":

@@ -1,5 +1,7 @@
-"""A search across processes launched by torchrun (or SLURM with the same environment): who this process is,
-and the few collectives the search needs, all through torch.distributed (nothing home-made on the wire).
+"""Ranks and devices: the one module that knows them. Which device a search trains on, and, across processes
+launched by torchrun (or SLURM with the same environment), who this process is and the few collectives the
+search needs, all through torch.distributed (nothing home-made on the wire). The rest of the library receives
+a `Context` (the search passes it down); nothing asks for a global one.
 
 Two modes (`SearchConfig.distributed`):
 
@@ -22,10 +24,12 @@ import dataclasses
 import datetime
 import os
 import socket
-from typing import Any, Callable, Iterator, List, Optional, Sequence, TypeVar
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from fastticket.errors import ConfigError, FastTicketError
 
@@ -105,6 +109,34 @@ class Context:
             for tensor in tensors:
                 dist.broadcast(tensor, src=0)
 
+    def shard_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Data mode: sum this rank's share of a total over the ranks (in place); else the total itself."""
+        return self.sum_(tensor) if self.data_parallel else tensor
+
+    def shard_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Data mode: the mean over the ranks of this rank's per-shard means (a new tensor); else `tensor`."""
+        return self.sum_(tensor.clone()) / self.world if self.data_parallel else tensor
+
+    def share_buffers_(self, module: nn.Module) -> None:
+        """Data mode: overwrite `module`'s buffers (BatchNorm statistics) with rank 0's."""
+        if self.data_parallel:
+            self.broadcast_tensors_(list(module.buffers()))
+
+    def wrap(self, module: nn.Module, statistics: bool) -> nn.Module:
+        """`module` as this process trains it: wrapped in DistributedDataParallel in data mode (its gradients
+        averaged over the ranks during backward), else itself. DDP broadcasts rank 0's parameters and buffers
+        when it is built, so every rank starts an engine from one state; it broadcasts buffers before each
+        forward only where the model has `statistics` (BatchNorm: every rank then evaluates with rank 0's
+        running statistics, DDP's default), since masks never change while an arm trains."""
+        if not self.data_parallel:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+        device = next(module.parameters()).device
+        with warnings.catch_warnings():  # torch >= 2.12 renames the argument; the old name still means the same
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                           broadcast_buffers=statistics)
+
     def min_int(self, value: int) -> int:
         """The smallest of the ranks' `value` (decisions every rank must take alike, e.g. a group size)."""
         return min(self.gather(int(value)))
@@ -139,7 +171,7 @@ class Context:
         return [i for i in range(count) if self.owner(i, count) == self.rank]
 
 
-_current = Context()
+SOLO = Context()  # one process: what everything receives outside a multi-process search
 _AGREED = "raised_by_every_rank"
 
 
@@ -147,11 +179,6 @@ def _agreed(error: Exception) -> Exception:
     """Mark an error that every rank raises at the same point (see `session`)."""
     setattr(error, _AGREED, True)
     return error
-
-
-def current() -> Context:
-    """The context of the search running in this process (one process, rank 0, when none is)."""
-    return _current
 
 
 def backend_for(requested: str, device: torch.device) -> str:
@@ -178,11 +205,51 @@ def local_device(device: torch.device) -> torch.device:
     return torch.device("cuda", local)
 
 
+def resolve_device(requested: str) -> torch.device:
+    """The device a search asks for ("auto", "cpu", "cuda", "cuda:N"), checked against this machine (the
+    config itself checks only the spelling); under torchrun a GPU rank takes the GPU of its local rank."""
+    if requested == "auto":
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda' (optionally 'cuda:N'), got {requested!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {requested!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be 'cpu' or 'cuda', got {requested!r}")
+    return local_device(device) if device.index is None else device
+
+
+def dispatch_settings(backend: str, thresholds: Dict[str, float], device: torch.device
+                      ) -> Tuple[str, Dict[str, float]]:
+    """What config.json records of how the masked layers compute: the backend asked for (`backend`, or with
+    "auto" FASTTICKET_BACKEND's value; "auto" resolves by the recorded device and whether triton imports,
+    fastticket.sparse.backend), checked to run on `device`, and the dispatch thresholds overridden by
+    FASTTICKET_DENSE_THRESHOLD_<OP> ({op: value}, those that differ from the kernels' defaults). Given
+    `thresholds` must be the environment's (the kernels read the variables, not the config)."""
+    from fastticket.kernels.dispatch import DENSE_THRESHOLDS, dense_threshold
+    from fastticket.sparse.backend import requested_backend, resolve_backend, use_backend
+    try:
+        requested = backend if backend != "auto" else requested_backend()
+        with use_backend(requested):
+            resolve_backend(device)  # one clear line now if it cannot run here, not at the first layer
+        overrides = {op: dense_threshold(op) for op in DENSE_THRESHOLDS if dense_threshold(op) != DENSE_THRESHOLDS[op]}
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    if thresholds and thresholds != overrides:
+        names = ", ".join(f"FASTTICKET_DENSE_THRESHOLD_{op.upper()}={v:g}" for op, v in sorted(thresholds.items()))
+        raise ConfigError(f"dense_thresholds {thresholds} are not those in effect ({overrides or 'the defaults'}): "
+                          f"the kernels read them from the environment; set {names}")
+    return requested, overrides
+
+
 @contextlib.contextmanager
 def session(mode: str, backend: str, device: torch.device) -> Iterator[Context]:
     """The search's Context for the duration of a search: the process group is joined from torchrun's
     environment (or an existing one is used) and left again if this call joined it."""
-    global _current
     joined = False
     if launched() and not dist.is_initialized():
         dist.init_process_group(backend_for(backend, device), timeout=_TIMEOUT)
@@ -191,7 +258,6 @@ def session(mode: str, backend: str, device: torch.device) -> Iterator[Context]:
         context = Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0") or 0), mode)
     else:
         context = Context(mode=mode)
-    previous, _current = _current, context
     try:
         yield context
     except Exception as exc:
@@ -202,7 +268,6 @@ def session(mode: str, backend: str, device: torch.device) -> Iterator[Context]:
             dist.barrier()
         raise
     finally:
-        _current = previous
         if joined:
             dist.destroy_process_group()
 
@@ -219,11 +284,10 @@ def check_same_settings(context: Context, settings: str, describe: Callable[[str
                                       f"({describe(every[0], other)}); every rank must get the same command line"))
 
 
-def prefixed(text: str, context: Optional[Context] = None) -> str:
+def prefixed(text: str, context: Context) -> str:
     """A message as a rank other than 0 prints it (so the lines of several ranks can be told apart)."""
-    context = context or current()
     return f"[rank {context.rank}] {text}" if context.active and not context.main else text
 
 
-__all__: Sequence[str] = ("Context", "current", "launched", "env_rank", "backend_for",
+__all__: Sequence[str] = ("Context", "SOLO", "launched", "env_rank", "backend_for", "resolve_device",
                           "local_device", "session", "check_same_settings", "prefixed")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from fastticket.lottery.config import REINIT, SearchConfig
+from fastticket.lottery.arms import REINIT
+from fastticket.lottery.config import SearchConfig
 
 DEFAULT_PRESET = "lenet-mnist5k"
 

@@ -21,17 +21,14 @@ Semantics (docs/architecture.md, "Pruning and IMP"), the contract the search and
   `output_rate`; None means `rate`). Scope `global`: one threshold across all prunable layers at `rate`.
   In both scopes `exclude` (names or fnmatch patterns; "output" means the output layer) keeps layers dense.
 
-Criteria are pluggable: ``@criterion("name")`` registers a function ``fn(ctx: ScoreContext) -> scores``
-where higher means keep. Scores have the unit shape: the weight's shape (element) or the tile grid (block);
-`ctx.norm(t)` returns per-unit magnitudes of any weight-shaped tensor at the current granularity.
+Criteria are pluggable (fastticket.lottery.criteria: ``@criterion("name")``, higher score = keep).
 """
 from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -40,191 +37,14 @@ from torch import nn
 # from here too.
 from fastticket.lottery.config import SCOPES, Block, check_rate, parse_granularity  # noqa: F401
 from fastticket.errors import ConfigError, MaskError
-from fastticket.kernels.tile_map import live_tiles
+from fastticket.lottery.criteria import (BLOCK_NORMS, ScoreContext, alive_units, as_2d, expand_tiles, get_criterion,
+                                         tile_counts, tile_sums)
 from fastticket.sparse.nn import masked_modules, untied_masked_modules
-
-BLOCK_NORMS = ("l1", "l2")
 
 
 def remove_count(rate: float, alive: int) -> int:
     """How many of `alive` units one pruning step at `rate` removes: floor(rate * alive + 1/2), exactly."""
     return min(alive, math.floor(Fraction(repr(float(rate))) * alive + Fraction(1, 2)))
-
-
-# ------------------------------------------------------------------------------------------------ tile views
-
-def _as_2d(t: torch.Tensor) -> torch.Tensor:
-    """The [out, K] matrix the kernels tile: a conv filter [C_out, C_in, kh, kw] in the conv kernels' tap-major
-    K order (kh, kw, C_in), so a pruned block is exactly a tile the kernels skip; a linear weight as it is."""
-    if t.dim() == 4:
-        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
-    return t.reshape(t.shape[0], -1)
-
-
-def _from_2d(t2d: torch.Tensor, weight_shape: Sequence[int]) -> torch.Tensor:
-    """The inverse of `_as_2d` for a tensor of `weight_shape`."""
-    if len(weight_shape) == 4:
-        c_out, c_in, kh, kw = weight_shape
-        return t2d.reshape(c_out, kh, kw, c_in).permute(0, 3, 1, 2).contiguous()
-    return t2d.reshape(tuple(weight_shape))
-
-
-def _tile_sums(t2d: torch.Tensor, block: Tuple[int, int]) -> torch.Tensor:
-    """Sum of each (R x C) tile of a 2-D tensor; partial edge tiles sum what they hold."""
-    (n, k), (r, c) = t2d.shape, block
-    tn, tk = -(-n // r), -(-k // c)
-    padded = t2d.new_zeros(tn * r, tk * c)
-    padded[:n, :k] = t2d
-    return padded.view(tn, r, tk, c).sum(dim=(1, 3))
-
-
-def _tile_counts(shape2d: Tuple[int, int], block: Tuple[int, int], device: torch.device) -> torch.Tensor:
-    return _tile_sums(torch.ones(shape2d, device=device), block)
-
-
-def tile_norms(t: torch.Tensor, block: Tuple[int, int], norm: str = "l1") -> torch.Tensor:
-    """Per-tile norm of a weight-shaped tensor, normalised by the tile's entry count (mean |x| or RMS)."""
-    t2d = _as_2d(t).float()
-    counts = _tile_counts(tuple(t2d.shape), block, t2d.device)
-    if norm == "l1":
-        return _tile_sums(t2d.abs(), block) / counts
-    if norm == "l2":
-        return (_tile_sums(t2d * t2d, block) / counts).sqrt()
-    raise ConfigError(f"block norm must be one of {BLOCK_NORMS}, got {norm!r}")
-
-
-def expand_tiles(tile_mask: torch.Tensor, block: Tuple[int, int], weight_shape: Sequence[int]) -> torch.Tensor:
-    """A [tiles_n, tiles_k] bool grid as an element mask of `weight_shape` (edge tiles cropped)."""
-    r, c = block
-    n = weight_shape[0]
-    k = math.prod(weight_shape[1:])
-    full = tile_mask.repeat_interleave(r, dim=0).repeat_interleave(c, dim=1)[:n, :k]
-    return _from_2d(full, weight_shape)
-
-
-def alive_units(mask: torch.Tensor, block: Block) -> torch.Tensor:
-    """Which units (weights, or tiles holding any surviving weight) are alive, in the unit shape."""
-    if block is None:
-        return mask.bool()
-    return live_tiles(_as_2d(mask), block[0], block[1])
-
-
-# -------------------------------------------------------------------------------------------------- criteria
-
-@dataclass
-class ScoreContext:
-    """What a criterion sees for one layer."""
-
-    name: str
-    weight: torch.Tensor                 # the trained weights (pruned entries are zero)
-    initial: Optional[torch.Tensor]      # the weights at the rewind point / init, if the caller passed them
-    generator: Optional[torch.Generator]  # CPU generator for stochastic criteria
-    block: Block
-    block_norm: str = "l1"
-    # Whole-model criteria (snip, grasp, synflow) score every layer from one pass over the model: they see the
-    # model, the scoring batches (training split only) and `shared`, one dict per pruning call that caches
-    # the pass for the other layers.
-    model: Optional[nn.Module] = None
-    batches: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None
-    shared: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def unit_shape(self) -> Tuple[int, ...]:
-        if self.block is None:
-            return tuple(self.weight.shape)
-        n, k = _as_2d(self.weight).shape
-        return (-(-n // self.block[0]), -(-k // self.block[1]))
-
-    def norm(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-unit magnitude of `t`: |t| per element, or the normalised tile norm per tile."""
-        if self.block is None:
-            return t.detach().float().abs()
-        return tile_norms(t.detach(), self.block, self.block_norm)
-
-    def unit_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-unit sum of an element score (a tile's score is the sum of its entries' scores)."""
-        if self.block is None:
-            return t
-        return _tile_sums(_as_2d(t), self.block)
-
-    def whole_model(self, key: str, compute: Callable[[nn.Module, "ScoreContext"], Dict[str, torch.Tensor]]
-                    ) -> Dict[str, torch.Tensor]:
-        """`compute(model, ctx)` ({layer name: element scores}) once per pruning call, cached in `shared`."""
-        if self.model is None:
-            raise ConfigError(f"the {key} criterion scores the whole model: call prune(..., model) through "
-                              f"fastticket.lottery.prune (it passes the model to the criterion)")
-        if key not in self.shared:
-            self.shared[key] = compute(self.model, self)
-        return self.shared[key]
-
-
-Criterion = Callable[[ScoreContext], torch.Tensor]
-CRITERIA: Dict[str, Criterion] = {}
-
-
-def criterion(name: str) -> Callable[[Criterion], Criterion]:
-    """Register a pruning criterion under `name` (higher score = keep)."""
-    def register(fn: Criterion) -> Criterion:
-        CRITERIA[name] = fn
-        return fn
-    return register
-
-
-def get_criterion(name: str) -> Criterion:
-    if name not in CRITERIA:
-        raise ConfigError(f"unknown pruning criterion {name!r}; known: {sorted(CRITERIA)}")
-    return CRITERIA[name]
-
-
-@criterion("magnitude")
-def _magnitude(ctx: ScoreContext) -> torch.Tensor:
-    return ctx.norm(ctx.weight)
-
-
-@criterion("movement")
-def _movement(ctx: ScoreContext) -> torch.Tensor:
-    # Magnitude increase |w_T| - |w_0| (Zhou et al. 2019): keeps weights that grew during training.
-    if ctx.initial is None:
-        raise ConfigError("the movement criterion needs the initial (rewind-point) weights: pass initial=...")
-    return ctx.norm(ctx.weight) - ctx.norm(ctx.initial.to(ctx.weight.device))
-
-
-@criterion("random")
-def _random(ctx: ScoreContext) -> torch.Tensor:
-    # Drawn on the CPU so a seeded generator gives the same mask on any device.
-    return torch.rand(ctx.unit_shape, generator=ctx.generator).to(ctx.weight.device)
-
-
-def _need_batches(ctx: ScoreContext, name: str) -> Sequence[Tuple[torch.Tensor, torch.Tensor]]:
-    if not ctx.batches:
-        raise ConfigError(f"the {name} criterion needs training batches to score with: pass batches=[(x, y), ...]")
-    return ctx.batches
-
-
-@criterion("snip")
-def _snip(ctx: ScoreContext) -> torch.Tensor:
-    # Connection sensitivity |g * w| (Lee et al. 2019).
-    from fastticket.lottery.pai import snip_saliency
-    scores = ctx.whole_model("snip", lambda model, c: snip_saliency(model, _need_batches(c, "snip")))
-    return ctx.unit_sum(scores[ctx.name].to(ctx.weight.device))
-
-
-@criterion("grasp")
-def _grasp(ctx: ScoreContext) -> torch.Tensor:
-    # Gradient-signal preservation (Wang et al. 2020): keep the weights with the largest w * Hg.
-    from fastticket.lottery.pai import grasp_saliency
-    scores = ctx.whole_model("grasp", lambda model, c: grasp_saliency(model, _need_batches(c, "grasp")))
-    return ctx.unit_sum(scores[ctx.name].to(ctx.weight.device))
-
-
-@criterion("synflow")
-def _synflow(ctx: ScoreContext) -> torch.Tensor:
-    # Synaptic flow |w * dR/dw| of the all-ones input through |W| (Tanaka et al. 2020); data-free: only the
-    # input's shape is taken from the batches. Iterating it is prune_at_init's job (fastticket.lottery.pai).
-    from fastticket.lottery.pai import synflow_saliency
-    scores = ctx.whole_model("synflow", lambda model, c: synflow_saliency(
-        model, tuple(_need_batches(c, "synflow")[0][0].shape[1:])))
-    return ctx.unit_sum(scores[ctx.name].to(ctx.weight.device))
 
 
 # ---------------------------------------------------------------------------------------------- layer rates
@@ -492,7 +312,7 @@ def refill_mask(mask: torch.Tensor, weight: torch.Tensor, block: Tuple[int, int]
     otherwise. Every tile of the result is all ones or all zeros.
     """
     r, c = block
-    m2d = _as_2d(mask).bool()
+    m2d = as_2d(mask).bool()
     n, k = m2d.shape
     if r >= n and c >= k:
         raise ConfigError(f"refill tile {r}x{c} covers a whole {n}x{k} weight matrix (out x in*kh*kw), which "
@@ -500,10 +320,10 @@ def refill_mask(mask: torch.Tensor, weight: torch.Tensor, block: Tuple[int, int]
     target = int(m2d.sum())
     if target == 0:
         return torch.zeros_like(mask, dtype=torch.bool)
-    w2d = _as_2d(weight).detach().double().abs() * m2d
-    score = _tile_sums(w2d, block).reshape(-1)
-    holds = _tile_sums(m2d.double(), block).reshape(-1) > 0
-    sizes = _tile_counts((n, k), block, m2d.device).reshape(-1)
+    w2d = as_2d(weight).detach().double().abs() * m2d
+    score = tile_sums(w2d, block).reshape(-1)
+    holds = tile_sums(m2d.double(), block).reshape(-1) > 0
+    sizes = tile_counts((n, k), block, m2d.device).reshape(-1)
     candidates = holds.nonzero().flatten()
     # Most magnitude first; a stable sort on the negated score keeps the lower tile index first on ties.
     order = candidates[torch.sort(-score[candidates], stable=True).indices]
@@ -529,7 +349,7 @@ def check_refill_fits(model: nn.Module, block: Tuple[int, int], prunable: Iterab
     """A ConfigError (one line) when a refill tile covers a whole prunable layer's 2-D weight."""
     layers = dict(masked_modules(model))
     for name in prunable:
-        n, k = _as_2d(layers[name].weight).shape
+        n, k = as_2d(layers[name].weight).shape
         # Tiles may hang over a layer's edges (as in the kernels' tile maps), but a layer inside one tile would
         # be kept or dropped whole.
         if block[0] >= n and block[1] >= k:

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from fastticket.lottery.atomic_io import (atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir,
-                                          is_temp, remove_stale_temps, torch_bytes)
+                                  is_temp, remove_stale_temps, torch_bytes)
+from fastticket.lottery.arms import arm_name
 from fastticket.lottery.config import SearchConfig, field_defaults, run_only_fields
 from fastticket.errors import DamagedFileError, MaskError, RunDirError, RunLockedError
 from fastticket.sparse.nn import check_mask_file
@@ -330,7 +331,7 @@ class RunDir:
     def arm(self, level: int, arm: str, trial: int, replica: int = 0) -> ArmDir:
         """The r-th control of a kind (replica r >= 1, e.g. reinit x R) lives in {arm}{r+1}_trial{t}; the first
         keeps {arm}_trial{t}, so run directories written before replicas existed read the same."""
-        name = f"{arm}{replica + 1}" if replica else arm
+        name = arm_name(arm, replica)
         return ArmDir(os.path.join(self.root, "levels", f"level_{level:02d}", f"{name}_trial{trial}"), level, arm,
                       trial, replica, self.writes)
 

@@ -30,7 +30,7 @@ __all__ = ["masked_linear", "masked_conv2d", "mask_gradient"]
 
 TileMapProvider = Callable[[int, int], TileMap]
 
-# Set by the search's training engines (fastticket.lottery.train, fastticket.lottery.batched) around the forward pass: their
+# Set by the search's training engine (fastticket.lottery.engine) around the forward and backward passes: its
 # masked optimizers zero pruned entries of weights and state after every step (the update is elementwise, so a
 # live entry never sees a pruned one), so the per-layer gradient mask (an autograd Function per layer and step)
 # would only repeat that work.
@@ -45,6 +45,12 @@ def gradient_masked_by_optimizer() -> Iterator[None]:
         yield
     finally:
         _grad_mask_in_optimizer = previous
+
+
+def optimizer_masks_gradients() -> bool:
+    """True inside `gradient_masked_by_optimizer`: the weights' gradient hooks (fastticket.sparse.masked_weight)
+    leave the gradient as it is, the masked optimizer's zeroing covers it."""
+    return _grad_mask_in_optimizer
 
 
 def _grad_masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

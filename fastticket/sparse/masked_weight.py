@@ -25,6 +25,7 @@ from torch import nn
 
 from fastticket.errors import MaskError
 from fastticket.sparse import _mask_registry
+from fastticket.sparse.functional import optimizer_masks_gradients
 
 MASKS_ATTR = "_fastticket_masks"  # in a module's __dict__: its _ModuleMasks
 
@@ -108,7 +109,9 @@ class MaskGradient:
 
     def __call__(self, grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         # None: the dW+update fusion applied the (masked) update inside the backward and left no gradient.
-        return None if grad is None else grad.masked_fill(~self.handle.weight_mask, 0)
+        if grad is None or optimizer_masks_gradients():
+            return grad
+        return grad.masked_fill(~self.handle.weight_mask, 0)
 
 
 class MaskedWeight(MaskOps):

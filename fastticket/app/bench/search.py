@@ -31,7 +31,8 @@ from fastticket.lottery.config import SearchConfig
 from fastticket.lottery.data import DatasetInfo, DeviceData, Split
 from fastticket.sparse.nn import masked_modules
 from fastticket.sparse.testing import rel_error
-from fastticket.lottery.train import ArmJob, ArmSpec, ArmState, SingleEngine, build_masked_model, make_optimizer
+from fastticket.lottery.engine import Engine, make_optimizer
+from fastticket.lottery.train import ArmJob, ArmSpec, ArmState, build_masked_model
 
 ARMS = 8
 BATCH = 60
@@ -104,7 +105,7 @@ def _one_arm(model_name: str, data: DeviceData, device: torch.device, steps: int
     from fastticket.lottery.models import build_model
     config = SearchConfig(model=model_name, batch_size=BATCH)
     job, state = _arm(config, data, 0, device)
-    engine = SingleEngine(config, [job], [state], data)
+    engine = Engine(config, [job], [state], data, stacked=False)
     acc = torch.zeros(1, dtype=torch.float64, device=device)
 
     def ours(it: int) -> None:
@@ -140,13 +141,12 @@ def _one_arm(model_name: str, data: DeviceData, device: torch.device, steps: int
 
 def _k_arms(model_name: str, data: DeviceData, device: torch.device, steps: int, repeats: int,
             block: bool = False) -> BenchRow:
-    from fastticket.lottery.batched import StackedEngine
     config = SearchConfig(model=model_name, batch_size=BATCH)
     pairs = [_arm(config, data, seed, device, block) for seed in range(ARMS)]
-    singles = [SingleEngine(config, [j], [s], data) for j, s in pairs]
+    singles = [Engine(config, [j], [s], data, stacked=False) for j, s in pairs]
     # The stacked group gets its own copies (the same starting weights and masks).
     stacked_pairs = [_arm(config, data, seed, device, block) for seed in range(ARMS)]
-    stacked = StackedEngine(config, [j for j, _ in stacked_pairs], [s for _, s in stacked_pairs], data)
+    stacked = Engine(config, [j for j, _ in stacked_pairs], [s for _, s in stacked_pairs], data, stacked=True)
     first_single = torch.cat([e.step(0) for e in singles])
     first_stacked = stacked.step(0)
     parity = rel_error(first_stacked.double(), first_single.double())
