@@ -181,7 +181,7 @@ SEARCH_FLAGS: Dict[str, Flag] = {
 NOT_FLAGS = frozenset({"val_size", "optimizer", "momentum", "weight_decay", "lr_milestones", "lr_gamma",
                        "warmup_iters", "augment", "scope", "conv_rate", "output_rate", "exclude", "criterion",
                        # set through FASTTICKET_BACKEND / FASTTICKET_DENSE_THRESHOLD_<OP>, recorded by the search
-                       "backend", "dense_thresholds"})
+                       "backend", "dense_thresholds", "sources"})
 
 
 def flag_name(field_name: str) -> str:
@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run iterative magnitude pruning: train, prune, rewind, repeat for levels "
                                    "0..N, with controls; write results under --out and draw the report.",
                        epilog=SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from fastticket.lottery.presets import DEFAULT_PRESET, list_presets
+    from fastticket.lottery.presets import DEFAULT_PRESET, get_preset, list_presets
+    defaults = get_preset(DEFAULT_PRESET)
     s.add_argument("--preset", metavar="NAME", default=None, help=f"named settings to start from (default {DEFAULT_PRESET}): "
                                                   f"{', '.join(list_presets())}")
     fields = _config_fields()
@@ -220,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument(flag_name(name), dest=name, action="store_true", default=None,
                            help=fields[name].metadata["help"])
             continue
-        s.add_argument(flag_name(name), dest=name, metavar=flag.metavar, type=flag.type,
-                       help=fields[name].metadata["help"])
+        # --data is the short spelling for a user's PKG.MODULE:FUNCTION (--dataset for the built-in names).
+        spellings = [flag_name(name)] + (["--data"] if name == "dataset" else [])
+        s.add_argument(*spellings, dest=name, metavar=flag.metavar, type=flag.type,
+                       help=f"{fields[name].metadata['help']} (default: {getattr(defaults, name)})")
     s.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset>); must be empty unless --resume")
     s.add_argument("--resume", action="store_true", help="continue the run in --out (same settings required)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -61,11 +61,11 @@ def _gib(n: float) -> str:
 
 def _check_model(config: SearchConfig, data: "DeviceData", device: torch.device) -> Tuple[nn.Module, int]:
     """The model built and run on two training images; returns it and its activation bytes per image."""
-    c, h, w = data.info.in_shape
+    shape = "x".join(map(str, data.info.in_shape))  # (C, H, W) for images; a user's data may have any shape
     try:
         model = build_masked_model(config, data.info, config.seed, device)
     except Exception as exc:  # noqa: BLE001 - a torchvision builder can fail in many ways
-        raise ConfigError(f"model {config.model!r} cannot be built for {config.dataset} ({c}x{h}x{w} images, "
+        raise ConfigError(f"model {config.model!r} cannot be built for {config.dataset} ({shape} inputs, "
                           f"{data.info.num_classes} classes): {_first_line(exc)}") from None
     sizes: List[int] = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(
@@ -76,7 +76,7 @@ def _check_model(config: SearchConfig, data: "DeviceData", device: torch.device)
         with torch.no_grad():
             out = model(x)
     except Exception as exc:  # noqa: BLE001 - e.g. a 224x224 torchvision model on 28x28 images
-        raise ConfigError(f"model {config.model!r} cannot run on {config.dataset} images ({c}x{h}x{w}): "
+        raise ConfigError(f"model {config.model!r} cannot run on {config.dataset} inputs ({shape}): "
                           f"{_first_line(exc)}; choose a model made for this input size") from None
     finally:
         for hook in hooks:

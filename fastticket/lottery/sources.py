@@ -1,0 +1,145 @@
+"""A researcher's own model and data in a search: user functions and datasets behind the config's names.
+
+A config's `model` or `dataset` that contains ':' (and is not `torchvision:<name>`) names a user source:
+`PKG.MODULE:FUNCTION`, imported on use, or a name the Python API (fastticket.lottery.api) registered here for
+an object it was handed (a lambda, an nn.Module, tensors), looked up first. A model function takes no
+arguments and returns a fresh nn.Module (called under the arm's seed); a data function returns
+`(train, val, test)`, each a `(inputs, labels)` pair of tensors or a map-style Dataset of (input, label)
+pairs, `val` may be None. The data go to the device once, as the built-in datasets do (`to_device_data`).
+
+Resume safety: `recorded` puts a hash of each user source into the config's `sources` field (config.json),
+so a resume with a changed function is refused (fastticket.lottery.rundir names it).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from fastticket.errors import ConfigError
+from fastticket.lottery.data import DatasetInfo, DeviceData, Split
+from fastticket.lottery.models import TORCHVISION_PREFIX
+
+# What may go to the device whole: beyond this (float32 inputs) a dataset would need streaming, not built yet.
+MAX_DEVICE_BYTES = 4 << 30
+
+_REGISTERED: Dict[str, Tuple[Callable[[], Any], str]] = {}  # name -> (source, its hash)
+
+
+def is_user(name: str) -> bool:
+    """Does a config's model or dataset name a user source (`PKG.MODULE:FUNCTION` or a registered name)?"""
+    return ":" in name and not name.startswith(TORCHVISION_PREFIX)
+
+
+def register(name: str, source: Callable[[], Any], digest: str) -> None:
+    """Serve `name` from `source` in this process (the Python API's objects), with `digest` as its hash."""
+    _REGISTERED[name] = (source, digest)
+
+
+def source_hash(obj: Any) -> str:
+    """sha256 of a function's (or class's) source; of its bytecode when the source is not on disk."""
+    try:
+        text = inspect.getsource(obj).encode()
+    except (OSError, TypeError):
+        code = getattr(obj, "__code__", None)
+        text = code.co_code if code is not None else repr(obj).encode()
+    return "sha256:" + hashlib.sha256(text).hexdigest()
+
+
+def resolve(name: str) -> Tuple[Callable[[], Any], str]:
+    """(the source's function, its hash) for a user name; ConfigError (one line) when it cannot be found."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    module_name, _, attr = name.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r} for {name!r} ({exc}); give PKG.MODULE:FUNCTION with the "
+                          f"module on PYTHONPATH") from None
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+    if not callable(obj):
+        raise ConfigError(f"{name!r}: {module_name} has no function {attr!r}; give PKG.MODULE:FUNCTION")
+    return obj, source_hash(obj)
+
+
+def recorded(config: Any) -> Any:
+    """`config` with the hash of each user source in `sources` ({"model": ..., "dataset": ...})."""
+    hashes = {key: resolve(getattr(config, key))[1] for key in ("model", "dataset") if is_user(getattr(config, key))}
+    return config.replace(sources=hashes) if hashes != config.sources else config
+
+
+def build_user_model(name: str) -> nn.Module:
+    """A fresh model from the user's function (the caller seeds torch's RNG)."""
+    fn, _ = resolve(name)
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model function {name} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+def _as_tensors(split: Any, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A split as (inputs float32, labels int64) on the CPU."""
+    if isinstance(split, (tuple, list)) and len(split) == 2 and all(torch.is_tensor(t) for t in split):
+        x, y = split
+    elif hasattr(split, "__getitem__") and hasattr(split, "__len__"):
+        n = len(split)
+        if n == 0:
+            raise ConfigError(f"the {what} split is empty")
+        first = split[0]
+        if not (isinstance(first, (tuple, list)) and len(first) == 2 and torch.is_tensor(first[0])):
+            raise ConfigError(f"the {what} dataset's items must be (input tensor, label) pairs, got "
+                              f"{type(first).__name__}")
+        if n * first[0].numel() * 4 > MAX_DEVICE_BYTES:
+            raise ConfigError(f"the {what} dataset ({n} examples of {tuple(first[0].shape)}) is too large to hold on "
+                              f"the device, and streaming datasets is not supported yet: pass a smaller dataset")
+        items = [split[i] for i in range(n)]
+        x = torch.stack([torch.as_tensor(a) for a, _ in items])
+        y = torch.as_tensor([int(b) for _, b in items])
+    else:
+        raise ConfigError(f"the {what} split must be (inputs, labels) tensors or a map-style Dataset of "
+                          f"(input, label) pairs, got {type(split).__name__}")
+    if y.dim() != 1 or x.shape[0] != y.shape[0] or y.is_floating_point():
+        raise ConfigError(f"the {what} split needs integer class labels of shape [N] matching the inputs' first "
+                          f"dimension, got inputs {tuple(x.shape)} and labels {tuple(y.shape)} ({y.dtype})")
+    return x.float().cpu(), y.long().cpu()
+
+
+def split_tensors(data: Any) -> Tuple[Tuple[torch.Tensor, torch.Tensor], Optional[Tuple[torch.Tensor, torch.Tensor]],
+                                      Tuple[torch.Tensor, torch.Tensor]]:
+    """`(train, val, test)` as CPU tensor pairs (val None stays None)."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 3):
+        raise ConfigError(f"data must be (train, val, test) (val may be None), got {type(data).__name__}"
+                          f"{'' if not isinstance(data, (tuple, list)) else f' of {len(data)} items'}")
+    train, val, test = data
+    return (_as_tensors(train, "train"), None if val is None else _as_tensors(val, "val"),
+            _as_tensors(test, "test"))
+
+
+def tensors_hash(splits: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor]]]) -> str:
+    """sha256 over the splits' values (the Python API's data: the data are the source)."""
+    h = hashlib.sha256()
+    for split in splits:
+        for t in split or ():
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def to_device_data(name: str, device: torch.device) -> DeviceData:
+    """The user's data, from their function (or the API's registered tensors), held whole on `device`."""
+    fn, _ = resolve(name)
+    (xt, yt), val, (xs, ys) = split_tensors(fn())
+    if val is None:  # no validation split: every val loss is NaN, so early stopping takes the last evaluation
+        val = (xt[:0], yt[:0])
+    num_classes = int(max(yt.max(), ys.max(), val[1].max() if len(val[1]) else 0)) + 1
+    info = DatasetInfo(name, tuple(xt.shape[1:]), num_classes)  # type: ignore[arg-type]
+    return DeviceData(info, Split(xt.to(device), yt.to(device)), Split(val[0].to(device), val[1].to(device)),
+                      Split(xs.to(device), ys.to(device)), augment=False)
+
