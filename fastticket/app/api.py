@@ -82,7 +82,7 @@ def search(model: Union[Callable[[], nn.Module], nn.Module], data: Any, out_dir:
     if callable(settings.get("optimizer")):
         raise ConfigError("optimizer as a callable is not supported yet; use optimizer='adam', 'adamw' or 'sgd' "
                           "with lr, momentum and weight_decay")
-    for key in ("model", "dataset", "sources"):
+    for key in ("dataset", "sources"):  # model= is the first argument (Python refuses it twice)
         if key in settings:
             raise ConfigError(f"{key}= is set by search() itself (model and data are its first arguments)")
     fields = {f.name for f in dataclasses.fields(SearchConfig)}

@@ -348,6 +348,14 @@ def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any
     return True
 
 
+def _validation_note(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """A user's data without a validation split evaluates no validation loss (NaN): say what early stop means."""
+    ok = [r for r in results if r.get("status", "ok") == "ok" and r.get("early_stop_iter") is not None]
+    if ok and not any(math.isfinite(float(r.get("early_stop_val_loss") or math.nan)) for r in ok):
+        return ["no validation split: early stopping uses the last evaluation"]
+    return []
+
+
 def make_report(run_dir: str, problems: Optional[List[str]] = None, out_dir: Optional[str] = None) -> List[str]:
     """Write the tables and plots for `run_dir` into `out_dir` (default run_dir/report/) and return the paths
     written.
@@ -389,8 +397,8 @@ def make_report(run_dir: str, problems: Optional[List[str]] = None, out_dir: Opt
         return written[-1]
 
     _write_csv(rows, path("results.csv"))
-    _write_markdown(rows, path("results.md"), config,
-                    ([note] if note else []) + [f"left out, unreadable: {p}" for p in file_problems])
+    _write_markdown(rows, path("results.md"), config, ([note] if note else []) + _validation_note(results)
+                    + [f"left out, unreadable: {p}" for p in file_problems])
     name = f"{config.get('model', '')} on {config.get('dataset', '')}".strip() if config else ""
     suffix = f" ({name})" if name and name != "on" else ""
     _plot_vs_weights(rows, "test_acc_at_early_stop", "test accuracy at early stop (%)\nmean ± std over n trials",
