@@ -217,14 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                   f"{', '.join(list_presets())}")
     fields = _config_fields()
     for name, flag in SEARCH_FLAGS.items():
+        text = f"{fields[name].metadata['help']} (default: {getattr(defaults, name)})"
         if flag.switch:  # default None: an absent switch leaves the preset's value
-            s.add_argument(flag_name(name), dest=name, action="store_true", default=None,
-                           help=fields[name].metadata["help"])
+            s.add_argument(flag_name(name), dest=name, action="store_true", default=None, help=text)
             continue
         # --data is the short spelling for a user's PKG.MODULE:FUNCTION (--dataset for the built-in names).
         spellings = [flag_name(name)] + (["--data"] if name == "dataset" else [])
-        s.add_argument(*spellings, dest=name, metavar=flag.metavar, type=flag.type,
-                       help=f"{fields[name].metadata['help']} (default: {getattr(defaults, name)})")
+        s.add_argument(*spellings, dest=name, metavar=flag.metavar, type=flag.type, help=text)
     s.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset>); must be empty unless --resume")
     s.add_argument("--resume", action="store_true", help="continue the run in --out (same settings required)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
