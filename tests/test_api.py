@@ -153,3 +153,18 @@ def test_cli_own_model_and_data_resume_after_kill_report_and_comparison(tmp_path
     assert os.path.getsize(os.path.join(cut, "report", "results.csv")) > 0
     assert cli.main(["report", whole, cut, "--out", str(tmp_path / "cmp")]) == 0
     assert os.path.exists(tmp_path / "cmp" / "results.csv") and os.path.exists(tmp_path / "cmp" / "results.md")
+
+
+def test_readme_own_model_and_data_search_runs(tmp_path, monkeypatch, capsys):
+    readme = open(os.path.join(TESTS, "..", "README.md")).read()
+    snippet = readme.split("### Your own model and data: a whole search\n\n```python\n", 1)[1].split("```", 1)[0]
+    assert len(snippet.strip().splitlines()) <= 15
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    exec(compile(snippet, "README.md", "exec"), {})
+    printed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [(p[0], p[1], p[2]) for p in printed] == [("0", "ticket", "100.0"), ("1", "ticket", "80.0"),
+                                                     ("1", "reinit", "80.0"), ("2", "ticket", "64.0"),
+                                                     ("2", "reinit", "64.0")]
+    assert float(printed[0][3]) > 60.0  # it learned (chance: 50 %)
+    assert os.path.exists(tmp_path / "runs" / "mine" / "report" / "results.csv")
