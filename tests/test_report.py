@@ -187,3 +187,30 @@ def test_error_bars_are_labelled_offset_and_curves_show_every_arm(tmp_path, monk
     assert any("std over n trials" in args[0] for args, _, _ in labels)
     curve_labels = {kwargs.get("label") for _, kwargs, _ in lines if kwargs.get("label")}
     assert {"80.0%", "80.0% reinit", "80.0% random"} <= curve_labels
+
+
+@pytest.mark.parametrize("trials", [(0,), (0, 1)])
+def test_plots_for_a_paper(tmp_path, monkeypatch, trials):
+    """200 dpi PNG with a PDF beside; titles in % of weights remaining; "mean ± std" and error bars only where
+    n > 1; the dense accuracy as a reference line."""
+    from PIL import Image
+
+    from fastticket.app import report
+    _write_run(str(tmp_path), trials=trials)
+    figures = {}
+    real = report.save_figure
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: (figures.update({os.path.basename(path): fig}),
+                                                                  real(fig, path)))
+    paths = make_report(str(tmp_path))
+    for p in (p for p in paths if p.endswith(".png")):
+        assert Image.open(p).info["dpi"] == pytest.approx((200, 200), abs=0.5)
+        with open(p[:-4] + ".pdf", "rb") as f:
+            assert f.read(5) == b"%PDF-"
+    ax = figures["accuracy_vs_weights.png"].axes[0]
+    assert "% of weights remaining" in ax.get_title() and "sparsity" not in ax.get_title()
+    assert ("mean ± std over n trials" in ax.get_ylabel()) == (len(trials) > 1)
+    dense = [line for line in ax.get_lines() if line.get_label().startswith("dense (level 0)")]
+    assert len(dense) == 1 and dense[0].get_ydata()[0] == pytest.approx(100 * _acc(0, "ticket", 0) + 0.5 *
+                                                                         (len(trials) - 1))
+    has_bars = any(c.__class__.__name__ == "LineCollection" for c in ax.collections)
+    assert has_bars == (len(trials) > 1)
