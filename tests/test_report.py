@@ -214,3 +214,11 @@ def test_plots_for_a_paper(tmp_path, monkeypatch, trials):
                                                                          (len(trials) - 1))
     has_bars = any(c.__class__.__name__ == "LineCollection" for c in ax.collections)
     assert has_bars == (len(trials) > 1)
+
+
+def test_report_on_a_folder_inside_a_run_says_where_the_run_is(tmp_path):
+    _write_run(str(tmp_path))
+    inner = os.path.join(str(tmp_path), "levels", "level_01")
+    with pytest.raises(ValueError, match=f"inside the run directory {tmp_path}: run `fastticket report {tmp_path}`"):
+        make_report(inner)
+    assert make_report(str(tmp_path))  # the run directory itself reports as before

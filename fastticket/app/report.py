@@ -51,9 +51,24 @@ def collect_results(run_dir: str, problems: Optional[List[str]] = None) -> List[
     """
     if not os.path.isdir(run_dir):
         raise ValueError(f"no run directory at {run_dir}: run `fastticket search --out {run_dir}` first")
+    root = _enclosing_run(run_dir)
+    if root is not None:
+        raise ValueError(f"{run_dir} is a folder inside the run directory {root}: run `fastticket report {root}`")
     results = RunDir(run_dir).results(problems, require_final=False)
     results.sort(key=lambda r: (r["level"], registry.order_key(r["arm"]), r["trial"]))
     return results
+
+
+def _enclosing_run(path: str) -> Optional[str]:
+    """The run directory (holding config.json) that `path` lies inside, when `path` itself is not one."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    here = os.path.abspath(path)
+    while os.path.dirname(here) != here:
+        here = os.path.dirname(here)
+        if os.path.isfile(os.path.join(here, "config.json")) and os.path.isdir(os.path.join(here, "levels")):
+            return os.path.relpath(here) if not os.path.isabs(path) else here
+    return None
 
 
 ArmKey = Tuple[int, str, int, int]  # (level, arm, trial, replica)
