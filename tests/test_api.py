@@ -142,8 +142,11 @@ def test_cli_own_model_and_data_resume_after_kill_report_and_comparison(tmp_path
         _, err = proc.communicate()
     assert unfinished(), f"the run finished level 1 before it could be killed: {err.decode()[-500:]}"
     # Resumed, reported and compared through the CLI, in this process (one subprocess start is enough).
-    assert cli.main(_cli(cut, "--resume")[3:]) == 0
-    assert f"run directory: {cut}" in capsys.readouterr().out
+    assert cli.main([a for a in _cli(cut, "--resume")[3:] if a != "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert f"run directory: {cut}" in out
+    # stderr is no terminal: lines, not bars; one per arm and evaluation, the arms of a group named
+    assert "level 1/1 ticket trial 0 | iteration 40/40 |" in err and "level 1/1 reinit trial 0 | iteration 40/40" in err
     rows_a, tensors_a, lines_a = run_dir_snapshot(whole)
     rows_b, tensors_b, lines_b = run_dir_snapshot(cut)
     assert len(rows_a) == 3 and rows_a == rows_b and lines_a == lines_b
@@ -168,3 +171,16 @@ def test_readme_own_model_and_data_search_runs(tmp_path, monkeypatch, capsys):
                                                      ("2", "reinit", "64.0")]
     assert float(printed[0][3]) > 60.0  # it learned (chance: 50 %)
     assert os.path.exists(tmp_path / "runs" / "mine" / "report" / "results.csv")
+
+
+def test_progress_in_a_log_is_one_line_per_evaluation(tmp_path, capsys):
+    fastticket.search(small_resnet, learnable_data(), str(tmp_path / "run"), **dict(TINY, levels=1, controls=(),
+                                                                                    iterations=20))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "level 0/1 ticket trial 0: training (0/2 arms done)"
+    evaluations = [line for line in lines if "| iteration" in line]
+    assert [line.split(" | ")[:2] for line in evaluations] == [
+        ["level 0/1 ticket trial 0", "iteration 10/20"], ["level 0/1 ticket trial 0", "iteration 20/20"],
+        ["level 1/1 ticket trial 0", "iteration 10/20"], ["level 1/1 ticket trial 0", "iteration 20/20"]]
+    assert all("val loss" in line and "elapsed" in line and "ETA" in line for line in evaluations)
+    assert evaluations[-1].endswith("ETA 0s") and lines[-1].startswith("search finished: 2/2 arms in ")

@@ -3,8 +3,8 @@
     result = fastticket.search(make_model, (train, val, test), "runs/mine", levels=3, iterations=500)
     result.rows  # the rows of report/results.csv: one per (level, arm)
 
-It runs the engine the CLI runs (fastticket.lottery.search.run_search): the objects are registered with
-fastticket.lottery.sources under names the config records, so resume, the lock, the checksums and the
+It runs the engine the CLI runs (fastticket.lottery.search.run_search): the objects are served by
+fastticket.lottery.sources, for the search's duration, under names the config records, so resume, the lock, the checksums and the
 settings check work as for the built-in presets, and `fastticket report` reads the run directory.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-from typing import Any, Callable, Dict, List, Union
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import torch
 from torch import nn
@@ -50,29 +50,28 @@ def _module_factory(module: nn.Module, base_seed: int) -> Callable[[], nn.Module
     return fresh
 
 
-def _model_source(model: Any, base_seed: int) -> str:
-    """Register the model (a zero-argument function or an nn.Module) and return its config name."""
+def _model_source(model: Any, base_seed: int) -> Tuple[str, Callable[[], nn.Module], str]:
+    """(config name, source, hash) of the model: a zero-argument function or an nn.Module."""
     if isinstance(model, nn.Module):
         cls = type(model)
         h = hashlib.sha256(sources.source_hash(cls).encode())
         for value in model.state_dict().values():
             h.update(value.detach().cpu().contiguous().numpy().tobytes())
-        name = f"{cls.__module__}:{cls.__qualname__}()"
-        sources.register(name, _module_factory(model, base_seed), "sha256:" + h.hexdigest())
-        return name
+        return f"{cls.__module__}:{cls.__qualname__}()", _module_factory(model, base_seed), "sha256:" + h.hexdigest()
     if not callable(model):
         raise ConfigError(f"model must be a function returning a fresh nn.Module, or an nn.Module, got "
                           f"{type(model).__name__}")
     name = f"{getattr(model, '__module__', None) or '<python>'}:{getattr(model, '__qualname__', repr(model))}"
-    sources.register(name, model, sources.source_hash(model))
-    return name
+    return name, model, sources.source_hash(model)
 
 
 def search(model: Union[Callable[[], nn.Module], nn.Module], data: Any, out_dir: str, *, resume: bool = False,
-           **settings: Any) -> SearchResult:
+           progress: bool = True, **settings: Any) -> SearchResult:
     """Run (or, with resume=True, continue) a ticket search of `model` on `data` = (train, val, test) into
     `out_dir`, then write its report; `settings` are SearchConfig fields by name (see `fastticket search
-    --help`). `val` None: early stopping takes the last evaluation."""
+    --help`). `val` None: early stopping takes the last evaluation. `progress`: one line per evaluation on
+    stderr (False: only messages)."""
+    from fastticket.lottery.progress import LogLines
     from fastticket.app.report import aggregate, collect_results, make_report
     from fastticket.lottery.search import run_search
 
@@ -92,8 +91,9 @@ def search(model: Union[Callable[[], nn.Module], nn.Module], data: Any, out_dir:
                           f"{', '.join(sorted(fields - {'model', 'dataset', 'sources'}))}")
     base = SearchConfig(**settings)
     splits = sources.split_tensors(data)  # converted (and checked) once, here
-    sources.register(DATA_NAME, lambda: splits, sources.tensors_hash(splits))
-    config = base.replace(model=_model_source(model, base.seed), dataset=DATA_NAME)
-    arms = run_search(config, out_dir, resume=resume)
+    name, source, digest = _model_source(model, base.seed)
+    config = base.replace(model=name, dataset=DATA_NAME)
+    with sources.serving({name: (source, digest), DATA_NAME: (lambda: splits, sources.tensors_hash(splits))}):
+        arms = run_search(config, out_dir, resume=resume, progress=LogLines() if progress else None)
     files = make_report(out_dir)
     return SearchResult(out_dir, aggregate(collect_results(out_dir)), arms, files)

@@ -12,10 +12,11 @@ so a resume with a changed function is refused (fastticket.lottery.rundir names 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -35,9 +36,20 @@ def is_user(name: str) -> bool:
     return ":" in name and not name.startswith(TORCHVISION_PREFIX)
 
 
-def register(name: str, source: Callable[[], Any], digest: str) -> None:
-    """Serve `name` from `source` in this process (the Python API's objects), with `digest` as its hash."""
-    _REGISTERED[name] = (source, digest)
+@contextlib.contextmanager
+def serving(served: Dict[str, Tuple[Callable[[], Any], str]]) -> Iterator[None]:
+    """Within the block, serve each name from its (source, hash) (the Python API's objects): looked up before
+    any import, and gone afterwards, so no later search of this process finds them."""
+    before = {name: _REGISTERED.get(name) for name in served}
+    _REGISTERED.update(served)
+    try:
+        yield
+    finally:
+        for name, old in before.items():
+            if old is None:
+                _REGISTERED.pop(name, None)
+            else:
+                _REGISTERED[name] = old
 
 
 def source_hash(obj: Any) -> str:

@@ -397,7 +397,8 @@ class _Group:
             job.directory.save_checkpoint(ckpt)
             job.directory.write_metrics(state.metrics)
             self.last_loss = state.metrics[-1]["train_loss"]
-            self.progress.evaluated(iteration, self.last_loss, val_acc)
+            self.progress.evaluated(iteration, self.last_loss, val_acc, val_loss,
+                                    f"{job.spec.label} trial {job.spec.trial}")
         self.loss_sums.zero_()
         self.loss_count = 0
         for i in stopped:
