@@ -95,6 +95,9 @@ def test_api_refuses_what_it_cannot_do(tmp_path):
             fastticket.search(small_resnet, data, str(tmp_path / "x"), **settings)
     with pytest.raises(ConfigError, match="val"):
         fastticket.search(small_resnet, (data[0], (data[1][0], data[1][0]), data[2]), str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match=r"larger than the training split of <python>:data \(400 examples\); "
+                                          r"use --batch-size <= 400"):
+        fastticket.search(small_resnet, data, str(tmp_path / "x"), batch_size=401, device="cpu")
     assert not os.path.exists(tmp_path / "x")
 
 

@@ -222,3 +222,16 @@ def test_report_on_a_folder_inside_a_run_says_where_the_run_is(tmp_path):
     with pytest.raises(ValueError, match=f"inside the run directory {tmp_path}: run `fastticket report {tmp_path}`"):
         make_report(inner)
     assert make_report(str(tmp_path))  # the run directory itself reports as before
+
+
+def test_curves_name_the_levels_they_show(tmp_path, monkeypatch):
+    from fastticket.app import report
+    _write_run(str(tmp_path), levels=(0, 1, 2), trials=(0,))
+    figures = {}
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.update({os.path.basename(path): fig}))
+    make_report(str(tmp_path))
+    assert figures["curves.png"].axes[0].get_legend().get_title().get_text() == "weights remaining"  # all 3
+    monkeypatch.setattr(report, "_curve_levels", lambda levels: [levels[0], levels[-1]])
+    make_report(str(tmp_path))
+    assert figures["curves.png"].axes[0].get_legend().get_title().get_text() == \
+        "weights remaining\n(levels 0, 2 of 0-2)"

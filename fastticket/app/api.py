@@ -4,8 +4,9 @@
     result.rows  # the rows of report/results.csv: one per (level, arm)
 
 It runs the engine the CLI runs (fastticket.lottery.search.run_search): the objects are served by
-fastticket.lottery.sources, for the search's duration, under names the config records, so resume, the lock, the checksums and the
-settings check work as for the built-in presets, and `fastticket report` reads the run directory.
+fastticket.lottery.sources, for the search's duration, under names the config records, so resume, the lock,
+the checksums and the settings check work as for the built-in presets, and `fastticket report` reads the run
+directory.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from fastticket.errors import ConfigError
 from fastticket.lottery import sources
 from fastticket.lottery.config import SearchConfig
 
-DATA_NAME = "<python>:data"  # the registered name of the data handed to `search` (never imported)
+DATA_NAME = "<python>:data"  # the name the data handed to `search` are served under (never imported)
 
 # Recipes given as callables: not built yet; refused rather than silently ignored.
 _NOT_YET = {"lr_scheduler": "lr_milestones, lr_gamma and warmup_iters",

@@ -2,7 +2,8 @@
 
 Reads the results (result.json + metrics.jsonl of every arm) of a run directory (fastticket.lottery.rundir) and
 writes run_dir/report/: results.csv, results.md, accuracy_vs_weights.png, early_stop_vs_weights.png, curves.png
-(PNGs at 200 dpi, each with a PDF beside it), each atomically (fastticket.lottery.atomic_io): a killed report leaves the previous file or the new one.
+(PNGs at 200 dpi, each with a PDF beside it), each atomically (fastticket.lottery.atomic_io): a killed report
+leaves the previous file or the new one.
 Accuracies are stored as fractions in [0, 1]; every table and plot shows them in percent.
 """
 from __future__ import annotations
@@ -366,7 +367,9 @@ def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any
     key = ", ".join(f"{styles[registry.curve_style(a)]}: {a}" for a in arms)
     ax.set_title(f"Test accuracy during training ({key}){title_note}", fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(title="weights remaining", fontsize=8)
+    shown = ("" if len(picks) == len(ticket_levels)
+             else f"\n(levels {', '.join(map(str, picks))} of 0-{ticket_levels[-1]})")
+    ax.legend(title=f"weights remaining{shown}", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)

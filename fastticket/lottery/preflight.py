@@ -91,9 +91,11 @@ def _check_model(config: SearchConfig, data: "DeviceData", device: torch.device)
 def _check_batch(config: SearchConfig, data: "DeviceData", model: nn.Module, per_image: int,
                  device: torch.device) -> None:
     n_train = len(data.train)
+    # A user's data (a name with ':') bring their own validation split; val_size holds out of built-in ones.
+    held_out = "" if ":" in config.dataset else f" after holding out {config.val_size} for validation"
     if config.batch_size > n_train:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the training split of {config.dataset} "
-                          f"({n_train} images after holding out {config.val_size} for validation); use "
+                          f"({n_train} examples{held_out}); use "
                           f"--batch-size <= {n_train}")
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     need = PARAMETER_FACTOR * params + ACTIVATION_FACTOR * per_image * config.batch_size

@@ -1,8 +1,8 @@
 """A researcher's own model and data in a search: user functions and datasets behind the config's names.
 
 A config's `model` or `dataset` that contains ':' (and is not `torchvision:<name>`) names a user source:
-`PKG.MODULE:FUNCTION`, imported on use, or a name the Python API (fastticket.lottery.api) registered here for
-an object it was handed (a lambda, an nn.Module, tensors), looked up first. A model function takes no
+`PKG.MODULE:FUNCTION`, imported on use, or a name the Python API (fastticket.app.api) serves here for an
+object it was handed (a lambda, an nn.Module, tensors), looked up first. A model function takes no
 arguments and returns a fresh nn.Module (called under the arm's seed); a data function returns
 `(train, val, test)`, each a `(inputs, labels)` pair of tensors or a map-style Dataset of (input, label)
 pairs, `val` may be None. The data go to the device once, as the built-in datasets do (`to_device_data`).
@@ -32,7 +32,7 @@ _REGISTERED: Dict[str, Tuple[Callable[[], Any], str]] = {}  # name -> (source, i
 
 
 def is_user(name: str) -> bool:
-    """Does a config's model or dataset name a user source (`PKG.MODULE:FUNCTION` or a registered name)?"""
+    """Does a config's model or dataset name a user source (`PKG.MODULE:FUNCTION` or a name being served)?"""
     return ":" in name and not name.startswith(TORCHVISION_PREFIX)
 
 
@@ -145,7 +145,7 @@ def tensors_hash(splits: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor]]]) 
 
 
 def to_device_data(name: str, device: torch.device) -> DeviceData:
-    """The user's data, from their function (or the API's registered tensors), held whole on `device`."""
+    """The user's data, from their function (or the API's tensors), held whole on `device`."""
     fn, _ = resolve(name)
     (xt, yt), val, (xs, ys) = split_tensors(fn())
     if val is None:  # no validation split: every val loss is NaN, so early stopping takes the last evaluation
