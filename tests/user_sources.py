@@ -14,9 +14,9 @@ class Residual(nn.Module):
         return torch.relu(x + self.bn(self.conv(x)))
 
 
-def small_resnet() -> nn.Module:
-    """A small CNN with BatchNorm and a residual connection, for 1x8x8 inputs and 2 classes."""
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), Residual(8),
+def small_resnet(channels: int = 1) -> nn.Module:
+    """A small CNN with BatchNorm and a residual connection, for `channels`x8x8 inputs and 2 classes."""
+    return nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), Residual(8),
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 2))
 
 
