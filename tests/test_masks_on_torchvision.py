@@ -72,7 +72,7 @@ def _pruned_nonzero(model: nn.Module) -> int:
 
 def _size(name: str) -> int:
     """The smallest input each model takes (the transformers are built for 32 x 32)."""
-    return 32 if name.startswith(("squeezenet", "vit", "swin", "densenet", "googlenet")) else 16
+    return 32 if name.startswith(("squeezenet", "vit", "swin", "densenet", "googlenet", "vgg", "convnext")) else 16
 
 
 @pytest.mark.parametrize("name", CASES)
