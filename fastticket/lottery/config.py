@@ -243,6 +243,8 @@ class SearchConfig:
              f"rewind_iter {self.rewind_iter} would be ignored: drop --rewind-iter or choose --rewind weights/lr")
         need(self.early_bird is None or self.rewind != "none", "early_bird draws a ticket early and rewinds it, "
              "but rewind is none: drop --early-bird or choose --rewind weights/lr")
+        need(self.early_bird is None or self.levels >= 1, "early_bird stops training once the mask the next "
+             "level prunes to has settled, but levels is 0 (no next level): drop --early-bird or set --levels >= 1")
         # The registries (criteria, datasets, models) live in the modules that fill them.
         get_criterion(self.criterion)
         from fastticket.lottery.data import DATASETS
