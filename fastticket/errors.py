@@ -32,3 +32,11 @@ class OutputError(FastTicketError, OSError):
 
 class RunLockedError(RunDirError):
     """Another live process holds the run directory."""
+
+
+class PeerLostError(FastTicketError):
+    """Another rank of a multi-process search died, hangs or left it (fastticket.lottery.peers)."""
+
+
+class StoppedError(FastTicketError):
+    """The search was asked to stop (SIGTERM) and stopped at a safe point (fastticket.lottery.stop)."""

@@ -159,6 +159,9 @@ class SearchConfig:
                                          default="trials", run_only=True)
     dist_backend: DistBackend = _help("under torchrun: auto (nccl with GPUs, gloo on CPUs), nccl or gloo",
                                       default="auto", run_only=True)
+    dist_timeout: float = _help("under torchrun: seconds a rank waits for a peer that stopped answering (died, "
+                                "hangs) before every rank stops with one line; waits for a peer that is still "
+                                "working are not limited", default=600.0, run_only=True)
 
     def __post_init__(self) -> None:
         # JSON (config.json) and callers give lists; the config holds tuples (hashable, not shared by copies).
@@ -229,6 +232,9 @@ class SearchConfig:
              f"distributed must be trials or data, got {self.distributed!r}")
         need(self.dist_backend in get_args(DistBackend),
              f"dist_backend must be auto, gloo or nccl, got {self.dist_backend!r}")
+        need(isinstance(self.dist_timeout, (int, float)) and not isinstance(self.dist_timeout, bool)
+             and math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
+             f"dist_timeout must be a finite positive number of seconds, got {self.dist_timeout!r}")
         need(self.scope in SCOPES, f"scope must be 'layerwise' or 'global', got {self.scope!r}")
         parse_granularity(self.granularity)
         need(self.rewind in REWIND_MODES,
