@@ -207,17 +207,21 @@ PEER_TIMEOUT = 8  # --dist-timeout of the peer-death tests: the survivor must be
 SLACK = 40  # seconds: the survivor finishing its arm, polling, leaving, on a loaded 2-core machine
 
 
-@pytest.mark.parametrize("victim, arm", [(1, "reinit_trial0"), (0, "ticket_trial0")])
-def test_a_rank_that_dies_ends_the_other_in_bounded_time_and_one_line(reference, tmp_path, victim, arm):
-    """SIGKILL one rank mid-level (no torchrun to stop the other): the survivor waits at most --dist-timeout for
-    a silent peer (rank 0 killed: the store it hosted is gone at once), says so in one line, exits 1, and
-    the same command with --resume gives the uninterrupted run's results."""
+@pytest.mark.parametrize("victim, arm, how, says", [
+    (1, "reinit_trial0", signal.SIGKILL, "rank 1 died"),
+    (0, "ticket_trial0", signal.SIGKILL, "lost the rendezvous store"),  # rank 0 hosted it
+    (1, "reinit_trial0", signal.SIGSTOP, "rank 1 has not answered for"),  # a hang: alive, silent
+])
+def test_a_rank_that_dies_ends_the_other_in_bounded_time_and_one_line(reference, tmp_path, victim, arm, how, says):
+    """Kill (or freeze) one rank mid-level, with no torchrun to stop the other: the survivor knows a dead peer
+    at once and waits at most --dist-timeout for a silent one, says so in one line, exits 1, and the same
+    command with --resume gives the uninterrupted run's results."""
     out = str(tmp_path / "run")
     args = [*KILLED, "--dist-timeout", str(PEER_TIMEOUT), "--out", out]
     procs = _start(args, tmp=str(tmp_path))
     try:
         assert _mid_level(procs, arm, out), "the run finished level 1 before it could be killed"
-        procs[victim][0].send_signal(signal.SIGKILL)
+        procs[victim][0].send_signal(how)
         killed_at = time.time()
         [(code, text)] = _finish([procs[1 - victim]])
         elapsed = time.time() - killed_at
@@ -230,8 +234,8 @@ def test_a_rank_that_dies_ends_the_other_in_bounded_time_and_one_line(reference,
     assert elapsed < PEER_TIMEOUT + SLACK, f"the survivor took {elapsed:.0f} s: {text}"
     lines = [line for line in text.splitlines() if line.startswith("fastticket")]
     assert len(lines) == 1 and "Traceback" not in text and f"rank {1 - victim}" in lines[0], text
-    assert f"rank {victim}" in lines[0] and "--resume" in lines[0], text
-    if victim == 1:
+    assert says in lines[0] and "--resume" in lines[0], text
+    if how == signal.SIGKILL and victim == 1:
         _run([*args, "--resume"], tmp_path)
         _same_run(reference["killed"], out)
 

@@ -1,6 +1,7 @@
 """Bounded waits between the ranks of a search: a rank that dies or hangs ends the others within `dist_timeout`
 seconds (SearchConfig.dist_timeout, --dist-timeout), each in one line, instead of leaving them blocked.
 
+- A peer on the same machine whose process has ended is known dead at once (its pid, in the store).
 - Every collective of the process group has that timeout (torch.distributed's own): the short waits
   (Context.agree, data-mode gradients) end there at the latest; gloo reports a dead peer's closed connection
   at once.
@@ -50,23 +51,39 @@ class PeerWatch:
         self.lost: Optional[str] = None
         self._barriers = 0
         self._seen: Dict[int, int] = {}
+        self._pids: Dict[int, Optional[int]] = {}
         self._heard: Dict[int, float] = {r: time.monotonic() for r in range(world) if r != rank}
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="fastticket-peers", daemon=True)
 
     def start(self) -> "PeerWatch":
         self._beat()
+        if _PROCESS_SPACE is not None:
+            self._store(lambda: self.store.set(self._key("pid", self.rank), f"{_PROCESS_SPACE} {os.getpid()}"))
         self._thread.start()
         return self
 
-    def close(self, why: str) -> None:
-        """Leave the search (`why`: done, stopped, failed): peers waiting for this rank give up at once."""
+    def quiet(self) -> None:
+        """Stop interrupting the main thread (it is leaving the search already)."""
         self._done.set()
+
+    def close(self, why: str) -> None:
+        """Leave the search (`why`: done, stopped, failed): peers waiting for this rank give up at once. Rank 0
+        leaves last: without torchrun it hosts the store, and a peer still in the search would take the
+        store's end for rank 0's death."""
+        self.quiet()
+        self._thread.join(timeout=self.beat_s + 1)
         try:
             self._store(lambda: self.store.set(self._key("left", self.rank), why))
+            waiting = list(range(1, self.world)) if self.rank == 0 else []
+            while waiting:
+                waiting = [r for r in waiting if self._left(r) is None]
+                for r in waiting:
+                    self._silent(r)
+                    self.raise_lost()
+                time.sleep(_POLL_S if waiting else 0)
         except PeerLostError:
-            pass  # the store's host is gone: the peers find that out themselves
-        self._thread.join(timeout=self.beat_s + 1)
+            pass  # the store's host is gone, or a peer is: nobody is left to wait for
 
     # ------------------------------------------------------------------------------------- waiting
     def barrier(self) -> None:
@@ -144,6 +161,9 @@ class PeerWatch:
         self.raise_lost()
 
     def _silent(self, rank: int) -> None:
+        if self._died(rank):
+            self.lost = f"rank {rank} died (its process {self._pids[rank]} on this machine is gone)"
+            return
         count = int(self._store(lambda: self.store.add(self._key("beat", rank), 0)))  # type: ignore[arg-type]
         now = time.monotonic()
         if count != self._seen.get(rank):
@@ -151,17 +171,41 @@ class PeerWatch:
         elif now - self._heard[rank] > self.timeout_s:
             self.lost = f"rank {rank} has not answered for {self.timeout_s:g} s (--dist-timeout): it died or hangs"
 
+    def _died(self, rank: int) -> bool:
+        """Is `rank` a process of this machine (and pid namespace) that has ended? Known at once, not after the
+        timeout; a peer elsewhere is judged by its heartbeat alone."""
+        if rank not in self._pids:
+            if not self._store(lambda: self.store.check([self._key("pid", rank)])):
+                return False
+            entry = self._store(lambda: self.store.get(self._key("pid", rank)))
+            space, pid = entry.decode().rsplit(" ", 1)  # type: ignore[union-attr]
+            self._pids[rank] = int(pid) if space == _PROCESS_SPACE else None
+        pid = self._pids[rank]
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:  # a zombie (killed, not yet reaped by its launcher) is dead too
+                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+
     def _watch(self) -> None:
-        """Beat, and watch the ranks still in the search (one that left is the barriers' concern: this rank
-        may have nothing more to wait for)."""
+        """Beat, and watch the ranks still in the search: one that left it done is no longer watched (this
+        rank may have nothing more to wait for); one that stopped or failed ends the search."""
         watched = set(self._heard)
         while not self._done.wait(self.beat_s):
             try:
                 self._probe()
                 self._beat()
                 for rank in sorted(watched):
-                    if self._left(rank) is not None:
+                    why = self._left(rank)
+                    if why == "done":
                         watched.discard(rank)
+                    elif why is not None:
+                        self.lost = f"rank {rank} left the search ({why})"
                     else:
                         self._silent(rank)
                 self.raise_lost()
@@ -169,6 +213,18 @@ class PeerWatch:
                 if not self._done.is_set():
                     _thread.interrupt_main()  # platform.session turns it into this PeerLostError
                 return
+
+
+def _process_space() -> Optional[str]:
+    """This machine's boot and pid namespace: peers with the same one see each other's pids."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f"{f.read().strip()}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+_PROCESS_SPACE = _process_space()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -269,11 +269,15 @@ def session(mode: str, backend: str, device: torch.device, timeout_s: float = DE
         yield context
         left = "done"
     except BaseException as exc:
-        lost = context.peers.lost_error(exc) if context.peers is not None else None
+        lost = None
+        if context.peers is not None:
+            context.peers.quiet()
+            lost = context.peers.lost_error(exc)
         if lost is not None or isinstance(exc, StoppedError):
             # A peer is gone (or may still be training): destroying the group could wait for it forever.
             left, joined = "stopped" if lost is None else "failed", False
             if lost is not None:
+                stop.check()  # this rank was asked to stop too: that is what it says
                 raise lost from None
         # An error every rank raised together (Context.agree): leave together, or a rank destroying its
         # group after another has exited can wait forever (seen with torch 2.5's gloo). Any other error is
