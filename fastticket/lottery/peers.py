@@ -21,11 +21,11 @@ import os
 import socket
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch.distributed as dist
 
-from fastticket.errors import PeerLostError
+from fastticket.errors import PeerLostError, first_line
 
 DEFAULT_TIMEOUT_S = 600.0  # the longest a rank waits for a silent peer: a dataset download, a compile
 _POLL_S = 0.2
@@ -112,7 +112,7 @@ class PeerWatch:
         if self.lost is not None and isinstance(exc, (KeyboardInterrupt, RuntimeError)):
             return PeerLostError(f"rank {self.rank}: {self.lost}; this rank stops too; {resume_hint()}")
         if isinstance(exc, dist.DistError):
-            return PeerLostError(f"rank {self.rank}: a collective with the other ranks failed ({_first_line(exc)}): "
+            return PeerLostError(f"rank {self.rank}: a collective with the other ranks failed ({first_line(exc)}): "
                                  f"a rank died or hangs; {resume_hint()}")
         return None
 
@@ -125,7 +125,7 @@ class PeerWatch:
         try:
             return op()
         except (RuntimeError, ValueError) as exc:
-            self.lost = f"lost the rendezvous store (rank 0's or torchrun's): {_first_line(exc)}"
+            self.lost = f"lost the rendezvous store (rank 0's or torchrun's): {first_line(exc)}"
         self.raise_lost()
         return None
 
@@ -225,8 +225,3 @@ def _process_space() -> Optional[str]:
 
 
 _PROCESS_SPACE = _process_space()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines: List[str] = [line for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:200]

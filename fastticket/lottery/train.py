@@ -30,7 +30,7 @@ from fastticket.lottery.config import SearchConfig
 from fastticket.lottery.engine import Engine, arms_per_engine, has_statistics, make_optimizer
 from fastticket.lottery.platform import SOLO, Context
 from fastticket.lottery.progress import Progress
-from fastticket.lottery.rundir import ArmDir
+from fastticket.lottery.armdir import ArmDir
 from fastticket.sparse.nn import densities, masked_modules, sparsify
 
 if TYPE_CHECKING:  # data/models import torchvision-adjacent code; only the annotations need them here
