@@ -1,6 +1,6 @@
 """Masked Conv2d: implicit-GEMM Triton kernels that skip pruned weight tiles, launchers, a float64 reference.
 
-GEMM view (docs/architecture.md, "Kernels"). With X [N, C_in, H, W], W [C_out, C_in, kh, kw], Y [N, C_out, H_out, W_out]:
+GEMM view (docs/architecture.md, "The engine (fastticket/sparse, kernels)"). With X [N, C_in, H, W], W [C_out, C_in, kh, kw], Y [N, C_out, H_out, W_out]:
 
     M = N * H_out * W_out   output pixels (rows)
     N = C_out               output channels (columns)

@@ -206,7 +206,6 @@ def test_search_then_report_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("flags, both", [
-    (["--rewind", "none", "--rewind-iter", "5"], ("rewind none", "rewind_iter 5")),
     (["--early-bird", "0.1", "--rewind", "none"], ("early_bird", "rewind is none")),
     (["--early-bird", "0.1", "--levels", "0"], ("early_bird", "levels is 0")),
 ])

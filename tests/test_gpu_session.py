@@ -217,4 +217,5 @@ def test_the_installed_package_needs_nothing_of_the_checkout() -> None:
             for n in re.findall(r"__file__\)\.resolve\(\)\.parents\[(\d+)\]", path.read_text()):
                 assert int(n) <= depth, f"{path} reaches outside the package (parents[{n}])"
     for step in gpu_session.plan(Path("/nowhere"), rehearse=False):
-        assert not any(str(ROOT) in arg for arg in step.command), step.command
+        # The interpreter may live in a virtual environment inside the checkout; what it runs may not.
+        assert not any(str(ROOT) in arg for arg in step.command if arg != sys.executable), step.command

@@ -126,7 +126,8 @@ class SearchConfig:
                                      default=())
     granularity: str = _help("element, or block:RxC (prune whole RxC tiles)", default="element")
     criterion: CriterionName = _help("pruning criterion: magnitude, movement, random", default="magnitude")
-    rewind_iter: int = _help("0: rewind to init; K: late rewinding to iteration K", default=0)
+    rewind_iter: int = _help("0: rewind to init; K: late rewinding to iteration K (with --rewind lr or none: "
+                             "train iterations K..end)", default=0)
     rewind: RewindMode = _help("weights: rewind weights and lr schedule to K; lr: keep the trained weights, "
                                "rewind the lr schedule to K; none: fine-tune at the final lr", default="weights")
     refill: Optional[str] = _help("block:RxC: refill each element-wise ticket into whole RxC tiles of the same "
@@ -244,9 +245,8 @@ class SearchConfig:
              f"refill turns element-wise tickets into blocks: it needs granularity element, got "
              f"{self.granularity!r}")
         check_early_bird(self.early_bird)
-        # Settings that contradict each other: one would be silently ignored.
-        need(not (self.rewind == "none" and self.rewind_iter), f"rewind none fine-tunes without rewinding, so "
-             f"rewind_iter {self.rewind_iter} would be ignored: drop --rewind-iter or choose --rewind weights/lr")
+        # Settings that contradict each other: one would be silently ignored. (rewind none with rewind_iter k is
+        # not one: the fine-tuning runs over iterations k..end, as lr rewinding does.)
         need(self.early_bird is None or self.rewind != "none", "early_bird draws a ticket early and rewinds it, "
              "but rewind is none: drop --early-bird or choose --rewind weights/lr")
         need(self.early_bird is None or self.levels >= 1, "early_bird stops training once the mask the next "

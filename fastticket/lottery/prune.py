@@ -1,6 +1,6 @@
 """Pruning: which surviving weights of a masked model to remove at the end of an IMP level.
 
-Semantics (docs/architecture.md, "Pruning and IMP"), the contract the search and the tests rely on:
+Semantics (docs/architecture.md, "The experiment (fastticket/lottery)"), the contract the search and the tests rely on:
 
 - `rate` is the fraction of the weights *still alive* that one call removes; masks only shrink.
 - Exact counts. A layer (layerwise scope) or the pool of all prunable layers (global scope) with `alive`

@@ -24,7 +24,7 @@ result.json exists and continues an unfinished arm from its checkpoint, with the
 
 Under torchrun (fastticket.lottery.platform) a level's arms are spread over the ranks (trials mode,
 `_run_level_shared`), or every rank trains every arm on its share of each batch with rank 0 preparing the
-arms (data mode, `plans.prepare_shared`); see docs/architecture.md, "More than one process". The search
+arms (data mode, `plans.prepare_shared`); see docs/architecture.md, "The experiment (fastticket/lottery)". The search
 receives its platform Context from `platform.session` and hands it down.
 """
 from __future__ import annotations

@@ -14,6 +14,7 @@ from typing import Callable, List
 import torch
 
 from fastticket.sparse.backend import resolve_backend
+from fastticket.sparse.masked_weight import MaskGradient
 from fastticket.sparse.nn import MaskedLinear
 
 __all__ = ["FusedSGDUpdate", "enable", "disable"]
@@ -63,6 +64,13 @@ class FusedSGDUpdate:
         self.pending = True
 
 
+def _foreign_grad_hooks(weight: torch.Tensor) -> bool:
+    """Gradient hooks on `weight` other than its own mask's (which the fusion's masked epilogue covers)."""
+    hooks = list((getattr(weight, "_backward_hooks", None) or {}).values())
+    return (any(not isinstance(h, MaskGradient) for h in hooks)
+            or bool(getattr(weight, "_post_accumulate_grad_hooks", None)))
+
+
 def _foreign_hooks(optimizer: torch.optim.Optimizer) -> bool:
     hooks = list(getattr(optimizer, "_optimizer_step_pre_hooks", {}).values())
     hooks += list(getattr(optimizer, "_optimizer_step_post_hooks", {}).values())
@@ -108,7 +116,7 @@ def enable(model: torch.nn.Module, optimizer: torch.optim.Optimizer, warn: Calla
                 reason = f"the backend for {w.device} is not triton"
             elif w.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not w.is_contiguous():
                 reason = f"weight dtype {w.dtype} / layout not supported"
-            elif getattr(w, "_backward_hooks", None) or getattr(w, "_post_accumulate_grad_hooks", None):
+            elif _foreign_grad_hooks(w):
                 reason = "a weight has gradient hooks"
             elif not layer.weight_mask.is_contiguous():
                 reason = "a weight mask is not contiguous"

@@ -7,7 +7,7 @@ reference), so the same suites are useful on a machine without a GPU: there they
 the interpreter on small shapes and report parity only (timings need a GPU; a number that was not measured
 on one is never reported).
 
-Timing (docs/architecture.md, "Benchmarks"): median of `triton.testing.do_bench` after warm-up, with several
+Timing (docs/architecture.md, "The front ends"): median of `triton.testing.do_bench` after warm-up, with several
 input sets rotated so a working set that fits in L2 does not flatter the kernel. `time_ms`, `op_step` and
 `rotating` are the one timing path: `fastticket bench` and the pytest-benchmark suites in bench/ both use them.
 Parity uses fastticket.sparse.testing; running the suites and writing results: runner.py.
@@ -373,6 +373,20 @@ def layer_op_row(suite_name: str, case: str, op: str, shape: str, mask: str, den
     return BenchRow(suite=suite_name, case=case, op=op, shape=shape, dtype=dtype, mask=mask, density=density,
                     times_ms=times, ratio_vs_dense=ratios,
                     parity=nan_max(parity["skip"][op], parity["dispatch"][op]), extra=extra)
+
+
+def grid_layers(options: "BenchOptions", grid: Callable, make_layer: Callable) -> Iterator[Tuple[Any, str, float, Any]]:
+    """(case, mask kind, density, layer) for every point of a suite's `grid(options)`, the layer built by
+    `make_layer(case, mask_kind, density, dtype, device, seed=...)` with a seed from its place in the grid. The
+    caller drops its layer before the next is built (the CUDA cache is emptied in between)."""
+    cases, masks, densities = grid(options)
+    for ci, case in enumerate(cases):
+        for mi, mask_kind in enumerate(masks):
+            for di, density in enumerate(densities):
+                yield case, mask_kind, density, make_layer(case, mask_kind, density, options.torch_dtype,
+                                                           options.torch_device, seed=1000 * ci + 100 * mi + di)
+                if options.torch_device.type == "cuda":
+                    torch.cuda.empty_cache()
 
 
 def crossover_row(suite_name: str, rows: Sequence[BenchRow], dtype: str, timing: bool, pooled_prefix: str,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 # Shared with the linear suite (the harness): the mask generator (block masks in the filter's
 # [C_out, C_in*kh*kw] view), the env-override helper, the row builder (timing) and the crossover analysis.
-from fastticket.app.bench import BenchOptions, BenchRow, crossover_row, env_override, layer_op_row, make_mask, suite
+from fastticket.app.bench import BenchOptions, BenchRow, crossover_row, env_override, grid_layers, layer_op_row, make_mask, suite
 from fastticket.kernels._common import tf32_set
 from fastticket.sparse.testing import nan_max, rel_error
 
@@ -194,29 +194,22 @@ def parity(layer: BenchLayer) -> Dict[str, Dict[str, float]]:
 def conv_suite(options: BenchOptions) -> List[BenchRow]:
     from fastticket.kernels.dispatch import use_tile_skipping
 
-    device, dtype = options.torch_device, options.torch_dtype
-    timing = options.timing and device.type == "cuda"
-    cases, masks, densities = grid(options)
+    timing = options.timing and options.torch_device.type == "cuda"
     rows: List[BenchRow] = []
     with tf32(options.dtype.lower() == "tf32"):
-        for ci, case in enumerate(cases):
-            for mi, mask_kind in enumerate(masks):
-                for di, density in enumerate(densities):
-                    layer = BenchLayer(case, mask_kind, density, dtype, device, seed=1000 * ci + 100 * mi + di)
-                    tile = layer.tile
-                    live = live_fraction(layer)
-                    path = "skip" if use_tile_skipping(live, "conv2d") else "dense"
-                    errors = parity(layer)
-                    for op in OPS:
-                        extra = {"live_fraction": live, "dispatch": path, "tile": f"{tile[0]}x{tile[1]}",
-                                 "actual_density": float(layer.mask.float().mean()),
-                                 "parity_skip": errors["skip"][op], "parity_dispatch": errors["dispatch"][op]}
-                        rows.append(layer_op_row(
-                            "conv", case.name, op, case.shape, mask_kind, density, options.dtype, layer, errors,
-                            extra, timing, forced_skip))
-                    del layer
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+        for case, mask_kind, density, layer in grid_layers(options, grid, BenchLayer):
+            tile = layer.tile
+            live = live_fraction(layer)
+            path = "skip" if use_tile_skipping(live, "conv2d") else "dense"
+            errors = parity(layer)
+            for op in OPS:
+                extra = {"live_fraction": live, "dispatch": path, "tile": f"{tile[0]}x{tile[1]}",
+                         "actual_density": float(layer.mask.float().mean()),
+                         "parity_skip": errors["skip"][op], "parity_dispatch": errors["dispatch"][op]}
+                rows.append(layer_op_row(
+                    "conv", case.name, op, case.shape, mask_kind, density, options.dtype, layer, errors,
+                    extra, timing, forced_skip))
+            del layer  # freed before the next case's layer is built
     # From the ImageNet-sized layer: the CIFAR layers are small enough to be launch-bound.
     rows.append(crossover_row("conv", rows, options.dtype, timing, "imagenet.", "the ImageNet-sized layer"))
     return rows

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fastticket.app.bench import BenchOptions, BenchRow, crossover_row, env_override, layer_op_row, make_mask, suite
+from fastticket.app.bench import BenchOptions, BenchRow, crossover_row, env_override, grid_layers, layer_op_row, make_mask, suite
 from fastticket.kernels._common import tf32_set
 from fastticket.sparse.testing import nan_max, rel_error
 
@@ -182,31 +182,24 @@ def live_fraction(layer: BenchLayer) -> float:
 def linear_suite(options: BenchOptions) -> List[BenchRow]:
     from fastticket.kernels.dispatch import use_tile_skipping
 
-    device, dtype = options.torch_device, options.torch_dtype
-    timing = options.timing and device.type == "cuda"
-    cases, masks, densities = grid(options)
+    timing = options.timing and options.torch_device.type == "cuda"
     rows: List[BenchRow] = []
     with tf32(options.dtype.lower() == "tf32"):
-        for ci, case in enumerate(cases):
-            for mi, mask_kind in enumerate(masks):
-                for di, density in enumerate(densities):
-                    layer = BenchLayer(case, mask_kind, density, dtype, device, seed=1000 * ci + 100 * mi + di)
-                    live = live_fraction(layer)
-                    path = "skip" if use_tile_skipping(live, "linear") else "dense"
-                    errors = parity(layer)
-                    bsr_fn, bsr_note = layer.bsr_forward() if timing else (None, "not timed (no GPU)")
-                    for op in OPS:
-                        extra = {"live_fraction": live, "dispatch": path,
-                                 "actual_density": float(layer.mask.float().mean()),
-                                 "parity_skip": errors["skip"][op], "parity_dispatch": errors["dispatch"][op],
-                                 "bsr": bsr_note if op == "fwd" else "n/a: torch has no BSR weight gradient"}
-                        bsr = {"bsr": bsr_fn} if op == "fwd" and bsr_fn is not None else None
-                        rows.append(layer_op_row(
-                            "linear", case.name, op, case.shape, mask_kind, density, options.dtype, layer, errors,
-                            extra, timing, forced_skip, extra_impls=bsr))
-                    del layer
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+        for case, mask_kind, density, layer in grid_layers(options, grid, BenchLayer):
+            live = live_fraction(layer)
+            path = "skip" if use_tile_skipping(live, "linear") else "dense"
+            errors = parity(layer)
+            bsr_fn, bsr_note = layer.bsr_forward() if timing else (None, "not timed (no GPU)")
+            for op in OPS:
+                extra = {"live_fraction": live, "dispatch": path,
+                         "actual_density": float(layer.mask.float().mean()),
+                         "parity_skip": errors["skip"][op], "parity_dispatch": errors["dispatch"][op],
+                         "bsr": bsr_note if op == "fwd" else "n/a: torch has no BSR weight gradient"}
+                bsr = {"bsr": bsr_fn} if op == "fwd" and bsr_fn is not None else None
+                rows.append(layer_op_row(
+                    "linear", case.name, op, case.shape, mask_kind, density, options.dtype, layer, errors,
+                    extra, timing, forced_skip, extra_impls=bsr))
+            del layer  # freed before the next case's layer is built
     # From the large layers pooled: small layers are launch-bound and say little about the kernels.
     rows.append(crossover_row("linear", rows, options.dtype, timing, "large.", "the large layers"))
     return rows
