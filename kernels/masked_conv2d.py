@@ -50,8 +50,7 @@ small configuration runs. The GPU build of every kernel is checked without a GPU
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +59,7 @@ import triton
 from fastticket.kernels._common import (device_guard, dot_input_precision, first_config_only,
                                         interpreter_active, live_bucket,
                                         next_power_of_2, sm_count)
+from fastticket.kernels.conv_geometry import ConvGeometry, IntPair, Padding, conv_geometry
 from fastticket.kernels.tile_map import TileMap
 from fastticket.kernels._masked_conv2d_jit import (_MAX_BITMASK_TAPS, _conv2d_dw_kernel, _conv2d_dx_gather_kernel,
                                                     _conv2d_dx_kernel, _conv2d_fwd_kernel)
@@ -70,9 +70,6 @@ __all__ = [
     "reference_masked_conv2d_grads", "tile_map_expand",
 ]
 
-IntPair = Union[int, Sequence[int]]
-Padding = Union[int, Sequence[int], str]
-
 # Interpreter-only tiles: small enough that test layers (<= 16 channels) have several tiles per dimension,
 # so tile skipping and the transposed lists are exercised. tl.dot on a GPU needs every dim >= 16, which
 # conv2d_tile_sizes guarantees off the interpreter.
@@ -80,64 +77,6 @@ _INTERPRETER_TILE = (8, 16)
 _INTERPRETER_BLOCK_M = 64
 # Live-list entries the forward and dX programs stage in registers at a time (see _conv2d_fwd_kernel).
 _LIST_CHUNK = 64
-
-
-# --------------------------------------------------------------------------------------------- geometry
-
-def _pair(value: IntPair, name: str) -> Tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    pair = tuple(int(v) for v in value)
-    if len(pair) == 1:
-        return (pair[0], pair[0])
-    if len(pair) != 2:
-        raise ValueError(f"conv2d {name} must be an int or a pair, got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """Everything the kernels need to map output pixels to input taps. `pad` is the top/left padding;
-    bottom/right padding (asymmetric for 'same' with an even receptive field) is implied by H_out/W_out and
-    the kernels' bounds masks."""
-
-    stride: Tuple[int, int]
-    pad: Tuple[int, int]
-    dilation: Tuple[int, int]
-    kernel: Tuple[int, int]
-    in_hw: Tuple[int, int]
-    out_hw: Tuple[int, int]
-
-
-def conv_geometry(input_hw: Tuple[int, int], kernel_hw: Tuple[int, int], stride: IntPair = 1,
-                  padding: Padding = 0, dilation: IntPair = 1) -> ConvGeometry:
-    """Output size and top/left padding, with F.conv2d's semantics (including 'same' and 'valid')."""
-    stride_p, dil_p = _pair(stride, "stride"), _pair(dilation, "dilation")
-    if min(stride_p) < 1 or min(dil_p) < 1:
-        raise ValueError(f"conv2d stride and dilation must be positive, got {stride_p} and {dil_p}")
-    (h, w), (kh, kw) = input_hw, kernel_hw
-    span = (dil_p[0] * (kh - 1), dil_p[1] * (kw - 1))
-    if isinstance(padding, str):
-        if padding == "valid":
-            pad = (0, 0)
-        elif padding == "same":
-            if stride_p != (1, 1):
-                raise ValueError("padding='same' is not supported for strided convolutions (as in F.conv2d)")
-            # F.conv2d pads the extra element of an odd total at the bottom/right.
-            pad = (span[0] // 2, span[1] // 2)
-            return ConvGeometry(stride_p, pad, dil_p, (kh, kw), (h, w), (h, w))
-        else:
-            raise ValueError(f"conv2d padding string must be 'same' or 'valid', got {padding!r}")
-    else:
-        pad = _pair(padding, "padding")
-        if min(pad) < 0:
-            raise ValueError(f"conv2d padding must be non-negative, got {pad}")
-    h_out = (h + 2 * pad[0] - span[0] - 1) // stride_p[0] + 1
-    w_out = (w + 2 * pad[1] - span[1] - 1) // stride_p[1] + 1
-    if h_out <= 0 or w_out <= 0:
-        raise ValueError(f"conv2d output size would be {h_out}x{w_out} for input {h}x{w}, kernel {kh}x{kw}, "
-                         f"padding {pad}, dilation {dil_p}: the kernel is larger than the padded input")
-    return ConvGeometry(stride_p, pad, dil_p, (kh, kw), (h, w), (h_out, w_out))
 
 
 def conv2d_tile_sizes(c_out: int, k: int, dtype: torch.dtype, device: torch.device) -> Tuple[int, int]:

@@ -139,7 +139,7 @@ def test_early_bird_resume_continues_the_tracker_from_the_checkpoint(tmp_path):
     from fastticket.lottery.progress import Progress
 
     class Interrupt(Progress):
-        def evaluated(self, iteration, loss, val_acc):
+        def evaluated(self, iteration, loss, val_acc, val_loss=None, arm=""):
             if iteration == 12:  # after the checkpoint at 12: two comparisons recorded, one to go
                 raise KeyboardInterrupt
 

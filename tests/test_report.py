@@ -187,3 +187,51 @@ def test_error_bars_are_labelled_offset_and_curves_show_every_arm(tmp_path, monk
     assert any("std over n trials" in args[0] for args, _, _ in labels)
     curve_labels = {kwargs.get("label") for _, kwargs, _ in lines if kwargs.get("label")}
     assert {"80.0%", "80.0% reinit", "80.0% random"} <= curve_labels
+
+
+@pytest.mark.parametrize("trials", [(0,), (0, 1)])
+def test_plots_for_a_paper(tmp_path, monkeypatch, trials):
+    """200 dpi PNG with a PDF beside; titles in % of weights remaining; "mean ± std" and error bars only where
+    n > 1; the dense accuracy as a reference line."""
+    from PIL import Image
+
+    from fastticket.app import report
+    _write_run(str(tmp_path), trials=trials)
+    figures = {}
+    real = report.save_figure
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: (figures.update({os.path.basename(path): fig}),
+                                                                  real(fig, path)))
+    paths = make_report(str(tmp_path))
+    for p in (p for p in paths if p.endswith(".png")):
+        assert Image.open(p).info["dpi"] == pytest.approx((200, 200), abs=0.5)
+        with open(p[:-4] + ".pdf", "rb") as f:
+            assert f.read(5) == b"%PDF-"
+    ax = figures["accuracy_vs_weights.png"].axes[0]
+    assert "% of weights remaining" in ax.get_title() and "sparsity" not in ax.get_title()
+    assert ("mean ± std over n trials" in ax.get_ylabel()) == (len(trials) > 1)
+    dense = [line for line in ax.get_lines() if line.get_label().startswith("dense (level 0)")]
+    assert len(dense) == 1 and dense[0].get_ydata()[0] == pytest.approx(100 * _acc(0, "ticket", 0) + 0.5 *
+                                                                         (len(trials) - 1))
+    has_bars = any(c.__class__.__name__ == "LineCollection" for c in ax.collections)
+    assert has_bars == (len(trials) > 1)
+
+
+def test_report_on_a_folder_inside_a_run_says_where_the_run_is(tmp_path):
+    _write_run(str(tmp_path))
+    inner = os.path.join(str(tmp_path), "levels", "level_01")
+    with pytest.raises(ValueError, match=f"inside the run directory {tmp_path}: run `fastticket report {tmp_path}`"):
+        make_report(inner)
+    assert make_report(str(tmp_path))  # the run directory itself reports as before
+
+
+def test_curves_name_the_levels_they_show(tmp_path, monkeypatch):
+    from fastticket.app import report
+    _write_run(str(tmp_path), levels=(0, 1, 2), trials=(0,))
+    figures = {}
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.update({os.path.basename(path): fig}))
+    make_report(str(tmp_path))
+    assert figures["curves.png"].axes[0].get_legend().get_title().get_text() == "weights remaining"  # all 3
+    monkeypatch.setattr(report, "_curve_levels", lambda levels: [levels[0], levels[-1]])
+    make_report(str(tmp_path))
+    assert figures["curves.png"].axes[0].get_legend().get_title().get_text() == \
+        "weights remaining\n(levels 0, 2 of 0-2)"

@@ -1,6 +1,7 @@
-"""The front ends: the `fastticket` command line, the report and comparison of run directories, the benchmarks."""
+"""The front ends: the `fastticket` command line, the Python API (`fastticket.search`), the report and
+comparison of run directories, the benchmarks."""
 from fastticket._lazy import lazy_attributes
 
-SUBMODULES = ("cli", "bars", "report", "compare", "bench")
+SUBMODULES = ("cli", "api", "bars", "report", "compare", "bench")
 
 __getattr__, __dir__ = lazy_attributes(__name__, {name: name for name in SUBMODULES})

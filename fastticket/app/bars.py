@@ -1,6 +1,8 @@
-"""The search's progress bars on stderr (tqdm), for `fastticket search` on a terminal."""
+"""The search's progress bars on stderr (tqdm), for `fastticket search` on a terminal (in a log: one line per
+evaluation, fastticket.lottery.progress.LogLines)."""
 from __future__ import annotations
 
+import math
 import sys
 
 from fastticket.lottery.progress import Progress
@@ -33,7 +35,8 @@ def progress_bars():
         def step(self, iteration: int, loss: float) -> None:
             self.bar.update(iteration - self.bar.n)  # called a few times per second, not per step
 
-        def evaluated(self, iteration: int, loss: float, val_acc: float) -> None:
+        def evaluated(self, iteration: int, loss: float, val_acc: float, val_loss: float = math.nan,
+                      arm: str = "") -> None:
             self.bar.set_postfix(loss=f"{loss:.4f}", val_acc=f"{val_acc:.4f}", refresh=False)
 
         def training_finished(self) -> None:

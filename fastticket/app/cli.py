@@ -184,7 +184,7 @@ SEARCH_FLAGS: Dict[str, Flag] = {
 NOT_FLAGS = frozenset({"val_size", "optimizer", "momentum", "weight_decay", "lr_milestones", "lr_gamma",
                        "warmup_iters", "augment", "scope", "conv_rate", "output_rate", "exclude", "criterion",
                        # set through FASTTICKET_BACKEND / FASTTICKET_DENSE_THRESHOLD_<OP>, recorded by the search
-                       "backend", "dense_thresholds"})
+                       "backend", "dense_thresholds", "sources"})
 
 
 def flag_name(field_name: str) -> str:
@@ -214,20 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run iterative magnitude pruning: train, prune, rewind, repeat for levels "
                                    "0..N, with controls; write results under --out and draw the report.",
                        epilog=SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from fastticket.lottery.presets import DEFAULT_PRESET, list_presets
+    from fastticket.lottery.presets import DEFAULT_PRESET, get_preset, list_presets
+    defaults = get_preset(DEFAULT_PRESET)
     s.add_argument("--preset", metavar="NAME", default=None, help=f"named settings to start from (default {DEFAULT_PRESET}): "
                                                   f"{', '.join(list_presets())}")
     fields = _config_fields()
     for name, flag in SEARCH_FLAGS.items():
+        text = f"{fields[name].metadata['help']} (default: {getattr(defaults, name)})"
         if flag.switch:  # default None: an absent switch leaves the preset's value
-            s.add_argument(flag_name(name), dest=name, action="store_true", default=None,
-                           help=fields[name].metadata["help"])
+            s.add_argument(flag_name(name), dest=name, action="store_true", default=None, help=text)
             continue
-        s.add_argument(flag_name(name), dest=name, metavar=flag.metavar, type=flag.type,
-                       help=fields[name].metadata["help"])
+        # --data is the short spelling for a user's PKG.MODULE:FUNCTION (--dataset for the built-in names).
+        spellings = [flag_name(name)] + (["--data"] if name == "dataset" else [])
+        s.add_argument(*spellings, dest=name, metavar=flag.metavar, type=flag.type, help=text)
     s.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset>); must be empty unless --resume")
     s.add_argument("--resume", action="store_true", help="continue the run in --out (same settings required)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal) or lines (in a log)")
 
     r = sub.add_parser("report", help="draw plots and tables of a run directory",
                        description="Plots (test accuracy and early-stopping iteration vs % weights remaining, "
@@ -278,16 +280,18 @@ def config_from_args(args: argparse.Namespace):
 
 def _search(args: argparse.Namespace) -> int:
     from fastticket.app.bars import progress_bars
+    from fastticket.lottery.progress import LogLines
     from fastticket.lottery.platform import env_rank
     from fastticket.lottery.presets import DEFAULT_PRESET
     from fastticket.app.report import summary_table
     from fastticket.lottery.search import run_search
     config = config_from_args(args)
     out = args.out or os.path.join("runs", args.preset or DEFAULT_PRESET)
-    # Bars only on a terminal: in a log file their carriage returns would bury the messages.
+    # Bars only on a terminal: in a log file their carriage returns would bury the messages; a log gets lines.
     main = env_rank() == 0  # under torchrun, rank 0 draws the bars and writes the summary and the report
-    bars = not args.no_progress and sys.stderr.isatty() and main
-    rows = run_search(config, out, resume=args.resume, progress=progress_bars() if bars else None)
+    show = not args.no_progress and main
+    progress = (progress_bars() if sys.stderr.isatty() else LogLines()) if show else None
+    rows = run_search(config, out, resume=args.resume, progress=progress)
     if not main:
         return 0 if any(r.get("status") == "ok" for r in rows) else EXIT_RUNTIME
     print(summary_table(rows))

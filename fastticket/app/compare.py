@@ -124,7 +124,7 @@ def _plot(rows: Sequence[Dict[str, Any]], labels: Sequence[str], key: str, ylabe
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
     return drawn
 
@@ -146,7 +146,7 @@ def make_comparison(run_dirs: Sequence[str], out_dir: str, problems: Optional[Li
               ""]
     atomic_write_text(written[1], "\n".join(header + [comparison_table(rows)]) + "\n")
     _plot(rows, labels, "test_acc_at_early_stop", "test accuracy at early stop (%)",
-          f"Test accuracy vs sparsity ({name})", written[2])
+          f"Test accuracy vs % of weights remaining ({name})", written[2])
     _plot(rows, labels, "early_stop_iter", "early-stopping iteration",
-          f"Early-stopping iteration vs sparsity ({name})", written[3])
+          f"Early-stopping iteration vs % of weights remaining ({name})", written[3])
     return written

@@ -1,8 +1,9 @@
 """Tables and paper-style plots from a search's run directory.
 
 Reads the results (result.json + metrics.jsonl of every arm) of a run directory (fastticket.lottery.rundir) and
-writes run_dir/report/: results.csv, results.md, accuracy_vs_weights.png, early_stop_vs_weights.png, curves.png,
-each atomically (fastticket.lottery.atomic_io): a killed report leaves the previous file or the new one.
+writes run_dir/report/: results.csv, results.md, accuracy_vs_weights.png, early_stop_vs_weights.png, curves.png
+(PNGs at 200 dpi, each with a PDF beside it), each atomically (fastticket.lottery.atomic_io): a killed report
+leaves the previous file or the new one.
 Accuracies are stored as fractions in [0, 1]; every table and plot shows them in percent.
 """
 from __future__ import annotations
@@ -52,9 +53,24 @@ def collect_results(run_dir: str, problems: Optional[List[str]] = None) -> List[
     """
     if not os.path.isdir(run_dir):
         raise ValueError(f"no run directory at {run_dir}: run `fastticket search --out {run_dir}` first")
+    root = _enclosing_run(run_dir)
+    if root is not None:
+        raise ValueError(f"{run_dir} is a folder inside the run directory {root}: run `fastticket report {root}`")
     results = RunDir(run_dir).results(problems, require_final=False)
     results.sort(key=lambda r: (r["level"], registry.order_key(r["arm"]), r["trial"]))
     return results
+
+
+def _enclosing_run(path: str) -> Optional[str]:
+    """The run directory (holding config.json) that `path` lies inside, when `path` itself is not one."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    here = os.path.abspath(path)
+    while os.path.dirname(here) != here:
+        here = os.path.dirname(here)
+        if os.path.isfile(os.path.join(here, "config.json")) and os.path.isdir(os.path.join(here, "levels")):
+            return os.path.relpath(here) if not os.path.isabs(path) else here
+    return None
 
 
 ArmKey = Tuple[int, str, int, int]  # (level, arm, trial, replica)
@@ -184,9 +200,13 @@ def write_csv(path: str, columns: Sequence[str], rows: Sequence[Dict[str, Any]])
     atomic_write_text(path, text.getvalue())
 
 
-def save_figure(fig: Any, path: str, dpi: int) -> None:
-    """A matplotlib figure as PNG, written atomically."""
+PLOT_DPI = 200  # print resolution for the PNGs; the PDF beside each is vector
+
+
+def save_figure(fig: Any, path: str, dpi: int = PLOT_DPI) -> None:
+    """A matplotlib figure as PNG at `path` and as PDF beside it (same name, .pdf), each written atomically."""
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    atomic_write(os.path.splitext(path)[0] + ".pdf", lambda f: fig.savefig(f, format="pdf"))
 
 
 def _write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
@@ -246,10 +266,15 @@ def _density_axis(ax, densities: Sequence[float]) -> None:
 
 
 def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, title: str, path: str,
-                     config: Optional[Dict[str, Any]] = None) -> None:
+                     config: Optional[Dict[str, Any]] = None, reference: bool = False) -> None:
+    """`key`'s mean per arm against % of weights remaining, error bars (the std) where n > 1; `reference`: the
+    dense network's (level 0) value as a dashed line."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    dense = [r[f"{key}_mean"] for r in rows if r["level"] == 0 and r["arm"] == TICKET]
+    if reference and dense and not math.isnan(dense[0]):
+        ax.axhline(dense[0], color="0.5", linestyle="--", linewidth=1, label=f"dense (level 0): {dense[0]:.2f}")
     arms = sorted({r["arm"] for r in rows}, key=registry.order_key)
     any_bars = False
     for i, arm in enumerate(arms):
@@ -268,7 +293,8 @@ def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, titl
         ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", markersize=4, capsize=3,
                     color=registry.color(arm), label=f"{arm_label(arm, config or {})} ({n_text})")
     _density_axis(ax, [r["weights_remaining_pct"] for r in rows])
-    ax.set_ylabel(ylabel)
+    several = any(int(r["n_trials"]) > 1 for r in rows)
+    ax.set_ylabel(ylabel + ("\nmean ± std over n trials" if several else ""))
     ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
@@ -276,7 +302,7 @@ def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, titl
         ax.annotate("points: mean over n trials; error bars: sample std over n trials", (0.01, 0.01),
                     xycoords="axes fraction", fontsize=7, alpha=0.8)
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -342,11 +368,21 @@ def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any
     key = ", ".join(f"{styles[registry.curve_style(a)]}: {a}" for a in arms)
     ax.set_title(f"Test accuracy during training ({key}){title_note}", fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(title="weights remaining", fontsize=8)
+    shown = ("" if len(picks) == len(ticket_levels)
+             else f"\n(levels {', '.join(map(str, picks))} of 0-{ticket_levels[-1]})")
+    ax.legend(title=f"weights remaining{shown}", fontsize=8)
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return True
+
+
+def _validation_note(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """A user's data without a validation split evaluates no validation loss (NaN): say what early stop means."""
+    ok = [r for r in results if r.get("status", "ok") == "ok" and r.get("early_stop_iter") is not None]
+    if ok and not any(math.isfinite(float(r.get("early_stop_val_loss") or math.nan)) for r in ok):
+        return ["no validation split: early stopping uses the last evaluation"]
+    return []
 
 
 def make_report(run_dir: str, problems: Optional[List[str]] = None, out_dir: Optional[str] = None) -> List[str]:
@@ -390,14 +426,16 @@ def make_report(run_dir: str, problems: Optional[List[str]] = None, out_dir: Opt
         return written[-1]
 
     _write_csv(rows, path("results.csv"))
-    _write_markdown(rows, path("results.md"), config,
-                    ([note] if note else []) + [f"left out, unreadable: {p}" for p in file_problems])
+    _write_markdown(rows, path("results.md"), config, ([note] if note else []) + _validation_note(results)
+                    + [f"left out, unreadable: {p}" for p in file_problems])
     name = f"{config.get('model', '')} on {config.get('dataset', '')}".strip() if config else ""
     suffix = f" ({name})" if name and name != "on" else ""
-    _plot_vs_weights(rows, "test_acc_at_early_stop", "test accuracy at early stop (%)\nmean ± std over n trials",
-                     f"Test accuracy vs sparsity{suffix}{title_note}", path("accuracy_vs_weights.png"), config)
-    _plot_vs_weights(rows, "early_stop_iter", "early-stopping iteration\nmean ± std over n trials",
-                     f"Early-stopping iteration vs sparsity{suffix}{title_note}", path("early_stop_vs_weights.png"),
+    _plot_vs_weights(rows, "test_acc_at_early_stop", "test accuracy at early stop (%)",
+                     f"Test accuracy vs % of weights remaining{suffix}{title_note}", path("accuracy_vs_weights.png"),
+                     config, reference=True)
+    _plot_vs_weights(rows, "early_stop_iter", "early-stopping iteration",
+                     f"Early-stopping iteration vs % of weights remaining{suffix}{title_note}",
+                     path("early_stop_vs_weights.png"),
                      config)
     curves = os.path.join(out, "curves.png")
     if _plot_curves(results, rows, curves, None, title_note):

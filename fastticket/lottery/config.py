@@ -96,9 +96,10 @@ def field_defaults() -> dict:
 @dataclass
 class SearchConfig:
     # what to train
-    model: str = _help("model name (lenet300, conv2, conv4, conv6, vgg19, resnet20, torchvision:<name>)",
-                       default="lenet300")
-    dataset: str = _help("mnist5k (embedded, offline), mnist, cifar10", default="mnist5k")
+    model: str = _help("model name (lenet300, conv2, conv4, conv6, vgg19, resnet20, torchvision:<name>) or "
+                       "PKG.MODULE:FUNCTION returning a fresh nn.Module", default="lenet300")
+    dataset: str = _help("mnist5k (embedded, offline), mnist, cifar10, or PKG.MODULE:FUNCTION returning "
+                         "(train, val, test)", default="mnist5k")
     data_dir: Optional[str] = _help("where MNIST / CIFAR-10 live or are downloaded to", default=None)
     val_size: int = _help("validation images held out of the training split", default=500)
 
@@ -149,6 +150,8 @@ class SearchConfig:
     dense_thresholds: Dict[str, float] = _help("dispatch thresholds overridden by FASTTICKET_DENSE_THRESHOLD_<OP> "
                                                "({op: live fraction}); config.json records them",
                                                default_factory=dict)
+    sources: Dict[str, str] = _help("hash of each user model / data function's source (set by the search; a "
+                                    "resume with a changed function is refused)", default_factory=dict)
     # how to run (not what: results do not depend on it beyond float rounding, so resume ignores it)
     parallel_arms: int = _help("at most N arms of a level train together as one stacked model (0: all of "
                                "them; 1: one at a time)", default=0, run_only=True)
@@ -254,10 +257,13 @@ class SearchConfig:
         # The registries (criteria, datasets, models) live in the modules that fill them.
         get_criterion(self.criterion)
         from fastticket.lottery.data import DATASETS
-        need(self.dataset in DATASETS,
+        user_data = ":" in self.dataset  # a user's data (fastticket.lottery.sources)
+        need(not (user_data and self.augment), "augment is CIFAR's flip + crop of the built-in datasets; put a "
+             "user dataset's augmentation in its own data function")
+        need(user_data or self.dataset in DATASETS,
              f"unknown dataset {self.dataset!r}; known datasets are {', '.join(DATASETS)}")
         from fastticket.lottery import models
-        if not self.model.startswith(models.TORCHVISION_PREFIX):
+        if ":" not in self.model:  # not torchvision:<name> nor a user's PKG.MODULE:FUNCTION
             known = [m for m in models.list_models() if not m.startswith(models.TORCHVISION_PREFIX)]
             need(self.model in known, f"unknown model {self.model!r}; known models are "
                                       f"{', '.join(models.list_models())}")

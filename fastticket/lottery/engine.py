@@ -66,6 +66,19 @@ def stacks(config: SearchConfig, model: nn.Module, device: torch.device) -> bool
     return not (device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()))
 
 
+def stack_failure(model: nn.Module, probe: torch.Tensor) -> Optional[str]:
+    """Why two copies of `model` cannot run as one stacked model on `probe` (a couple of inputs), or None.
+    For a user's model, tried once before training: vmap cannot trace every model (e.g. data-dependent Python
+    control flow)."""
+    import copy
+    try:
+        with torch.no_grad():
+            StackedModule([copy.deepcopy(model) for _ in range(2)])(probe.unsqueeze(0).expand(2, *probe.shape))
+    except Exception as exc:  # noqa: BLE001 - vmap raises many kinds of error for what it cannot trace
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+    return None
+
+
 def arms_per_engine(config: SearchConfig) -> Optional[int]:
     """The most arms one engine takes (None: any number): one with --parallel-arms 1 (each arm alone, its
     own plain step) and with --compile (building a compiled step resets torch.compile's caches,

@@ -57,6 +57,7 @@ class SearchState:
     train_data: Any  # what the arms train and evaluate on: `data`, or in a data-parallel search this rank's share
     context: Context
     said_split: bool = False
+    arm_fields: Dict[str, Any] = dataclasses.field(default_factory=dict)  # added to every result.json
 
     def model(self, seed: int) -> nn.Module:
         return build_masked_model(self.config, self.data.info, seed, self.device)
@@ -175,7 +176,8 @@ def prepare_arm(s: SearchState, level: int, arm: str, trial: int, replica: int =
     if plan.keep_rewind and not directory.has_rewind():
         directory.save_rewind(plan.rewind_point if plan.rewind_point is not None else cpu_state(model))
     spec = ArmSpec(level, arm, trial, plan.start_iter, capture_rewind_at=plan.capture_rewind_at,
-                   lr_fixed_at=plan.lr_fixed_at, result_extra=plan.result_extra, replica=replica)
+                   lr_fixed_at=plan.lr_fixed_at, result_extra={**plan.result_extra, **s.arm_fields},
+                   replica=replica)
     hook = s.early_bird_hook(level, trial, plan.capture_rewind_at or 0) if arm == TICKET else None
     return ArmJob(spec, model, directory, s.seed(trial), hook)
 

@@ -61,11 +61,11 @@ def _gib(n: float) -> str:
 
 def _check_model(config: SearchConfig, data: "DeviceData", device: torch.device) -> Tuple[nn.Module, int]:
     """The model built and run on two training images; returns it and its activation bytes per image."""
-    c, h, w = data.info.in_shape
+    shape = "x".join(map(str, data.info.in_shape))  # (C, H, W) for images; a user's data may have any shape
     try:
         model = build_masked_model(config, data.info, config.seed, device)
     except Exception as exc:  # noqa: BLE001 - a torchvision builder can fail in many ways
-        raise ConfigError(f"model {config.model!r} cannot be built for {config.dataset} ({c}x{h}x{w} images, "
+        raise ConfigError(f"model {config.model!r} cannot be built for {config.dataset} ({shape} inputs, "
                           f"{data.info.num_classes} classes): {_first_line(exc)}") from None
     sizes: List[int] = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(
@@ -76,7 +76,7 @@ def _check_model(config: SearchConfig, data: "DeviceData", device: torch.device)
         with torch.no_grad():
             out = model(x)
     except Exception as exc:  # noqa: BLE001 - e.g. a 224x224 torchvision model on 28x28 images
-        raise ConfigError(f"model {config.model!r} cannot run on {config.dataset} images ({c}x{h}x{w}): "
+        raise ConfigError(f"model {config.model!r} cannot run on {config.dataset} inputs ({shape}): "
                           f"{_first_line(exc)}; choose a model made for this input size") from None
     finally:
         for hook in hooks:
@@ -91,9 +91,11 @@ def _check_model(config: SearchConfig, data: "DeviceData", device: torch.device)
 def _check_batch(config: SearchConfig, data: "DeviceData", model: nn.Module, per_image: int,
                  device: torch.device) -> None:
     n_train = len(data.train)
+    # A user's data (a name with ':') bring their own validation split; val_size holds out of built-in ones.
+    held_out = "" if ":" in config.dataset else f" after holding out {config.val_size} for validation"
     if config.batch_size > n_train:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the training split of {config.dataset} "
-                          f"({n_train} images after holding out {config.val_size} for validation); use "
+                          f"({n_train} examples{held_out}); use "
                           f"--batch-size <= {n_train}")
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     need = PARAMETER_FACTOR * params + ACTIVATION_FACTOR * per_image * config.batch_size

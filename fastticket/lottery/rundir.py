@@ -169,6 +169,13 @@ class RunDir:
                             if k not in run_only_fields() and saved.get(k, "<absent>") != current.get(k, "<absent>"))
             extend = differ == ["levels"] and isinstance(saved.get("levels"), int) and \
                 current["levels"] > saved["levels"]
+            # A user's model or data function (fastticket.lottery.sources) changed: say which.
+            if "sources" in differ and not {"model", "dataset"} & set(differ):
+                changed = [k for k in ("model", "dataset") if saved["sources"].get(k) != current["sources"].get(k)]
+                which = " and the ".join(f"{'model' if k == 'model' else 'data'} function {current[k]}"
+                                         for k in changed)
+                raise RunDirError(f"cannot resume {out_dir}: the {which} changed since the run began (its source "
+                                  f"hash differs from config.json's); restore it or choose another --out")
             if differ and not extend:
                 details = "; ".join(f"{k}: run has {saved.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}"
                                     for k in differ)

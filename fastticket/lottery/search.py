@@ -41,13 +41,14 @@ from fastticket.lottery import platform, stop
 from fastticket.lottery.arms import TICKET, level_arms
 from fastticket.lottery.batched import group_size
 from fastticket.lottery.config import SearchConfig, parse_refill
-from fastticket.lottery.engine import arms_per_engine
+from fastticket.lottery.engine import arms_per_engine, stack_failure, stacks
 from fastticket.lottery.platform import Context, resolve_device
 from fastticket.lottery.plans import Prepared, SearchState, prepare_arm, prepare_shared
 from fastticket.lottery.preflight import preflight
 from fastticket.lottery.progress import Progress
 from fastticket.lottery.prune import check_refill_fits, layer_rates
 from fastticket.lottery.rundir import RunDir
+from fastticket.lottery.sources import is_user, recorded, to_device_data
 from fastticket.lottery.train import ArmJob, build_masked_model, train_arms
 from fastticket.sparse.backend import use_backend
 
@@ -167,6 +168,7 @@ def run_search(config: SearchConfig, out_dir: str, resume: bool = False,
 
     progress = progress if isinstance(progress, Progress) else Progress()
     validate_config(config)
+    config = recorded(config)  # a user model / data function's source hash, checked on resume
     device = resolve_device(config.device)
     backend, thresholds = platform.dispatch_settings(config.backend, config.dense_thresholds, device)
     with stop.on_sigterm(), platform.session(config.distributed, config.dist_backend, device,
@@ -183,8 +185,9 @@ def run_search(config: SearchConfig, out_dir: str, resume: bool = False,
         run = RunDir(out_dir, writes=context.main or not context.data_parallel)
         context.agree(lambda: _check_ranks(config, context))
         context.agree(lambda: run.prepare(config, resume, create=False))
-        data = context.agree(lambda: load_dataset(config.dataset, config.data_dir, device, config.val_size,
-                                                  config.seed, augment=config.augment))
+        data = context.agree(lambda: to_device_data(config.dataset, device) if is_user(config.dataset) else
+                             load_dataset(config.dataset, config.data_dir, device, config.val_size, config.seed,
+                                          augment=config.augment))
         # Everything else that can fail early, before the first write.
         context.agree(lambda: (preflight(config, data, device), _check_refill(config, data, device)))
         context.agree(lambda: run.lock() if context.main else None)
@@ -255,13 +258,20 @@ def _check_refill(config: SearchConfig, data: "DeviceData", device: torch.device
 def _run_levels(config: SearchConfig, run: RunDir, data: "DeviceData", device: torch.device,
                 progress: Progress, context: Context) -> List[Dict[str, Any]]:
     # The layer structure (names, which are prunable) comes from one throwaway build.
-    prunable = _prunable(config, build_masked_model(config, data.info, config.seed, device))
+    model = build_masked_model(config, data.info, config.seed, device)
+    prunable = _prunable(config, model)
+    arm_fields: Dict[str, Any] = {}
+    failure = stacks(config, model, device) and is_user(config.model) and stack_failure(model, data.train.x[:2])
+    if failure:
+        progress.message(f"fastticket: the model {config.model} cannot be stacked ({failure}); its arms train one "
+                         f"at a time")
+        config, arm_fields = config.replace(parallel_arms=1), {"arms_stacked": False, "why_not_stacked": failure}
     if context.data_parallel:
         from fastticket.lottery.data import DataShard
         train_data: Any = DataShard(data, context.rank, context.world)
     else:
         train_data = data
-    s = SearchState(config, run, data, device, prunable, progress, train_data, context)
+    s = SearchState(config, run, data, device, prunable, progress, train_data, context, arm_fields=arm_fields)
     arms_per_level = len(level_arms(config.controls, config.reinits, 1))
     progress.search_started((1 + config.levels * arms_per_level) * config.trials)
     rows: List[Dict[str, Any]] = []

@@ -44,9 +44,10 @@ EVAL_CHUNK = 1000  # evaluation batch: bounds activation memory for big models /
 def build_masked_model(config: SearchConfig, info: "DatasetInfo", seed: int, device: torch.device) -> nn.Module:
     """A freshly initialised model (init drawn from `seed`) with every Linear / Conv2d masked (all ones)."""
     from fastticket.lottery.models import build_model
+    from fastticket.lottery.sources import build_user_model, is_user
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(config.model, info)
+        model = build_user_model(config.model) if is_user(config.model) else build_model(config.model, info)
     # Every layer is masked, excluded ones too: they simply keep an all-ones mask, so the optimizer and the
     # kernels treat all layers alike.
     sparsify(model)
@@ -69,7 +70,8 @@ def cpu_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: Context = SOLO) -> Tuple[float, float]:
     """(mean cross-entropy, accuracy) over a whole split; in a data-parallel search `x, y` are this rank's
-    share of it and the sums are added over the ranks (every rank gets the whole split's numbers)."""
+    share of it and the sums are added over the ranks (every rank gets the whole split's numbers). An empty
+    split (a user's data without validation) gives NaN for both."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss sum, correct, count
@@ -82,15 +84,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: Contex
     model.train(was_training)
     context.shard_sum_(totals)
     loss_sum, correct, n = totals.tolist()
-    return loss_sum / max(1.0, n), correct / max(1.0, n)
+    return (loss_sum / n, correct / n) if n else (math.nan, math.nan)
 
 
 def early_stopping(metrics: List[Dict[str, float]]) -> Dict[str, Any]:
-    """The early-stopping point: the first minimum of the validation loss (a NaN loss never counts)."""
+    """The early-stopping point: the first minimum of the validation loss (a NaN loss never counts); the last
+    evaluation when no loss counts (e.g. no validation split)."""
     if not metrics:
         return {"early_stop_iter": None, "early_stop_val_loss": None, "test_acc_at_early_stop": None}
-    best = min(range(len(metrics)),
-               key=lambda i: (metrics[i]["val_loss"] if math.isfinite(metrics[i]["val_loss"]) else math.inf, i))
+    best = min(range(len(metrics)), key=lambda i: (metrics[i]["val_loss"], i) if math.isfinite(metrics[i]["val_loss"])
+               else (math.inf, -i))
     return {"early_stop_iter": metrics[best]["iteration"], "early_stop_val_loss": metrics[best]["val_loss"],
             "test_acc_at_early_stop": metrics[best]["test_acc"]}
 
@@ -396,7 +399,8 @@ class _Group:
             job.directory.save_checkpoint(ckpt)
             job.directory.write_metrics(state.metrics)
             self.last_loss = state.metrics[-1]["train_loss"]
-            self.progress.evaluated(iteration, self.last_loss, val_acc)
+            self.progress.evaluated(iteration, self.last_loss, val_acc, val_loss,
+                                    f"{job.spec.label} trial {job.spec.trial}")
         self.loss_sums.zero_()
         self.loss_count = 0
         for i in stopped:

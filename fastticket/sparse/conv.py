@@ -95,7 +95,7 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """Masked conv2d on the triton backend (what `MaskedConv2d.forward` calls): the tile-skipping kernels or
     dense cuDNN with the weight gradient masked, by `conv2d_plan`. tile_maps(BN, BK, k_order=...) is the
     layer's cached tile-map provider. Accepts [N, C, H, W] or unbatched [C, H, W] input, like nn.Conv2d."""
-    from fastticket.kernels.masked_conv2d import _pair
+    from fastticket.kernels.conv_geometry import _pair
 
     if groups == 1 and x.dim() == 3:
         return masked_conv2d(x.unsqueeze(0), weight, bias, mask, tile_maps, stride, padding, dilation, groups)[0]

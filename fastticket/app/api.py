@@ -1,0 +1,100 @@
+"""`fastticket.search`: a ticket search on a researcher's own model and data, from Python.
+
+    result = fastticket.search(make_model, (train, val, test), "runs/mine", levels=3, iterations=500)
+    result.rows  # the rows of report/results.csv: one per (level, arm)
+
+It runs the engine the CLI runs (fastticket.lottery.search.run_search): the objects are served by
+fastticket.lottery.sources, for the search's duration, under names the config records, so resume, the lock,
+the checksums and the settings check work as for the built-in presets, and `fastticket report` reads the run
+directory.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+from typing import Any, Callable, Dict, List, Tuple, Union
+
+import torch
+from torch import nn
+
+from fastticket.errors import ConfigError
+from fastticket.lottery import sources
+from fastticket.lottery.config import SearchConfig
+
+DATA_NAME = "<python>:data"  # the name the data handed to `search` are served under (never imported)
+
+# Recipes given as callables: not built yet; refused rather than silently ignored.
+_NOT_YET = {"lr_scheduler": "lr_milestones, lr_gamma and warmup_iters",
+            "loss": "the default cross-entropy (classification only)"}
+
+
+@dataclasses.dataclass
+class SearchResult:
+    run_dir: str
+    rows: List[Dict[str, Any]]  # report/results.csv: one per (level, arm), accuracies in percent
+    arms: List[Dict[str, Any]]  # every arm's result.json, in run order
+    report_files: List[str]
+
+
+def _module_factory(module: nn.Module, base_seed: int) -> Callable[[], nn.Module]:
+    """A fresh copy of `module` per arm: its own weights under the base seed (trial 0's ticket and random
+    control); under any other seed (other trials, reinit controls) every layer's reset_parameters draws new
+    ones."""
+    def fresh() -> nn.Module:
+        model = copy.deepcopy(module)
+        if torch.initial_seed() != base_seed:  # build_masked_model seeds torch with the arm's init seed
+            for m in model.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        return model
+    return fresh
+
+
+def _model_source(model: Any, base_seed: int) -> Tuple[str, Callable[[], nn.Module], str]:
+    """(config name, source, hash) of the model: a zero-argument function or an nn.Module."""
+    if isinstance(model, nn.Module):
+        cls = type(model)
+        h = hashlib.sha256(sources.source_hash(cls).encode())
+        for value in model.state_dict().values():
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return f"{cls.__module__}:{cls.__qualname__}()", _module_factory(model, base_seed), "sha256:" + h.hexdigest()
+    if not callable(model):
+        raise ConfigError(f"model must be a function returning a fresh nn.Module, or an nn.Module, got "
+                          f"{type(model).__name__}")
+    name = f"{getattr(model, '__module__', None) or '<python>'}:{getattr(model, '__qualname__', repr(model))}"
+    return name, model, sources.source_hash(model)
+
+
+def search(model: Union[Callable[[], nn.Module], nn.Module], data: Any, out_dir: str, *, resume: bool = False,
+           progress: bool = True, **settings: Any) -> SearchResult:
+    """Run (or, with resume=True, continue) a ticket search of `model` on `data` = (train, val, test) into
+    `out_dir`, then write its report; `settings` are SearchConfig fields by name (see `fastticket search
+    --help`). `val` None: early stopping takes the last evaluation. `progress`: one line per evaluation on
+    stderr (False: only messages)."""
+    from fastticket.lottery.progress import LogLines
+    from fastticket.app.report import aggregate, collect_results, make_report
+    from fastticket.lottery.search import run_search
+
+    for key, instead in _NOT_YET.items():
+        if key in settings:
+            raise ConfigError(f"{key}= is not supported yet; use {instead}")
+    if callable(settings.get("optimizer")):
+        raise ConfigError("optimizer as a callable is not supported yet; use optimizer='adam', 'adamw' or 'sgd' "
+                          "with lr, momentum and weight_decay")
+    for key in ("dataset", "sources"):  # model= is the first argument (Python refuses it twice)
+        if key in settings:
+            raise ConfigError(f"{key}= is set by search() itself (model and data are its first arguments)")
+    fields = {f.name for f in dataclasses.fields(SearchConfig)}
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; settings are SearchConfig fields: "
+                          f"{', '.join(sorted(fields - {'model', 'dataset', 'sources'}))}")
+    base = SearchConfig(**settings)
+    splits = sources.split_tensors(data)  # converted (and checked) once, here
+    name, source, digest = _model_source(model, base.seed)
+    config = base.replace(model=name, dataset=DATA_NAME)
+    with sources.serving({name: (source, digest), DATA_NAME: (lambda: splits, sources.tensors_hash(splits))}):
+        arms = run_search(config, out_dir, resume=resume, progress=LogLines() if progress else None)
+    files = make_report(out_dir)
+    return SearchResult(out_dir, aggregate(collect_results(out_dir)), arms, files)
