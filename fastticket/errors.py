@@ -5,6 +5,12 @@ They subclass ValueError so library callers that already catch ValueError keep w
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """An error in one line, for a message that quotes it: its type and the first line of its text."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 class FastTicketError(Exception):
     """Base of every error fastticket raises for bad input or an unusable run directory."""
 
@@ -32,3 +38,11 @@ class OutputError(FastTicketError, OSError):
 
 class RunLockedError(RunDirError):
     """Another live process holds the run directory."""
+
+
+class PeerLostError(FastTicketError):
+    """Another rank of a multi-process search died, hangs or left it (fastticket.lottery.peers)."""
+
+
+class StoppedError(FastTicketError):
+    """The search was asked to stop (SIGTERM) and stopped at a safe point (fastticket.lottery.stop)."""

@@ -211,6 +211,7 @@ def test_search_then_report_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("flags, both", [
     (["--early-bird", "0.1", "--rewind", "none"], ("early_bird", "rewind is none")),
+    (["--early-bird", "0.1", "--levels", "0"], ("early_bird", "levels is 0")),
 ])
 def test_contradictory_flags_are_one_line_naming_both(flags, both, tmp_path, capsys):
     from fastticket.app import cli

@@ -9,7 +9,7 @@ import pytest
 import fastticket.app.compare as compare
 from fastticket.app.cli import main
 from fastticket.app.report import arm_label, make_report
-from fastticket.lottery.rundir import ArmDir
+from fastticket.lottery.armdir import ArmDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

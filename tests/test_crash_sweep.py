@@ -13,13 +13,15 @@ import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
+import time
 import traceback
 
 import pytest
 import torch
 
-from fastticket.lottery.atomic_io import FAULT_AT_ENV, FAULT_LOG_ENV
+from fastticket.lottery.atomic_io import FAULT_AT_ENV, FAULT_LOG_ENV, FAULT_RANK_ENV
 from fastticket.lottery.data import _mnist5k_arrays
 from fastticket.lottery.presets import get_preset
 from fastticket.lottery.rundir import RunDir
@@ -185,3 +187,88 @@ def test_report_survives_a_kill_at_every_fault_point(tmp_path):
 
     points = sweep(tmp_path, report, same=lambda out, ref: report_files(out) == report_files(ref))
     print(f"report: {points} fault points, every rerun identical")
+
+
+# A 2-rank trials search: level 0's ticket on rank 0; at level 1 the ticket on rank 0, the reinit on rank 1.
+# The survivor of a kill knows at once (the dead pid, or the store rank 0 hosted); KILLED_TIMEOUT bounds its
+# wait if not (--dist-timeout; resume may change it).
+KILLED_TIMEOUT, RANKS_DEADLINE = 10.0, 120
+
+
+def run_ranks(config, out, resume, env, logs):
+    """Both ranks of `config` as forked children with torchrun's environment (and `env`), each writing to its
+    log (emptied first), to their end (a hang fails the test, the ranks killed); their exit codes."""
+    for log in logs:
+        open(log, "w").close()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pids = [fork_worker(lambda: run_search(config, out, resume=resume, progress=False), logs[rank],
+                        dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                             LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")) for rank in range(2)]
+    codes, deadline = {}, time.time() + RANKS_DEADLINE
+    while len(codes) < 2:
+        for pid in pids:
+            if pid not in codes:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    codes[pid] = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        if time.time() > deadline:
+            for pid in set(pids) - set(codes):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            raise AssertionError(f"the ranks did not end within {RANKS_DEADLINE} s: a hang")
+        time.sleep(0.02)
+    return [codes[pid] for pid in pids]
+
+
+def check_rank_point(rank, n, points, configs, ref, work):
+    """Kill `rank` of a 2-rank search at its fault point `n` (the other rank must end by itself), resume over 2
+    ranks with the same settings, compare with the uninterrupted `ref`."""
+    config, killed = configs
+    out, logs = os.path.join(work, f"r{rank}at{n}"), [os.path.join(work, f"r{rank}at{n}.rank{r}.log") for r in range(2)]
+    codes = run_ranks(killed, out, False, {FAULT_AT_ENV: str(n), FAULT_RANK_ENV: str(rank)}, logs)
+    assert codes[rank] == -signal.SIGKILL, (rank, n, codes, open(logs[rank]).read())
+    assert run_ranks(config, out, True, {}, logs) == [0, 0], (rank, n, open(logs[0]).read(), open(logs[1]).read())
+    try:
+        assert same_run(out, ref)
+    except AssertionError as exc:
+        raise AssertionError(f"resume after a kill of rank {rank} at its fault point {n} of {points} differs: "
+                             f"{exc}") from None
+    lock = RunDir(out)
+    lock.lock()  # no stale lock
+    lock.unlock()
+    shutil.rmtree(out)
+
+
+def test_two_rank_search_survives_a_kill_at_every_fault_point_of_each_rank(tmp_path):
+    """Every fault point of each rank of a 2-rank trials search (FASTTICKET_FAULT_RANK): that rank is killed
+    there, the other ends by itself (peer loss within --dist-timeout), and the same command with --resume
+    over 2 ranks gives the uninterrupted run's results, masks, checksums and files. The points are shared
+    by two workers (two cores), as in `sweep`."""
+    config = tiny(trials=1, eval_every=4, dist_timeout=60.0)  # one evaluation per arm: fewer points, each kind
+    configs = (config, config.replace(dist_timeout=KILLED_TIMEOUT))
+    work = tempfile.mkdtemp(dir="/dev/shm") if os.path.isdir("/dev/shm") else str(tmp_path)
+    logs = [os.path.join(work, f"rank{r}.log") for r in range(2)]
+    try:
+        ref, counted = os.path.join(work, "ref"), {}
+        for rank in range(2):
+            points = os.path.join(work, f"points{rank}.log")
+            out = ref if rank == 0 else os.path.join(work, "count")
+            assert run_ranks(config, out, False, {FAULT_LOG_ENV: points, FAULT_RANK_ENV: str(rank)}, logs) == [0, 0]
+            with open(points) as f:
+                counted[rank] = len(f.read().splitlines())
+        assert counted[0] > 0 and counted[1] > 0, counted
+        todo = [(rank, n) for rank, points in counted.items() for n in range(1, points + 1)]
+        workers = max(1, min(2, os.cpu_count() or 1))
+
+        def share(k):
+            for rank, n in todo[k::workers]:
+                check_rank_point(rank, n, counted[rank], configs, ref, work)
+        worker_logs = [str(tmp_path / f"worker{k}.log") for k in range(workers)]
+        pids = [fork_worker(lambda k=k: share(k), worker_logs[k]) for k in range(workers)]
+        failed = [open(log).read()[-6000:] for pid, log in zip(pids, worker_logs) if wait(pid) != 0]
+        assert not failed, "\n".join(failed)
+        print(f"2-rank search: {counted[0]} fault points of rank 0, {counted[1]} of rank 1, every resume identical")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

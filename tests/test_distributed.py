@@ -156,17 +156,23 @@ def test_data_shards_cover_each_global_batch_once():
     assert torch.equal(torch.cat([s.test.x for s in shards]), data.test.x)
 
 
+def _mid_level(procs, arm_glob, out):
+    """Wait until an arm of level 1 has a checkpoint but no result (False if the ranks ended first)."""
+    deadline = time.time() + HANG
+    while time.time() < deadline and all(p.poll() is None for p, _ in procs):
+        if any(os.path.exists(os.path.join(d, "checkpoint.pt")) and not os.path.exists(os.path.join(d, "result.json"))
+               for d in glob.glob(os.path.join(out, "levels", "level_01", arm_glob))):
+            return True
+        time.sleep(0.002)
+    return False
+
+
 def _kill_mid_level(procs, arm_glob, out):
     """SIGKILL rank 1 once an arm of level 1 has a checkpoint but no result, then the other ranks (torchrun
     stops the rest of a job when a worker dies)."""
-    deadline = time.time() + HANG
     try:
-        while time.time() < deadline and all(p.poll() is None for p, _ in procs):
-            if any(os.path.exists(os.path.join(d, "checkpoint.pt")) and not os.path.exists(os.path.join(d, "result.json"))
-                   for d in glob.glob(os.path.join(out, "levels", "level_01", arm_glob))):
-                procs[1][0].send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.002)
+        if _mid_level(procs, arm_glob, out):
+            procs[1][0].send_signal(signal.SIGKILL)
     finally:
         for proc, log in procs:
             proc.kill()
@@ -195,6 +201,43 @@ def test_data_parallel_resume_after_sigkill_of_a_rank(reference, tmp_path):
     assert glob.glob(os.path.join(out, "levels", "level_01", "*", "checkpoint.pt"))
     _run([*args, "--resume"], tmp_path)
     _close_run(reference["killed"], out)
+
+
+PEER_TIMEOUT = 8  # --dist-timeout of the peer-death tests: the survivor must be gone PEER_TIMEOUT + SLACK after
+SLACK = 40  # seconds: the survivor finishing its arm, polling, leaving, on a loaded 2-core machine
+
+
+@pytest.mark.parametrize("victim, arm, how, says", [
+    (1, "reinit_trial0", signal.SIGKILL, "rank 1 died"),
+    (0, "ticket_trial0", signal.SIGKILL, "lost the rendezvous store"),  # rank 0 hosted it
+    (1, "reinit_trial0", signal.SIGSTOP, "rank 1 has not answered for"),  # a hang: alive, silent
+])
+def test_a_rank_that_dies_ends_the_other_in_bounded_time_and_one_line(reference, tmp_path, victim, arm, how, says):
+    """Kill (or freeze) one rank mid-level, with no torchrun to stop the other: the survivor knows a dead peer
+    at once and waits at most --dist-timeout for a silent one, says so in one line, exits 1, and the same
+    command with --resume gives the uninterrupted run's results."""
+    out = str(tmp_path / "run")
+    args = [*KILLED, "--dist-timeout", str(PEER_TIMEOUT), "--out", out]
+    procs = _start(args, tmp=str(tmp_path))
+    try:
+        assert _mid_level(procs, arm, out), "the run finished level 1 before it could be killed"
+        procs[victim][0].send_signal(how)
+        killed_at = time.time()
+        [(code, text)] = _finish([procs[1 - victim]])
+        elapsed = time.time() - killed_at
+    finally:
+        for proc, log in procs:
+            proc.kill()
+            proc.wait()
+            log.close()
+    assert code == 1, text
+    assert elapsed < PEER_TIMEOUT + SLACK, f"the survivor took {elapsed:.0f} s: {text}"
+    lines = [line for line in text.splitlines() if line.startswith("fastticket")]
+    assert len(lines) == 1 and "Traceback" not in text and f"rank {1 - victim}" in lines[0], text
+    assert says in lines[0] and "--resume" in lines[0], text
+    if how == signal.SIGKILL and victim == 1:
+        _run([*args, "--resume"], tmp_path)
+        _same_run(reference["killed"], out)
 
 
 @pytest.mark.parametrize("case, args, rank_args, status, says", [

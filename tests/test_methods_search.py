@@ -130,7 +130,7 @@ def test_early_bird_stops_the_ticket_and_prunes_its_mask(tmp_path):
     res1 = result(run, 1, "ticket")
     assert res1["early_bird_iter"] == 16  # level 1 trains iterations 0..40 and stops at 16 too
     never = str(tmp_path / "never")
-    run_search(tiny(early_bird=1e-9, iterations=16, eval_every=4, levels=0), never)
+    run_search(tiny(early_bird=1e-9, iterations=16, eval_every=4, levels=1), never)
     assert result(never, 0, "ticket")["early_bird_iter"] is None
     assert result(never, 0, "ticket")["final_iter"] == 16
 
@@ -143,7 +143,7 @@ def test_early_bird_resume_continues_the_tracker_from_the_checkpoint(tmp_path):
             if iteration == 12:  # after the checkpoint at 12: two comparisons recorded, one to go
                 raise KeyboardInterrupt
 
-    config = tiny(early_bird=0.5, iterations=40, eval_every=4, levels=0)
+    config = tiny(early_bird=0.5, iterations=40, eval_every=4, levels=1)
     run = str(tmp_path / "eb")
     with pytest.raises(KeyboardInterrupt):
         run_search(config, run, progress=Interrupt())

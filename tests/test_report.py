@@ -7,7 +7,7 @@ import os
 import pytest
 
 from fastticket.app.report import collect_results, expected_arms, make_report, missing_arms, summary_table
-from fastticket.lottery.rundir import ArmDir
+from fastticket.lottery.armdir import ArmDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DENSITY = {0: 1.0, 1: 0.8, 2: 0.64}

@@ -16,7 +16,8 @@ import torch
 from fastticket.app import cli
 from fastticket.errors import ConfigError, DamagedFileError, OutputError, RunDirError, RunLockedError
 from fastticket.lottery.presets import get_preset
-from fastticket.lottery.rundir import ArmDir, RunDir, arm_dir
+from fastticket.lottery.armdir import ArmDir
+from fastticket.lottery.rundir import RunDir, arm_dir
 from fastticket.lottery.search import run_search
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -53,7 +53,7 @@ def expected_alive(size, hundredths, level):
 def _keeping_checkpoints(config, out):
     """run_search with finished arms keeping their rolling checkpoint (a real run drops it: see
     test_finished_arms_drop_their_checkpoint), so tests can inspect the optimizer state at the end."""
-    from fastticket.lottery.rundir import ArmDir
+    from fastticket.lottery.armdir import ArmDir
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ArmDir, "drop_checkpoint", lambda self: None)
         return run_search(config, out, progress=False)

@@ -2,7 +2,8 @@
 
 Bad input never shows a traceback: errors fastticket raises for the user (fastticket.errors, and the
 ValueErrors of presets/models/data) become one line on stderr and exit status 2 (bad arguments or settings)
-or 1 (the run directory, the data or a saved file cannot be used).
+or 1 (the run directory, the data or a saved file cannot be used, a peer rank was lost); a search stopped by
+SIGTERM at a safe point exits with 143.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, get_args
 from fastticket.lottery.arms import CONTROLS
 from fastticket.lottery.config import (REWIND_MODES, DistBackend, DistributedMode, SearchConfig, check_early_bird,
                                        check_rate, parse_granularity, parse_refill)
-from fastticket.errors import ConfigError, FastTicketError, MaskError, OutputError, RunDirError
+from fastticket.errors import (ConfigError, FastTicketError, MaskError, OutputError, PeerLostError, RunDirError,
+                               StoppedError)
 
-EXIT_RUNTIME, EXIT_USAGE = 1, 2
+EXIT_RUNTIME, EXIT_USAGE, EXIT_STOPPED = 1, 2, 128 + 15  # 143: stopped by SIGTERM, resumable
 
 SEARCH_EPILOG = """\
 examples:
@@ -175,6 +177,7 @@ SEARCH_FLAGS: Dict[str, Flag] = {
     "parallel_arms": Flag("N", _nonneg_int),
     "distributed": Flag("MODE", _one_of(get_args(DistributedMode))),
     "dist_backend": Flag("B", _one_of(get_args(DistBackend))),
+    "dist_timeout": Flag("S", _positive_float),
 }
 # Fields only a preset sets (the paper's training recipe and pruning layout travel together in a preset), and
 # the recorded ones.
@@ -371,7 +374,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("fastticket: interrupted; continue with the same command plus --resume", file=sys.stderr)
         return 130
-    except (RunDirError, MaskError, OutputError) as exc:
+    except StoppedError as exc:  # SIGTERM: the status a process ended by it has
+        print(f"fastticket: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_STOPPED
+    except (RunDirError, MaskError, OutputError, PeerLostError) as exc:
         print(f"fastticket: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_RUNTIME
     except (FastTicketError, ValueError) as exc:

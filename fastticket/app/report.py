@@ -19,7 +19,8 @@ from fastticket.lottery.atomic_io import atomic_write, atomic_write_text, remove
 from fastticket.errors import DamagedFileError
 from fastticket.lottery import arms as registry
 from fastticket.lottery.arms import TICKET
-from fastticket.lottery.rundir import ArmDir, RunDir
+from fastticket.lottery.armdir import ArmDir
+from fastticket.lottery.rundir import RunDir
 
 CSV_COLUMNS = ("level", "arm", "weights_remaining_pct", "test_acc_at_early_stop_mean", "test_acc_at_early_stop_std",
                "final_test_acc_mean", "final_test_acc_std", "early_stop_iter_mean", "early_stop_iter_std",

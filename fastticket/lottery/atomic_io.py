@@ -9,7 +9,8 @@ Fault injection (to prove crash consistency at every point, not at sampled ones)
 two fault points, "fsync" (the temp file written, not yet synced or renamed) and "rename" (the destination
 replaced, its directory not yet synced). FASTTICKET_FAULT_AT=N sends SIGKILL to the process at its N-th
 point; FASTTICKET_FAULT_LOG=FILE appends "N kind path" per point, which is how a test counts them. Points
-are counted per process (a forked child counts from 1 again).
+are counted per process (a forked child counts from 1 again); FASTTICKET_FAULT_RANK=R limits both to the
+process whose RANK (torchrun's) is R, so a multi-process search can be killed at one rank's N-th point.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 from fastticket.errors import OutputError
 
 TEMP_SUFFIX = ".tmp"
-FAULT_AT_ENV, FAULT_LOG_ENV = "FASTTICKET_FAULT_AT", "FASTTICKET_FAULT_LOG"
+FAULT_AT_ENV, FAULT_LOG_ENV, FAULT_RANK_ENV = "FASTTICKET_FAULT_AT", "FASTTICKET_FAULT_LOG", "FASTTICKET_FAULT_RANK"
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
@@ -47,6 +48,9 @@ def fault_point(kind: str, path: str) -> None:
     """One fault point (see the module docstring): counted and logged when asked, SIGKILL at the chosen one."""
     at, log = os.environ.get(FAULT_AT_ENV), os.environ.get(FAULT_LOG_ENV)
     if not at and not log:
+        return
+    rank = os.environ.get(FAULT_RANK_ENV)
+    if rank and rank != os.environ.get("RANK", "0"):
         return
     if _fault_count["pid"] != os.getpid():
         _fault_count.update(pid=os.getpid(), n=0)

@@ -163,6 +163,9 @@ class SearchConfig:
                                          default="trials", run_only=True)
     dist_backend: DistBackend = _help("under torchrun: auto (nccl with GPUs, gloo on CPUs), nccl or gloo",
                                       default="auto", run_only=True)
+    dist_timeout: float = _help("under torchrun: seconds a rank waits for a peer that stopped answering (died, "
+                                "hangs) before every rank stops with one line; waits for a peer that is still "
+                                "working are not limited", default=600.0, run_only=True)
 
     def __post_init__(self) -> None:
         # JSON (config.json) and callers give lists; the config holds tuples (hashable, not shared by copies).
@@ -233,6 +236,9 @@ class SearchConfig:
              f"distributed must be trials or data, got {self.distributed!r}")
         need(self.dist_backend in get_args(DistBackend),
              f"dist_backend must be auto, gloo or nccl, got {self.dist_backend!r}")
+        need(isinstance(self.dist_timeout, (int, float)) and not isinstance(self.dist_timeout, bool)
+             and math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
+             f"dist_timeout must be a finite positive number of seconds, got {self.dist_timeout!r}")
         need(self.scope in SCOPES, f"scope must be 'layerwise' or 'global', got {self.scope!r}")
         parse_granularity(self.granularity)
         need(self.rewind in REWIND_MODES,
@@ -246,6 +252,8 @@ class SearchConfig:
         # not one: the fine-tuning runs over iterations k..end, as lr rewinding does.)
         need(self.early_bird is None or self.rewind != "none", "early_bird draws a ticket early and rewinds it, "
              "but rewind is none: drop --early-bird or choose --rewind weights/lr")
+        need(self.early_bird is None or self.levels >= 1, "early_bird stops training once the mask the next "
+             "level prunes to has settled, but levels is 0 (no next level): drop --early-bird or set --levels >= 1")
         # The registries (criteria, datasets, models) live in the modules that fill them.
         get_criterion(self.criterion)
         from fastticket.lottery.data import DATASETS

@@ -25,7 +25,7 @@ from fastticket.lottery.config import SearchConfig, parse_refill
 from fastticket.lottery.platform import Context
 from fastticket.lottery.progress import Progress
 from fastticket.lottery.prune import alive_count, prune_with_config, random_masks_like, refill_masks
-from fastticket.lottery.rundir import MASK as MASK_FILE
+from fastticket.lottery.armdir import MASK as MASK_FILE
 from fastticket.lottery.rundir import RunDir
 from fastticket.lottery.train import ArmJob, ArmSpec, EvalHook, build_masked_model, cpu_state
 from fastticket.sparse.nn import densities, install_masks, masks_in_state

@@ -31,11 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastticket.errors import ConfigError, FastTicketError
-
-# Trials mode waits at a barrier while another rank finishes its arms of the level: a level of a big model
-# can take hours. A rank that dies ends the run through torchrun (it stops the other workers), not this.
-_TIMEOUT = datetime.timedelta(hours=24)
+from fastticket.errors import ConfigError, FastTicketError, StoppedError
+from fastticket.lottery import stop
+from fastticket.lottery.peers import DEFAULT_TIMEOUT_S, PeerWatch
 
 T = TypeVar("T")
 
@@ -58,6 +56,8 @@ class Context:
     world: int = 1
     local_rank: int = 0
     mode: str = "trials"
+    # The waits for other ranks' work, bounded by their heartbeats (fastticket.lottery.peers).
+    peers: Optional[PeerWatch] = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def active(self) -> bool:
@@ -78,7 +78,9 @@ class Context:
 
     # --------------------------------------------------------------------------------- collectives
     def barrier(self) -> None:
-        if self.active:
+        if self.peers is not None:
+            self.peers.barrier()
+        elif self.active:
             dist.barrier()
 
     def broadcast(self, value: T) -> T:
@@ -247,20 +249,36 @@ def dispatch_settings(backend: str, thresholds: Dict[str, float], device: torch.
 
 
 @contextlib.contextmanager
-def session(mode: str, backend: str, device: torch.device) -> Iterator[Context]:
+def session(mode: str, backend: str, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S
+            ) -> Iterator[Context]:
     """The search's Context for the duration of a search: the process group is joined from torchrun's
-    environment (or an existing one is used) and left again if this call joined it."""
+    environment (or an existing one is used) and left again if this call joined it. No rank waits for a
+    silent peer longer than `timeout_s` (fastticket.lottery.peers)."""
     joined = False
     if launched() and not dist.is_initialized():
-        dist.init_process_group(backend_for(backend, device), timeout=_TIMEOUT)
+        dist.init_process_group(backend_for(backend, device), timeout=datetime.timedelta(seconds=timeout_s))
         joined = True
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        context = Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0") or 0), mode)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        context = Context(rank, world, int(os.environ.get("LOCAL_RANK", "0") or 0), mode,
+                          PeerWatch(rank, world, timeout_s, stopping=stop.check).start())
     else:
         context = Context(mode=mode)
+    left = "failed"
     try:
         yield context
-    except Exception as exc:
+        left = "done"
+    except BaseException as exc:
+        lost = None
+        if context.peers is not None:
+            context.peers.quiet()
+            lost = context.peers.lost_error(exc)
+        if lost is not None or isinstance(exc, StoppedError):
+            # A peer is gone (or may still be training): destroying the group could wait for it forever.
+            left, joined = "stopped" if lost is None else "failed", False
+            if lost is not None:
+                stop.check()  # this rank was asked to stop too: that is what it says
+                raise lost from None
         # An error every rank raised together (Context.agree): leave together, or a rank destroying its
         # group after another has exited can wait forever (seen with torch 2.5's gloo). Any other error is
         # this rank's alone, and torchrun stops the others when it exits.
@@ -268,6 +286,8 @@ def session(mode: str, backend: str, device: torch.device) -> Iterator[Context]:
             dist.barrier()
         raise
     finally:
+        if context.peers is not None:
+            context.peers.close(left)
         if joined:
             dist.destroy_process_group()
 

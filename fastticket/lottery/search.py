@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from fastticket.errors import ConfigError, RunDirError
-from fastticket.lottery import platform
+from fastticket.lottery import platform, stop
 from fastticket.lottery.arms import TICKET, level_arms
 from fastticket.lottery.batched import group_size
 from fastticket.lottery.config import SearchConfig, parse_refill
@@ -171,7 +171,8 @@ def run_search(config: SearchConfig, out_dir: str, resume: bool = False,
     config = recorded(config)  # a user model / data function's source hash, checked on resume
     device = resolve_device(config.device)
     backend, thresholds = platform.dispatch_settings(config.backend, config.dense_thresholds, device)
-    with platform.session(config.distributed, config.dist_backend, device) as context, use_backend(backend):
+    with stop.on_sigterm(), platform.session(config.distributed, config.dist_backend, device,
+                                             config.dist_timeout) as context, use_backend(backend):
         # Every check that can fail on one rank only is agreed on (platform.Context.agree): a bad set-up
         # is one line on every rank, never a rank waiting in a collective for one that gave up.
         platform.check_same_settings(context, config.to_json(), _settings_differ)

@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastticket.errors import DamagedFileError
+from fastticket.lottery import stop
 from fastticket.lottery.arms import arm_name
 from fastticket.lottery.config import SearchConfig
 from fastticket.lottery.engine import Engine, arms_per_engine, has_statistics, make_optimizer
 from fastticket.lottery.platform import SOLO, Context
 from fastticket.lottery.progress import Progress
-from fastticket.lottery.rundir import ArmDir
+from fastticket.lottery.armdir import ArmDir
 from fastticket.sparse.nn import densities, masked_modules, sparsify
 
 if TYPE_CHECKING:  # data/models import torchvision-adjacent code; only the annotations need them here
@@ -336,6 +337,7 @@ class _Group:
                     engine.sync_out()
                     if self._evaluate() and self.live:  # the others carry on: a new engine from their synced state
                         engine = self._engine()
+                    stop.check(f"after the checkpoint at iteration {self.iteration} of level {first.level}")
         finally:
             self.progress.training_finished()
         for i in self.live:
