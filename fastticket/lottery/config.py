@@ -93,6 +93,15 @@ def field_defaults() -> dict:
             for f in dataclasses.fields(SearchConfig)}
 
 
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass
 class SearchConfig:
     # what to train
@@ -177,13 +186,12 @@ class SearchConfig:
 
     def validate(self) -> None:
         """Raise ConfigError (one clear line) for any setting the search cannot run with."""
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
+        self._validate_numbers()
+        self._validate_choices()
 
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
+    def _validate_numbers(self) -> None:
+        """Counts, sizes, rates and the schedule: integers and finite numbers in their ranges."""
+        need, is_int = _need, _is_int
         need(is_int(self.iterations) and self.iterations > 0,
              f"iterations must be a positive integer, got {self.iterations!r}")
         need(is_int(self.levels) and 0 <= self.levels <= MAX_LEVELS,
@@ -227,6 +235,10 @@ class SearchConfig:
             check_rate(self.conv_rate, "conv_rate")
         if self.output_rate is not None:
             check_rate(self.output_rate, "output_rate")
+
+    def _validate_choices(self) -> None:
+        """Names from a fixed set or a registry, and settings that contradict each other."""
+        need = _need
         need(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         need(isinstance(self.dense_thresholds, dict) and all(
             isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
