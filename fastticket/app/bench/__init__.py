@@ -375,20 +375,6 @@ def layer_op_row(suite_name: str, case: str, op: str, shape: str, mask: str, den
                     parity=nan_max(parity["skip"][op], parity["dispatch"][op]), extra=extra)
 
 
-def grid_layers(options: "BenchOptions", grid: Callable, make_layer: Callable) -> Iterator[Tuple[Any, str, float, Any]]:
-    """(case, mask kind, density, layer) for every point of a suite's `grid(options)`, the layer built by
-    `make_layer(case, mask_kind, density, dtype, device, seed=...)` with a seed from its place in the grid. The
-    caller drops its layer before the next is built (the CUDA cache is emptied in between)."""
-    cases, masks, densities = grid(options)
-    for ci, case in enumerate(cases):
-        for mi, mask_kind in enumerate(masks):
-            for di, density in enumerate(densities):
-                yield case, mask_kind, density, make_layer(case, mask_kind, density, options.torch_dtype,
-                                                           options.torch_device, seed=1000 * ci + 100 * mi + di)
-                if options.torch_device.type == "cuda":
-                    torch.cuda.empty_cache()
-
-
 def crossover_row(suite_name: str, rows: Sequence[BenchRow], dtype: str, timing: bool, pooled_prefix: str,
                   pooled_what: str) -> BenchRow:
     """A layer suite's closing row: where tile skipping stops beating dense on fwd+bwd (`crossover`, pooled over

@@ -28,9 +28,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fastticket.app.bench import BenchOptions, BenchRow, crossover_row, env_override, grid_layers, layer_op_row, make_mask, suite
+from fastticket.app.bench.cases import grid_layers, skip_and_dispatch_parity
+from fastticket.app.bench import BenchOptions, BenchRow, crossover_row, env_override, layer_op_row, make_mask, suite
 from fastticket.kernels._common import tf32_set
-from fastticket.sparse.testing import nan_max, rel_error
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
 GPU_MASKS = ("element", "block:64x64", "block:32x32")
@@ -162,15 +162,7 @@ def parity(layer: BenchLayer) -> Dict[str, Dict[str, float]]:
     x, g = layer.xs[0], layer.gs[0]
     ref_y = reference_masked_linear(x, layer.weight, layer.bias, layer.mask)
     ref_dx, ref_dw, ref_db = reference_masked_linear_grads(x, layer.weight, layer.bias, layer.mask, g)
-    out: Dict[str, Dict[str, float]] = {}
-    for label, ctx in (("skip", forced_skip), ("dispatch", contextlib.nullcontext)):
-        with ctx():
-            y = layer.fastticket(x)
-            dx, dw, db = layer.grads(y, x, g, retain=False)
-        fwd = rel_error(y, ref_y)
-        bwd = nan_max(rel_error(dx, ref_dx), rel_error(dw, ref_dw), rel_error(db, ref_db))
-        out[label] = {"fwd": fwd, "bwd": bwd, "fwd+bwd": nan_max(fwd, bwd)}
-    return out
+    return skip_and_dispatch_parity(layer, forced_skip, (ref_y, ref_dx, ref_dw, ref_db))
 
 
 def live_fraction(layer: BenchLayer) -> float:
