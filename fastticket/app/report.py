@@ -206,7 +206,9 @@ PLOT_DPI = 200  # print resolution for the PNGs; the PDF beside each is vector
 def save_figure(fig: Any, path: str, dpi: int = PLOT_DPI) -> None:
     """A matplotlib figure as PNG at `path` and as PDF beside it (same name, .pdf), each written atomically."""
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
-    atomic_write(os.path.splitext(path)[0] + ".pdf", lambda f: fig.savefig(f, format="pdf"))
+    # No creation date: the same run gives the same bytes (a rerun after a crash is checked byte for byte).
+    atomic_write(os.path.splitext(path)[0] + ".pdf",
+                 lambda f: fig.savefig(f, format="pdf", metadata={"CreationDate": None}))
 
 
 def _write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
