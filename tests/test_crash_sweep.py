@@ -164,7 +164,9 @@ def test_batched_search_survives_a_kill_at_every_fault_point(tmp_path):
 
 
 def test_multi_trial_search_survives_a_kill_at_every_fault_point(tmp_path):
-    config = tiny(trials=2, controls=[], parallel_arms=1)  # two trials, arms trained one at a time
+    # Two trials, arms trained one at a time; one checkpoint per arm (the batched sweep covers a checkpoint
+    # overwriting the previous one), which keeps the sweep's share of the suite's time small.
+    config = tiny(trials=2, controls=[], parallel_arms=1, eval_every=4)
     points = sweep(tmp_path, lambda out, resume: run_search(config, out, resume=resume, progress=False))
     print(f"multi-trial search: {points} fault points, every resume identical")
 
