@@ -108,3 +108,32 @@ def test_cli_fails_a_row_outside_the_shared_tolerance(monkeypatch, capsys):
     monkeypatch.setitem(bench.SUITES, "fake", fake)
     assert bench.run_cli(["fake"]) == 1
     assert "parity FAILED for 1 row(s): fake/bad/fwd" in capsys.readouterr().err
+
+
+def _cpu_run_output(monkeypatch, capsys, rows, suite="search"):
+    import fastticket.app.bench as bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(bench.SUITES, suite, lambda options: rows)
+    assert bench.run_cli([suite]) == 0
+    return capsys.readouterr().out
+
+
+def test_cpu_run_never_says_timings_need_a_gpu_above_a_cpu_timing_table(monkeypatch, capsys):
+    # The search suite times the CPU: no line before or after its table may say no timings were taken.
+    row = BenchRow(suite="search", case="lenet", op="search", shape="s", dtype="fp32", mask="element",
+                   density=1.0, times_ms={"search": 12.5}, extra={"parity": "n/a"})
+    out = _cpu_run_output(monkeypatch, capsys, [row])
+    before, table, after = out.partition("| search |")
+    assert table, out
+    assert "Timings need a GPU" not in before and "none were measured" not in out
+    assert "the search suite times this CPU" in before
+    assert "the search suite's rows are CPU wall-clock timings" in after
+
+
+def test_cpu_parity_only_run_says_no_timings_after_the_table(monkeypatch, capsys):
+    row = BenchRow(suite="fake", case="c", op="fwd", shape="s", dtype="fp32", mask="element", density=1.0,
+                   parity=0.0)
+    out = _cpu_run_output(monkeypatch, capsys, [row], suite="fake")
+    assert "Timings need a GPU" not in out.partition("| fake |")[0] and "search suite" not in out
+    assert out.rstrip().endswith("Timings need a GPU: none were measured on this machine.")

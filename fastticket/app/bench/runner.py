@@ -124,8 +124,9 @@ def run_cli(suites: Sequence[str], out: Optional[str] = None, dtype: Optional[st
             quick: bool = False) -> int:
     """Body of `fastticket bench`: run the suites, print the table, optionally write results; exit code.
 
-    Without a GPU only the parity part runs (in the Triton interpreter, small shapes, fp32) and the output
-    says so plainly; no timing is ever reported from a CPU run.
+    Without a GPU the kernel suites run only their parity part (in the Triton interpreter, small shapes, fp32)
+    and report no kernel timing; the search suite's rows are CPU wall-clock times, and the output says which
+    before and after the table (no line may contradict the table it stands beside).
     """
     warning = _prepare_interpreter()
     has_gpu = torch.cuda.is_available()
@@ -145,8 +146,10 @@ def run_cli(suites: Sequence[str], out: Optional[str] = None, dtype: Optional[st
     if warning:
         print(warning, file=sys.stderr)
     if not has_gpu:
-        print("No CUDA GPU found: running the parity checks only, in the Triton interpreter on small shapes. "
-              "Timings need a GPU.")
+        # Said before the table, so it must hold for every row below it: the search suite does time this CPU.
+        cpu_timed = " (the search suite times this CPU)" if "search" in names else ""
+        print("No CUDA GPU found: the kernel suites run their parity checks only, in the Triton interpreter on "
+              f"small shapes{cpu_timed}.")
     env = environment()
     rows = run_suites(names, options)
     print(format_table(rows), end="")
