@@ -95,7 +95,10 @@ def test_api_refuses_what_it_cannot_do(tmp_path):
             fastticket.search(small_resnet, data, str(tmp_path / "x"), **settings)
     with pytest.raises(ConfigError, match="val"):
         fastticket.search(small_resnet, (data[0], (data[1][0], data[1][0]), data[2]), str(tmp_path / "x"))
-    with pytest.raises(ConfigError, match=r"larger than the training split of <python>:data \(400 examples\); "
+    with pytest.raises(ConfigError, match="val_size= applies to the built-in datasets only; pass your validation"):
+        fastticket.search(small_resnet, data, str(tmp_path / "x"), val_size=100)
+    with pytest.raises(ConfigError, match=r"larger than the training split of <python>:data\[tensors\[400, 1, 8, 8\], "
+                                          r"tensors\[100, 1, 8, 8\], tensors\[100, 1, 8, 8\]\]@[0-9a-f]{12} \(400 examples\); "
                                           r"use --batch-size <= 400"):
         fastticket.search(small_resnet, data, str(tmp_path / "x"), batch_size=401, device="cpu")
     assert not os.path.exists(tmp_path / "x")
@@ -111,6 +114,24 @@ def test_resume_with_a_changed_function_is_refused_naming_it(tmp_path):
     with pytest.raises(RunDirError, match="model function user_sources:small_resnet changed"):
         fastticket.search(small_resnet_changed, learnable_data(), out, resume=True, **dict(TINY, levels=0,
                                                                                            iterations=10))
+
+
+def test_api_data_are_named_by_what_they_are_and_a_resume_on_other_data_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    settings = dict(TINY, levels=0, iterations=10)
+    fastticket.search(small_resnet, learnable_data(), out, progress=False, **settings)
+    with open(os.path.join(out, "config.json")) as f:
+        recorded = json.load(f)
+    assert recorded["dataset"].startswith("<python>:data[tensors[400, 1, 8, 8], tensors[100, 1, 8, 8], ")
+    assert recorded["sources"]["dataset"].split(":")[1].startswith(recorded["dataset"].rsplit("@", 1)[1])
+    train, val, test = learnable_data()
+    names = {fastticket.app.api.data_name(s, "sha256:" + "ab" * 32) for s in [
+        ((train[0], train[1]), val, test),
+        (torch.utils.data.TensorDataset(*train), None, test)]}
+    assert len(names) == 2 and any("TensorDataset(n=400), None, tensors" in n for n in names)
+    other = learnable_data(seed=1)  # same shapes, other values: only the hash tells them apart
+    with pytest.raises(RunDirError, match=r"cannot resume .* differs from its config.json in dataset, sources"):
+        fastticket.search(small_resnet, other, out, resume=True, progress=False, **settings)
 
 
 def _cli(out, *extra):

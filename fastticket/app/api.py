@@ -22,7 +22,7 @@ from fastticket.errors import ConfigError
 from fastticket.lottery import sources
 from fastticket.lottery.config import SearchConfig
 
-DATA_NAME = "<python>:data"  # the name the data handed to `search` are served under (never imported)
+DATA_PREFIX = "<python>:data"  # the data handed to `search` are served under this plus what they are (never imported)
 
 # Recipes given as callables: not built yet; refused rather than silently ignored.
 _NOT_YET = {"lr_scheduler": "lr_milestones, lr_gamma and warmup_iters",
@@ -66,6 +66,22 @@ def _model_source(model: Any, base_seed: int) -> Tuple[str, Callable[[], nn.Modu
     return name, model, sources.source_hash(model)
 
 
+def _describe(split: Any) -> str:
+    """One split in a few words: a Dataset's class and length, or tensors' shape."""
+    if split is None:
+        return "None"
+    if isinstance(split, tuple):
+        return f"tensors{list(split[0].shape)}"
+    return f"{type(split).__name__}(n={len(split)})"
+
+
+def data_name(splits: sources.Splits, digest: str) -> str:
+    """The config's dataset name for the API's data: what each split is and a prefix of their content hash, so
+    two runs on different data read differently in config.json and the report (the full hash goes into
+    config.sources, which a resume checks)."""
+    return f"{DATA_PREFIX}[{', '.join(_describe(s) for s in splits)}]@{digest.split(':')[-1][:12]}"
+
+
 def search(model: Union[Callable[[], nn.Module], nn.Module], data: Any, out_dir: str, *, resume: bool = False,
            progress: bool = True, **settings: Any) -> SearchResult:
     """Run (or, with resume=True, continue) a ticket search of `model` on `data` = (train, val, test) into
@@ -82,6 +98,9 @@ def search(model: Union[Callable[[], nn.Module], nn.Module], data: Any, out_dir:
     if callable(settings.get("optimizer")):
         raise ConfigError("optimizer as a callable is not supported yet; use optimizer='adam', 'adamw' or 'sgd' "
                           "with lr, momentum and weight_decay")
+    if "val_size" in settings:  # the built-in datasets' hold-out; a user's val split is theirs to give
+        raise ConfigError("val_size= applies to the built-in datasets only; pass your validation split as "
+                          "data=(train, val, test) (val=None: early stopping takes the last evaluation)")
     for key in ("dataset", "sources"):  # model= is the first argument (Python refuses it twice)
         if key in settings:
             raise ConfigError(f"{key}= is set by search() itself (model and data are its first arguments)")
@@ -93,8 +112,10 @@ def search(model: Union[Callable[[], nn.Module], nn.Module], data: Any, out_dir:
     base = SearchConfig(**settings)
     splits = sources.split_tensors(data)  # converted (and checked) once, here
     name, source, digest = _model_source(model, base.seed)
-    config = base.replace(model=name, dataset=DATA_NAME)
-    with sources.serving({name: (source, digest), DATA_NAME: (lambda: splits, sources.tensors_hash(splits))}):
+    data_digest = sources.tensors_hash(splits)
+    data_key = data_name(splits, data_digest)
+    config = base.replace(model=name, dataset=data_key)
+    with sources.serving({name: (source, digest), data_key: (lambda: splits, data_digest)}):
         arms = run_search(config, out_dir, resume=resume, progress=LogLines() if progress else None)
     files = make_report(out_dir)
     return SearchResult(out_dir, aggregate(collect_results(out_dir)), arms, files)
