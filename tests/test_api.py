@@ -208,3 +208,36 @@ def test_progress_in_a_log_is_one_line_per_evaluation(tmp_path, capsys):
         ["level 1/1 ticket trial 0", "iteration 10/20"], ["level 1/1 ticket trial 0", "iteration 20/20"]]
     assert all("val loss" in line and "elapsed" in line and "ETA" in line for line in evaluations)
     assert evaluations[-1].endswith("ETA 0s") and lines[-1].startswith("search finished: 2/2 arms in ")
+
+
+def _write_pngs(root, per_class=6, size=8, seed=0):
+    """An ImageFolder tree root/{train,val,test}/{dark,light}/*.png of tiny learnable RGB images."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (("train", per_class), ("val", 2), ("test", 2)):
+        for label, base in (("dark", 60), ("light", 190)):
+            os.makedirs(os.path.join(root, split, label))
+            for i in range(n):
+                pixels = (base + torch.randint(-50, 50, (size, size, 3), generator=g)).clamp(0, 255).to(torch.uint8)
+                Image.fromarray(pixels.numpy()).save(os.path.join(root, split, label, f"{i}.png"))
+
+
+def test_readme_torchvision_model_on_an_image_folder_runs(tmp_path, monkeypatch, capsys):
+    readme = open(os.path.join(TESTS, "..", "README.md")).read()
+    snippet = readme.split("### A torchvision model on an image folder\n\n```python\n", 1)[1].split("```", 1)[0]
+    assert len(snippet.strip().splitlines()) <= 15
+    _write_pngs(str(tmp_path / "pngs"))
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    exec(compile(snippet, "<README.md>", "exec"), {})
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out == "runs/resnet18 [(0, 'ticket', 100.0), (1, 'ticket', 80.0)]", out
+    with open(tmp_path / "runs" / "resnet18" / "config.json") as f:
+        config = json.load(f)
+    assert config["dataset"].startswith("<python>:data[ImageFolder(n=12), tensors[4, 3, 8, 8], tensors[4, 3, 8, 8]]@")
+    ticket = load(os.path.join(arm_dir(str(tmp_path / "runs" / "resnet18"), 1, "ticket", 0), "final.pt"))
+    masks = load(os.path.join(arm_dir(str(tmp_path / "runs" / "resnet18"), 1, "ticket", 0), "mask.pt"))
+    assert len(masks) == 21, sorted(masks)  # resnet18: 20 convolutions and fc
+    for name, mask in masks.items():  # the ticket's pruned weights are exact zeros in its stored weights
+        weight = ticket[name + ".weight"]
+        assert torch.count_nonzero(weight[~mask.bool()]) == 0, name

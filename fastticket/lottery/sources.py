@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import inspect
 import os
+import tokenize
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -64,7 +65,7 @@ def source_hash(obj: Any) -> str:
         if code is not None and obj.__name__ == "<lambda>":
             raise TypeError("a lambda")
         text = inspect.getsource(obj).encode()
-    except (OSError, TypeError):
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):  # the file on disk is not the code's source
         text = (code.co_code + repr((code.co_consts, code.co_names)).encode()) if code is not None else \
             repr(obj).encode()
     return "sha256:" + hashlib.sha256(text).hexdigest()
