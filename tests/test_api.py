@@ -1,8 +1,10 @@
 """fastticket.search and `fastticket search --model/--data PKG.MODULE:FUNCTION`: a search on a user's own model
 (a small CNN with BatchNorm and a residual connection, tests/user_sources.py) and data (generated, learnable)."""
+import csv
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +20,8 @@ from fastticket.lottery.presets import get_preset
 from fastticket.lottery.rundir import arm_dir
 from fastticket.lottery.search import run_search
 from run_snapshot import ONE_THREAD_ENV, load, run_dir_snapshot
+from test_crash_sweep import FAULT_AT_ENV, forked, same_run
+import user_sources
 from user_sources import branchy, learnable_data, small_resnet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -87,10 +91,10 @@ def test_unstackable_model_trains_one_arm_at_a_time_and_says_so(tmp_path, capsys
 
 def test_api_refuses_what_it_cannot_do(tmp_path):
     data = learnable_data()
-    for settings, match in [(dict(loss=torch.nn.functional.mse_loss), "loss= is not supported"),
-                            (dict(lr_scheduler=lambda o: None), "lr_scheduler= is not supported"),
-                            (dict(optimizer=torch.optim.SGD), "optimizer as a callable"),
-                            (dict(levles=2), "unknown setting"), (dict(dataset="mnist5k"), "set by search")]:
+    for settings, match in [(dict(levles=2), "unknown setting"), (dict(dataset="mnist5k"), "set by search"),
+                            (dict(optimizer=user_sources.noisy_sgd, compile=True), "drop compile"),
+                            (dict(lr_scheduler=user_sources.step_lr, lr_milestones=[10]), "replaces lr_milestones"),
+                            (dict(loss="mse"), "loss must be PKG.MODULE:FUNCTION")]:
         with pytest.raises(ConfigError, match=match):
             fastticket.search(small_resnet, data, str(tmp_path / "x"), **settings)
     with pytest.raises(ConfigError, match="val"):
@@ -241,3 +245,59 @@ def test_readme_torchvision_model_on_an_image_folder_runs(tmp_path, monkeypatch,
     for name, mask in masks.items():  # the ticket's pruned weights are exact zeros in its stored weights
         weight = ticket[name + ".weight"]
         assert torch.count_nonzero(weight[~mask.bool()]) == 0, name
+
+
+RECIPE = dict(TINY, levels=1, iterations=24, eval_every=8, optimizer=user_sources.noisy_sgd,
+              lr_scheduler=user_sources.step_lr, progress=False)
+
+
+def test_own_optimizer_and_scheduler_keep_the_invariant_and_resume_after_a_kill(tmp_path):
+    whole = str(tmp_path / "whole")
+    result = fastticket.search(small_resnet, learnable_data(), whole, **RECIPE)
+    config = json.load(open(os.path.join(whole, "config.json")))
+    assert config["optimizer"] == "user_sources:noisy_sgd" and config["lr_scheduler"] == "user_sources:step_lr"
+    assert {"optimizer", "lr_scheduler"} <= set(config["sources"])
+    for r in result.arms:  # they trained one at a time, and say why
+        assert r["arms_stacked"] is False and "optimizer user_sources:noisy_sgd" in r["why_not_stacked"]
+    assert result.rows[0]["test_acc_at_early_stop_mean"] > 60.0  # learned: chance is 50 %
+    final = load(os.path.join(arm_dir(whole, 1, "ticket", 0), "final.pt"))
+    for key in [k for k in final if k.endswith("weight_mask")]:  # the noise never reached a pruned weight
+        weight, mask = final[key.replace("weight_mask", "weight")], final[key]
+        assert (mask == 0).any() and torch.all(weight[mask == 0] == 0) and torch.all(weight[mask == 1] != 0)
+    # The scheduler ran: without it (the same optimizer at its own lr throughout) the weights differ.
+    plain = fastticket.search(small_resnet, learnable_data(), str(tmp_path / "plain"),
+                              **dict(RECIPE, lr_scheduler=None))
+    assert plain.rows != result.rows
+    # Killed at durable writes 8, 12 and 16 (checkpoints inside both levels' training), resumed: the same run.
+    cut = str(tmp_path / "cut")
+    run = lambda resume: fastticket.search(small_resnet, learnable_data(), cut, resume=resume, **RECIPE)  # noqa: E731
+    for n in (8, 12, 16):
+        assert forked(lambda: run(False), {FAULT_AT_ENV: str(n)}) == -signal.SIGKILL
+        assert forked(lambda: run(True)) == 0
+        assert same_run(cut, whole), n
+        shutil.rmtree(cut)
+    # A changed optimizer function is refused on resume, naming it.
+    def noisy_sgd():
+        return None
+    noisy_sgd.__module__, noisy_sgd.__qualname__ = "user_sources", "noisy_sgd"
+    with pytest.raises(RunDirError, match="optimizer function user_sources:noisy_sgd changed"):
+        fastticket.search(small_resnet, learnable_data(), whole, resume=True, **dict(RECIPE, optimizer=noisy_sgd))
+
+
+def test_own_loss_on_float_targets_reports_loss_without_accuracy(tmp_path):
+    out = str(tmp_path / "run")
+    result = fastticket.search(small_resnet, user_sources.one_hot_data(), out,
+                               **dict(TINY, levels=1, loss=user_sources.one_hot_mse, progress=False))
+    assert json.load(open(os.path.join(out, "config.json")))["loss"] == "user_sources:one_hot_mse"
+    for r in result.arms:
+        assert r["early_stop_val_loss"] < 0.3  # MSE on one-hot targets: it learned (a constant 0.5 gives 0.25)
+        assert r["test_acc_at_early_stop"] is None or r["test_acc_at_early_stop"] != r["test_acc_at_early_stop"]
+    with open(os.path.join(out, "report", "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["test_acc_at_early_stop_mean"] for r in rows] == ["", "", ""]  # no accuracy on float targets ...
+    assert all(0 < float(r["early_stop_val_loss_mean"]) < 0.3 for r in rows)  # ... the loss instead
+    other = str(tmp_path / "other")
+    fastticket.search(small_resnet, user_sources.one_hot_data(), other,
+                      **dict(TINY, levels=1, rate=0.5, loss=user_sources.one_hot_mse, progress=False))
+    assert cli.main(["report", out, other, "--out", str(tmp_path / "cmp")]) == 0
+    assert os.path.exists(tmp_path / "cmp" / "results.csv")

@@ -46,3 +46,34 @@ class _Branchy(nn.Module):
 
 def branchy() -> nn.Module:
     return _Branchy()
+
+
+class NoisySGD(torch.optim.SGD):
+    """SGD plus Gaussian noise on every parameter (Langevin-style): left alone it would revive every pruned
+    weight, so it proves that fastticket keeps them zero for any torch optimizer."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(torch.randn_like(p), alpha=1e-3)
+        return loss
+
+
+def noisy_sgd(params) -> torch.optim.Optimizer:
+    return NoisySGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+
+def step_lr(optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=8, gamma=0.5)
+
+
+def one_hot_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A regression loss on float targets (accuracy means nothing there)."""
+    return torch.nn.functional.mse_loss(outputs, targets)
+
+
+def one_hot_data():
+    """learnable_data with float one-hot targets [N, 2] instead of class ids."""
+    return tuple((x, torch.nn.functional.one_hot(y, 2).float()) for x, y in learnable_data())

@@ -21,12 +21,10 @@ from torch import nn
 from fastticket.errors import ConfigError
 from fastticket.lottery import sources
 from fastticket.lottery.config import SearchConfig
+from fastticket.lottery.recipe import RECIPE_FIELDS
 
 DATA_PREFIX = "<python>:data"  # the data handed to `search` are served under this plus what they are (never imported)
 
-# Recipes given as callables: not built yet; refused rather than silently ignored.
-_NOT_YET = {"lr_scheduler": "lr_milestones, lr_gamma and warmup_iters",
-            "loss": "the default cross-entropy (classification only)"}
 
 
 @dataclasses.dataclass
@@ -62,8 +60,12 @@ def _model_source(model: Any, base_seed: int) -> Tuple[str, Callable[[], nn.Modu
     if not callable(model):
         raise ConfigError(f"model must be a function returning a fresh nn.Module, or an nn.Module, got "
                           f"{type(model).__name__}")
-    name = f"{getattr(model, '__module__', None) or '<python>'}:{getattr(model, '__qualname__', repr(model))}"
-    return name, model, sources.source_hash(model)
+    return _function_name(model), model, sources.source_hash(model)
+
+
+def _function_name(fn: Callable[..., Any]) -> str:
+    """What config.json calls a function handed to `search`: its module and qualified name."""
+    return f"{getattr(fn, '__module__', None) or '<python>'}:{getattr(fn, '__qualname__', repr(fn))}"
 
 
 def _describe(split: Any) -> str:
@@ -92,12 +94,6 @@ def search(model: Union[Callable[[], nn.Module], nn.Module], data: Any, out_dir:
     from fastticket.app.report import aggregate, collect_results, make_report
     from fastticket.lottery.search import run_search
 
-    for key, instead in _NOT_YET.items():
-        if key in settings:
-            raise ConfigError(f"{key}= is not supported yet; use {instead}")
-    if callable(settings.get("optimizer")):
-        raise ConfigError("optimizer as a callable is not supported yet; use optimizer='adam', 'adamw' or 'sgd' "
-                          "with lr, momentum and weight_decay")
     if "val_size" in settings:  # the built-in datasets' hold-out; a user's val split is theirs to give
         raise ConfigError("val_size= applies to the built-in datasets only; pass your validation split as "
                           "data=(train, val, test) (val=None: early stopping takes the last evaluation)")
@@ -109,13 +105,20 @@ def search(model: Union[Callable[[], nn.Module], nn.Module], data: Any, out_dir:
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; settings are SearchConfig fields: "
                           f"{', '.join(sorted(fields - {'model', 'dataset', 'sources'}))}")
+    # The recipe's functions (optimizer, lr_scheduler, loss: fastticket.lottery.recipe) are served by name.
+    served = {}
+    for key in RECIPE_FIELDS:
+        fn = settings.get(key)
+        if callable(fn):
+            settings[key] = _function_name(fn)
+            served[settings[key]] = (fn, sources.source_hash(fn))
     base = SearchConfig(**settings)
-    splits = sources.split_tensors(data)  # converted (and checked) once, here
+    splits = sources.split_tensors(data, class_labels=base.loss is None)  # converted (and checked) once, here
     name, source, digest = _model_source(model, base.seed)
     data_digest = sources.tensors_hash(splits)
     data_key = data_name(splits, data_digest)
     config = base.replace(model=name, dataset=data_key)
-    with sources.serving({name: (source, digest), data_key: (lambda: splits, data_digest)}):
+    with sources.serving({name: (source, digest), data_key: (lambda: splits, data_digest), **served}):
         arms = run_search(config, out_dir, resume=resume, progress=LogLines() if progress else None)
     files = make_report(out_dir)
     return SearchResult(out_dir, aggregate(collect_results(out_dir)), arms, files)

@@ -181,7 +181,7 @@ SEARCH_FLAGS: Dict[str, Flag] = {
 }
 # Fields only a preset sets (the paper's training recipe and pruning layout travel together in a preset), and
 # the recorded ones.
-NOT_FLAGS = frozenset({"val_size", "optimizer", "momentum", "weight_decay", "lr_milestones", "lr_gamma",
+NOT_FLAGS = frozenset({"val_size", "optimizer", "lr_scheduler", "loss", "momentum", "weight_decay", "lr_milestones", "lr_gamma",
                        "warmup_iters", "augment", "scope", "conv_rate", "output_rate", "exclude", "criterion",
                        # set through FASTTICKET_BACKEND / FASTTICKET_DENSE_THRESHOLD_<OP>, recorded by the search
                        "backend", "dense_thresholds", "sources"})

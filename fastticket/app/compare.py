@@ -13,7 +13,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fastticket.errors import ConfigError
-from fastticket.app.report import (CSV_COLUMNS, _density_axis, _fmt, _method_columns, aggregate,
+from fastticket.app.report import (CSV_COLUMNS, METHOD_DIGITS, METHOD_HEADERS, _density_axis, _fmt, _method_columns, aggregate,
                                collect_results, save_figure, write_csv)
 from fastticket.lottery import arms as registry
 from fastticket.lottery.atomic_io import atomic_write_text
@@ -83,8 +83,7 @@ def _write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
 def comparison_table(rows: Sequence[Dict[str, Any]]) -> str:
     """A markdown table, one line per run, level and arm."""
     extra = _method_columns(rows)
-    headers = {"element_density_pct": "element ticket weights %", "early_bird_iter_mean": "early-bird iteration",
-               "iterations_saved_mean": "iterations saved"}
+    headers = {**METHOD_HEADERS, "element_density_pct": "element ticket weights %"}
     lines = ["| run | arm | level | weights remaining % | test acc at early stop % | early-stop iteration | trials |"
              + "".join(f" {headers[c]} |" for c in extra),
              "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(extra)]
@@ -92,7 +91,7 @@ def comparison_table(rows: Sequence[Dict[str, Any]]) -> str:
         lines.append(f"| {r['run']} | {r['arm']} | {r['level']} | {r['weights_remaining_pct']:.1f} "
                      f"| {_fmt(r['test_acc_at_early_stop_mean'], r['test_acc_at_early_stop_std'], 2)} "
                      f"| {_fmt(r['early_stop_iter_mean'], r['early_stop_iter_std'], 0)} | {r['n_trials']} |"
-                     + "".join(f" {_fmt(r[c], math.nan, 1 if c == 'element_density_pct' else 0)} |" for c in extra))
+                     + "".join(f" {_fmt(r[c], math.nan, METHOD_DIGITS.get(c, 0))} |" for c in extra))
     return "\n".join(lines)
 
 

@@ -25,8 +25,9 @@ from fastticket.lottery.rundir import RunDir
 CSV_COLUMNS = ("level", "arm", "weights_remaining_pct", "test_acc_at_early_stop_mean", "test_acc_at_early_stop_std",
                "final_test_acc_mean", "final_test_acc_std", "early_stop_iter_mean", "early_stop_iter_std",
                "n_trials", "n_diverged")
-# Written only by runs that use the method: --refill (element_density_pct) and --early-bird.
-METHOD_COLUMNS = ("element_density_pct", "early_bird_iter_mean", "iterations_saved_mean")
+# Written only by runs that use the method: --refill (element_density_pct), --early-bird, and a user's loss
+# (no accuracy: the validation loss at the early stop instead).
+METHOD_COLUMNS = ("element_density_pct", "early_bird_iter_mean", "iterations_saved_mean", "early_stop_val_loss_mean")
 
 
 def arm_label(arm: str, config: Dict[str, Any]) -> str:
@@ -135,7 +136,9 @@ def aggregate(results: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
         es_iter = _mean_std(_values(ok, "early_stop_iter", 1.0))
         methods = {"element_density_pct": _mean_std(_values(trials, "element_density", 100.0))[0],
                    "early_bird_iter_mean": _mean_std(_values(ok, "early_bird_iter", 1.0))[0],
-                   "iterations_saved_mean": _mean_std(_values(ok, "iterations_saved", 1.0))[0]}
+                   "iterations_saved_mean": _mean_std(_values(ok, "iterations_saved", 1.0))[0],
+                   "early_stop_val_loss_mean": (_mean_std(_values(ok, "early_stop_val_loss", 1.0))[0]
+                                                if math.isnan(acc_es[0]) else math.nan)}
         rows.append({**methods,
             "level": level, "arm": arm,
             "weights_remaining_pct": 100.0 * statistics.fmean(float(t["density"]) for t in trials),
@@ -222,7 +225,8 @@ def _method_columns(rows: Sequence[Dict[str, Any]]) -> Tuple[str, ...]:
 
 
 METHOD_HEADERS = {"element_density_pct": "element ticket weights %", "early_bird_iter_mean": "early-bird iteration",
-                  "iterations_saved_mean": "iterations saved"}
+                  "iterations_saved_mean": "iterations saved", "early_stop_val_loss_mean": "val loss at early stop"}
+METHOD_DIGITS = {"element_density_pct": 1, "early_stop_val_loss_mean": 4}  # the others are counts
 
 
 def _write_markdown(rows: Sequence[Dict[str, Any]], path: str, config: Dict[str, Any],
@@ -232,7 +236,7 @@ def _write_markdown(rows: Sequence[Dict[str, Any]], path: str, config: Dict[str,
     lines += [f"**{note}**" for note in notes] + ([""] if notes else [])
     if config:
         keys = ("model", "dataset", "iterations", "batch_size", "optimizer", "lr", "scope", "rate", "rewind_iter",
-                "rewind", "refill", "early_bird", "trials", "seed")
+                "rewind", "refill", "early_bird", "lr_scheduler", "loss", "trials", "seed")
         lines += [", ".join(f"{k}={config[k]}" for k in keys if config.get(k) is not None), ""]
     lines += ["Test accuracy in percent, mean ± std over trials; early stop = iteration of minimum validation loss.",
               "",
@@ -245,7 +249,7 @@ def _write_markdown(rows: Sequence[Dict[str, Any]], path: str, config: Dict[str,
                      f"| {_fmt(r['test_acc_at_early_stop_mean'], r['test_acc_at_early_stop_std'], 2)} "
                      f"| {_fmt(r['final_test_acc_mean'], r['final_test_acc_std'], 2)} "
                      f"| {_fmt(r['early_stop_iter_mean'], r['early_stop_iter_std'], 0)} | {trials} |"
-                     + "".join(f" {_fmt(r[c], math.nan, 1 if c == 'element_density_pct' else 0)} |" for c in extra))
+                     + "".join(f" {_fmt(r[c], math.nan, METHOD_DIGITS.get(c, 0))} |" for c in extra))
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

@@ -32,6 +32,8 @@ DistBackend = Literal["auto", "gloo", "nccl"]
 Scope = Literal["layerwise", "global"]
 CriterionName = Literal["magnitude", "movement", "random"]  # the built-ins; fastticket.lottery.prune can register more
 OPTIMIZERS: Tuple[str, ...] = get_args(Optimizer)
+# The fields that may name a user function, PKG.MODULE:FUNCTION (fastticket.lottery.sources, .recipe).
+USER_FIELDS: Tuple[str, ...] = ("model", "dataset", "optimizer", "lr_scheduler", "loss")
 SCOPES: Tuple[str, ...] = get_args(Scope)
 
 MAX_SEED = 2**31 - 1
@@ -115,13 +117,19 @@ class SearchConfig:
     # how to train one level
     iterations: int = _help("training iterations per level", default=2000)
     batch_size: int = _help("training batch size", default=60)
-    optimizer: Optimizer = _help("adam, adamw or sgd", default="adam")
+    optimizer: str = _help("adam, adamw or sgd; or PKG.MODULE:FUNCTION taking the parameters and returning any "
+                           "torch.optim.Optimizer (fastticket.lottery.recipe)", default="adam")
     lr: float = _help("learning rate", default=1.2e-3)
     momentum: float = _help("SGD momentum (sgd only)", default=0.9)
     weight_decay: float = _help("weight decay", default=0.0)
     lr_milestones: Tuple[int, ...] = _help("iterations where lr *= lr_gamma", default=())
     lr_gamma: float = _help("lr factor at each milestone", default=0.1)
     warmup_iters: int = _help("linear lr warmup from 0 over this many iterations", default=0)
+    lr_scheduler: Optional[str] = _help("PKG.MODULE:FUNCTION taking the optimizer and returning an LRScheduler, "
+                                        "stepped once per iteration (replaces lr_milestones and warmup_iters)",
+                                        default=None)
+    loss: Optional[str] = _help("PKG.MODULE:FUNCTION (outputs, labels) -> mean loss (None: cross-entropy; "
+                                "accuracy is reported for classification only)", default=None)
     augment: bool = _help("GPU-side random flip + crop (CIFAR)", default=False)
     eval_every: int = _help("evaluate (and checkpoint) every N iterations", default=100)
 
@@ -222,8 +230,17 @@ class SearchConfig:
         # k = iterations would leave levels >= 1 nothing to train (and nothing to evaluate).
         need(is_int(self.rewind_iter) and 0 <= self.rewind_iter < self.iterations,
              f"rewind_iter must be an integer in [0, iterations={self.iterations}), got {self.rewind_iter!r}")
-        need(self.optimizer in OPTIMIZERS,
-             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        need(self.optimizer in OPTIMIZERS or ":" in str(self.optimizer),
+             f"optimizer must be one of {', '.join(OPTIMIZERS)} or PKG.MODULE:FUNCTION, got {self.optimizer!r}")
+        for name in ("lr_scheduler", "loss"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, str) and ":" in value),
+                 f"{name} must be PKG.MODULE:FUNCTION (or a function, in Python), got {value!r}")
+        need(self.lr_scheduler is None or (not self.lr_milestones and self.warmup_iters == 0),
+             "lr_scheduler replaces lr_milestones and warmup_iters: drop those or the scheduler")
+        need(not (self.compile and (":" in self.optimizer or self.lr_scheduler or self.loss)),
+             "compile steps fastticket's own optimizers with cross-entropy: drop compile to train with your "
+             "optimizer, lr_scheduler or loss function")
         need(isinstance(self.controls, tuple), f"controls must be a list of names, got {self.controls!r}")
         unknown = [c for c in self.controls if c not in CONTROLS]
         need(not unknown, f"unknown control(s) {unknown}; controls are a subset of {', '.join(CONTROLS)} (or none)")

@@ -34,7 +34,9 @@ from fastticket.lottery.batched import StackedModule
 from fastticket.lottery.compiled import make_train_step
 from fastticket.lottery.config import SearchConfig
 from fastticket.lottery.platform import SOLO, Context
+from fastticket.lottery import recipe
 from fastticket.sparse.functional import gradient_masked_by_optimizer
+from fastticket.sparse.optim import mask_optimizer_state_
 
 if TYPE_CHECKING:
     from fastticket.lottery.data import DeviceData
@@ -45,6 +47,8 @@ def make_optimizer(config: SearchConfig, model: Union[nn.Module, Sequence[torch.
     """The config's masked optimizer over a model's parameters, or over given tensors with explicit `masks`
     (the stacked parameters of a group of arms)."""
     from fastticket.sparse.optim import MaskedAdam, MaskedAdamW, MaskedSGD
+    if recipe.user_optimizer(config):  # arms with it train one at a time (`stacks`), over their own model
+        return recipe.build_optimizer(config, model)
     params = list(model.parameters()) if isinstance(model, nn.Module) else list(model)
     if config.optimizer == "sgd":
         return MaskedSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
@@ -61,7 +65,7 @@ def has_statistics(model: nn.Module) -> bool:
 
 def stacks(config: SearchConfig, model: nn.Module, device: torch.device) -> bool:
     """Does the engine stack arms of this model on this device by default (see the module docstring)?"""
-    if arms_per_engine(config) == 1:
+    if arms_per_engine(config) == 1 or recipe.user_functions(config):
         return False
     return not (device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()))
 
@@ -100,8 +104,12 @@ class Engine:
         if self.stacked:
             self._stack()
         else:
+            loss_fn = recipe.loss_function(config)
             self.steps = [make_train_step(context.wrap(s.model, has_statistics(s.model)), s.optimizer,
-                                          compiled=config.compile) for s in self.states]
+                                          compiled=config.compile, loss_fn=loss_fn) for s in self.states]
+            # Any torch optimizer: the layers mask its gradient, and the pruned weights and its state are
+            # zeroed after each step (fastticket.lottery.recipe); the masked optimizers do both themselves.
+            self.user_optimizer = recipe.user_optimizer(config)
 
     # ------------------------------------------------------------------------------- the stacked step
     def _stack(self) -> None:
@@ -155,9 +163,12 @@ class Engine:
     def _arm_step(self, a: int, iteration: int) -> torch.Tensor:
         x, y = self.data.batch(iteration, self.config.batch_size, self.seeds[a])
         # The compiled step traces the masked layers as they are (it cannot enter the context manager).
-        with gradient_masked_by_optimizer() if not self.config.compile else contextlib.nullcontext():
+        masked_by_optimizer = not (self.config.compile or self.user_optimizer)
+        with gradient_masked_by_optimizer() if masked_by_optimizer else contextlib.nullcontext():
             loss = self.steps[a].loss(x, y)
             self.steps[a].update(loss)  # the backward too: the weights' gradient hooks read the setting
+        if self.user_optimizer:
+            mask_optimizer_state_(self.states[a].optimizer)
         return loss.detach().reshape(1)
 
     # ------------------------------------------------------------------------------------- interface

@@ -81,7 +81,9 @@ def _check_model(config: SearchConfig, data: "DeviceData", device: torch.device)
     finally:
         for hook in hooks:
             hook.remove()
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.shape[0], data.info.num_classes):
+    # Class scores are checked for classification; with a user's loss (num_classes 0) any output tensor goes.
+    if not isinstance(out, torch.Tensor) or (data.info.num_classes and
+                                             tuple(out.shape) != (x.shape[0], data.info.num_classes)):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"model {config.model!r} gives outputs of shape {shape} on {config.dataset}; expected "
                           f"(batch, {data.info.num_classes}) class scores")

@@ -33,7 +33,7 @@ from fastticket.errors import DamagedFileError, RunDirError, RunLockedError, fir
 from fastticket.lottery.armdir import CHECKSUMS_FILE, MASK, REWIND, ArmDir
 from fastticket.lottery.arms import arm_name
 from fastticket.lottery.atomic_io import atomic_write_text, ensure_writable_dir, is_temp, remove_stale_temps
-from fastticket.lottery.config import SearchConfig, field_defaults, run_only_fields
+from fastticket.lottery.config import USER_FIELDS, SearchConfig, field_defaults, run_only_fields
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
@@ -170,10 +170,9 @@ class RunDir:
             extend = differ == ["levels"] and isinstance(saved.get("levels"), int) and \
                 current["levels"] > saved["levels"]
             # A user's model or data function (fastticket.lottery.sources) changed: say which.
-            if "sources" in differ and not {"model", "dataset"} & set(differ):
-                changed = [k for k in ("model", "dataset") if saved["sources"].get(k) != current["sources"].get(k)]
-                which = " and the ".join(f"{'model' if k == 'model' else 'data'} function {current[k]}"
-                                         for k in changed)
+            if "sources" in differ and not set(USER_FIELDS) & set(differ):
+                changed = [k for k in USER_FIELDS if saved["sources"].get(k) != current["sources"].get(k)]
+                which = " and the ".join(f"{'data' if k == 'dataset' else k} function {current[k]}" for k in changed)
                 raise RunDirError(f"cannot resume {out_dir}: the {which} changed since the run began (its source "
                                   f"hash differs from config.json's); restore it or choose another --out")
             if differ and not extend:

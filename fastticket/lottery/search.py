@@ -48,6 +48,7 @@ from fastticket.lottery.preflight import preflight
 from fastticket.lottery.progress import Progress
 from fastticket.lottery.prune import check_refill_fits, layer_rates
 from fastticket.lottery.rundir import RunDir
+from fastticket.lottery.recipe import user_functions
 from fastticket.lottery.sources import is_user, recorded, to_device_data
 from fastticket.lottery.train import ArmJob, build_masked_model, train_arms
 from fastticket.sparse.backend import use_backend
@@ -185,8 +186,8 @@ def run_search(config: SearchConfig, out_dir: str, resume: bool = False,
         run = RunDir(out_dir, writes=context.main or not context.data_parallel)
         context.agree(lambda: _check_ranks(config, context))
         context.agree(lambda: run.prepare(config, resume, create=False))
-        data = context.agree(lambda: to_device_data(config.dataset, device) if is_user(config.dataset) else
-                             load_dataset(config.dataset, config.data_dir, device, config.val_size, config.seed,
+        data = context.agree(lambda: to_device_data(config.dataset, device, config.loss is None)
+                             if is_user(config.dataset) else load_dataset(config.dataset, config.data_dir, device, config.val_size, config.seed,
                                           augment=config.augment))
         # Everything else that can fail early, before the first write.
         context.agree(lambda: (preflight(config, data, device), _check_refill(config, data, device)))
@@ -266,6 +267,11 @@ def _run_levels(config: SearchConfig, run: RunDir, data: "DeviceData", device: t
         progress.message(f"fastticket: the model {config.model} cannot be stacked ({failure}); its arms train one "
                          f"at a time")
         config, arm_fields = config.replace(parallel_arms=1), {"arms_stacked": False, "why_not_stacked": failure}
+    elif user_functions(config) and arms_per_engine(config) != 1:
+        functions = ", ".join(f"{f} {getattr(config, f)}" for f in user_functions(config))
+        arm_fields = {"arms_stacked": False, "why_not_stacked": f"trained with your {functions} (fastticket's "
+                      f"stacked step runs its own optimizers and cross-entropy)"}
+        progress.message(f"fastticket: {arm_fields['why_not_stacked']}: the arms train one at a time")
     if context.data_parallel:
         from fastticket.lottery.data import DataShard
         train_data: Any = DataShard(data, context.rank, context.world)

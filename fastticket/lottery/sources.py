@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fastticket.errors import ConfigError
+from fastticket.lottery.config import USER_FIELDS
 from fastticket.lottery.data import DatasetInfo, DeviceData, Split
 from fastticket.lottery.models import TORCHVISION_PREFIX
 from fastticket.lottery.streams import seeded_item
@@ -89,8 +90,9 @@ def resolve(name: str) -> Tuple[Callable[[], Any], str]:
 
 
 def recorded(config: Any) -> Any:
-    """`config` with the hash of each user source in `sources` ({"model": ..., "dataset": ...})."""
-    hashes = {key: resolve(getattr(config, key))[1] for key in ("model", "dataset") if is_user(getattr(config, key))}
+    """`config` with the hash of each user source in `sources` ({"model": ..., "dataset": ..., "loss": ...})."""
+    hashes = {key: resolve(getattr(config, key))[1] for key in USER_FIELDS
+              if getattr(config, key) is not None and is_user(getattr(config, key))}
     return config.replace(sources=hashes) if hashes != config.sources else config
 
 
@@ -108,9 +110,10 @@ def build_user_model(name: str) -> nn.Module:
 Splits = Tuple[Any, Optional[Tuple[torch.Tensor, torch.Tensor]], Tuple[torch.Tensor, torch.Tensor]]
 
 
-def _as_tensors(split: Any, what: str, may_stream: bool = False) -> Any:
+def _as_tensors(split: Any, what: str, may_stream: bool = False, class_labels: bool = True) -> Any:
     """A split as (inputs float32, labels int64) on the CPU; with `may_stream` (the training split) a Dataset
-    with a transform (it may augment: run it per batch) or too large for the device stays the Dataset."""
+    with a transform (it may augment: run it per batch) or too large for the device stays the Dataset.
+    `class_labels` False (a user's loss): labels may be any tensors with one row per input, kept as they are."""
     if isinstance(split, (tuple, list)) and len(split) == 2 and all(torch.is_tensor(t) for t in split):
         x, y = split
     elif hasattr(split, "__getitem__") and hasattr(split, "__len__"):
@@ -130,24 +133,33 @@ def _as_tensors(split: Any, what: str, may_stream: bool = False) -> Any:
         # Converted once, each item under its own seed: a random transform gives the same tensors every time.
         items = [seeded_item(split, i, i) for i in range(n)]
         x = torch.stack([torch.as_tensor(a) for a, _ in items])
-        y = torch.as_tensor([int(b) for _, b in items])
+        y = (torch.as_tensor([int(b) for _, b in items]) if class_labels
+             else torch.stack([torch.as_tensor(b) for _, b in items]))
     else:
         raise ConfigError(f"the {what} split must be (inputs, labels) tensors or a map-style Dataset of "
                           f"(input, label) pairs, got {type(split).__name__}")
+    if not class_labels:
+        if y.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise ConfigError(f"the {what} split needs one label per input (labels' first dimension = the inputs'), "
+                              f"got inputs {tuple(x.shape)} and labels {tuple(y.shape)}")
+        return x.float().cpu(), (y.float() if y.is_floating_point() else y.long()).cpu()
     if y.dim() != 1 or x.shape[0] != y.shape[0] or y.is_floating_point():
         raise ConfigError(f"the {what} split needs integer class labels of shape [N] matching the inputs' first "
-                          f"dimension, got inputs {tuple(x.shape)} and labels {tuple(y.shape)} ({y.dtype})")
+                          f"dimension (or a loss= function for other targets), got inputs {tuple(x.shape)} and "
+                          f"labels {tuple(y.shape)} ({y.dtype})")
     return x.float().cpu(), y.long().cpu()
 
 
-def split_tensors(data: Any) -> Splits:
-    """`(train, val, test)` as CPU tensor pairs (val None stays None; train may stay a Dataset to stream)."""
+def split_tensors(data: Any, class_labels: bool = True) -> Splits:
+    """`(train, val, test)` as CPU tensor pairs (val None stays None; train may stay a Dataset to stream);
+    `class_labels` as in `_as_tensors`."""
     if not (isinstance(data, (tuple, list)) and len(data) == 3):
         raise ConfigError(f"data must be (train, val, test) (val may be None), got {type(data).__name__}"
                           f"{'' if not isinstance(data, (tuple, list)) else f' of {len(data)} items'}")
     train, val, test = data
-    return (_as_tensors(train, "train", may_stream=True), None if val is None else _as_tensors(val, "val"),
-            _as_tensors(test, "test"))
+    return (_as_tensors(train, "train", True, class_labels),
+            None if val is None else _as_tensors(val, "val", False, class_labels),
+            _as_tensors(test, "test", False, class_labels))
 
 
 def tensors_hash(splits: Splits) -> str:
@@ -164,20 +176,25 @@ def tensors_hash(splits: Splits) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def to_device_data(name: str, device: torch.device) -> DeviceData:
-    """The user's data, from their function (or the API's tensors), held whole on `device`."""
+def to_device_data(name: str, device: torch.device, class_labels: bool = True) -> DeviceData:
+    """The user's data, from their function (or the API's tensors), held whole on `device`; `class_labels` as
+    in `_as_tensors` (False: the class count is 0, models come from the user anyway)."""
     from fastticket.lottery.streams import Head, StreamData
     fn, _ = resolve(name)
-    train, val, (xs, ys) = split_tensors(fn())
+    train, val, (xs, ys) = split_tensors(fn(), class_labels)
     streamed = not isinstance(train, tuple)
     # A streamed set's first examples (for the checks before training), drawn seeded: the global RNG is left alone.
-    xt, yt = _as_tensors([seeded_item(train, i, i) for i in range(2)], "train") if streamed else train
+    xt, yt = (_as_tensors([seeded_item(train, i, i) for i in range(2)], "train", False, class_labels) if streamed
+              else train)
     if val is None:  # no validation split: every val loss is NaN, so early stopping takes the last evaluation
         val = (xt[:0], yt[:0])
-    labels = [yt.max(), ys.max(), val[1].max() if len(val[1]) else 0]
-    if streamed and hasattr(train, "targets"):  # torchvision datasets list their labels
-        labels.append(max(int(t) for t in train.targets))
-    info = DatasetInfo(name, tuple(xt.shape[1:]), int(max(labels)) + 1)  # type: ignore[arg-type]
+    classes = 0
+    if class_labels:
+        labels = [yt.max(), ys.max(), val[1].max() if len(val[1]) else 0]
+        if streamed and hasattr(train, "targets"):  # torchvision datasets list their labels
+            labels.append(max(int(t) for t in train.targets))
+        classes = int(max(labels)) + 1
+    info = DatasetInfo(name, tuple(xt.shape[1:]), classes)  # type: ignore[arg-type]
     splits = Split(val[0].to(device), val[1].to(device)), Split(xs.to(device), ys.to(device))
     if streamed:
         # Workers on CUDA (the host prepares batches while the GPU trains); on a CPU they would compete.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import zlib
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -30,6 +31,7 @@ from fastticket.lottery.config import SearchConfig
 from fastticket.lottery.engine import Engine, arms_per_engine, has_statistics, make_optimizer
 from fastticket.lottery.platform import SOLO, Context
 from fastticket.lottery.progress import Progress
+from fastticket.lottery.recipe import LossFn, accuracy_counts, advance_scheduler, build_scheduler, loss_function
 from fastticket.lottery.armdir import ArmDir
 from fastticket.sparse.nn import densities, masked_modules, sparsify
 
@@ -68,18 +70,24 @@ def cpu_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: Context = SOLO) -> Tuple[float, float]:
-    """(mean cross-entropy, accuracy) over a whole split; in a data-parallel search `x, y` are this rank's
-    share of it and the sums are added over the ranks (every rank gets the whole split's numbers). An empty
-    split (a user's data without validation) gives NaN for both."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: Context = SOLO,
+             loss_fn: Optional[LossFn] = None) -> Tuple[float, float]:
+    """(mean loss, accuracy) over a whole split: cross-entropy, or a user's `loss_fn` (the batch mean) with
+    accuracy NaN where it means nothing (fastticket.lottery.recipe.accuracy_counts). In a data-parallel search
+    `x, y` are this rank's share of it and the sums are added over the ranks (every rank gets the whole split's
+    numbers). An empty split (a user's data without validation) gives NaN for both."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss sum, correct, count
     for i in range(0, x.shape[0], EVAL_CHUNK):
         out = model(x[i:i + EVAL_CHUNK])
         yy = y[i:i + EVAL_CHUNK]
-        totals[0] += F.cross_entropy(out.float(), yy, reduction="sum").double()
-        totals[1] += (out.argmax(dim=1) == yy).sum()
+        if loss_fn is None:
+            totals[0] += F.cross_entropy(out.float(), yy, reduction="sum").double()
+            totals[1] += (out.argmax(dim=1) == yy).sum()
+            continue
+        totals[0] += loss_fn(out, yy).double() * yy.shape[0]
+        totals[1] += (out.argmax(dim=1) == yy).sum() if accuracy_counts(out, yy) else math.nan
     totals[2] = x.shape[0]
     model.train(was_training)
     context.shard_sum_(totals)
@@ -151,22 +159,28 @@ class ArmState:
     loss_sum: float = 0.0          # train loss accumulated since the last evaluation
     loss_count: int = 0
     wall_time_s: float = 0.0       # training time of earlier sessions (before a resume)
+    scheduler: Optional[Any] = None  # a user's lr scheduler (fastticket.lottery.recipe), stepped per iteration
+    rng: Optional[torch.Tensor] = None  # the global RNG state its checkpoint saved (None: it starts fresh)
 
     def state_dict(self, session_s: float) -> Dict[str, Any]:
         """The checkpoint (with the global torch RNG state), `session_s` seconds into this session."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "iteration": self.iteration, "metrics": self.metrics, "loss_sum": self.loss_sum,
                 "loss_count": self.loss_count, "wall_time_s": self.wall_time_s + session_s,
-                "rng": torch.get_rng_state()}
+                "rng": torch.get_rng_state(),
+                **({"scheduler": self.scheduler.state_dict()} if self.scheduler is not None else {})}
 
     def load_state_dict(self, ckpt: Dict[str, Any]) -> None:
         """Restore a checkpoint; a RuntimeError/KeyError/ValueError means it does not fit the model."""
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
         self.iteration, self.metrics = int(ckpt["iteration"]), list(ckpt["metrics"])
         self.loss_sum, self.loss_count = float(ckpt["loss_sum"]), int(ckpt["loss_count"])
         self.wall_time_s = float(ckpt["wall_time_s"])
-        torch.set_rng_state(ckpt["rng"])
+        self.rng = ckpt["rng"]
+        torch.set_rng_state(self.rng)
 
     def record_evaluation(self, val_loss: float, val_acc: float, test_acc: float) -> None:
         self.metrics.append({"iteration": self.iteration, "train_loss": self.loss_sum / max(1, self.loss_count),
@@ -221,13 +235,17 @@ def train_arms(config: SearchConfig, jobs: Sequence[ArmJob], data: "DeviceData",
     Arms that stand at different points (iteration, start iteration, fixed lr) after their checkpoints are
     read train as separate groups one after the other, so each group shares its lr and step count.
     """
+    def fresh_state(job: ArmJob) -> ArmState:
+        optimizer = make_optimizer(config, job.model)
+        return ArmState(job.model, optimizer, job.spec.start_iter, scheduler=build_scheduler(config, optimizer))
+
     states, restored = [], []
     for job in jobs:
-        state = ArmState(job.model, make_optimizer(config, job.model), job.spec.start_iter)
+        state = fresh_state(job)
         # Data-parallel: rank 0 alone reads checkpoints (and may discard a damaged one); the others get its state.
         if job.directory.writes and job.directory.has_checkpoint():
             if not _restore(state, job.directory, progress, job.hook):
-                state = ArmState(job.model, make_optimizer(config, job.model), job.spec.start_iter)
+                state = fresh_state(job)
             # metrics.jsonl may hold evaluations after the checkpoint (killed in between): the checkpoint wins.
             job.directory.write_metrics(state.metrics)
         restored.append(state.iteration != job.spec.start_iter or bool(state.metrics))
@@ -301,6 +319,7 @@ class _Group:
         self.loss_count = states[0].loss_count
         self.last_loss = math.nan
         self.lr: Optional[float] = None  # set by the first step (the lr is asked for once per step, never more)
+        self.loss_fn = None if config.loss is None else loss_function(config)
 
     def _engine(self) -> Engine:
         engine = Engine(self.config, [self.jobs[i] for i in self.live], [self.states[i] for i in self.live],
@@ -321,6 +340,15 @@ class _Group:
         for i in [i for i in self.live if jobs[i].hook is not None and jobs[i].hook.stopped]:
             self.results[i] = _finish(jobs[i], self.states[i], self.prunable, 0.0, "ok")
             self.live.remove(i)
+        # What draws from torch's global RNG while training (a user's dropout or noisy optimizer) draws the
+        # same numbers in every run and after a resume: the group starts from its checkpoint's RNG state, or
+        # from a seed of what the group is.
+        start = self.states[0]
+        if start.rng is not None:
+            torch.set_rng_state(start.rng)
+        else:
+            torch.manual_seed(zlib.crc32(f"{first.level} {first.label} {first.trial} {jobs[0].seed} "
+                                         f"{self.iteration}".encode()))
         engine = self._engine() if self.live else None
         label = (f"L{first.level} {first.label} t{first.trial}" if len(jobs) == 1
                  else f"L{first.level} {len(jobs)} arms from it {first.start_iter}")
@@ -346,10 +374,16 @@ class _Group:
         return [self.results[i] for i in range(len(jobs))]
 
     def _step(self, engine: Engine) -> None:
-        new_lr = arm_lr(self.config, self.jobs[0].spec, self.iteration)
-        if new_lr != self.lr:  # written into the param groups only when the schedule moves
-            self.lr = new_lr
-            engine.set_lr(new_lr)
+        spec = self.jobs[0].spec
+        if self.config.lr_scheduler is not None:  # the user's schedulers, each arm's at this iteration
+            for i in self.live:
+                advance_scheduler(self.states[i].scheduler,
+                                  self.iteration if spec.lr_fixed_at is None else spec.lr_fixed_at)
+        else:
+            new_lr = arm_lr(self.config, spec, self.iteration)
+            if new_lr != self.lr:  # written into the param groups only when the schedule moves
+                self.lr = new_lr
+                engine.set_lr(new_lr)
         losses = engine.step(self.iteration)
         if len(self.live) == len(self.jobs):
             self.loss_sums += losses
@@ -387,8 +421,8 @@ class _Group:
                 continue
             if has_statistics(job.model):  # data-parallel: evaluate with rank 0's statistics
                 context.share_buffers_(job.model)
-            val_loss, val_acc = evaluate(job.model, self.data.val.x, self.data.val.y, context)
-            _, test_acc = evaluate(job.model, self.data.test.x, self.data.test.y, context)
+            val_loss, val_acc = evaluate(job.model, self.data.val.x, self.data.val.y, context, self.loss_fn)
+            _, test_acc = evaluate(job.model, self.data.test.x, self.data.test.y, context, self.loss_fn)
             state.record_evaluation(val_loss, val_acc, test_acc)
             ckpt = state.state_dict(session_s)
             if job.hook is not None:
