@@ -187,6 +187,36 @@ def test_dw_split_over_tokens(device, dtype, poisoned):
     assert (dw[live_elems & ~mask] == 0).all(), "pruned entries of a live tile must get exactly zero gradient"
 
 
+@pytest.mark.launches_triton
+@pytest.mark.parametrize("live", ["all-live", "one-tile", "all-dead"])
+def test_dw_split_buffer_covers_live_tiles_only(device, live, monkeypatch):
+    """The split dW's partial sums live in one fp32 slab per live tile (no N x K buffer): the buffer it zero-
+    fills is [n_live, BN, BK], and the scattered result matches the float64 reference on odd shapes, with dead
+    tiles untouched in a NaN-poisoned `out` and pruned entries exactly zero."""
+    m, n, k = 140, 37, 45
+    x, w, b, mask, g = make_case(m, n, k, "element", 0.6, seed=23, device=device)
+    bn, bk = masked_linear.linear_tile_sizes(device, x.dtype)
+    if live == "one-tile":
+        keep = torch.zeros_like(mask)
+        keep[bn:2 * bn, 2 * bk:] = True  # the partial last tile of the second tile-row
+        mask &= keep
+    elif live == "all-dead":
+        mask[:] = False
+    tm = build_tile_map(mask, bn, bk)
+    w = w * mask
+    zeros, sizes = torch.zeros, []
+    monkeypatch.setattr(masked_linear.torch, "zeros", lambda *a, **kw: sizes.append(tuple(a[0])) or zeros(*a, **kw))
+    out = torch.full((n, k), float("nan"), device=device)
+    dw = masked_linear.linear_grad_weight(g, x, mask, tm, out=out, split_m=3)
+    monkeypatch.setattr(masked_linear.torch, "zeros", zeros)
+    assert sizes == ([(tm.n_live, bn, bk)] if tm.n_live else []), sizes
+    live_elems = tm.live.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k].to(device)
+    assert torch.isnan(dw[~live_elems]).all(), "a dead tile of dW was written"
+    _, ref_dw, _ = masked_linear.reference_masked_linear_grads(x, w, b, mask, g)
+    assert_parity(dw[live_elems], ref_dw[live_elems.cpu()], TOL[torch.float32], "dW (live tiles)")
+    assert (dw[live_elems & ~mask] == 0).all(), "pruned entries of a live tile must get exactly zero gradient"
+
+
 def test_dw_split_defaults(monkeypatch):
     """Off CUDA, and under deterministic algorithms, dW is never split (atomics round in varying order)."""
     assert masked_linear._dw_split(10_000, 3, torch.device("cpu")) == 1
