@@ -30,25 +30,25 @@ lists = dict(LIST_CHUNK=ml._LIST_CHUNK, GROUP_M=ml._GROUP_M)
 SHAPES = {"4096": (8192, 4096, 4096), "784>300": (256, 300, 784), "300>100": (256, 100, 300),
           "100>10": (256, 10, 100)}
 PRECISIONS = (("bf16", torch.bfloat16, None), ("tf32", torch.float32, "tf32"), ("ieee", torch.float32, "ieee"))
-dw_configs = getattr(ml, "_dw_configs_for", None)
 for shape, (M, N, K) in SHAPES.items():
     for tag, dtype, precision in PRECISIONS:
         t = ptr(dtype)
         pick = lambda cs: cs[0]
-        c = pick(ml._prune_configs(ml._cuda_configs(precision) if ml._cuda_configs.__code__.co_argcount
-                                   else ml._cuda_configs(), {"M": M, "x_ptr": Arg(dtype)}, BLOCK_N=64))
+        strides = dict(stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_ym=N, stride_yn=1)
+        c = pick(ml._prune_configs(ml._cuda_configs(), dict(M=M, x_ptr=Arg(dtype), **strides), BLOCK_N=64,
+                                   INPUT_PRECISION=precision))
         meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         cfg = f"BM{c.kwargs['BLOCK_M']} w{c.num_warps} s{c.num_stages}"
         check(f"fwd|{shape}|{tag}|{cfg}", ml._fwd_kernel, t, t, t, t, i32, i32, i32, M, N, K, K, 1, K, 1, N, 1,
               BUCKET, HAS_BIAS=True, INPUT_PRECISION=precision, BLOCK_N=64, BLOCK_K=BK, TILE_N=BN, **lists, **meta)
-        c = pick(ml._prune_configs(ml._cuda_configs(precision) if ml._cuda_configs.__code__.co_argcount
-                                   else ml._cuda_configs(), {"M": M, "dy_ptr": Arg(dtype)}, BLOCK_K=64))
+        strides = dict(stride_dym=N, stride_dyn=1, stride_wn=K, stride_wk=1, stride_dxm=K, stride_dxk=1)
+        c = pick(ml._prune_configs(ml._cuda_configs(), dict(M=M, dy_ptr=Arg(dtype), **strides), BLOCK_K=64,
+                                   INPUT_PRECISION=precision))
         meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         cfg = f"BM{c.kwargs['BLOCK_M']} w{c.num_warps} s{c.num_stages}"
         check(f"dx|{shape}|{tag}|{cfg}", ml._dx_kernel, t, t, t, i32, i32, i32, M, N, K, N, 1, K, 1, K, 1, BUCKET,
               INPUT_PRECISION=precision, BLOCK_N=BN, BLOCK_K=64, TILE_K=BK, **lists, **meta)
-        dws = ml._dw_cuda_configs(precision) if ml._dw_cuda_configs.__code__.co_argcount else ml._dw_cuda_configs()
-        c = ml._dw_prune_configs(dws, {"M": M})[0]
+        c = ml._dw_prune_configs(ml._dw_cuda_configs(), {"M": M})[0]
         cfg = f"BM{c.kwargs['BLOCK_M']} w{c.num_warps} s{c.num_stages}"
         for atomic in (False, True):
             kind = "dw-split" if atomic else "dw"
@@ -56,7 +56,7 @@ for shape, (M, N, K) in SHAPES.items():
                   M, N, K, 1024 if atomic else M, N, 1, K, 1, K, 1, K, 1, BUCKET,
                   INPUT_PRECISION=precision, ATOMIC=atomic, BLOCK_N=BN, BLOCK_K=BK, **c.kwargs,
                   num_warps=c.num_warps, num_stages=c.num_stages)
-        fused = getattr(linear_dw_sgd, "cuda_meta", lambda p: linear_dw_sgd._CUDA_META)(precision)
+        fused = getattr(linear_dw_sgd, "cuda_meta", lambda p: linear_dw_sgd._CUDA_META)(precision)  # before: one
         cfg = f"BM{fused['BLOCK_M']} w{fused['num_warps']} s{fused['num_stages']}"
         check(f"dw+sgd|{shape}|{tag}|{cfg}", linear_dw_sgd._dw_sgd_kernel, t, t, u8, f32, f32, i32, i32, M, N, K,
               N, 1, K, 1, 0.1, 0.9, 0.0, 1e-4, INPUT_PRECISION=precision, HAS_MOMENTUM=True, FIRST=False,

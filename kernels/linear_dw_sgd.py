@@ -45,7 +45,15 @@ from fastticket.kernels.masked_optim import sgd_reference_, sgd_update
 from fastticket.kernels.tile_map import TileMap
 
 # Fixed launch config on CUDA: autotuning would run the in-place update several times per call.
+# fp32 (TF32 or IEEE) on 8 warps: on 4 it spills on sm_90 at LeNet's odd strides (256 bytes TF32, 44 IEEE at
+# 300 -> 100), on 8 it compiles spill-free at every shape bench/sm90_report.py covers.
 _CUDA_META = dict(BLOCK_M=64, num_warps=4, num_stages=3)
+_CUDA_META_FP32 = dict(BLOCK_M=64, num_warps=8, num_stages=3)
+
+
+def cuda_meta(precision: Optional[str]) -> dict:
+    """The fused kernel's launch config on CUDA for a dot precision (None: 16-bit inputs)."""
+    return _CUDA_META if precision is None else _CUDA_META_FP32
 _INTERPRETER_META = dict(BLOCK_M=16, num_warps=4)
 
 
@@ -143,7 +151,8 @@ def linear_dw_sgd_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
         grad_out = grad_out.to(x.dtype)
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     bn, bk = tile_map.block
-    meta = _CUDA_META if weight.device.type == "cuda" else _INTERPRETER_META
+    precision = dot_input_precision(x.dtype, "matmul")
+    meta = cuda_meta(precision) if weight.device.type == "cuda" else _INTERPRETER_META
     split, m_per_split = dw_split_rows(m, tile_map.n_live, weight.device, split_m)
     hyper = dict(HAS_MOMENTUM=momentum != 0, FIRST=first, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
                  HAS_WD=weight_decay != 0)
@@ -162,7 +171,7 @@ def linear_dw_sgd_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
             tile_map.coo_rows, tile_map.coo_cols,
             m, n, k, grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),
             float(lr), float(momentum), float(dampening), float(weight_decay),
-            INPUT_PRECISION=dot_input_precision(x.dtype, "matmul"), HAS_MOMENTUM=momentum != 0, FIRST=first,
+            INPUT_PRECISION=precision, HAS_MOMENTUM=momentum != 0, FIRST=first,
             NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
             BLOCK_N=bn, BLOCK_K=bk, **meta,
         )

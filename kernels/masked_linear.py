@@ -99,6 +99,32 @@ def _cuda_configs() -> List[triton.Config]:
             for block_m, warps, stages in [(128, 8, 4), (128, 4, 4), (64, 4, 5), (256, 8, 3), (32, 4, 5)]]
 
 
+# fp32 forward / dX configs that compile without register spills on sm_90 (bench/sm90_report.py; the sm_90
+# checks of tests/test_masked_linear_kernels.py hold them). IEEE fp32 runs on FMA, whose 64 x 64 fp32
+# operand fragments per thread make BLOCK_M 128 on 8 warps spill (dX: 132 bytes at 4096 x 4096); BLOCK_M 64
+# on 8 warps does not. Strides that are not multiples of 16 elements (LeNet's 300, 100, 10) turn the 16-byte
+# async copies into scalar loads whose addresses take the registers: there only BLOCK_M 32 on 8 warps (IEEE)
+# or BLOCK_M 64 on 8 warps (TF32) stay spill-free.
+_IEEE_CONFIGS = ((64, 8, 3), (32, 8, 3))
+_IEEE_UNALIGNED_CONFIGS = ((32, 8, 3),)
+_TF32_UNALIGNED_CONFIGS = ((64, 8, 3),)
+
+
+def _strides_aligned(named_args) -> bool:
+    """Every non-unit stride of the launch a multiple of 16 elements (what triton's divisibility needs)."""
+    return all(v % 16 == 0 for name, v in named_args.items()
+               if name.startswith("stride") and isinstance(v, int) and v != 1)
+
+
+def _fp32_configs(precision: Optional[str], aligned: bool) -> Optional[List[triton.Config]]:
+    """The fp32 configs to try instead of _cuda_configs (None: keep those)."""
+    table = {("ieee", True): _IEEE_CONFIGS, ("ieee", False): _IEEE_UNALIGNED_CONFIGS,
+             ("tf32", False): _TF32_UNALIGNED_CONFIGS}.get((precision, aligned))
+    if table is None:
+        return None
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st) for bm, w, st in table]
+
+
 def _dw_cuda_configs() -> List[triton.Config]:
     """dW configs: BLOCK_M is the reduction chunk over tokens, the MMA tile is the 64 x 64 map tile."""
     return [triton.Config({"BLOCK_M": block_m}, num_warps=4, num_stages=stages)
@@ -117,10 +143,13 @@ def _prune_configs(configs, named_args, **kwargs):
     budget = _SMEM_BUDGET
     if a.device.type == "cuda":
         budget = getattr(torch.cuda.get_device_properties(a.device), "shared_memory_per_block_optin", budget)
+    fp32 = _fp32_configs(kwargs.get("INPUT_PRECISION"), _strides_aligned(named_args)) if elem == 4 else None
+    if fp32 is not None:
+        configs = fp32
     kept = {}
     for cfg in configs:
         block_m = cfg.kwargs["BLOCK_M"]
-        if block_m < 64 and m > _SMALL_M:
+        if block_m < 64 and m > _SMALL_M and fp32 is None:  # FMA (IEEE) has no 64-row warp-group minimum
             continue
         if block_m > 64 and block_m >= 2 * max(m, 1):
             continue
@@ -146,8 +175,10 @@ def _dw_prune_configs(configs, named_args, **kwargs):
 
 
 _AUTOTUNED: dict = {}
-_KEYS = {"fwd": ["M", "N", "K", "BLOCK_N", "LIVE_BUCKET"], "dx": ["M", "N", "K", "BLOCK_K", "LIVE_BUCKET"],
-         "dw": ["M", "N", "K", "M_PER_SPLIT", "LIVE_BUCKET"]}
+# INPUT_PRECISION: fp32 under TF32 and under IEEE share dtypes but not configs (_fp32_configs).
+_KEYS = {"fwd": ["M", "N", "K", "BLOCK_N", "LIVE_BUCKET", "INPUT_PRECISION"],
+         "dx": ["M", "N", "K", "BLOCK_K", "LIVE_BUCKET", "INPUT_PRECISION"],
+         "dw": ["M", "N", "K", "M_PER_SPLIT", "LIVE_BUCKET", "INPUT_PRECISION"]}
 
 
 def _kernel(name: str, device: torch.device, atomic: bool = False):
