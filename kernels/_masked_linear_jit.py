@@ -173,18 +173,24 @@ def _dw_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (live tile t, token split s): rows [s * M_PER_SPLIT, (s + 1) * M_PER_SPLIT) of the reduction.
-    # With more than one split (ATOMIC) the partial tiles add into a zeroed fp32 buffer.
+    # With more than one split (ATOMIC) the partial tiles add into a zeroed compact fp32 buffer of one
+    # BLOCK_N x BLOCK_K slab per live tile ([n_live, BLOCK_N, BLOCK_K], COO order): its size, its zero-fill and
+    # the epilogue that scatters it into dW scale with the live tiles, not with N x K.
     t = tl.program_id(0)
     m_lo = tl.program_id(1) * M_PER_SPLIT
     m_hi = tl.minimum(m_lo + M_PER_SPLIT, M)
+    nt = tl.load(coo_rows + t)
+    kt = tl.load(coo_cols + t)
     acc, offs_n, offs_k, tile_ok = dw_tile_rows(
-        dy_ptr, x_ptr, tl.load(coo_rows + t), tl.load(coo_cols + t), m_lo, m_hi, N, K,
+        dy_ptr, x_ptr, nt, kt, m_lo, m_hi, N, K,
         stride_dym, stride_dyn, stride_xm, stride_xk, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     # Element mask in the epilogue: pruned entries of a live tile get exactly zero gradient.
     keep = tl.load(mask_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=tile_ok, other=0)
     acc = tl.where(keep != 0, acc, 0.0)
-    dw_offs = offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk
     if ATOMIC:
-        tl.atomic_add(dw_ptr + dw_offs, acc, mask=tile_ok, sem="relaxed")
+        slab = (t.to(tl.int64) * (BLOCK_N * BLOCK_K) + (offs_n - nt * BLOCK_N)[:, None] * BLOCK_K
+                + (offs_k - kt * BLOCK_K)[None, :])
+        tl.atomic_add(dw_ptr + slab, acc, mask=tile_ok, sem="relaxed")
     else:
+        dw_offs = offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk
         tl.store(dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=tile_ok)

@@ -1,9 +1,11 @@
 """Per-layer choice between the dense vendor op (cuBLAS / cuDNN) and the tile-skipping Triton kernels.
 
 Under the zero invariant the dense op is exact, so the only question is speed: above a live-tile fraction
-the dense op wins. The thresholds live here, one per op, so every kernel reads the same numbers;
-`FASTTICKET_DENSE_THRESHOLD_<OP>` (e.g. ..._LINEAR=0.6) overrides one for experiments and benchmarks.
-See the README's "Backend" section for how the values were chosen.
+the dense op wins. The thresholds live here, one per op and (for the one-arm linear kernels) one per compute
+precision, so every kernel reads the same numbers. Overrides, for experiments and benchmarks:
+`FASTTICKET_DENSE_THRESHOLD_<OP>` (e.g. ..._LINEAR=0.6) sets the op's threshold for every precision;
+`FASTTICKET_DENSE_THRESHOLD_<OP>_<PRECISION>` (e.g. ..._LINEAR_BF16=0.4; precisions bf16, fp16, tf32, ieee)
+sets one precision and wins over the op-wide one. See the README's "Backend" section.
 """
 from __future__ import annotations
 
@@ -14,21 +16,45 @@ import torch
 
 # Live-tile fraction at or above which the dense op runs. `fastticket bench` measures the crossover;
 # these defaults must be replaced by measured values (see README), they are not tuned yet.
+# "linear" here is the grouped (stacked-arms) kernels' threshold and the fallback when no precision is known.
 # conv2d is 0.0 (every layer to cuDNN) until a GPU measures a crossover: compiled offline for sm_90, the
 # implicit-GEMM kernels are predicted to lose to cuDNN at every density above ~5% live (no async copies
 # for the gathers, scalar NCHW stores, atomics in dX), and "never slower than dense" comes first.
 # `fastticket bench --suite conv` still times the tile-skipping path (forced with ..._CONV2D=1.01).
 DENSE_THRESHOLDS = {"linear": 0.5, "conv2d": 0.0}
 
+# One-arm linear kernels, per compute precision: PREDICTED crossovers (issue 22's roofline from the sm_90
+# compile, H100, 4096 x 4096, 8192 tokens, block-64 masks: ~0.35-0.45 live for bf16 / fp16 and TF32, ~0.2-0.3
+# for IEEE fp32, whose kernels run FMA against cuBLAS's FMA), each set at the low end of its range so that a
+# path no GPU has measured faster is not the default ("never slower than dense"). No GPU has measured them.
+PRECISION_THRESHOLDS = {("linear", "bf16"): 0.35, ("linear", "fp16"): 0.35, ("linear", "tf32"): 0.35,
+                        ("linear", "ieee"): 0.25}
+PRECISIONS = ("bf16", "fp16", "tf32", "ieee")
 
-def dense_threshold(op: str) -> float:
-    value = os.environ.get(f"FASTTICKET_DENSE_THRESHOLD_{op.upper()}")
+
+def _env_threshold(name: str) -> Optional[float]:
+    value = os.environ.get(name)
     if value is None:
-        return DENSE_THRESHOLDS[op]
+        return None
     try:
         return float(value)
     except ValueError:
-        raise ValueError(f"FASTTICKET_DENSE_THRESHOLD_{op.upper()}={value!r} is not a number") from None
+        raise ValueError(f"{name}={value!r} is not a number: set it to a live-tile fraction such as 0.4") from None
+
+
+def dense_threshold(op: str, precision: Optional[str] = None) -> float:
+    """The live-tile fraction at or above which `op` runs dense, for `precision` (bf16 / fp16 / tf32 / ieee,
+    None for the op-wide value): the per-precision override, else the op override, else the defaults."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision is not None:
+        value = _env_threshold(f"FASTTICKET_DENSE_THRESHOLD_{op.upper()}_{precision.upper()}")
+        if value is not None:
+            return value
+    value = _env_threshold(f"FASTTICKET_DENSE_THRESHOLD_{op.upper()}")
+    if value is not None:
+        return value
+    return PRECISION_THRESHOLDS.get((op, precision), DENSE_THRESHOLDS[op])
 
 
 # What the one-arm tile kernels compute in (their dots run in fp32 or tensor-core precisions): a float64 layer
@@ -37,9 +63,23 @@ def dense_threshold(op: str) -> float:
 TILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def compute_precision(dtype: torch.dtype, library: str = "matmul") -> str:
+    """The precision the one-arm kernels would compute `dtype` inputs in: bf16 / fp16, or for fp32 "tf32" or
+    "ieee" after torch's TF32 switch of `library` (as the kernels and cuBLAS / cuDNN read it at launch)."""
+    if dtype == torch.bfloat16:
+        return "bf16"
+    if dtype == torch.float16:
+        return "fp16"
+    from fastticket.kernels._common import tf32_enabled
+    return "tf32" if tf32_enabled(library) else "ieee"
+
+
 def use_tile_skipping(live_fraction: float, op: str, dtype: Optional[torch.dtype] = None) -> bool:
     """True when the tile-skipping kernel should run for a layer whose live-tile fraction is given (and, with
-    `dtype`, whose inputs the one-arm kernels compute in)."""
+    `dtype`, whose inputs the one-arm kernels compute in: that also picks the per-precision threshold)."""
     if dtype is not None and dtype not in TILE_DTYPES:
         return False
-    return live_fraction < dense_threshold(op)
+    precision = None
+    if dtype is not None and any(key[0] == op for key in PRECISION_THRESHOLDS):
+        precision = compute_precision(dtype, "cudnn" if op == "conv2d" else "matmul")
+    return live_fraction < dense_threshold(op, precision)

@@ -161,8 +161,10 @@ def _grouped_dw_kernel(
 
 
 _AUTOTUNED: dict = {}
-_KEYS = {"fwd": ["M", "N", "K", "ARMS", "LIVE_BUCKET"], "dx": ["M", "N", "K", "ARMS", "LIVE_BUCKET"],
-         "dw": ["M", "N", "K", "ARMS", "LIVE_BUCKET"]}
+# INPUT_PRECISION: the shared pruning (masked_linear._prune_configs) gives TF32 and IEEE fp32 different configs.
+_KEYS = {"fwd": ["M", "N", "K", "ARMS", "LIVE_BUCKET", "INPUT_PRECISION"],
+         "dx": ["M", "N", "K", "ARMS", "LIVE_BUCKET", "INPUT_PRECISION"],
+         "dw": ["M", "N", "K", "ARMS", "LIVE_BUCKET", "INPUT_PRECISION"]}
 
 
 def _kernel(name: str, device: torch.device):

@@ -40,11 +40,20 @@ import triton.language as tl
 
 from fastticket.kernels._common import device_guard, dot_input_precision
 from fastticket.kernels._masked_linear_jit import dw_tile
+from fastticket.kernels.masked_linear import dw_split_rows, live_slabs
 from fastticket.kernels.masked_optim import sgd_reference_, sgd_update
 from fastticket.kernels.tile_map import TileMap
 
 # Fixed launch config on CUDA: autotuning would run the in-place update several times per call.
+# fp32 (TF32 or IEEE) on 8 warps: on 4 it spills on sm_90 at LeNet's odd strides (256 bytes TF32, 44 IEEE at
+# 300 -> 100), on 8 it compiles spill-free at every shape bench/sm90_report.py covers.
 _CUDA_META = dict(BLOCK_M=64, num_warps=4, num_stages=3)
+_CUDA_META_FP32 = dict(BLOCK_M=64, num_warps=8, num_stages=3)
+
+
+def cuda_meta(precision: Optional[str]) -> dict:
+    """The fused kernel's launch config on CUDA for a dot precision (None: 16-bit inputs)."""
+    return _CUDA_META if precision is None else _CUDA_META_FP32
 _INTERPRETER_META = dict(BLOCK_M=16, num_warps=4)
 
 
@@ -62,6 +71,39 @@ def _dw_sgd_kernel(
     acc, offs_n, offs_k, tile_ok = dw_tile(
         dy_ptr, x_ptr, tl.load(coo_rows + t), tl.load(coo_cols + t), M, N, K,
         stride_dym, stride_dyn, stride_xm, stride_xk, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    _sgd_tile(acc, offs_n, offs_k, tile_ok, dy_ptr, mask_ptr, w_ptr, buf_ptr, K, lr, momentum, dampening,
+              weight_decay, HAS_MOMENTUM, FIRST, NESTEROV, MAXIMIZE, HAS_WD)
+
+
+@triton.jit
+def _sgd_slab_kernel(
+    slab_ptr, dy_ptr, mask_ptr, w_ptr, buf_ptr, coo_rows, coo_cols,
+    N, K,
+    lr, momentum, dampening, weight_decay,
+    HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # The split path's epilogue: live tile t's dW was reduced over the token splits into slab t (compact
+    # [n_live, BLOCK_N, BLOCK_K] fp32, masked, kernels/masked_linear.py's live_slabs); step that tile.
+    t = tl.program_id(0)
+    nt = tl.load(coo_rows + t)
+    kt = tl.load(coo_cols + t)
+    local_n = tl.arange(0, BLOCK_N)
+    local_k = tl.arange(0, BLOCK_K)
+    offs_n = nt.to(tl.int64) * BLOCK_N + local_n
+    offs_k = kt.to(tl.int64) * BLOCK_K + local_k
+    tile_ok = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    acc = tl.load(slab_ptr + t.to(tl.int64) * (BLOCK_N * BLOCK_K) + local_n[:, None] * BLOCK_K + local_k[None, :])
+    _sgd_tile(acc, offs_n, offs_k, tile_ok, dy_ptr, mask_ptr, w_ptr, buf_ptr, K, lr, momentum, dampening,
+              weight_decay, HAS_MOMENTUM, FIRST, NESTEROV, MAXIMIZE, HAS_WD)
+
+
+@triton.jit
+def _sgd_tile(acc, offs_n, offs_k, tile_ok, dy_ptr, mask_ptr, w_ptr, buf_ptr, K, lr, momentum, dampening,
+              weight_decay, HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
+              MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr):
+    """The masked SGD step of one weight tile given its fp32 dW tile `acc` (both kernels' epilogue)."""
     # Weight, mask and momentum buffer are contiguous [N, K] (checked when the fusion is enabled).
     offs = offs_n[:, None] * K + offs_k[None, :]
     keep = tl.load(mask_ptr + offs, mask=tile_ok, other=0) != 0
@@ -81,13 +123,18 @@ def _dw_sgd_kernel(
 
 def linear_dw_sgd_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
                    tile_map: TileMap, momentum_buffer: Optional[torch.Tensor], *, lr: float, momentum: float,
-                   dampening: float, nesterov: bool, weight_decay: float, maximize: bool) -> Optional[torch.Tensor]:
+                   dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
+                   split_m: Optional[int] = None) -> Optional[torch.Tensor]:
     """Fused `dW = (dY^T X) * mask` + masked SGD step on `weight` in place; returns the momentum buffer
     (allocated, zeroed, on the first step). grad_out [M, N], x [M, K], weight / mask [N, K] contiguous.
 
     dW is computed in the activation dtype (x's; grad_out is cast to it): bf16 / fp16 activations of an fp32
     master weight (autocast) stay 16-bit on the tensor cores, as the unfused dW kernel computes them; only
-    the update itself runs in fp32 on the weight's dtype."""
+    the update itself runs in fp32 on the weight's dtype.
+
+    `split_m` token splits (default: masked_linear's _dw_split, > 1 only on CUDA when few tiles are live, so
+    that a layer of a handful of live tiles still fills the SMs): each split's partial dW adds with fp32
+    atomics into one compact slab per live tile, then one SGD epilogue program per live tile steps it."""
     m, n = grad_out.shape
     k = x.shape[1]
     if tuple(weight.shape) != (n, k) or tuple(tile_map.shape) != (n, k):
@@ -104,14 +151,27 @@ def linear_dw_sgd_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
         grad_out = grad_out.to(x.dtype)
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     bn, bk = tile_map.block
-    meta = _CUDA_META if weight.device.type == "cuda" else _INTERPRETER_META
+    precision = dot_input_precision(x.dtype, "matmul")
+    meta = cuda_meta(precision) if weight.device.type == "cuda" else _INTERPRETER_META
+    split, m_per_split = dw_split_rows(m, tile_map.n_live, weight.device, split_m)
+    hyper = dict(HAS_MOMENTUM=momentum != 0, FIRST=first, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+                 HAS_WD=weight_decay != 0)
+    if split > 1:
+        slabs = live_slabs(grad_out, x, mask, tile_map, split, m_per_split)
+        with device_guard(weight):
+            _sgd_slab_kernel[(tile_map.n_live,)](
+                slabs, grad_out, mask_u8, weight, momentum_buffer if momentum != 0 else weight,
+                tile_map.coo_rows, tile_map.coo_cols, n, k,
+                float(lr), float(momentum), float(dampening), float(weight_decay), **hyper,
+                BLOCK_N=bn, BLOCK_K=bk, num_warps=meta["num_warps"])
+        return momentum_buffer if momentum != 0 else None
     with device_guard(weight):
         _dw_sgd_kernel[(tile_map.n_live,)](
             grad_out, x, mask_u8, weight, momentum_buffer if momentum != 0 else weight,
             tile_map.coo_rows, tile_map.coo_cols,
             m, n, k, grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),
             float(lr), float(momentum), float(dampening), float(weight_decay),
-            INPUT_PRECISION=dot_input_precision(x.dtype, "matmul"), HAS_MOMENTUM=momentum != 0, FIRST=first,
+            INPUT_PRECISION=precision, HAS_MOMENTUM=momentum != 0, FIRST=first,
             NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
             BLOCK_N=bn, BLOCK_K=bk, **meta,
         )

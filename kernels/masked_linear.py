@@ -33,8 +33,9 @@ compiled for sm_90 the forward and dX then hold num_stages shared-memory buffers
 index loaded in the loop, whatever num_stages; tests/test_masked_linear_kernels.py checks it).
 
 dW: one program per (live tile, token split); _dw_split picks enough splits to give every SM ~4 programs
-when few tiles are live (the splits add into an fp32 buffer with atomics), 1 off CUDA or under
-torch.use_deterministic_algorithms(True).
+when few tiles are live (the splits add with atomics into a compact fp32 buffer, one BN x BK slab per live
+tile, which scatter_live_slabs then writes into dW: buffer, zero-fill and epilogue scale with the live tiles),
+1 off CUDA or under torch.use_deterministic_algorithms(True).
 
 Autograd, and the per-layer choice between these kernels and dense cuBLAS (kernels/dispatch.py's
 thresholds), live in fastticket/sparse/linear.py; the threshold values are placeholders until
@@ -98,6 +99,32 @@ def _cuda_configs() -> List[triton.Config]:
             for block_m, warps, stages in [(128, 8, 4), (128, 4, 4), (64, 4, 5), (256, 8, 3), (32, 4, 5)]]
 
 
+# fp32 forward / dX configs that compile without register spills on sm_90 (bench/sm90_report.py; the sm_90
+# checks of tests/test_masked_linear_kernels.py hold them). IEEE fp32 runs on FMA, whose 64 x 64 fp32
+# operand fragments per thread make BLOCK_M 128 on 8 warps spill (dX: 132 bytes at 4096 x 4096); BLOCK_M 64
+# on 8 warps does not. Strides that are not multiples of 16 elements (LeNet's 300, 100, 10) turn the 16-byte
+# async copies into scalar loads whose addresses take the registers: there only BLOCK_M 32 on 8 warps (IEEE)
+# or BLOCK_M 64 on 8 warps (TF32) stay spill-free.
+_IEEE_CONFIGS = ((64, 8, 3), (32, 8, 3))
+_IEEE_UNALIGNED_CONFIGS = ((32, 8, 3),)
+_TF32_UNALIGNED_CONFIGS = ((64, 8, 3),)
+
+
+def _strides_aligned(named_args) -> bool:
+    """Every non-unit stride of the launch a multiple of 16 elements (what triton's divisibility needs)."""
+    return all(v % 16 == 0 for name, v in named_args.items()
+               if name.startswith("stride") and isinstance(v, int) and v != 1)
+
+
+def _fp32_configs(precision: Optional[str], aligned: bool) -> Optional[List[triton.Config]]:
+    """The fp32 configs to try instead of _cuda_configs (None: keep those)."""
+    table = {("ieee", True): _IEEE_CONFIGS, ("ieee", False): _IEEE_UNALIGNED_CONFIGS,
+             ("tf32", False): _TF32_UNALIGNED_CONFIGS}.get((precision, aligned))
+    if table is None:
+        return None
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st) for bm, w, st in table]
+
+
 def _dw_cuda_configs() -> List[triton.Config]:
     """dW configs: BLOCK_M is the reduction chunk over tokens, the MMA tile is the 64 x 64 map tile."""
     return [triton.Config({"BLOCK_M": block_m}, num_warps=4, num_stages=stages)
@@ -116,10 +143,13 @@ def _prune_configs(configs, named_args, **kwargs):
     budget = _SMEM_BUDGET
     if a.device.type == "cuda":
         budget = getattr(torch.cuda.get_device_properties(a.device), "shared_memory_per_block_optin", budget)
+    fp32 = _fp32_configs(kwargs.get("INPUT_PRECISION"), _strides_aligned(named_args)) if elem == 4 else None
+    if fp32 is not None:
+        configs = fp32
     kept = {}
     for cfg in configs:
         block_m = cfg.kwargs["BLOCK_M"]
-        if block_m < 64 and m > _SMALL_M:
+        if block_m < 64 and m > _SMALL_M and fp32 is None:  # FMA (IEEE) has no 64-row warp-group minimum
             continue
         if block_m > 64 and block_m >= 2 * max(m, 1):
             continue
@@ -145,8 +175,10 @@ def _dw_prune_configs(configs, named_args, **kwargs):
 
 
 _AUTOTUNED: dict = {}
-_KEYS = {"fwd": ["M", "N", "K", "BLOCK_N", "LIVE_BUCKET"], "dx": ["M", "N", "K", "BLOCK_K", "LIVE_BUCKET"],
-         "dw": ["M", "N", "K", "M_PER_SPLIT", "LIVE_BUCKET"]}
+# INPUT_PRECISION: fp32 under TF32 and under IEEE share dtypes but not configs (_fp32_configs).
+_KEYS = {"fwd": ["M", "N", "K", "BLOCK_N", "LIVE_BUCKET", "INPUT_PRECISION"],
+         "dx": ["M", "N", "K", "BLOCK_K", "LIVE_BUCKET", "INPUT_PRECISION"],
+         "dw": ["M", "N", "K", "M_PER_SPLIT", "LIVE_BUCKET", "INPUT_PRECISION"]}
 
 
 def _kernel(name: str, device: torch.device, atomic: bool = False):
@@ -282,10 +314,25 @@ def _dw_split(m: int, n_live: int, device: torch.device) -> int:
     return max(1, min(want, triton.cdiv(m, 1024)))
 
 
-def _live_elements(tile_map: TileMap, device: torch.device) -> torch.Tensor:
+def live_tile_index(tile_map: TileMap, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, valid) of the compact split-dW buffer [n_live, BN, BK]: element (t, i, j) is dW[rows[t, i],
+    cols[t, j]] where valid[t, i, j] (tiles at the right / bottom edge are partial). O(live tiles) to build."""
     bn, bk = tile_map.block
     n, k = tile_map.shape
-    return tile_map.live.to(device).repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
+    rows = tile_map.coo_rows.to(device).long()[:, None] * bn + torch.arange(bn, device=device)
+    cols = tile_map.coo_cols.to(device).long()[:, None] * bk + torch.arange(bk, device=device)
+    valid = (rows < n)[:, :, None] & (cols < k)[:, None, :]
+    return rows, cols, valid
+
+
+def scatter_live_slabs(out: torch.Tensor, slabs: torch.Tensor, tile_map: TileMap) -> torch.Tensor:
+    """The split-dW epilogue: write each live tile's fp32 slab ([n_live, BN, BK]) into its tile of `out` (in
+    out's dtype). Dead tiles of `out` are not touched (they hold zeros already), so the cost is the live tiles'."""
+    rows, cols, valid = live_tile_index(tile_map, out.device)
+    r = rows[:, :, None].expand(valid.shape)[valid]
+    c = cols[:, None, :].expand(valid.shape)[valid]
+    out[r, c] = slabs[valid].to(out.dtype)
+    return out
 
 
 def linear_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, tile_map: TileMap,
@@ -295,40 +342,60 @@ def linear_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tens
     Dead tiles are never written: a fresh result is zero-initialised, and a caller-supplied `out` must hold
     zeros there already (the tests pass a NaN-filled `out` to prove the dead tiles are left untouched).
     `split_m` programs share each live tile's reduction over tokens (default: _dw_split, so that a layer with
-    few live tiles still fills the GPU); with more than one, partial tiles add into an fp32 buffer with
-    atomics (not bit-reproducible run to run); 1 is deterministic.
+    few live tiles still fills the GPU); with more than one, partial tiles add with atomics (not
+    bit-reproducible run to run) into a compact fp32 buffer of the live tiles only; 1 is deterministic.
     """
     m, n = grad_out.shape
     k = x.shape[1]
-    bn, bk = _check_tile_map(tile_map, n, k, x.device, x.dtype)
-    fresh = out is None
-    if fresh:
+    _check_tile_map(tile_map, n, k, x.device, x.dtype)
+    if out is None:
         out = torch.zeros((n, k), device=x.device, dtype=x.dtype)
     if tile_map.n_live == 0:
         return out
-    split = _dw_split(m, tile_map.n_live, x.device) if split_m is None else max(1, int(split_m))
-    # Whole BLOCK_M-friendly chunks per split; m == 0 runs one split whose loop is empty and stores zeros.
+    split, m_per_split = dw_split_rows(m, tile_map.n_live, x.device, split_m)
+    if split > 1:
+        # Partial sums add into one fp32 slab per live tile (see _dw_kernel), then scattered into `out`.
+        return scatter_live_slabs(out, live_slabs(grad_out, x, mask, tile_map, split, m_per_split), tile_map)
+    _launch_dw(grad_out, x, mask, tile_map, out, 1, m_per_split)
+    return out
+
+
+def dw_split_rows(m: int, n_live: int, device: torch.device, split_m: Optional[int]) -> Tuple[int, int]:
+    """(splits, tokens per split) of a dW reduction over m tokens: `split_m` or _dw_split's default, in whole
+    64-token chunks (m == 0 runs one split whose loop is empty and stores zeros)."""
+    split = _dw_split(m, n_live, device) if split_m is None else max(1, int(split_m))
     m_per_split = max(64, triton.cdiv(triton.cdiv(max(m, 1), split), 64) * 64) if split > 1 else max(m, 1)
-    split = triton.cdiv(max(m, 1), m_per_split)
+    return triton.cdiv(max(m, 1), m_per_split), m_per_split
+
+
+def live_slabs(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, tile_map: TileMap, split: int,
+               m_per_split: int) -> torch.Tensor:
+    """The masked dW of every live tile, reduced over `split` token splits with fp32 atomics: the compact
+    [n_live, BN, BK] fp32 buffer (COO order), zero outside the weight's bounds. Used by the split dW and by
+    the split fused dW + SGD (kernels/linear_dw_sgd.py)."""
+    bn, bk = tile_map.block
+    slabs = torch.zeros((tile_map.n_live, bn, bk), device=x.device, dtype=torch.float32)
+    _launch_dw(grad_out, x, mask, tile_map, slabs, split, m_per_split)
+    return slabs
+
+
+def _launch_dw(grad_out, x, mask, tile_map: TileMap, acc: torch.Tensor, split: int, m_per_split: int) -> None:
+    m, n = grad_out.shape
+    k = x.shape[1]
+    bn, bk = tile_map.block
     atomic = split > 1
-    acc = out
-    if atomic and not (fresh and out.dtype == torch.float32):
-        acc = torch.zeros((n, k), device=x.device, dtype=torch.float32)
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     kernel = _kernel("dw", x.device, atomic)
-    with device_guard(out):
+    with device_guard(acc):
         kernel[(tile_map.n_live, split)](
             grad_out, x, mask_u8, acc, tile_map.coo_rows, tile_map.coo_cols,
             m, n, k, m_per_split,
             grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),
-            mask_u8.stride(0), mask_u8.stride(1), acc.stride(0), acc.stride(1),
+            mask_u8.stride(0), mask_u8.stride(1), acc.stride(-2), acc.stride(-1),
             live_bucket(tile_map.live_fraction),
             INPUT_PRECISION=dot_input_precision(x.dtype, "matmul"), ATOMIC=atomic,
             BLOCK_N=bn, BLOCK_K=bk, **_launch_meta(x.device),
         )
-    if acc is not out:
-        out.copy_(torch.where(_live_elements(tile_map, out.device), acc.to(out.dtype), out))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ reference

@@ -36,8 +36,11 @@ def _mask_with_dead_tiles(shape, block, seed) -> torch.Tensor:
                                 dict(momentum=0.8, dampening=0.2, nesterov=False, weight_decay=0.0, maximize=True),
                                 dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=1e-3,
                                      maximize=False)])
-def test_kernel_matches_float64_reference(hp, device) -> None:
-    n, k, m = 37, 45, 21  # not multiples of any tile
+@pytest.mark.parametrize("split_m", [None, 3], ids=["unsplit", "split3"])
+def test_kernel_matches_float64_reference(hp, split_m, device) -> None:
+    """Unsplit, and split over tokens (3 splits of 64 rows, the last partial: partial dW slabs per live tile,
+    then the SGD epilogue): both against the float64 reference, dead tiles never touched."""
+    n, k, m = 37, 45, (21 if split_m is None else 150)  # not multiples of any tile
     block = linear_tile_sizes(device, torch.float32)
     mask = _mask_with_dead_tiles((n, k), block, seed=1).to(device)
     tile_map = build_tile_map(mask, *block)
@@ -51,7 +54,8 @@ def test_kernel_matches_float64_reference(hp, device) -> None:
         dy = torch.randn(m, n, generator=g, dtype=torch.float64).to(device)
         x = torch.randn(m, k, generator=g, dtype=torch.float64).to(device)
         buf64 = linear_dw_sgd.linear_dw_sgd_reference_(dy, x, w64, mask, buf64, lr=0.05, **hp)
-        buf = linear_dw_sgd.linear_dw_sgd_(dy.float(), x.float(), w, mask, tile_map, buf, lr=0.05, **hp)
+        buf = linear_dw_sgd.linear_dw_sgd_(dy.float(), x.float(), w, mask, tile_map, buf, lr=0.05, **hp,
+                                           split_m=split_m)
         if step == 0 and buf is not None:
             buf[dead] = float("nan")  # dead tiles of the buffer must never be read or written again
     assert rel_error(w, w64) < 1e-5

@@ -187,6 +187,36 @@ def test_dw_split_over_tokens(device, dtype, poisoned):
     assert (dw[live_elems & ~mask] == 0).all(), "pruned entries of a live tile must get exactly zero gradient"
 
 
+@pytest.mark.launches_triton
+@pytest.mark.parametrize("live", ["all-live", "one-tile", "all-dead"])
+def test_dw_split_buffer_covers_live_tiles_only(device, live, monkeypatch):
+    """The split dW's partial sums live in one fp32 slab per live tile (no N x K buffer): the buffer it zero-
+    fills is [n_live, BN, BK], and the scattered result matches the float64 reference on odd shapes, with dead
+    tiles untouched in a NaN-poisoned `out` and pruned entries exactly zero."""
+    m, n, k = 140, 37, 45
+    x, w, b, mask, g = make_case(m, n, k, "element", 0.6, seed=23, device=device)
+    bn, bk = masked_linear.linear_tile_sizes(device, x.dtype)
+    if live == "one-tile":
+        keep = torch.zeros_like(mask)
+        keep[bn:2 * bn, 2 * bk:] = True  # the partial last tile of the second tile-row
+        mask &= keep
+    elif live == "all-dead":
+        mask[:] = False
+    tm = build_tile_map(mask, bn, bk)
+    w = w * mask
+    zeros, sizes = torch.zeros, []
+    monkeypatch.setattr(masked_linear.torch, "zeros", lambda *a, **kw: sizes.append(tuple(a[0])) or zeros(*a, **kw))
+    out = torch.full((n, k), float("nan"), device=device)
+    dw = masked_linear.linear_grad_weight(g, x, mask, tm, out=out, split_m=3)
+    monkeypatch.setattr(masked_linear.torch, "zeros", zeros)
+    assert sizes == ([(tm.n_live, bn, bk)] if tm.n_live else []), sizes
+    live_elems = tm.live.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k].to(device)
+    assert torch.isnan(dw[~live_elems]).all(), "a dead tile of dW was written"
+    _, ref_dw, _ = masked_linear.reference_masked_linear_grads(x, w, b, mask, g)
+    assert_parity(dw[live_elems], ref_dw[live_elems.cpu()], TOL[torch.float32], "dW (live tiles)")
+    assert (dw[live_elems & ~mask] == 0).all(), "pruned entries of a live tile must get exactly zero gradient"
+
+
 def test_dw_split_defaults(monkeypatch):
     """Off CUDA, and under deterministic algorithms, dW is never split (atomics round in varying order)."""
     assert masked_linear._dw_split(10_000, 3, torch.device("cpu")) == 1
@@ -238,6 +268,25 @@ def test_config_pruning():
         assert 3 <= stages and stages * (block_m * 64 + 64 * 128) * 4 <= masked_linear._SMEM_BUDGET
     # distinct configs: no two with the same (BLOCK_M, warps, stages)
     assert len({(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in configs}) == len(configs)
+
+
+def test_fp32_configs_per_precision_and_alignment():
+    """fp32 forward / dX: IEEE tries only its spill-free configs (BLOCK_M 64 / 32 on 8 warps), at strides that
+    are not multiples of 16 (LeNet's 300 / 100 / 10) only BLOCK_M 32 on 8 warps; TF32 keeps the tensor-core
+    list when aligned and BLOCK_M 64 on 8 warps otherwise; bf16 ignores alignment. The autotune key holds
+    INPUT_PRECISION, so TF32 and IEEE never share a tuned config."""
+    def kept(elem, precision, k, n=4096):
+        args = {"M": 8192, "x_ptr": _FakeTensor(elem), "stride_xm": k, "stride_xk": 1, "stride_wn": k,
+                "stride_wk": 1, "stride_ym": n, "stride_yn": 1}
+        pruned = masked_linear._prune_configs(masked_linear._cuda_configs(), args, BLOCK_N=64,
+                                              INPUT_PRECISION=precision)
+        return {(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in pruned}
+    assert kept(4, "ieee", 4096) == {(64, 8, 3), (32, 8, 3)}
+    assert kept(4, "ieee", 300, n=100) == {(32, 8, 3)}
+    assert kept(4, "ieee", 784, n=300) == {(32, 8, 3)}
+    assert kept(4, "tf32", 300, n=100) == {(64, 8, 3)}
+    assert (128, 8, 3) in kept(4, "tf32", 4096) and (128, 8, 4) in kept(2, None, 300, n=100)
+    assert all("INPUT_PRECISION" in key for key in masked_linear._KEYS.values())
 
 
 def test_tile_map_of_wrong_block_or_shape_is_rejected(device):
@@ -436,7 +485,27 @@ SM90_EXPECT = {
     "fwd tf32 N128 BM128 w8 s3": Expect("wgmma", buffers=3),
     "dx tf32 K128 BM128 w8 s3": Expect("wgmma", buffers=3),
     "dw tf32 BM64 w4 s4": Expect("wgmma", buffers=4),
-    "dw+sgd tf32 BM64 w4 s3": Expect("wgmma", buffers=3),
+    "dw+sgd tf32 BM64 w8 s3": Expect("wgmma", buffers=3),
+    # fp32 without TF32 (IEEE: FMA, no tensor core) and LeNet-300-100's odd strides (784 -> 300, 300 -> 100,
+    # 100 -> 10; 256 tokens): the first config the pruning keeps for each, and the fused / split kernels. At
+    # strides that are not multiples of 16 there are no 16-byte async copies (and bf16 loses its pipelining:
+    # the operand loads are scalar), but nothing may spill.
+    "fwd ieee 4096 BM64 w8 s3": Expect("fma", buffers=2, async16=True),
+    "dx ieee 4096 BM64 w8 s3": Expect("fma", buffers=2, async16=True),
+    "dw+sgd ieee 4096 BM64 w8 s3": Expect("fma", buffers=2, async16=True),
+    "fwd ieee 784>300 BM32 w8 s3": Expect("fma", buffers=2),
+    "dx ieee 784>300 BM32 w8 s3": Expect("fma", buffers=2),
+    "fwd ieee 300>100 BM32 w8 s3": Expect("fma", buffers=2),
+    "dx ieee 300>100 BM32 w8 s3": Expect("fma", buffers=2),
+    "fwd ieee 100>10 BM32 w8 s3": Expect("fma", buffers=2),
+    "dx ieee 100>10 BM32 w8 s3": Expect("fma", buffers=2),
+    "fwd tf32 300>100 BM64 w8 s3": Expect("wgmma", buffers=3),
+    "dx tf32 300>100 BM64 w8 s3": Expect("wgmma", buffers=3),
+    "fwd bf16 300>100 BM128 w8 s4": Expect("wgmma"),
+    "dw ieee 300>100 BM64 w4 s4": Expect("fma", buffers=3),
+    "dw+sgd tf32 300>100 BM64 w8 s3": Expect("wgmma", buffers=3),
+    "dw+sgd ieee 100>10 BM64 w8 s3": Expect("fma", buffers=2),
+    "sgd-slab fp32 300>100 w8": Expect(None),
 }
 
 SM90_BODY = r"""
@@ -476,12 +545,52 @@ for dtype, tag, precision in ((torch.bfloat16, "bf16", None), (torch.float32, "t
             check(name, ml._dw_kernel, t, t, u8, f32, i32, i32, M, N, K, 1024, N, 1, K, 1, K, 1, K, 1, BUCKET,
                   INPUT_PRECISION=precision, ATOMIC=True, BLOCK_N=BN, BLOCK_K=BK, **c.kwargs,
                   num_warps=c.num_warps, num_stages=c.num_stages)
-    fused = linear_dw_sgd._CUDA_META
+    fused = linear_dw_sgd.cuda_meta(precision)
     name = f"dw+sgd {tag} BM{fused['BLOCK_M']} w{fused['num_warps']} s{fused['num_stages']}"
     if name in WANTED:
         check(name, linear_dw_sgd._dw_sgd_kernel, t, t, u8, f32, f32, i32, i32, M, N, K, N, 1, K, 1, 0.1, 0.9,
               0.0, 1e-4, INPUT_PRECISION=precision, HAS_MOMENTUM=True, FIRST=False, NESTEROV=False,
               MAXIMIZE=False, HAS_WD=True, BLOCK_N=BN, BLOCK_K=BK, **fused)
+# IEEE fp32 and LeNet's odd strides: the first config a launch's pruning keeps (it reads the strides).
+SHAPES = {"4096": (8192, 4096, 4096), "784>300": (256, 300, 784), "300>100": (256, 100, 300),
+          "100>10": (256, 10, 100)}
+for shape, (M, N, K) in SHAPES.items():
+    for dtype, tag, precision in ((torch.float32, "ieee", "ieee"), (torch.float32, "tf32", "tf32"),
+                                  (torch.bfloat16, "bf16", None)):
+        t = ptr(dtype)
+        fwd_strides = dict(stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_ym=N, stride_yn=1)
+        c = ml._prune_configs(ml._cuda_configs(), dict(M=M, x_ptr=Arg(dtype), **fwd_strides), BLOCK_N=64,
+                              INPUT_PRECISION=precision)[0]
+        meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        name = f"fwd {tag} {shape} BM{c.kwargs['BLOCK_M']} w{c.num_warps} s{c.num_stages}"
+        if name in WANTED:
+            check(name, ml._fwd_kernel, t, t, t, t, i32, i32, i32, M, N, K, K, 1, K, 1, N, 1, BUCKET, HAS_BIAS=True,
+                  INPUT_PRECISION=precision, BLOCK_N=64, BLOCK_K=BK, TILE_N=BN, **lists, **meta)
+        dx_strides = dict(stride_dym=N, stride_dyn=1, stride_wn=K, stride_wk=1, stride_dxm=K, stride_dxk=1)
+        c = ml._prune_configs(ml._cuda_configs(), dict(M=M, dy_ptr=Arg(dtype), **dx_strides), BLOCK_K=64,
+                              INPUT_PRECISION=precision)[0]
+        meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        name = f"dx {tag} {shape} BM{c.kwargs['BLOCK_M']} w{c.num_warps} s{c.num_stages}"
+        if name in WANTED:
+            check(name, ml._dx_kernel, t, t, t, i32, i32, i32, M, N, K, N, 1, K, 1, K, 1, BUCKET,
+                  INPUT_PRECISION=precision, BLOCK_N=BN, BLOCK_K=64, TILE_K=BK, **lists, **meta)
+        c = ml._dw_prune_configs(ml._dw_cuda_configs(), {"M": M})[0]
+        name = f"dw {tag} {shape} BM{c.kwargs['BLOCK_M']} w{c.num_warps} s{c.num_stages}"
+        if name in WANTED:  # the split variant: atomics into the compact slabs
+            check(name, ml._dw_kernel, t, t, u8, f32, i32, i32, M, N, K, 128, N, 1, K, 1, K, 1, BK, 1, BUCKET,
+                  INPUT_PRECISION=precision, ATOMIC=True, BLOCK_N=BN, BLOCK_K=BK, **c.kwargs,
+                  num_warps=c.num_warps, num_stages=c.num_stages)
+        fused = linear_dw_sgd.cuda_meta(precision)
+        name = f"dw+sgd {tag} {shape} BM{fused['BLOCK_M']} w{fused['num_warps']} s{fused['num_stages']}"
+        if name in WANTED:
+            check(name, linear_dw_sgd._dw_sgd_kernel, t, t, u8, f32, f32, i32, i32, M, N, K, N, 1, K, 1, 0.1, 0.9,
+                  0.0, 1e-4, INPUT_PRECISION=precision, HAS_MOMENTUM=True, FIRST=False, NESTEROV=False,
+                  MAXIMIZE=False, HAS_WD=True, BLOCK_N=BN, BLOCK_K=BK, **fused)
+        name = f"sgd-slab {'fp32' if dtype == torch.float32 else tag} {shape} w8"
+        if name in WANTED and tag != "tf32":
+            check(name, linear_dw_sgd._sgd_slab_kernel, f32, t, u8, f32, f32, i32, i32, N, K, 0.1, 0.9, 0.0, 1e-4,
+                  HAS_MOMENTUM=True, FIRST=False, NESTEROV=False, MAXIMIZE=False, HAS_WD=True, BLOCK_N=BN,
+                  BLOCK_K=BK, num_warps=8)
 # Controls: the main forward configuration without pipelining, and in IEEE fp32 (no tensor core).
 b16 = ptr(torch.bfloat16)
 check("control: fwd bf16 unpipelined", ml._fwd_kernel, b16, b16, b16, b16, i32, i32, i32, M, N, K, K, 1, K, 1, N, 1,

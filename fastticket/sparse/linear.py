@@ -109,8 +109,15 @@ def _as_rows(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, skip: bo
     return g
 
 
+def _has_mask_gradient_hook(weight: torch.Tensor) -> bool:
+    """Whether `weight` carries a gradient hook that zeroes its pruned entries (fastticket.sparse.masked_weight's
+    MaskGradient, marked `masks_gradient`): MaskedLinear weights and MaskedWeight parameters do."""
+    hooks = getattr(weight, "_backward_hooks", None) or {}
+    return any(getattr(h, "masks_gradient", False) for h in hooks.values())
+
+
 def linear_grads(grad, x, weight, mask, tile_map: AnyTileMap, skip: bool, need_x: bool, need_w: bool,
-                 fused_update: Optional[FusedUpdate] = None):
+                 fused_update: Optional[FusedUpdate] = None, dw_mask: Optional[torch.Tensor] = ...):
     """(dX shaped like x or None, dW or None, the gradient rows) of a masked linear layer. dX comes first: a
     fused optimizer update (called as fused_update(grad_rows, x_rows), only where tiles are skipped: a dense
     layer keeps the vendor dW) rewrites the weight in place and leaves dW None."""
@@ -122,7 +129,7 @@ def linear_grads(grad, x, weight, mask, tile_map: AnyTileMap, skip: bool, need_x
         if fused_update is not None and skip:
             fused_update(g, x2)
         else:
-            dw = _grad_weight(g, x2, mask, tile_map, skip)
+            dw = _grad_weight(g, x2, mask if dw_mask is ... else dw_mask, tile_map, skip)
     return dx, dw, g
 
 
@@ -170,12 +177,20 @@ class MaskedLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mask)
         ctx.tile_map, ctx.skip = tile_map, skips_tiles(tile_map, x.dtype)
         ctx.has_bias, ctx.fused_update = bias is not None, fused_update
+        ctx.hook_masks = _has_mask_gradient_hook(weight)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, mask = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx, dw, g = linear_grads(grad, x, weight, mask, ctx.tile_map, ctx.skip, need_x, need_w, ctx.fused_update)
+        dw_mask = mask
+        if not ctx.skip and mask is not None and ctx.hook_masks:
+            # One masking of the dense dW, not two: the weight's MaskGradient hook masks it next (a full N x K
+            # masked_fill), or leaves it to the masked optimizer inside the engine's
+            # gradient_masked_by_optimizer. The tile-skipping dW masks in its epilogue at no extra launch.
+            dw_mask = None
+        dx, dw, g = linear_grads(grad, x, weight, mask, ctx.tile_map, ctx.skip, need_x, need_w, ctx.fused_update,
+                                 dw_mask=dw_mask)
         db = bias_grad(g, (g.dim() - 2,)) if ctx.has_bias and need_b else None
         return dx, dw, db, None, None, None
 

@@ -103,6 +103,7 @@ class MaskGradient:
     pruned entries. Not serialized (torch warns for hooks it cannot save): a copy registers its own."""
 
     __torch_unserializable__ = True
+    masks_gradient = True  # read by fastticket.sparse.linear: a dense dW is then masked here only, not twice
 
     def __init__(self, handle: "MaskedWeight") -> None:
         self.handle = handle
