@@ -10,6 +10,11 @@ Two measurements, each the best over repeats of the mean of N steps:
 optimizer has one. Run it against a checkout without the plan for the true "before":
 
     PYTHONPATH=<checkout> python bench/optim_host_overhead.py [--replan]
+
+Measured (2-core CPU dev machine shared with other jobs, load ~6, no GPU, torch 2.14.1 / triton 3.8; best of
+two runs each, us per step, 50 tensors), before the plan (c304cb6) -> with it: adam torch 898 -> 756,
+adam triton-prep 887 -> 591, sgd torch 581 -> 472, sgd triton-prep 652 -> 349. The plan part alone
+(fastticket/sparse/_optim_plan.py): a rebuild 342 us, the per-step key check 58 us.
 """
 from __future__ import annotations
 

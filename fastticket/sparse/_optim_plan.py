@@ -63,7 +63,8 @@ def build_plan(optimizer, group: Dict[str, Any], epoch: int) -> GroupPlan:
     owners = []
     for p, m in zip(params, masks):
         if m is not None and p not in optimizer._explicit_masks:
-            layer = _mask_registry.layer_of(p)
+            cached = optimizer._owner_cache.get(p)  # filled by mask_for just above (a registry scan is O(layers))
+            layer = cached[0]() if cached is not None and cached[0] is not None else None
             if layer is not None:
                 owners.append((layer, p, m))
     by_backend = []
