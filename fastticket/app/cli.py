@@ -174,6 +174,7 @@ SEARCH_FLAGS: Dict[str, Flag] = {
     "controls": Flag("LIST", _controls), "trials": Flag("T", _positive_int), "granularity": Flag("G", _granularity),
     "device": Flag("DEV"), "seed": Flag("S", _int), "reinits": Flag("R", _positive_int),
     "compile": Flag("", switch=True),
+    "cuda_graph": Flag("", switch=True),
     "parallel_arms": Flag("N", _nonneg_int),
     "distributed": Flag("MODE", _one_of(get_args(DistributedMode))),
     "dist_backend": Flag("B", _one_of(get_args(DistBackend))),

@@ -174,6 +174,9 @@ class SearchConfig:
                                "them; 1: one at a time)", default=0, run_only=True)
     compile: bool = _help("compile the training step with torch.compile (fullgraph; CUDA graphs on CUDA); arms "
                           "then train one at a time", default=False, run_only=True)
+    cuda_graph: bool = _help("capture the stacked training step as a CUDA graph on CUDA devices (eager elsewhere, "
+                             "or when capture is not possible; result.json says which)", default=False,
+                             run_only=True)
     distributed: DistributedMode = _help("under torchrun: trials (spread a level's arms over the ranks, no "
                                          "gradient traffic; for small models) or data (every arm's batch split "
                                          "over the ranks, gradients averaged by DDP; for big models)",
@@ -223,6 +226,7 @@ class SearchConfig:
         need(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and math.isfinite(self.lr)
              and self.lr > 0, f"lr must be a finite positive number, got {self.lr!r}")
         need(isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}")
+        need(isinstance(self.cuda_graph, bool), f"cuda_graph must be true or false, got {self.cuda_graph!r}")
         need(is_int(self.warmup_iters) and self.warmup_iters >= 0,
              f"warmup_iters must be an integer >= 0, got {self.warmup_iters!r}")
         need(isinstance(self.lr_milestones, tuple) and all(is_int(m) and m >= 0 for m in self.lr_milestones),

@@ -33,6 +33,7 @@ from torch import nn
 from fastticket.lottery.batched import StackedModule
 from fastticket.lottery.compiled import make_train_step
 from fastticket.lottery.config import SearchConfig
+from fastticket.lottery.cuda_graph import GraphedStep, graph_unsupported
 from fastticket.lottery.platform import SOLO, Context
 from fastticket.lottery import recipe
 from fastticket.sparse.functional import gradient_masked_by_optimizer
@@ -101,6 +102,8 @@ class Engine:
         self.seeds = [job.seed for job in jobs]
         model = self.states[0].model
         self.stacked = stacks(config, model, next(model.parameters()).device) if stacked is None else stacked
+        self.graphed: Optional[GraphedStep] = None
+        self.eager_reason = "off"  # why the step is not captured (--cuda-graph, fastticket/lottery/cuda_graph.py)
         if self.stacked:
             self._stack()
         else:
@@ -126,6 +129,11 @@ class Engine:
         self.optimizer = make_optimizer(self.config, self.params, masks=masks)
         self.optimizer.stacked_arms = True  # type: ignore[attr-defined]  (steps each arm's slice as if alone)
         self.optimizer.param_groups[0]["lr"] = self.states[0].optimizer.param_groups[0]["lr"]
+        if self.config.cuda_graph:
+            self.eager_reason = graph_unsupported(self.params[0].device, True, self.context.data_parallel,
+                                                  self.optimizer) or ""
+            if not self.eager_reason:
+                self.graphed = GraphedStep(self._stacked_body, self.optimizer, self.params[0].device)
         for i, name in enumerate(self.names):
             per_arm_state = [self.states[a].optimizer.state.get(arm_params[a][name], {}) for a in range(self.k)]
             if per_arm_state[0]:
@@ -150,10 +158,15 @@ class Engine:
 
     def _stacked_step(self, iteration: int) -> torch.Tensor:
         x, y = self._batches(iteration)
+        if self.graphed is not None:
+            return self.graphed(x, y)
+        return self._stacked_body(x, y, True)
+
+    def _stacked_body(self, x: torch.Tensor, y: torch.Tensor, set_to_none: bool) -> torch.Tensor:
         with gradient_masked_by_optimizer():
             out = self.model(x)  # [K, B, classes]
             losses = F.cross_entropy(out.flatten(0, 1), y.reshape(-1), reduction="none").view(self.k, -1).mean(1)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=set_to_none)
             # The arms' parameters are disjoint, so the gradient of the sum is each arm's own gradient.
             losses.sum().backward()
             self.optimizer.step()
@@ -178,6 +191,15 @@ class Engine:
         if self.stacked:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+
+    @property
+    def step_mode(self) -> str:
+        """How the steps run under --cuda-graph: "cuda_graph", or "eager: <why not>" (result.json records it)."""
+        if self.graphed is not None:
+            return self.graphed.mode
+        if not self.stacked:
+            return "eager: the arms train one at a time (not stacked)"
+        return f"eager: {self.eager_reason}"
 
     def step(self, iteration: int) -> torch.Tensor:
         """One training step of every arm; returns the arms' losses [K] on the device (no sync)."""

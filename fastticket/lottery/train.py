@@ -326,9 +326,12 @@ class _Group:
                         self.data, self.context, self.stacked)
         if self.lr is not None:
             engine.set_lr(self.lr)
+        self.engine = engine
         return engine
 
     def _end(self, i: int, status: str, message: Optional[str] = None) -> None:
+        if self.config.cuda_graph and getattr(self, "engine", None) is not None:  # which path ran (cuda_graph.py)
+            self.jobs[i].spec.result_extra["step_mode"] = self.engine.step_mode
         self.results[i] = _finish(self.jobs[i], self.states[i], self.prunable, time.perf_counter() - self.t0,
                                   status, message)
 

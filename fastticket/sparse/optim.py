@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fastticket.sparse import _mask_registry, fused_update
-from fastticket.sparse.backend import indices_by_backend
+from fastticket.sparse._optim_plan import build_plan, plan_key
 from fastticket.sparse._optim_torch import ADAM_STATE, adam_step_torch
 from fastticket.kernels import masked_optim
 from fastticket.kernels.masked_optim_reference import sgd_foreach_
@@ -94,6 +94,11 @@ class _MaskedOptimizer(Optimizer):
         self._zero_after_step: WeakIdKeyDictionary = WeakIdKeyDictionary()
         # Set by fastticket.lottery.batched: every parameter is K arms stacked along dim 0 (see _optim_torch.py).
         self.stacked_arms = False
+        # The cached launch plans (fastticket/sparse/_optim_plan.py): group index -> GroupPlan; the epoch moves
+        # when groups or state are replaced wholesale; plan_builds counts builds (tests assert reuse).
+        self._plans: Dict[int, Any] = {}
+        self._plan_epoch = 0
+        self.plan_builds = 0
         super().__init__(params, defaults)
         if masks is not None:
             flat = [p for g in self.param_groups for p in g["params"]]
@@ -106,6 +111,7 @@ class _MaskedOptimizer(Optimizer):
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         group_masks = param_group.pop("mask", None) if isinstance(param_group, dict) else None
+        self._invalidate_plans()
         super().add_param_group(param_group)
         if group_masks is not None:
             params = self.param_groups[-1]["params"]
@@ -149,6 +155,20 @@ class _MaskedOptimizer(Optimizer):
                 provider = layer.tile_map
         return masked_optim.tile_map_for(mask, self.block_tile, provider)
 
+    def _invalidate_plans(self) -> None:
+        # getattr: torch.optim's __init__ calls add_param_group before our __init__ body has run to the end.
+        self.__dict__["_plan_epoch"] = self.__dict__.get("_plan_epoch", 0) + 1
+        self.__dict__["_plans"] = {}
+
+    def _plan(self, g: int, group: Dict[str, Any]):
+        """Group g's cached launch plan, rebuilt only when its key moved (fastticket/sparse/_optim_plan.py)."""
+        epoch = (self._plan_epoch, self.block_tile)
+        plan = self._plans.get(g)
+        if plan is None or plan.key != plan_key(epoch, group["params"], plan.masks) or not plan.owners_hold():
+            plan = self._plans[g] = build_plan(self, group, epoch)
+            self.plan_builds += 1
+        return plan
+
     def _grad_of(self, p: torch.Tensor) -> torch.Tensor:
         if p.grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
@@ -162,17 +182,11 @@ class _MaskedOptimizer(Optimizer):
         with torch.enable_grad():
             return closure()
 
-    def _stepped(self, group: Dict[str, Any]
-                 ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[Optional[torch.Tensor]]]:
-        """The parameters of `group` that have a gradient (the ones a step updates), their gradients and
-        masks."""
-        params = [p for p in group["params"] if p.grad is not None]
-        return params, [self._grad_of(p) for p in params], [self.mask_for(p) for p in params]
-
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._check_state_shapes(state_dict)
         self._zero_after_step = WeakIdKeyDictionary()  # loaded state is re-masked in full at its first step
         super().load_state_dict(state_dict)
+        self._invalidate_plans()
 
     def _check_state_shapes(self, state_dict: Dict[str, Any]) -> None:
         """Every per-parameter state tensor (moments, momentum) must have its parameter's shape: the fused
@@ -206,16 +220,6 @@ class _MaskedOptimizer(Optimizer):
             if m is not None:
                 self._zero_after_step[p] = self._versions(p, m, keys)
 
-    @staticmethod
-    def _by_backend(params: Sequence[torch.Tensor]):
-        """(backend, indices into params) for each backend the parameters' devices resolve to."""
-        return indices_by_backend([p.device for p in params]).items()
-
-    def _tile_kwargs(self, params: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
-                     idx: Sequence[int]) -> Dict[str, Any]:
-        """The live-tile arguments of a triton step over params[i] for i in idx."""
-        return dict(tile_maps=[self.tile_map_for(params[i], masks[i]) for i in idx], block=self.block_tile)
-
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_explicit_masks", WeakIdKeyDictionary())
@@ -223,6 +227,8 @@ class _MaskedOptimizer(Optimizer):
         self.__dict__.setdefault("block_tile", tuple(masked_optim.DEFAULT_TILE))
         self.__dict__["_zero_after_step"] = WeakIdKeyDictionary()
         self.__dict__.setdefault("stacked_arms", False)
+        self.__dict__.setdefault("plan_builds", 0)
+        self._invalidate_plans()
 
 
 class MaskedSGD(_MaskedOptimizer):
@@ -256,25 +262,27 @@ class MaskedSGD(_MaskedOptimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         loss = self._closure_loss(closure)
-        for group in self.param_groups:
-            params, grads, masks = self._stepped(group)
+        for g, group in enumerate(self.param_groups):
+            plan = self._plan(g, group)
+            params = plan.params
             if not params:
                 continue
-            bufs = [self.state[p].get("momentum_buffer") for p in params]
+            state = self.state
+            bufs = [state[p].get("momentum_buffer") for p in params]
             hp = dict(lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
                       nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"])
-            for backend, idx in self._by_backend(params):
+            for backend, idx, sub in plan.by_backend:
                 sub_bufs = [bufs[i] for i in idx]
-                args = ([params[i] for i in idx], [grads[i] for i in idx], [masks[i] for i in idx], sub_bufs)
+                args = (sub["params"], [self._grad_of(p) for p in sub["params"]], sub["masks"], sub_bufs)
                 if backend == "triton":
-                    masked_optim.sgd_step_(*args, **self._tile_kwargs(params, masks, idx), **hp)
+                    masked_optim.sgd_step_(*args, **sub["tile_kwargs"], **hp)
                 else:
                     sgd_foreach_(*args, **hp)
                 for i, b in zip(idx, sub_bufs):
                     bufs[i] = b
             if group["momentum"] != 0:
                 for p, b in zip(params, bufs):
-                    self.state[p]["momentum_buffer"] = b
+                    state[p]["momentum_buffer"] = b
         return loss
 
 
@@ -331,8 +339,9 @@ class MaskedAdam(_MaskedOptimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         loss = self._closure_loss(closure)
-        for group in self.param_groups:
-            params, grads, masks = self._stepped(group)
+        for g, group in enumerate(self.param_groups):
+            plan = self._plan(g, group)
+            params = plan.params
             if not params:
                 continue
             amsgrad = group["amsgrad"]
@@ -345,12 +354,12 @@ class MaskedAdam(_MaskedOptimizer):
             hp = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
                       weight_decay=group["weight_decay"], amsgrad=amsgrad, maximize=group["maximize"],
                       decoupled=group.get("decoupled_weight_decay", self._decoupled_default))
-            for backend, idx in self._by_backend(params):
-                args = ([params[i] for i in idx], [grads[i] for i in idx], [masks[i] for i in idx],
+            for backend, idx, sub in plan.by_backend:
+                args = (sub["params"], [self._grad_of(p) for p in sub["params"]], sub["masks"],
                         [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
                         [states[i].get("max_exp_avg_sq") if amsgrad else None for i in idx], [steps[i] for i in idx])
                 if backend == "triton":
-                    masked_optim.adam_step_(*args, **self._tile_kwargs(params, masks, idx), **hp)
+                    masked_optim.adam_step_(*args, **sub["tile_kwargs"], **hp)
                 else:
                     adam_step_torch(*args, **hp, still_zero=self._still_zero(args[0], args[2], ADAM_STATE),
                                      arm_slices=self.stacked_arms)

