@@ -160,6 +160,14 @@ def prepare_arm(s: SearchState, level: int, arm: str, trial: int, replica: int =
     if result is not None:
         return result
     plan = arms.kind(arm).plan(s, level, trial, replica)
+    base, seed = arms.twin_base(arm), s.seed(trial)
+    if base is not None:
+        # --stability's twin: its arm's plan (same init, rewind point, start) and its arm's saved mask, trained
+        # on another batch stream; it keeps no rewind point and captures none (fastticket.lottery.stability).
+        from fastticket.lottery.stability import twin_seed
+        plan = dataclasses.replace(plan, make_masks=s.run.arm(level, base, trial, replica).load_mask,
+                                   keep_rewind=False, capture_rewind_at=None)
+        seed = twin_seed(seed)
     model = s.model(plan.init_seed)
     if directory.has_mask():
         try:
@@ -179,7 +187,7 @@ def prepare_arm(s: SearchState, level: int, arm: str, trial: int, replica: int =
                    lr_fixed_at=plan.lr_fixed_at, result_extra={**plan.result_extra, **s.arm_fields},
                    replica=replica)
     hook = s.early_bird_hook(level, trial, plan.capture_rewind_at or 0) if arm == TICKET else None
-    return ArmJob(spec, model, directory, s.seed(trial), hook)
+    return ArmJob(spec, model, directory, seed, hook)
 
 
 def prepare_shared(s: SearchState, level: int, arm: str, trial: int, replica: int = 0) -> Prepared:
