@@ -26,7 +26,8 @@ CSV_COLUMNS = ("level", "arm", "weights_remaining_pct", "test_acc_at_early_stop_
                "final_test_acc_mean", "final_test_acc_std", "early_stop_iter_mean", "early_stop_iter_std",
                "n_trials", "n_diverged")
 # Written only by runs that use the method: --refill (element_density_pct) and --early-bird.
-METHOD_COLUMNS = ("element_density_pct", "early_bird_iter_mean", "iterations_saved_mean")
+METHOD_COLUMNS = ("element_density_pct", "early_bird_iter_mean", "iterations_saved_mean", "instability",
+                  "instability_std")  # instability: --stability (points of test error, fastticket.lottery.stability)
 
 
 def arm_label(arm: str, config: Dict[str, Any]) -> str:
@@ -57,6 +58,8 @@ def collect_results(run_dir: str, problems: Optional[List[str]] = None) -> List[
     if root is not None:
         raise ValueError(f"{run_dir} is a folder inside the run directory {root}: run `fastticket report {root}`")
     results = RunDir(run_dir).results(problems, require_final=False)
+    # --stability's twins are measured through their arm's instability, not as arms of their own.
+    results = [r for r in results if registry.twin_base(str(r["arm"])) is None]
     results.sort(key=lambda r: (r["level"], registry.order_key(r["arm"]), r["trial"]))
     return results
 
@@ -136,6 +139,7 @@ def aggregate(results: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
         methods = {"element_density_pct": _mean_std(_values(trials, "element_density", 100.0))[0],
                    "early_bird_iter_mean": _mean_std(_values(ok, "early_bird_iter", 1.0))[0],
                    "iterations_saved_mean": _mean_std(_values(ok, "iterations_saved", 1.0))[0]}
+        methods["instability"], methods["instability_std"] = _mean_std(_values(ok, "instability", 1.0))
         rows.append({**methods,
             "level": level, "arm": arm,
             "weights_remaining_pct": 100.0 * statistics.fmean(float(t["density"]) for t in trials),
@@ -222,7 +226,9 @@ def _method_columns(rows: Sequence[Dict[str, Any]]) -> Tuple[str, ...]:
 
 
 METHOD_HEADERS = {"element_density_pct": "element ticket weights %", "early_bird_iter_mean": "early-bird iteration",
-                  "iterations_saved_mean": "iterations saved"}
+                  "iterations_saved_mean": "iterations saved", "instability": "instability (pts)",
+                  "instability_std": "instability std"}
+METHOD_DIGITS = {"element_density_pct": 1, "instability": 2, "instability_std": 2}
 
 
 def _write_markdown(rows: Sequence[Dict[str, Any]], path: str, config: Dict[str, Any],
@@ -245,7 +251,7 @@ def _write_markdown(rows: Sequence[Dict[str, Any]], path: str, config: Dict[str,
                      f"| {_fmt(r['test_acc_at_early_stop_mean'], r['test_acc_at_early_stop_std'], 2)} "
                      f"| {_fmt(r['final_test_acc_mean'], r['final_test_acc_std'], 2)} "
                      f"| {_fmt(r['early_stop_iter_mean'], r['early_stop_iter_std'], 0)} | {trials} |"
-                     + "".join(f" {_fmt(r[c], math.nan, 1 if c == 'element_density_pct' else 0)} |" for c in extra))
+                     + "".join(f" {_fmt(r[c], math.nan, METHOD_DIGITS.get(c, 0))} |" for c in extra))
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -439,6 +445,8 @@ def make_report(run_dir: str, problems: Optional[List[str]] = None, out_dir: Opt
                      f"Early-stopping iteration vs % of weights remaining{suffix}{title_note}",
                      path("early_stop_vs_weights.png"),
                      config)
+    from fastticket.app.report_stability import plot_stability
+    written += plot_stability(results, rows, out, config, suffix + title_note)
     curves = os.path.join(out, "curves.png")
     if _plot_curves(results, rows, curves, None, title_note):
         written.append(curves)
