@@ -13,6 +13,7 @@ import fastticket.lottery.data as data_module
 from fastticket.errors import ConfigError
 from fastticket.lottery import stability
 from fastticket.lottery.config import SearchConfig
+from fastticket.lottery.plans import SearchState
 from fastticket.lottery.presets import get_preset
 from fastticket.lottery.rundir import arm_dir
 from fastticket.lottery.search import run_search
@@ -58,7 +59,7 @@ def _measured(rows):
 
 def test_same_data_order_gives_zero_instability(tmp_path, float64_data, monkeypatch):
     # Forcing the twin onto its arm's own batch stream: the two copies are the same network, the path is flat.
-    monkeypatch.setattr(stability, "twin_seed", lambda seed: seed)
+    monkeypatch.setattr(SearchState, "twin_seed", SearchState.seed)
     rows = run_search(tiny(), str(tmp_path / "run"), progress=False)
     measured = _measured(rows)
     assert sorted((r["level"], r["arm"]) for r in measured) == [(0, "ticket"), (1, "reinit"), (1, "ticket")]
@@ -184,3 +185,42 @@ def test_resume_after_a_kill_gives_the_same_instability(tmp_path):
         for key in reference[1]:
             for name, t in reference[1][key].items():
                 assert torch.equal(t, tensors[key][name]), f"{key}:{name} differs after resume"
+
+
+class _Batches:
+    """The DeviceData surface path_errors reads: seeded training batches and a test split."""
+
+    def __init__(self, gen):
+        self.x = torch.randn(64, 6, generator=gen, dtype=torch.float64)
+        self.test = type("Split", (), {"x": torch.randn(40, 6, generator=gen, dtype=torch.float64),
+                                       "y": torch.randint(0, 3, (40,), generator=gen)})()
+
+    def batch(self, iteration, batch_size, seed):
+        idx = torch.randperm(64, generator=torch.Generator().manual_seed(seed * 1000 + iteration))[:batch_size]
+        return self.x[idx], None
+
+
+def test_batchnorm_statistics_are_recomputed_at_every_point():
+    from fastticket.sparse.nn import install_masks, model_masks, sparsify
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model = sparsify(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3))
+                     .double())
+    masks = model_masks(model)
+    first_name = next(n for n in masks if n.startswith("0"))
+    masks[first_name] = torch.rand(masks[first_name].shape, generator=gen) < 0.6
+    install_masks(model, masks)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    second = {k: (v + torch.randn(v.shape, generator=gen, dtype=v.dtype) if torch.is_floating_point(v) else v)
+              for k, v in first.items()}
+    second["1.running_mean"].fill_(1e6)  # stale statistics that must not be used
+    data = _Batches(gen)
+    errors = stability.path_errors(model, first, second, data, 3, 16, seed=7)
+    assert len(errors) == 3 and all(0 <= e <= 100 for e in errors)
+    # After the last point (a = 1) the statistics are the average over BN_BATCHES batches of the first layer's
+    # output under the second weights (pruned entries exact zeros), computed here in float64.
+    w = second["0.weight"] * masks[first_name]
+    assert torch.all(model[0].weight[~masks[first_name]] == 0)
+    means = [(data.batch(i, 16, 7)[0] @ w.T + second["0.bias"]).mean(0) for i in range(stability.BN_BATCHES)]
+    assert torch.allclose(model[1].running_mean, torch.stack(means).mean(0), rtol=1e-12, atol=1e-12)
+    assert stability.instability([10.0, 30.0, 20.0]) == 15.0

@@ -446,7 +446,8 @@ def make_report(run_dir: str, problems: Optional[List[str]] = None, out_dir: Opt
                      path("early_stop_vs_weights.png"),
                      config)
     from fastticket.app.report_stability import plot_stability
-    written += plot_stability(results, rows, out, config, suffix + title_note)
+    written += plot_stability(results, rows, out, config, suffix + title_note, _plot_vs_weights, arm_label,
+                              save_figure)
     curves = os.path.join(out, "curves.png")
     if _plot_curves(results, rows, curves, None, title_note):
         written.append(curves)

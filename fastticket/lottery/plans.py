@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from fastticket.lottery.data import DeviceData
 
 _REINIT_SEED_OFFSET = 10_000
-_STREAM_PRUNE, _STREAM_RANDOM_MASK, _STREAM_REINIT = 1, 2, 3
+_STREAM_PRUNE, _STREAM_RANDOM_MASK, _STREAM_REINIT, _STREAM_TWIN = 1, 2, 3, 4
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -74,6 +74,12 @@ class SearchState:
             return seed_t + _REINIT_SEED_OFFSET + level
         return int(np.random.SeedSequence([seed_t & 0xFFFFFFFF, _STREAM_REINIT, level, replica])
                    .generate_state(1, np.uint32)[0] & 0x7FFFFFFF)
+
+    def twin_seed(self, trial: int) -> int:
+        """The batch-stream seed of --stability's twins (fastticket.lottery.stability): a SeedSequence draw of
+        (seed_t, stream), another data order than the trial's."""
+        draw = np.random.SeedSequence([self.seed(trial) & 0xFFFFFFFF, _STREAM_TWIN]).generate_state(1, np.uint32)
+        return int(draw[0] & 0x7FFFFFFF)
 
     def rewind_point(self, trial: int) -> Dict[str, torch.Tensor]:
         return self.run.arm(0, TICKET, trial).load_rewind()
@@ -164,10 +170,9 @@ def prepare_arm(s: SearchState, level: int, arm: str, trial: int, replica: int =
     if base is not None:
         # --stability's twin: its arm's plan (same init, rewind point, start) and its arm's saved mask, trained
         # on another batch stream; it keeps no rewind point and captures none (fastticket.lottery.stability).
-        from fastticket.lottery.stability import twin_seed
         plan = dataclasses.replace(plan, make_masks=s.run.arm(level, base, trial, replica).load_mask,
                                    keep_rewind=False, capture_rewind_at=None)
-        seed = twin_seed(seed)
+        seed = s.twin_seed(trial)
     model = s.model(plan.init_seed)
     if directory.has_mask():
         try:

@@ -3,9 +3,9 @@ Lottery Ticket Hypothesis"): is an arm's training stable to SGD noise from its s
 
 With `--stability N` every arm that trains at a level gets a twin (`arms.twin_name`): the same plan (init,
 mask, rewind point, start iteration, lr rule), trained under different SGD noise, i.e. a different batch
-stream (`twin_seed`), in the same group as its arm (one stacked run). Once both finished, the test error is
-evaluated along the straight line theta(a) = (1 - a) theta_1 + a theta_2 at N evenly spaced a in [0, 1],
-from the two final weights. Both hold the same mask, so every interpolated point keeps the pruned entries
+stream (`plans.SearchState.twin_seed`), in the same group as its arm (one stacked run). Once both finished,
+the test error is evaluated along the straight line theta(a) = (1 - a) theta_1 + a theta_2 at N evenly
+spaced a in [0, 1], from the two final weights. Both hold the same mask, so every interpolated point keeps the pruned entries
 exact zeros. Instability = max error on the path - mean of the two endpoints' errors, in points of test error
 (percent); 0 means the two copies are linearly mode-connected.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -31,16 +30,8 @@ from fastticket.lottery.train import evaluate
 
 if TYPE_CHECKING:
     from fastticket.lottery.data import DeviceData
-    from fastticket.lottery.plans import SearchState
 
-BN_BATCHES = 8           # training batches per interpolated point for the recomputed BatchNorm statistics
-_STREAM_TWIN = 4         # the twin's batch stream (fastticket.lottery.plans streams 1..3 are the masks' and inits')
-
-
-def twin_seed(trial_seed: int) -> int:
-    """The twin's batch-stream seed: a SeedSequence draw of (seed_t, stream), no trial's seed_t."""
-    return int(np.random.SeedSequence([trial_seed & 0xFFFFFFFF, _STREAM_TWIN]).generate_state(1, np.uint32)[0]
-               & 0x7FFFFFFF)
+BN_BATCHES = 8  # training batches per interpolated point for the recomputed BatchNorm statistics
 
 
 def alphas(points: int) -> List[float]:
@@ -92,9 +83,10 @@ def instability(errors: Sequence[float]) -> float:
     return max(errors) - 0.5 * (errors[0] + errors[-1])
 
 
-def record_stability(s: "SearchState", level: int, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def record_stability(s: Any, level: int, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """For each arm row of `rows` with a twin among them (both finished ok), its instability written into its
-    result.json (when not already there); returns the rows with those arms' results updated."""
+    result.json (when not already there); returns the rows with those arms' results updated. `s`: the
+    search's fastticket.lottery.plans.SearchState (not imported: plans imports this module's neighbours)."""
     from fastticket.lottery.arms import twin_base, twin_name
     if not s.context.main:  # rank 0 computes and writes them (every rank reads the same final.pt files)
         return rows
@@ -117,7 +109,7 @@ def record_stability(s: "SearchState", level: int, rows: List[Dict[str, Any]]) -
     return out
 
 
-def _stability_fields(s: "SearchState", level: int, arm: str, trial: int, replica: int,
+def _stability_fields(s: Any, level: int, arm: str, trial: int, replica: int,
                       points: int) -> Optional[Dict[str, Any]]:
     from fastticket.lottery.arms import twin_name
     from fastticket.sparse.nn import install_masks
@@ -125,5 +117,5 @@ def _stability_fields(s: "SearchState", level: int, arm: str, trial: int, replic
     model = s.model(s.seed(trial))
     install_masks(model, own.load_mask(model))
     errors = path_errors(model, own.load_final(), other.load_final(), s.data, points, s.config.batch_size,
-                         twin_seed(s.seed(trial)))
+                         s.twin_seed(trial))
     return {"instability": instability(errors), "stability_alphas": alphas(points), "stability_errors": errors}
