@@ -168,9 +168,12 @@ def prepare_arm(s: SearchState, level: int, arm: str, trial: int, replica: int =
     plan = arms.kind(arm).plan(s, level, trial, replica)
     base, seed = arms.twin_base(arm), s.seed(trial)
     if base is not None:
-        # --stability's twin: its arm's plan (same init, rewind point, start) and its arm's saved mask, trained
-        # on another batch stream; it keeps no rewind point and captures none (fastticket.lottery.stability).
-        plan = dataclasses.replace(plan, make_masks=s.run.arm(level, base, trial, replica).load_mask,
+        # --stability's twin: its arm's plan (same init, rewind point, start) and mask, trained on another batch
+        # stream; it keeps no rewind point and captures none (fastticket.lottery.stability). The mask is the
+        # arm's saved one, or (trials-parallel: the arm may be prepared on another rank at the same moment)
+        # the plan's own, which is the same function of the previous level.
+        own = s.run.arm(level, base, trial, replica)
+        plan = dataclasses.replace(plan, make_masks=own.load_mask if own.has_mask() else plan.make_masks,
                                    keep_rewind=False, capture_rewind_at=None)
         seed = s.twin_seed(trial)
     model = s.model(plan.init_seed)
