@@ -70,7 +70,7 @@ def _plot_paths(results: Sequence[Dict[str, Any]], path: str, config: Dict[str, 
                     label=f"L{level} {arm_label(arm, config)}{weights}")
     ax.set_xlabel("interpolation a: (1 - a) arm + a twin")
     ax.set_ylabel("test error (%)" + ("\nmean over trials" if any(len(v) > 1 for v in paths.values()) else ""))
-    ax.set_title(f"Test error along the linear path between the two copies{title_suffix}")
+    ax.set_title(f"Test error on the line between arm and twin{title_suffix}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
