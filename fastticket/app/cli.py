@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, get_args
 
 from fastticket.lottery.arms import CONTROLS
 from fastticket.lottery.config import (REWIND_MODES, DistBackend, DistributedMode, SearchConfig, check_early_bird,
-                                       check_rate, parse_granularity, parse_refill)
+                                       check_rate, check_stability, parse_granularity, parse_refill)
 from fastticket.errors import (ConfigError, FastTicketError, MaskError, OutputError, PeerLostError, RunDirError,
                                StoppedError)
 
@@ -153,6 +153,15 @@ def _early_bird(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _stability(text: str) -> int:
+    try:
+        return check_stability(int(text)) or 0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of interpolation points: {text!r}") from None
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Flag:
     """How a SearchConfig field appears on the command line: --field-name METAVAR, parsed by `type`; the help
@@ -161,6 +170,7 @@ class Flag:
     metavar: str
     type: Optional[Callable[[str], Any]] = None
     switch: bool = False  # a flag without a value (sets the field True)
+    const: Any = None     # not None: the value may be left out (`--flag` alone takes this one)
 
 
 # `fastticket search` flags, in --help order: config field -> flag. Every SearchConfig field is either here or in
@@ -171,6 +181,7 @@ SEARCH_FLAGS: Dict[str, Flag] = {
     "lr": Flag("LR", _positive_float), "eval_every": Flag("N", _positive_int), "rewind_iter": Flag("K", _nonneg_int),
     "rewind": Flag("MODE", _one_of(REWIND_MODES)), "refill": Flag("block:RxC", _refill),
     "early_bird": Flag("EPS", _early_bird),
+    "stability": Flag("N", _stability, const=30),
     "controls": Flag("LIST", _controls), "trials": Flag("T", _positive_int), "granularity": Flag("G", _granularity),
     "device": Flag("DEV"), "seed": Flag("S", _int), "reinits": Flag("R", _positive_int),
     "compile": Flag("", switch=True),
@@ -227,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         # --data is the short spelling for a user's PKG.MODULE:FUNCTION (--dataset for the built-in names).
         spellings = [flag_name(name)] + (["--data"] if name == "dataset" else [])
-        s.add_argument(*spellings, dest=name, metavar=flag.metavar, type=flag.type, help=text)
+        optional = {} if flag.const is None else {"nargs": "?", "const": flag.const}
+        s.add_argument(*spellings, dest=name, metavar=flag.metavar, type=flag.type, help=text, **optional)
     s.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset>); must be empty unless --resume")
     s.add_argument("--resume", action="store_true", help="continue the run in --out (same settings required)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal) or lines (in a log)")

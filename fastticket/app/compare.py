@@ -13,8 +13,8 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fastticket.errors import ConfigError
-from fastticket.app.report import (CSV_COLUMNS, METHOD_DIGITS, METHOD_HEADERS, _density_axis, _fmt, _method_columns, aggregate,
-                               collect_results, save_figure, write_csv)
+from fastticket.app.report import (CSV_COLUMNS, METHOD_DIGITS, METHOD_HEADERS, _density_axis, _fmt,
+                                   _method_columns, aggregate, collect_results, save_figure, write_csv)
 from fastticket.lottery import arms as registry
 from fastticket.lottery.atomic_io import atomic_write_text
 from fastticket.lottery.rundir import RunDir
@@ -83,9 +83,8 @@ def _write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
 def comparison_table(rows: Sequence[Dict[str, Any]]) -> str:
     """A markdown table, one line per run, level and arm."""
     extra = _method_columns(rows)
-    headers = {**METHOD_HEADERS, "element_density_pct": "element ticket weights %"}
     lines = ["| run | arm | level | weights remaining % | test acc at early stop % | early-stop iteration | trials |"
-             + "".join(f" {headers[c]} |" for c in extra),
+             + "".join(f" {METHOD_HEADERS[c]} |" for c in extra),
              "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(extra)]
     for r in rows:
         lines.append(f"| {r['run']} | {r['arm']} | {r['level']} | {r['weights_remaining_pct']:.1f} "
@@ -148,4 +147,9 @@ def make_comparison(run_dirs: Sequence[str], out_dir: str, problems: Optional[Li
           f"Test accuracy vs % of weights remaining ({name})", written[2])
     _plot(rows, labels, "early_stop_iter", "early-stopping iteration",
           f"Early-stopping iteration vs % of weights remaining ({name})", written[3])
+    from fastticket.app.report_stability import has_stability
+    if has_stability(rows):  # --stability runs: e.g. rewinding to 0 against rewinding to k
+        written.append(os.path.join(out_dir, "instability_vs_weights.png"))
+        _plot([{**r, "instability_mean": r.get("instability", math.nan)} for r in rows], labels, "instability",
+              "instability (points of test error)", f"Instability vs % of weights remaining ({name})", written[-1])
     return written

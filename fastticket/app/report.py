@@ -25,9 +25,11 @@ from fastticket.lottery.rundir import RunDir
 CSV_COLUMNS = ("level", "arm", "weights_remaining_pct", "test_acc_at_early_stop_mean", "test_acc_at_early_stop_std",
                "final_test_acc_mean", "final_test_acc_std", "early_stop_iter_mean", "early_stop_iter_std",
                "n_trials", "n_diverged")
-# Written only by runs that use the method: --refill (element_density_pct), --early-bird, and a user's loss
-# (no accuracy: the validation loss at the early stop instead).
-METHOD_COLUMNS = ("element_density_pct", "early_bird_iter_mean", "iterations_saved_mean", "early_stop_val_loss_mean")
+# Written only by runs that use the method: --refill (element_density_pct), --early-bird, --stability
+# (instability: points of test error, fastticket.lottery.stability) and a user's loss (no accuracy: the
+# validation loss at the early stop instead).
+METHOD_COLUMNS = ("element_density_pct", "early_bird_iter_mean", "iterations_saved_mean", "instability",
+                  "instability_std", "early_stop_val_loss_mean")
 
 
 def arm_label(arm: str, config: Dict[str, Any]) -> str:
@@ -58,6 +60,8 @@ def collect_results(run_dir: str, problems: Optional[List[str]] = None) -> List[
     if root is not None:
         raise ValueError(f"{run_dir} is a folder inside the run directory {root}: run `fastticket report {root}`")
     results = RunDir(run_dir).results(problems, require_final=False)
+    # --stability's twins are measured through their arm's instability, not as arms of their own.
+    results = [r for r in results if registry.twin_base(str(r["arm"])) is None]
     results.sort(key=lambda r: (r["level"], registry.order_key(r["arm"]), r["trial"]))
     return results
 
@@ -139,6 +143,7 @@ def aggregate(results: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
                    "iterations_saved_mean": _mean_std(_values(ok, "iterations_saved", 1.0))[0],
                    "early_stop_val_loss_mean": (_mean_std(_values(ok, "early_stop_val_loss", 1.0))[0]
                                                 if math.isnan(acc_es[0]) else math.nan)}
+        methods["instability"], methods["instability_std"] = _mean_std(_values(ok, "instability", 1.0))
         rows.append({**methods,
             "level": level, "arm": arm,
             "weights_remaining_pct": 100.0 * statistics.fmean(float(t["density"]) for t in trials),
@@ -225,8 +230,9 @@ def _method_columns(rows: Sequence[Dict[str, Any]]) -> Tuple[str, ...]:
 
 
 METHOD_HEADERS = {"element_density_pct": "element ticket weights %", "early_bird_iter_mean": "early-bird iteration",
-                  "iterations_saved_mean": "iterations saved", "early_stop_val_loss_mean": "val loss at early stop"}
-METHOD_DIGITS = {"element_density_pct": 1, "early_stop_val_loss_mean": 4}  # the others are counts
+                  "iterations_saved_mean": "iterations saved", "instability": "instability (pts)",
+                  "instability_std": "instability std", "early_stop_val_loss_mean": "val loss at early stop"}
+METHOD_DIGITS = {"element_density_pct": 1, "instability": 2, "instability_std": 2, "early_stop_val_loss_mean": 4}
 
 
 def _write_markdown(rows: Sequence[Dict[str, Any]], path: str, config: Dict[str, Any],
@@ -443,6 +449,9 @@ def make_report(run_dir: str, problems: Optional[List[str]] = None, out_dir: Opt
                      f"Early-stopping iteration vs % of weights remaining{suffix}{title_note}",
                      path("early_stop_vs_weights.png"),
                      config)
+    from fastticket.app.report_stability import plot_stability
+    written += plot_stability(results, rows, out, config, suffix + title_note, _plot_vs_weights, arm_label,
+                              save_figure)
     curves = os.path.join(out, "curves.png")
     if _plot_curves(results, rows, curves, None, title_note):
         written.append(curves)

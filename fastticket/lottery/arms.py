@@ -123,7 +123,30 @@ CONTROLS: Tuple[str, ...] = ARMS[1:]           # every kind but the ticket
 PAI_ARMS: Tuple[str, ...] = tuple(k.name for k in KINDS if k.pruned_at_init)
 
 
+# --stability: an arm's twin (the same plan under a different batch stream, fastticket.lottery.stability) is
+# the arm NAME_twin, in its own directory NAME_twin_trialT (replicas NAME_twin{r+1}).
+TWIN_SUFFIX = "_twin"
+
+
+def twin_name(arm: str) -> str:
+    return arm + TWIN_SUFFIX
+
+
+def twin_base(arm: str) -> Optional[str]:
+    """The arm kind a twin arm copies (ticket_twin -> ticket), None for an arm that is no twin."""
+    base = arm[:-len(TWIN_SUFFIX)] if arm.endswith(TWIN_SUFFIX) else None
+    return base if base in BY_NAME else None
+
+
+def with_twins(arms: Sequence[Tuple[str, int]], stability: Optional[int]) -> List[Tuple[str, int]]:
+    """`arms` (level_arms) with each arm's twin right after it when --stability is on."""
+    if not stability:
+        return list(arms)
+    return [a for arm, r in arms for a in ((arm, r), (twin_name(arm), r))]
+
+
 def kind(name: str) -> ArmKind:
+    name = twin_base(name) or name
     if name not in BY_NAME:
         raise ValueError(f"unknown arm {name!r}; arms are {', '.join(ARMS)}")
     return BY_NAME[name]

@@ -70,6 +70,16 @@ def parse_refill(spec: Optional[str]) -> Block:
     return int(match.group(1)), int(match.group(2))
 
 
+def check_stability(value: object) -> Optional[int]:
+    """None / 0 (off), or the number of interpolation points of --stability, an int >= 2; else a ConfigError."""
+    if value is None or (value == 0 and not isinstance(value, bool)):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ConfigError(f"stability must be a number of interpolation points >= 2 (both endpoints; e.g. 30) or "
+                          f"0 for off, got {value!r}")
+    return value
+
+
 def check_early_bird(value: object) -> Optional[float]:
     """None, or the early-bird eps as a float in the open interval (0, 1); else a ConfigError."""
     if value is None:
@@ -152,6 +162,10 @@ class SearchConfig:
                                   "density (element granularity only)", default=None)
     early_bird: Optional[float] = _help("EPS in (0, 1): stop a ticket's training once its pruning mask changes "
                                         "by less than EPS between evaluations, several in a row", default=None)
+
+    stability: Optional[int] = _help("N >= 2: instability analysis: each arm that trains gets a twin under "
+                                     "another data order; the test error along the line between their final "
+                                     "weights at N points (0 or absent: off)", default=None)
 
     # experiment design
     controls: Tuple[str, ...] = _help(f"comma list of {', '.join(CONTROLS)}; or none", default=(REINIT,))
@@ -281,6 +295,9 @@ class SearchConfig:
              f"refill turns element-wise tickets into blocks: it needs granularity element, got "
              f"{self.granularity!r}")
         check_early_bird(self.early_bird)
+        check_stability(self.stability)
+        need(not self.stability or self.early_bird is None, "stability compares an arm with a twin trained to the "
+             "same end, but early_bird stops the ticket early: drop --stability or --early-bird")
         # Settings that contradict each other: one would be silently ignored. (rewind none with rewind_iter k is
         # not one: the fine-tuning runs over iterations k..end, as lr rewinding does.)
         need(self.early_bird is None or self.rewind != "none", "early_bird draws a ticket early and rewinds it, "

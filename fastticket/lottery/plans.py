@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from fastticket.lottery.data import DeviceData
 
 _REINIT_SEED_OFFSET = 10_000
-_STREAM_PRUNE, _STREAM_RANDOM_MASK, _STREAM_REINIT = 1, 2, 3
+_STREAM_PRUNE, _STREAM_RANDOM_MASK, _STREAM_REINIT, _STREAM_TWIN = 1, 2, 3, 4
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -74,6 +74,12 @@ class SearchState:
             return seed_t + _REINIT_SEED_OFFSET + level
         return int(np.random.SeedSequence([seed_t & 0xFFFFFFFF, _STREAM_REINIT, level, replica])
                    .generate_state(1, np.uint32)[0] & 0x7FFFFFFF)
+
+    def twin_seed(self, trial: int) -> int:
+        """The batch-stream seed of --stability's twins (fastticket.lottery.stability): a SeedSequence draw of
+        (seed_t, stream), another data order than the trial's."""
+        draw = np.random.SeedSequence([self.seed(trial) & 0xFFFFFFFF, _STREAM_TWIN]).generate_state(1, np.uint32)
+        return int(draw[0] & 0x7FFFFFFF)
 
     def rewind_point(self, trial: int) -> Dict[str, torch.Tensor]:
         return self.run.arm(0, TICKET, trial).load_rewind()
@@ -160,6 +166,16 @@ def prepare_arm(s: SearchState, level: int, arm: str, trial: int, replica: int =
     if result is not None:
         return result
     plan = arms.kind(arm).plan(s, level, trial, replica)
+    base, seed = arms.twin_base(arm), s.seed(trial)
+    if base is not None:
+        # --stability's twin: its arm's plan (same init, rewind point, start) and mask, trained on another batch
+        # stream; it keeps no rewind point and captures none (fastticket.lottery.stability). The mask is the
+        # arm's saved one, or (trials-parallel: the arm may be prepared on another rank at the same moment)
+        # the plan's own, which is the same function of the previous level.
+        own = s.run.arm(level, base, trial, replica)
+        plan = dataclasses.replace(plan, make_masks=own.load_mask if own.has_mask() else plan.make_masks,
+                                   keep_rewind=False, capture_rewind_at=None)
+        seed = s.twin_seed(trial)
     model = s.model(plan.init_seed)
     if directory.has_mask():
         try:
@@ -179,7 +195,7 @@ def prepare_arm(s: SearchState, level: int, arm: str, trial: int, replica: int =
                    lr_fixed_at=plan.lr_fixed_at, result_extra={**plan.result_extra, **s.arm_fields},
                    replica=replica)
     hook = s.early_bird_hook(level, trial, plan.capture_rewind_at or 0) if arm == TICKET else None
-    return ArmJob(spec, model, directory, s.seed(trial), hook)
+    return ArmJob(spec, model, directory, seed, hook)
 
 
 def prepare_shared(s: SearchState, level: int, arm: str, trial: int, replica: int = 0) -> Prepared:

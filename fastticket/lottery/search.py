@@ -38,7 +38,7 @@ from torch import nn
 
 from fastticket.errors import ConfigError, RunDirError
 from fastticket.lottery import platform, stop
-from fastticket.lottery.arms import TICKET, level_arms
+from fastticket.lottery.arms import TICKET, level_arms, with_twins
 from fastticket.lottery.batched import group_size
 from fastticket.lottery.config import SearchConfig, parse_refill
 from fastticket.lottery.engine import arms_per_engine, stack_failure, stacks
@@ -83,7 +83,8 @@ def run_level(s: SearchState, level: int, trials: Sequence[int]) -> List[Dict[st
     """Every arm of `level` for `trials`: finished ones read, the others trained together (arms sharing a
     start iteration and lr rule as one group, at most the group limit at once). Results in run order. In a
     trials-parallel search each rank trains its share of the arms (`_run_level_shared`)."""
-    arms = [(arm, t, r) for t in trials for arm, r in level_arms(s.config.controls, s.config.reinits, level)]
+    arms = [(arm, t, r) for t in trials
+            for arm, r in with_twins(level_arms(s.config.controls, s.config.reinits, level), s.config.stability)]
     if s.context.trials_parallel:
         return _run_level_shared(s, level, arms)
     if arms_per_engine(s.config) == 1:  # prepared and trained one by one: one arm's model in memory at a time
@@ -97,7 +98,17 @@ def run_level(s: SearchState, level: int, trials: Sequence[int]) -> List[Dict[st
         _train_prepared(s, level, slots)
         rows = [slots[i] for i in range(len(arms))]
     s.context.barrier()  # data-parallel: rank 0 has written the level's files before anyone reads
-    return rows  # type: ignore[return-value]
+    return _stability(s, level, rows)  # type: ignore[arg-type]
+
+
+def _stability(s: SearchState, level: int, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """--stability: each arm's instability against its twin, written into its result.json."""
+    if not s.config.stability:
+        return rows
+    from fastticket.lottery.stability import record_stability
+    rows = record_stability(s, level, rows)
+    s.context.barrier()
+    return rows
 
 
 def _run_level_shared(s: SearchState, level: int, arms: Sequence[Tuple[str, int, int]]) -> List[Dict[str, Any]]:
@@ -125,7 +136,7 @@ def _run_level_shared(s: SearchState, level: int, arms: Sequence[Tuple[str, int,
             raise RuntimeError(f"level {level} {arm} trial {trial}: rank {context.owner(i, len(arms))} finished "
                                f"without its result.json")
         rows.append(row)
-    return rows
+    return _stability(s, level, rows)
 
 
 def _train_prepared(s: SearchState, level: int, slots: Dict[int, Prepared]) -> None:
@@ -278,8 +289,9 @@ def _run_levels(config: SearchConfig, run: RunDir, data: "DeviceData", device: t
     else:
         train_data = data
     s = SearchState(config, run, data, device, prunable, progress, train_data, context, arm_fields=arm_fields)
-    arms_per_level = len(level_arms(config.controls, config.reinits, 1))
-    progress.search_started((1 + config.levels * arms_per_level) * config.trials)
+    arms_per_level = len(with_twins(level_arms(config.controls, config.reinits, 1), config.stability))
+    dense_arms = len(with_twins(level_arms(config.controls, config.reinits, 0), config.stability))
+    progress.search_started((dense_arms + config.levels * arms_per_level) * config.trials)
     rows: List[Dict[str, Any]] = []
     stopped = set()  # trials whose ticket diverged: no later levels
     try:
