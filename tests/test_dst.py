@@ -153,6 +153,18 @@ def test_bad_settings_are_one_line_config_errors(changes):
         SearchConfig(**changes)
 
 
+def test_cli_flags_set_the_dst_settings(capsys, tmp_path):
+    from fastticket.app import cli
+    parser = cli.build_parser()
+    config = cli.config_from_args(parser.parse_args(["search", "--controls", "rigl,set", "--dst-interval", "50",
+                                                     "--dst-drop-fraction", "0.5", "--dst-end", "0.5"]))
+    assert (config.controls, config.dst_interval, config.dst_drop_fraction, config.dst_end) == (
+        ("rigl", "set"), 50, 0.5, 0.5)
+    assert cli.main(["search", "--dst-end", "1.5", "--out", str(tmp_path / "x")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dst_end must be in (0, 1]" in err[0]
+
+
 # ----------------------------------------------------------------------------------------- in a search
 
 def tiny(**changes):
