@@ -274,3 +274,8 @@ def test_resume_after_a_kill_mid_training_is_identical(tmp_path, monkeypatch):
         rb = json.load(open(os.path.join(arm_dir(cut, 1, arm, 0), "result.json")))
         ra.pop("wall_time_s"), rb.pop("wall_time_s")
         assert ra == rb
+    # The ticket stacked with them (its engine rebuilt at every update) gets its numbers as if alone.
+    alone = str(tmp_path / "alone")
+    run_search(tiny(controls=()), alone, progress=False)
+    a, b = _load(alone, "ticket", "final.pt"), _load(whole, "ticket", "final.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
