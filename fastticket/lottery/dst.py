@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastticket.lottery.config import parse_granularity
 from fastticket.lottery.criteria import Block, alive_units, expand_tiles, tile_norms
 from fastticket.sparse.nn import densify, masked_modules
 
@@ -143,24 +144,24 @@ def update_(model: nn.Module, optimizer: torch.optim.Optimizer, method: str, fra
     return moved
 
 
-def arm_update_(config, spec, model: nn.Module, optimizer: torch.optim.Optimizer, data, seed: int, step: int,
-                prunable: Sequence[str], context=None) -> bool:
-    """The search's update of one dynamic arm (`spec.dst` set) after `step` training steps, if one is due:
+def due(config, step: int) -> bool:
+    """Is a drop/regrow due after `step` training steps under the search's settings?"""
+    return update_due(step, config.dst_interval, end_step(config.iterations, config.dst_end))
+
+
+def arm_update_(config, job, optimizer: torch.optim.Optimizer, data, step: int, prunable: Sequence[str],
+                context=None) -> None:
+    """The search's drop/regrow of one dynamic arm (an ArmJob with `spec.dst` set) after `step` steps (`due`):
     RigL scores the dead weights by the dense gradient on the batch of the step just taken (summed over the
-    ranks in a data-parallel search, so every rank draws the same mask). Returns whether the mask changed."""
-    end = end_step(config.iterations, config.dst_end)
-    if not update_due(step, config.dst_interval, end):
-        return False
-    from fastticket.lottery.config import parse_granularity
-    block = parse_granularity(config.granularity)
-    fraction = update_fraction(step, config.dst_drop_fraction, end)
+    ranks in a data-parallel search, so every rank draws the same mask); SET draws from `set_generator`."""
+    spec, model = job.spec, job.model
+    fraction = update_fraction(step, config.dst_drop_fraction, end_step(config.iterations, config.dst_end))
     grads = generator = None
     if spec.dst == RIGL:
-        x, y = data.batch(step - 1, config.batch_size, seed)
+        x, y = data.batch(step - 1, config.batch_size, job.seed)
         grads = dense_gradients(model, x, y, prunable)
         if context is not None and context.data_parallel:
             grads = {n: context.shard_sum_(g.contiguous()) for n, g in grads.items()}
     else:
-        generator = set_generator(seed, spec.level, spec.replica, step)
-    update_(model, optimizer, spec.dst, fraction, block, prunable, grads, generator)
-    return True
+        generator = set_generator(job.seed, spec.level, spec.replica, step)
+    update_(model, optimizer, spec.dst, fraction, parse_granularity(config.granularity), prunable, grads, generator)

@@ -373,18 +373,15 @@ class _Group:
         return self._dst_updates(engine)
 
     def _dst_updates(self, engine: Engine) -> Engine:
-        """Dynamic arms due for a drop/regrow: synced out, updated in their own model and optimizer, and the
-        engine rebuilt from the arms' state (a stacked engine re-stacks the new masks and tile maps)."""
-        due = [i for i in self.live if self.jobs[i].spec.dst and dst.update_due(
-            self.iteration, self.config.dst_interval, dst.end_step(self.config.iterations, self.config.dst_end))]
-        if not due:
-            return engine
-        engine.sync_out()
-        for i in due:
-            job, state = self.jobs[i], self.states[i]
-            dst.arm_update_(self.config, job.spec, job.model, state.optimizer, self.data, job.seed, self.iteration,
-                            self.prunable, self.context)
-        return self._engine()
+        """Dynamic arms due a drop/regrow (fastticket.lottery.dst) are synced out, updated in their own model and
+        optimizer, and the engine rebuilt from the arms' state (a stacked one re-stacks masks and tile maps)."""
+        due = [i for i in self.live if self.jobs[i].spec.dst and dst.due(self.config, self.iteration)]
+        if due:
+            engine.sync_out()
+            for i in due:
+                dst.arm_update_(self.config, self.jobs[i], self.states[i].optimizer, self.data, self.iteration,
+                                self.prunable, self.context)
+        return self._engine() if due else engine
 
     def _evaluate(self) -> bool:
         """Evaluate and checkpoint every live arm; finish the diverged and the stopped ones. Returns whether
