@@ -279,3 +279,31 @@ def test_resume_after_a_kill_mid_training_is_identical(tmp_path, monkeypatch):
     run_search(tiny(controls=()), alone, progress=False)
     a, b = _load(alone, "ticket", "final.pt"), _load(whole, "ticket", "final.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dense_gradient_of_masks_on_any_weight_embedding_and_attention():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.attn, self.out = nn.Embedding(10, 6), nn.MultiheadAttention(6, 2, batch_first=True), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.emb(x)
+            return self.out(self.attn(h, h, h)[0].mean(1))
+
+    torch.manual_seed(7)
+    model = sparsify(Net().double())
+    g = torch.Generator().manual_seed(8)
+    for _, layer in masked_modules(model):
+        layer.set_mask_(_mask(layer.weight.shape, 0.5, g))
+    x, y = torch.randint(0, 10, (4, 5), generator=g), torch.randint(0, 3, (4,), generator=g)
+    names = [n for n, _ in masked_modules(model)]
+    assert "attn.in_proj_weight" in names and "emb" in names
+    grads = dst.dense_gradients(model, x, y, names)
+    plain = Net().double()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("_mask")})
+    nn.functional.cross_entropy(plain(x), y).backward()
+    expected = {"emb": plain.emb.weight.grad, "attn.in_proj_weight": plain.attn.in_proj_weight.grad,
+                "attn.out_proj": plain.attn.out_proj.weight.grad, "out": plain.out.weight.grad}
+    for n in names:
+        assert torch.allclose(grads[n], expected[n], atol=1e-12), n

@@ -27,7 +27,7 @@ from torch import nn
 
 from fastticket.lottery.config import parse_granularity
 from fastticket.lottery.criteria import Block, alive_units, expand_tiles, tile_norms
-from fastticket.sparse.nn import densify, masked_modules
+from fastticket.sparse.nn import densify, masked_modules, weight_key
 
 RIGL, SET = "rigl", "set"
 METHODS = (RIGL, SET)
@@ -100,8 +100,9 @@ def dense_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: S
         dense.train(model.training)
         dense.zero_grad(set_to_none=True)
         F.cross_entropy(dense(x), y).backward()  # the loss the training step takes
-    modules = dict(dense.named_modules())
-    return {n: modules[n].weight.grad.detach() for n in names}
+    # densify keeps the parameters' names: each mask's weight by its state-dict key (attention's in_proj too).
+    layers, params = dict(masked_modules(model)), dict(dense.named_parameters())
+    return {n: params[weight_key(n, layers[n])].grad.detach() for n in names}
 
 
 @torch.no_grad()
