@@ -190,6 +190,9 @@ SEARCH_FLAGS: Dict[str, Flag] = {
     "distributed": Flag("MODE", _one_of(get_args(DistributedMode))),
     "dist_backend": Flag("B", _one_of(get_args(DistBackend))),
     "dist_timeout": Flag("S", _positive_float),
+    # --controls rigl,set (the range checks of the fractions are SearchConfig's)
+    "dst_interval": Flag("N", _positive_int), "dst_drop_fraction": Flag("F", _positive_float),
+    "dst_end": Flag("F", _positive_float),
 }
 # Fields only a preset sets (the paper's training recipe and pruning layout travel together in a preset), and
 # the recorded ones.

@@ -4,6 +4,6 @@ from fastticket._lazy import lazy_attributes
 
 SUBMODULES = ("config", "arms", "presets", "models", "data", "datafiles", "sources", "recipe", "streams", "criteria", "prune", "pai", "early_bird", "progress",
               "train", "engine", "batched", "stacked_plan", "compiled", "plans", "search", "rundir", "atomic_io",
-              "preflight", "platform", "peers", "stop", "armdir", "cuda_graph", "stability")
+              "preflight", "platform", "peers", "stop", "armdir", "cuda_graph", "stability", "dst")
 
 __getattr__, __dir__ = lazy_attributes(__name__, {name: name for name in SUBMODULES})

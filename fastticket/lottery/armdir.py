@@ -25,6 +25,7 @@ from fastticket.sparse.nn import check_mask_file
 
 CHECKSUMS_FILE = "checksums.json"
 MASK, REWIND, CHECKPOINT, FINAL, RESULT = "mask.pt", "rewind.pt", "checkpoint.pt", "final.pt", "result.json"
+FINAL_MASK = "final_mask.pt"  # dynamic sparse training arms: the mask at the end (mask.pt is the one they started from)
 
 
 def _sha256(data: bytes) -> str:
@@ -235,6 +236,13 @@ class ArmDir:
 
     def save_final(self, state: Dict[str, torch.Tensor]) -> None:
         self._publish(FINAL, torch_bytes(state))
+
+    def save_final_mask(self, masks: Dict[str, torch.Tensor]) -> None:
+        self._publish(FINAL_MASK, torch_bytes(masks))
+
+    def load_final_mask(self, model: nn.Module) -> Dict[str, torch.Tensor]:
+        """A dynamic arm's final mask, verified and checked against `model`."""
+        return check_mask_file(self._load_verified(FINAL_MASK), self._file(FINAL_MASK), model)
 
     def load_final(self) -> Dict[str, torch.Tensor]:
         return self._load_state_dict(FINAL)

@@ -34,6 +34,7 @@ class ArmPlan:
     capture_rewind_at: Optional[int] = None  # level 0 ticket with late rewinding: the rewind point is made at k
     lr_fixed_at: Optional[int] = None       # --rewind none: every step at the lr of this iteration (the last)
     result_extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded in result.json
+    dst: Optional[str] = None               # dynamic sparse training (rigl / set): the mask moves while training
 
 
 class Planner(Protocol):
@@ -94,6 +95,19 @@ def _plan_at_init(method: str) -> Plan:
     return plan
 
 
+def _plan_dst(method: str) -> Plan:
+    def plan(p: Planner, level: int, trial: int, replica: int) -> ArmPlan:
+        # Sparse from scratch (Mocanu et al. 2018; Evci et al. 2020): a random mask with the ticket's per-layer
+        # counts (the random control's draw) and a fresh init (the reinit control's seed), trained from
+        # iteration 0 while fastticket.lottery.dst moves the mask.
+        c = p.config
+        extra = {"dst": method, "dst_interval": c.dst_interval, "dst_drop_fraction": c.dst_drop_fraction,
+                 "dst_end": c.dst_end}
+        return ArmPlan(p.reinit_seed(level, trial, replica), lambda model: p.random_mask(level, trial, model),
+                       None, 0, result_extra=extra, dst=method)
+    return plan
+
+
 @dataclasses.dataclass(frozen=True)
 class ArmKind:
     name: str
@@ -115,10 +129,12 @@ KINDS: Tuple[ArmKind, ...] = (
     ArmKind("snip", "SNIP at init", "tab:red", "-.", _plan_at_init("snip"), pruned_at_init=True),
     ArmKind("grasp", "GraSP at init", "tab:purple", "-.", _plan_at_init("grasp"), pruned_at_init=True),
     ArmKind("synflow", "SynFlow at init", "tab:brown", "-.", _plan_at_init("synflow"), pruned_at_init=True),
+    ArmKind("rigl", "RigL (dynamic sparse)", "tab:pink", "-.", _plan_dst("rigl")),
+    ArmKind("set", "SET (dynamic sparse)", "tab:olive", "-.", _plan_dst("set")),
 )
 BY_NAME: Dict[str, ArmKind] = {kind.name: kind for kind in KINDS}
 ARMS: Tuple[str, ...] = tuple(BY_NAME)          # in report order
-TICKET, REINIT, RANDOM, SNIP, GRASP, SYNFLOW = ARMS
+TICKET, REINIT, RANDOM, SNIP, GRASP, SYNFLOW, RIGL, SET = ARMS
 CONTROLS: Tuple[str, ...] = ARMS[1:]           # every kind but the ticket
 PAI_ARMS: Tuple[str, ...] = tuple(k.name for k in KINDS if k.pruned_at_init)
 

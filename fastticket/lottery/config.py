@@ -90,6 +90,10 @@ def check_early_bird(value: object) -> Optional[float]:
     return float(value)
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _help(text: str, run_only: bool = False, **default: Any) -> Any:
     """A dataclass field documented by `text` (shown as its CLI flag's help where it has one). run_only: how
     the search runs, not what it computes (a resumed run may change it)."""
@@ -162,6 +166,12 @@ class SearchConfig:
                                   "density (element granularity only)", default=None)
     early_bird: Optional[float] = _help("EPS in (0, 1): stop a ticket's training once its pruning mask changes "
                                         "by less than EPS between evaluations, several in a row", default=None)
+    # dynamic sparse training controls (--controls rigl,set; fastticket.lottery.dst)
+    dst_interval: int = _help("rigl/set controls: drop and regrow weights every N training steps", default=100)
+    dst_drop_fraction: float = _help("rigl/set controls: fraction in (0, 1) of each layer's live weights moved "
+                                     "at the first update (then decayed by a cosine)", default=0.3)
+    dst_end: float = _help("rigl/set controls: fraction in (0, 1] of the iterations after which the mask stays "
+                           "fixed", default=0.75)
 
     stability: Optional[int] = _help("N >= 2: instability analysis: each arm that trains gets a twin under "
                                      "another data order; the test error along the line between their final "
@@ -266,6 +276,14 @@ class SearchConfig:
         need(isinstance(self.exclude, tuple) and all(isinstance(e, str) for e in self.exclude),
              f"exclude must be a list of layer names or patterns, got {self.exclude!r}")
         check_rate(self.rate, "rate")
+        need(is_int(self.dst_interval) and self.dst_interval > 0,
+             f"dst_interval must be a positive integer (training steps between drop/regrow updates), "
+             f"got {self.dst_interval!r}")
+        need(_is_real(self.dst_drop_fraction) and 0.0 < self.dst_drop_fraction < 1.0,
+             f"dst_drop_fraction must be in (0, 1) (the fraction of live weights moved at the first update), "
+             f"got {self.dst_drop_fraction!r}")
+        need(_is_real(self.dst_end) and 0.0 < self.dst_end <= 1.0,
+             f"dst_end must be in (0, 1] (the fraction of the iterations with mask updates), got {self.dst_end!r}")
         if self.conv_rate is not None:
             check_rate(self.conv_rate, "conv_rate")
         if self.output_rate is not None:

@@ -193,7 +193,7 @@ def prepare_arm(s: SearchState, level: int, arm: str, trial: int, replica: int =
         directory.save_rewind(plan.rewind_point if plan.rewind_point is not None else cpu_state(model))
     spec = ArmSpec(level, arm, trial, plan.start_iter, capture_rewind_at=plan.capture_rewind_at,
                    lr_fixed_at=plan.lr_fixed_at, result_extra={**plan.result_extra, **s.arm_fields},
-                   replica=replica)
+                   replica=replica, dst=plan.dst)
     hook = s.early_bird_hook(level, trial, plan.capture_rewind_at or 0) if arm == TICKET else None
     return ArmJob(spec, model, directory, seed, hook)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastticket.errors import DamagedFileError
-from fastticket.lottery import stop
+from fastticket.lottery import dst, stop
 from fastticket.lottery.arms import arm_name
 from fastticket.lottery.config import SearchConfig
 from fastticket.lottery.engine import Engine, arms_per_engine, has_statistics, make_optimizer
@@ -33,7 +33,7 @@ from fastticket.lottery.platform import SOLO, Context
 from fastticket.lottery.progress import Progress
 from fastticket.lottery.recipe import LossFn, accuracy_counts, advance_scheduler, build_scheduler, loss_function
 from fastticket.lottery.armdir import ArmDir
-from fastticket.sparse.nn import densities, masked_modules, sparsify
+from fastticket.sparse.nn import densities, install_masks, masked_modules, masks_in_state, sparsify
 
 if TYPE_CHECKING:  # data/models import torchvision-adjacent code; only the annotations need them here
     from fastticket.lottery.data import DatasetInfo, DeviceData
@@ -118,6 +118,7 @@ class ArmSpec:
     lr_fixed_at: Optional[int] = None  # every step takes the lr of this iteration (--rewind none: the final lr)
     result_extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # more result.json fields
     replica: int = 0             # r-th control of its kind for this trial (reinit x R); 0 is the first
+    dst: Optional[str] = None    # dynamic sparse training (rigl / set): the mask moves (fastticket.lottery.dst)
 
     @property
     def label(self) -> str:
@@ -201,14 +202,19 @@ class ArmJob:
     hook: Optional[EvalHook] = None
 
 
-def _restore(state: ArmState, directory: ArmDir, progress: Progress, hook: Optional[EvalHook] = None) -> bool:
+def _restore(state: ArmState, directory: ArmDir, progress: Progress, hook: Optional[EvalHook] = None,
+             job_dst: Optional[str] = None) -> bool:
     """Continue from the arm's checkpoint. One that fails verification (checksum, arm, mask: ArmDir) or does
     not fit is discarded, the model left as it was (its start state), and False returned: the arm restarts
     from its beginning, which gives the same numbers, only later. `hook`'s state comes back with it."""
     before = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
     hook_before = hook.state_dict() if hook is not None else None
     try:
-        ckpt = directory.load_checkpoint(masks={n: m.weight_mask for n, m in masked_modules(state.model)})
+        # A dynamic arm's mask moves during training: its checkpoint holds the current one, not mask.pt's.
+        ckpt = directory.load_checkpoint(masks=None if job_dst else
+                                         {n: m.weight_mask for n, m in masked_modules(state.model)})
+        if job_dst:  # its moved mask first, so loading the weights revives nothing
+            install_masks(state.model, masks_in_state(state.model, ckpt["model"]))
         state.load_state_dict(ckpt)
         if hook is not None and "hook" in ckpt:
             hook.load_state_dict(ckpt["hook"])
@@ -244,7 +250,7 @@ def train_arms(config: SearchConfig, jobs: Sequence[ArmJob], data: "DeviceData",
         state = fresh_state(job)
         # Data-parallel: rank 0 alone reads checkpoints (and may discard a damaged one); the others get its state.
         if job.directory.writes and job.directory.has_checkpoint():
-            if not _restore(state, job.directory, progress, job.hook):
+            if not _restore(state, job.directory, progress, job.hook, job.spec.dst):
                 state = fresh_state(job)
             # metrics.jsonl may hold evaluations after the checkpoint (killed in between): the checkpoint wins.
             job.directory.write_metrics(state.metrics)
@@ -289,6 +295,8 @@ def _finish(job: ArmJob, state: ArmState, prunable: Sequence[str], session_s: fl
             message: Optional[str] = None) -> Dict[str, Any]:
     spec = job.spec
     job.directory.save_final(job.model.state_dict())
+    if spec.dst:  # the mask it trained with at the end (mask.pt holds the one it started from)
+        job.directory.save_final_mask({n: m.weight_mask.detach().cpu() for n, m in masked_modules(job.model)})
     total, per_layer = densities(job.model, prunable)
     result = {"level": spec.level, "arm": spec.arm, "trial": spec.trial}
     if spec.replica:
@@ -359,7 +367,7 @@ class _Group:
         next_report = self.t0 + _PROGRESS_INTERVAL_S
         try:
             while self.iteration < config.iterations and self.live:
-                self._step(engine)
+                engine = self._step(engine)
                 now = time.perf_counter()
                 if now >= next_report:
                     self.progress.step(self.iteration, self.last_loss)
@@ -376,7 +384,7 @@ class _Group:
             self._end(i, "ok")
         return [self.results[i] for i in range(len(jobs))]
 
-    def _step(self, engine: Engine) -> None:
+    def _step(self, engine: Engine) -> Engine:
         spec = self.jobs[0].spec
         if self.config.lr_scheduler is not None:  # the user's schedulers, each arm's at this iteration
             for i in self.live:
@@ -399,6 +407,18 @@ class _Group:
             engine.sync_out()
             for i in captures:
                 self.jobs[i].directory.save_rewind(cpu_state(self.jobs[i].model))
+        return self._dst_updates(engine)
+
+    def _dst_updates(self, engine: Engine) -> Engine:
+        """Dynamic arms due a drop/regrow (fastticket.lottery.dst) are synced out, updated in their own model and
+        optimizer, and the engine rebuilt from the arms' state (a stacked one re-stacks masks and tile maps)."""
+        due = [i for i in self.live if self.jobs[i].spec.dst and dst.due(self.config, self.iteration)]
+        if due:
+            engine.sync_out()
+            for i in due:
+                dst.arm_update_(self.config, self.jobs[i], self.states[i].optimizer, self.data, self.iteration,
+                                self.prunable, self.context)
+        return self._engine() if due else engine
 
     def _evaluate(self) -> bool:
         """Evaluate and checkpoint every live arm; finish the diverged and the stopped ones. Returns whether
