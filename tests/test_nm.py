@@ -102,3 +102,23 @@ def test_parse_and_config_refuse_what_means_nothing():
         SearchConfig(granularity="nm", levels=1, scope="global")
     with pytest.raises(ConfigError, match="granularity element"):
         SearchConfig(granularity="nm", levels=1, refill="nm")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_search_with_refill_nm_records_exact_2_4_tickets(tmp_path):
+    import json
+    import os
+
+    from fastticket.lottery.presets import get_preset
+    from fastticket.lottery.rundir import arm_dir
+    from fastticket.lottery.search import run_search
+    run = str(tmp_path / "run")
+    run_search(get_preset("lenet-mnist5k").replace(iterations=4, eval_every=4, levels=1, controls=(), val_size=500,
+                                                  refill="nm:2:4"), run)
+    here = arm_dir(run, 1, "ticket", 0)
+    masks = torch.load(os.path.join(here, "mask.pt"), weights_only=True)
+    with open(os.path.join(here, "result.json")) as f:
+        result = json.load(f)
+    assert result["refill"] == "nm:2:4" and 0.75 < result["element_density"] < 0.85  # the element ticket
+    pruned = [m for m in masks.values() if not bool(m.all())]
+    assert pruned and all(is_nm(m, (2, 4), exact=True) for m in pruned)
