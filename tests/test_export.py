@@ -125,5 +125,7 @@ def test_2_4_refuses_a_ticket_that_is_not_2_4(tmp_path):
     model = sparsify(nn.Sequential(nn.Linear(8, 8)))
     model[0].set_mask_(torch.eye(8, dtype=torch.bool) | torch.eye(8, dtype=torch.bool).roll(1, 1)
                        | torch.eye(8, dtype=torch.bool).roll(2, 1))
-    with pytest.raises(ConfigError, match="not"):
+    with pytest.raises(ConfigError, match="0.weight not 2:4"):
         export_model(model, "2:4", str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match="no layer is pruned"):
+        export_model(sparsify(nn.Sequential(nn.Linear(8, 8))), "2:4", str(tmp_path / "x"))

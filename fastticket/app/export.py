@@ -8,8 +8,8 @@ fastticket.densify: pruned weights are stored zeros). Formats, each one torch.sa
 - sparse: {"format": "sparse", "state_dict": every pruned layer's weight as a 2-D CSR tensor (int32 indices,
            only live weights stored) in the [out, in*kh*kw] view, other tensors dense, "shapes": their
            original shapes} -- d["state_dict"][k].to_dense().reshape(d["shapes"][k]) gives the weight back
-- 2:4:    {"format": "2:4", "state_dict": fp16 weights, "semi_structured": the layers that
-           torch.sparse.to_sparse_semi_structured converted on this CUDA device} -- needs CUDA and a ticket
+- 2:4:    {"format": "2:4", "state_dict": fp16 weights, "semi_structured": the Linear weights that
+           torch.sparse.to_sparse_semi_structured converted on this CUDA device (conv weights stay dense)} -- needs CUDA and a ticket
            whose pruned layers are 2:4 (--granularity nm:2:4 or --refill nm:2:4); the loader converts the
            named weights on its own GPU (semi-structured tensors are tied to the device, not pickled).
 Every file also records "model", "level", "trial", "density" and "input_shape".
@@ -67,7 +67,7 @@ def load_ticket(run_dir: str, level: int, trial: int = 0) -> Tuple[nn.Module, An
     return model, config
 
 
-def _input_shape(config, model: nn.Module) -> Optional[Tuple[int, ...]]:
+def _input_shape(config) -> Optional[Tuple[int, ...]]:
     shape = _INFOS.get(config.dataset, (None,))[0]
     return tuple(shape) if shape else None
 
@@ -114,8 +114,9 @@ def export_model(model: nn.Module, fmt: str, out: str, *, meta: Optional[Dict[st
     if fmt == "2:4":
         bad = [k for k, mask in pruned.items() if not is_nm(mask, (2, 4))]
         if not pruned or bad:
+            what = f"{', '.join(bad)} not" if bad else "no layer is pruned, so none is"
             raise ConfigError(f"format 2:4 needs a ticket whose pruned layers are 2:4 (search with --granularity "
-                              f"nm:2:4 or --refill nm:2:4); {', '.join(bad) or 'no layer'} is not")
+                              f"nm:2:4 or --refill nm:2:4); {what} 2:4: export dense or sparse")
         if not torch.cuda.is_available():
             raise ConfigError("format 2:4 builds torch's semi-structured sparse tensors, which need a CUDA GPU; "
                               "none is visible here: export dense or sparse, or run on a CUDA machine")
@@ -131,8 +132,11 @@ def export_model(model: nn.Module, fmt: str, out: str, *, meta: Optional[Dict[st
         from torch.sparse import to_sparse_semi_structured
         half = {k: v.half() for k, v in state.items()}
         converted = []
-        for k in pruned:
-            w = half[k].cuda().reshape(half[k].shape[0], -1)
+        # Linear weights only: torch's semi-structured tensors serve matmuls (F.linear); a conv weight's
+        # groups run along C_in per tap, which its NCHW flattening does not keep consecutive, so conv
+        # weights stay dense fp16 (still 2:4 along C_in) in the file.
+        for k in [k for k in pruned if half[k].dim() == 2]:
+            w = half[k].cuda()
             try:
                 sparse = to_sparse_semi_structured(w)
             except (RuntimeError, ValueError) as exc:  # shape or device limits of the semi-structured kernels
@@ -158,7 +162,7 @@ def export(run_dir: str, level: int, format: str = "dense", out: Optional[str] =
         os.makedirs(os.path.join(run_dir, "export"), exist_ok=True)
         out = os.path.join(run_dir, "export", f"level_{level:02d}_{format.replace(':', 'of')}.pt")
     meta = {"model": config.model, "dataset": config.dataset, "level": level, "trial": trial}
-    return export_model(model, format, out, meta=meta, input_shape=_input_shape(config, model))
+    return export_model(model, format, out, meta=meta, input_shape=_input_shape(config))
 
 
 def add_parser(sub) -> None:
