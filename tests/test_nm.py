@@ -122,3 +122,13 @@ def test_a_search_with_refill_nm_records_exact_2_4_tickets(tmp_path):
     assert result["refill"] == "nm:2:4" and 0.75 < result["element_density"] < 0.85  # the element ticket
     pruned = [m for m in masks.values() if not bool(m.all())]
     assert pruned and all(is_nm(m, (2, 4), exact=True) for m in pruned)
+
+
+def test_pruning_at_init_to_a_count_gives_n_m_by_the_criterion():
+    from fastticket.lottery.prune import prune_to_count
+    torch.manual_seed(1)
+    model = sparsify(nn.Sequential(nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 2 * 2, 6)))
+    w0 = model[0].weight.detach().abs().double().clone()
+    masks = prune_to_count(model, 0, prunable=["0"], granularity="nm:2:4")
+    assert torch.equal(masks["0"], reference_keep(w0, torch.ones_like(masks["0"]), 2))
+    assert bool(masks["2"].all()) and is_nm(masks["0"], (2, 4), exact=True)
