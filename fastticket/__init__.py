@@ -16,7 +16,7 @@ PUBLIC = {
     "MaskedSGD": "sparse.optim:MaskedSGD", "MaskedAdam": "sparse.optim:MaskedAdam",
     "MaskedAdamW": "sparse.optim:MaskedAdamW", "rewind_to": "sparse.rewind:rewind_to",
     "SearchConfig": "lottery.config:SearchConfig", "run_search": "lottery.search:run_search",
-    "search": "app.api:search",
+    "search": "app.api:search", "export": "app.export:export",
 }
 
 __all__ = ["MaskedLinear", "MaskedConv2d", "sparsify", "densify", "density", "masked_modules", "__version__",

@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "2019), with random-reinit and random-pruning controls, and fast masked training.",
         epilog="Run `fastticket <command> --help` for a command's options.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{search,report,bench}", parser_class=_OneLineArgumentParser)
+    sub = parser.add_subparsers(dest="command", metavar="{search,report,bench,export}", parser_class=_OneLineArgumentParser)
 
     s = sub.add_parser("search", help="run (or resume) an IMP ticket search",
                        description="Run iterative magnitude pruning: train, prune, rewind, repeat for levels "
@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rehearse", action="store_true",
                    help="with --gpu-session: run the same plan on this machine (tiny shapes, 4 min budget)")
     b.add_argument("--budget", type=int, metavar="S", help="with --gpu-session: the session's budget in seconds")
+    from fastticket.app.export import add_parser as add_export_parser
+    add_export_parser(sub)
     return parser
 
 
@@ -372,6 +374,11 @@ def _bench(args: argparse.Namespace) -> int:
     return run_cli(suites, out=args.out, dtype=args.dtype, quick=args.quick)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from fastticket.app.export import run_cli
+    return run_cli(args)
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
@@ -384,7 +391,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    handler = {"search": _search, "report": _report, "bench": _bench}[args.command]
+    handler = {"search": _search, "report": _report, "bench": _bench, "export": _export}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

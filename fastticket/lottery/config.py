@@ -17,6 +17,7 @@ from typing import Any, Dict, Literal, Optional, Tuple, get_args
 from fastticket.errors import ConfigError
 from fastticket.lottery.arms import CONTROLS, REINIT  # the arm registry: the ticket and its controls
 from fastticket.lottery.criteria import Block, get_criterion
+from fastticket.lottery.nm import parse_nm
 from fastticket.sparse.backend import BACKENDS
 
 # How a level >= 1 ticket starts (Renda et al. 2020): "weights" rewinds weights and lr schedule to iteration
@@ -50,23 +51,26 @@ def check_rate(value: object, what: str = "rate") -> float:
 
 
 def parse_granularity(spec: str) -> Block:
-    """"element" -> None; "block:RxC" -> (R, C) with R, C >= 1; anything else is a ConfigError."""
-    if spec == "element":
+    """"element" -> None; "block:RxC" -> (R, C) with R, C >= 1; anything else is a ConfigError.
+    "nm:N:M" (fastticket.lottery.nm) prunes single weights too, so its unit is the element: None."""
+    if spec == "element" or parse_nm(spec) is not None:
         return None
     match = re.fullmatch(r"block:(\d+)x(\d+)", str(spec).strip())
     if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
-        raise ConfigError(f"granularity must be 'element' or 'block:RxC' with positive R and C "
-                          f"(e.g. block:16x16), got {spec!r}")
+        raise ConfigError(f"granularity must be 'element', 'block:RxC' with positive R and C "
+                          f"(e.g. block:16x16) or nm:N:M (e.g. nm:2:4), got {spec!r}")
     return int(match.group(1)), int(match.group(2))
 
 
 def parse_refill(spec: Optional[str]) -> Block:
-    """None -> None; "block:RxC" -> (R, C) (the tiles a refilled ticket keeps whole); else a ConfigError."""
-    if spec is None:
+    """None -> None; "block:RxC" -> (R, C) (the tiles a refilled ticket keeps whole); else a ConfigError.
+    "nm:N:M" is a valid refill too (fastticket.lottery.nm.parse_nm gives its N, M); it has no tiles: None."""
+    if spec is None or parse_nm(spec) is not None:
         return None
     match = re.fullmatch(r"block:(\d+)x(\d+)", str(spec).strip())
     if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
-        raise ConfigError(f"refill must be 'block:RxC' with positive R and C (e.g. block:16x16), got {spec!r}")
+        raise ConfigError(f"refill must be 'block:RxC' with positive R and C (e.g. block:16x16) or nm:N:M "
+                          f"(e.g. nm:2:4), got {spec!r}")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -156,14 +160,16 @@ class SearchConfig:
     output_rate: Optional[float] = _help("layerwise rate of the output layer (None: same as rate)", default=None)
     exclude: Tuple[str, ...] = _help("layer names or patterns never pruned (\"output\": the output layer)",
                                      default=())
-    granularity: str = _help("element, or block:RxC (prune whole RxC tiles)", default="element")
+    granularity: str = _help("element, block:RxC (prune whole RxC tiles), or nm:N:M (keep N of every M "
+                             "consecutive inputs; nm = 2:4; one level prunes to exactly N:M)", default="element")
     criterion: CriterionName = _help("pruning criterion: magnitude, movement, random", default="magnitude")
     rewind_iter: int = _help("0: rewind to init; K: late rewinding to iteration K (with --rewind lr or none: "
                              "train iterations K..end)", default=0)
     rewind: RewindMode = _help("weights: rewind weights and lr schedule to K; lr: keep the trained weights, "
                                "rewind the lr schedule to K; none: fine-tune at the final lr", default="weights")
     refill: Optional[str] = _help("block:RxC: refill each element-wise ticket into whole RxC tiles of the same "
-                                  "density (element granularity only)", default=None)
+                                  "density; nm:N:M: into an exactly N:M mask (element granularity only)",
+                                  default=None)
     early_bird: Optional[float] = _help("EPS in (0, 1): stop a ticket's training once its pruning mask changes "
                                         "by less than EPS between evaluations, several in a row", default=None)
     # dynamic sparse training controls (--controls rigl,set; fastticket.lottery.dst)
@@ -312,6 +318,13 @@ class SearchConfig:
         need(self.refill is None or self.granularity == "element",
              f"refill turns element-wise tickets into blocks: it needs granularity element, got "
              f"{self.granularity!r}")
+        nm = parse_nm(self.granularity)
+        # N:M is the target structure, reached in one level (fastticket.lottery.nm): the rates are not used (the
+        # presets' rates are left alone), but one global threshold and a second level could not mean anything.
+        need(nm is None or self.scope == "layerwise", f"granularity {self.granularity} prunes every layer to "
+             f"exactly N:M, so scope global means nothing with it: use --scope layerwise")
+        need(nm is None or self.levels == 1, f"granularity {self.granularity} reaches its N:M ticket in one "
+             f"level (a second would find nothing to prune): set --levels 1, got {self.levels}")
         check_early_bird(self.early_bird)
         check_stability(self.stability)
         need(not self.stability or self.early_bird is None, "stability compares an arm with a twin trained to the "

@@ -24,6 +24,7 @@ from fastticket.lottery.arms import TICKET, Masks
 from fastticket.lottery.config import SearchConfig, parse_refill
 from fastticket.lottery.platform import Context
 from fastticket.lottery.progress import Progress
+from fastticket.lottery.nm import nm_refill_masks, parse_nm
 from fastticket.lottery.prune import alive_count, prune_with_config, random_masks_like, refill_masks
 from fastticket.lottery.armdir import MASK as MASK_FILE
 from fastticket.lottery.rundir import RunDir
@@ -109,9 +110,11 @@ class SearchState:
         the element mask into whole tiles, scored by those weights)."""
         model = self.final_model(level - 1, trial)
         masks = self.draw_mask(level, trial, model, rewind_point)
-        block = parse_refill(self.config.refill)
+        block, nm = parse_refill(self.config.refill), parse_nm(self.config.refill)
         if refill and block is not None:
             masks = refill_masks(model, masks, block, self.prunable)
+        if refill and nm is not None:  # --refill nm:N:M: the element ticket made exactly N:M
+            masks = nm_refill_masks(model, masks, nm, self.prunable)
         return {name: m.detach().to("cpu") for name, m in masks.items()}
 
     def element_density(self, level: int, trial: int, rewind_point: Dict[str, torch.Tensor]) -> float:

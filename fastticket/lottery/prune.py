@@ -17,6 +17,8 @@ Semantics (docs/architecture.md, "The experiment (fastticket/lottery)"), the con
   entries is, and pruning a tile zeroes all of its entries. Tiles at the right/bottom edges are partial;
   their norm is normalised by the number of entries they hold (mean |w| for L1, root-mean-square for L2)
   so a small edge tile is not pruned merely for being small.
+- Granularity `nm:N:M` (fastticket.lottery.nm): every prunable layer is pruned to exactly N:M in one call (in
+  each group of M consecutive inputs the N alive weights with the highest scores stay); the rate is not used.
 - Scope `layerwise`: every layer at its own rate (conv layers `conv_rate`, fc layers `rate`, the output layer
   `output_rate`; None means `rate`). Scope `global`: one threshold across all prunable layers at `rate`.
   In both scopes `exclude` (names or fnmatch patterns; "output" means the output layer) keeps layers dense.
@@ -39,6 +41,7 @@ from fastticket.lottery.config import SCOPES, Block, check_rate, parse_granulari
 from fastticket.errors import ConfigError, MaskError
 from fastticket.lottery.criteria import (BLOCK_NORMS, ScoreContext, alive_units, as_2d, expand_tiles, get_criterion,
                                          tile_counts, tile_sums)
+from fastticket.lottery.nm import nm_mask, parse_nm
 from fastticket.sparse.nn import masked_modules, untied_masked_modules
 
 
@@ -169,7 +172,11 @@ def prune(model: nn.Module, rate: float = 0.2, *, scope: str = "layerwise", conv
         unit_shape = ScoreContext(name, module.weight, None, None, block).unit_shape
         new_masks[name] = _unit_mask_to_element(alive.reshape(unit_shape), module.weight_mask, block)
 
-    if scope == "layerwise":
+    nm = parse_nm(granularity)
+    if nm is not None:  # N:M is the target structure: each group keeps its N best, whatever the rate
+        for name, module, scores, _ in entries:
+            new_masks[name] = nm_mask(module.weight_mask, scores.reshape(module.weight.shape), nm)
+    elif scope == "layerwise":
         for name, module, scores, alive in entries:
             alive_idx = alive.nonzero().flatten()
             # Never empty a layer: a layer with no weights left disconnects everything after it.
@@ -223,12 +230,20 @@ def random_masks_like(model_or_masks: Union[nn.Module, Mapping[str, torch.Tensor
     element density differ slightly from the given mask's.
     """
     block = parse_granularity(granularity)
+    nm = parse_nm(granularity)
     if isinstance(model_or_masks, nn.Module):
         masks = {name: m.weight_mask for name, m in masked_modules(model_or_masks)}
     else:
         masks = dict(model_or_masks)
+    if nm is not None and densities is not None:
+        raise ConfigError(f"granularity {granularity} fixes every pruned layer's density at N/M; "
+                          f"drop the densities")
     out: Dict[str, torch.Tensor] = {}
     for name, mask in masks.items():
+        if nm is not None:  # a random N:M mask for every pruned layer; a dense (unpruned) layer stays dense
+            scores = torch.rand(mask.shape, generator=generator, dtype=torch.float64).to(mask.device)
+            out[name] = mask.bool().clone() if bool(mask.all()) else nm_mask(torch.ones_like(mask), scores, nm)
+            continue
         units = alive_units(mask, block)
         n_units = units.numel()
         if densities is not None and name in densities:
@@ -280,8 +295,12 @@ def prune_to_count(model: nn.Module, keep: int, *, prunable: Sequence[str], crit
         raise ConfigError(f"cannot keep {keep} units: the prunable layers have {pooled.numel()} alive")
     removed = torch.zeros(pooled.numel(), dtype=torch.bool)
     removed[_ranked_for_removal(pooled, pooled.numel() - keep)] = True
+    nm = parse_nm(granularity)
     offset = 0
-    for (name, module, _, alive), idx in zip(entries, alive_idx):
+    for (name, module, scores, alive), idx in zip(entries, alive_idx):
+        if nm is not None:  # the N:M structure decides the count: each group keeps its N best by the criterion
+            new_masks[name] = nm_mask(module.weight_mask, scores.reshape(module.weight.shape), nm)
+            continue
         gone = removed[offset:offset + idx.numel()]
         offset += idx.numel()
         flat = alive.reshape(-1).cpu().clone()
