@@ -13,7 +13,8 @@ from fastticket.lottery.presets import get_preset
 from fastticket.lottery.rundir import RunDir, arm_dir
 from fastticket.lottery.search import run_search
 from fastticket.lottery.progress import Progress
-from fastticket.lottery.train import ArmJob, ArmSpec, build_masked_model, train_arms
+from fastticket.lottery.arm_state import ArmJob, ArmSpec
+from fastticket.lottery.train import build_masked_model, train_arms
 from fastticket.sparse.nn import masked_modules
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,7 +11,8 @@ from fastticket.app.cli import main
 from fastticket.lottery.presets import get_preset
 from fastticket.lottery.rundir import arm_dir
 from fastticket.lottery.search import run_search
-from fastticket.lottery.train import cpu_state, lr_at
+from fastticket.lottery.arm_state import lr_at
+from fastticket.lottery.train import cpu_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PRUNED = ("fc.0", "fc.1", "output")

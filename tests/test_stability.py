@@ -224,3 +224,14 @@ def test_batchnorm_statistics_are_recomputed_at_every_point():
     means = [(data.batch(i, 16, 7)[0] @ w.T + second["0.bias"]).mean(0) for i in range(stability.BN_BATCHES)]
     assert torch.allclose(model[1].running_mean, torch.stack(means).mean(0), rtol=1e-12, atol=1e-12)
     assert stability.instability([10.0, 30.0, 20.0]) == 15.0
+
+
+def test_the_path_between_two_moving_masks_runs_through_both_supports():
+    """RigL / SET arms end with different masks: every point of the line keeps both ends' live weights."""
+    g = torch.Generator().manual_seed(5)
+    m1, m2 = torch.rand(6, 7, generator=g) < 0.5, torch.rand(6, 7, generator=g) < 0.5
+    w1, w2 = torch.randn(6, 7, generator=g) * m1, torch.randn(6, 7, generator=g) * m2
+    for a in (0.0, 0.3, 1.0):
+        point = stability.interpolate({"w": w1, "w_mask": m1}, {"w": w2, "w_mask": m2}, a)
+        assert torch.equal(point["w_mask"], m1 | m2)
+        assert torch.equal(point["w"], (1 - a) * w1 + a * w2)

@@ -28,7 +28,8 @@ from fastticket.lottery.nm import nm_refill_masks, parse_nm
 from fastticket.lottery.prune import alive_count, prune_with_config, random_masks_like, refill_masks
 from fastticket.lottery.armdir import MASK as MASK_FILE
 from fastticket.lottery.rundir import RunDir
-from fastticket.lottery.train import ArmJob, ArmSpec, EvalHook, build_masked_model, cpu_state
+from fastticket.lottery.arm_state import ArmJob, ArmSpec, EvalHook
+from fastticket.lottery.train import build_masked_model, cpu_state
 from fastticket.sparse.nn import densities, install_masks, masks_in_state
 from fastticket.sparse.rewind import rewind_to
 

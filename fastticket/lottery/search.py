@@ -50,7 +50,8 @@ from fastticket.lottery.prune import check_refill_fits, layer_rates
 from fastticket.lottery.rundir import RunDir
 from fastticket.lottery.recipe import user_functions
 from fastticket.lottery.sources import is_user, recorded, to_device_data
-from fastticket.lottery.train import ArmJob, build_masked_model, train_arms
+from fastticket.lottery.arm_state import ArmJob
+from fastticket.lottery.train import build_masked_model, train_arms
 from fastticket.sparse.backend import use_backend
 
 if TYPE_CHECKING:

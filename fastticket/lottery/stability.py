@@ -39,8 +39,11 @@ def alphas(points: int) -> List[float]:
 
 
 def interpolate(first: Dict[str, torch.Tensor], second: Dict[str, torch.Tensor], a: float) -> Dict[str, torch.Tensor]:
-    """(1 - a) first + a second for floating tensors; the others (masks, BN counters) from `first`."""
-    return {k: ((1.0 - a) * v + a * second[k]) if torch.is_floating_point(v) else v for k, v in first.items()}
+    """(1 - a) first + a second for floating tensors; masks the union of both (they differ only where masks
+    move during training: RigL / SET, fastticket.lottery.dst), so the line runs through both supports; the
+    others (BN counters) from `first`."""
+    return {k: ((1.0 - a) * v + a * second[k]) if torch.is_floating_point(v)
+            else (v | second[k]) if v.dtype == torch.bool else v for k, v in first.items()}
 
 
 @torch.no_grad()
@@ -112,10 +115,12 @@ def record_stability(s: Any, level: int, rows: List[Dict[str, Any]]) -> List[Dic
 def _stability_fields(s: Any, level: int, arm: str, trial: int, replica: int,
                       points: int) -> Optional[Dict[str, Any]]:
     from fastticket.lottery.arms import twin_name
-    from fastticket.sparse.nn import install_masks
+    from fastticket.sparse.nn import install_masks, masks_in_state
     own, other = s.run.arm(level, arm, trial, replica), s.run.arm(level, twin_name(arm), trial, replica)
     model = s.model(s.seed(trial))
-    install_masks(model, own.load_mask(model))
-    errors = path_errors(model, own.load_final(), other.load_final(), s.data, points, s.config.batch_size,
-                         s.twin_seed(trial))
+    first, second = own.load_final(), other.load_final()
+    install_masks(model, own.load_mask(model))  # checks the mask file against the model
+    ends = masks_in_state(model, first), masks_in_state(model, second)
+    install_masks(model, {name: ends[0][name] | ends[1][name] for name in ends[0]})  # what `interpolate` loads
+    errors = path_errors(model, first, second, s.data, points, s.config.batch_size, s.twin_seed(trial))
     return {"instability": instability(errors), "stability_alphas": alphas(points), "stability_errors": errors}

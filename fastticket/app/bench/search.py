@@ -32,7 +32,8 @@ from fastticket.lottery.data import DatasetInfo, DeviceData, Split
 from fastticket.sparse.nn import masked_modules
 from fastticket.sparse.testing import rel_error
 from fastticket.lottery.engine import Engine, make_optimizer
-from fastticket.lottery.train import ArmJob, ArmSpec, ArmState, build_masked_model
+from fastticket.lottery.arm_state import ArmJob, ArmSpec, ArmState
+from fastticket.lottery.train import build_masked_model
 
 ARMS = 8
 BATCH = 60
