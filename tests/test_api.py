@@ -257,8 +257,10 @@ def test_own_optimizer_and_scheduler_keep_the_invariant_and_resume_after_a_kill(
     config = json.load(open(os.path.join(whole, "config.json")))
     assert config["optimizer"] == "user_sources:noisy_sgd" and config["lr_scheduler"] == "user_sources:step_lr"
     assert {"optimizer", "lr_scheduler"} <= set(config["sources"])
-    for r in result.arms:  # they trained one at a time, and say why
+    for r in result.arms:  # they trained one at a time, and say why (the report too)
         assert r["arms_stacked"] is False and "optimizer user_sources:noisy_sgd" in r["why_not_stacked"]
+    assert "arms trained one at a time, not stacked: trained with your optimizer user_sources:noisy_sgd" in \
+        open(os.path.join(whole, "report", "results.md")).read()
     assert result.rows[0]["test_acc_at_early_stop_mean"] > 60.0  # learned: chance is 50 %
     final = load(os.path.join(arm_dir(whole, 1, "ticket", 0), "final.pt"))
     for key in [k for k in final if k.endswith("weight_mask")]:  # the noise never reached a pruned weight

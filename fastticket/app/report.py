@@ -397,6 +397,14 @@ def _validation_note(results: Sequence[Dict[str, Any]]) -> List[str]:
     return []
 
 
+def _stacking_note(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """Arms that trained one at a time where the engine stacks them by default: say why (result.json's
+    why_not_stacked: a model vmap cannot trace, a user's optimizer / scheduler / loss)."""
+    why = sorted({str(r["why_not_stacked"]) for r in results if r.get("arms_stacked") is False
+                  and r.get("why_not_stacked")})
+    return [f"arms trained one at a time, not stacked: {w}" for w in why]
+
+
 def make_report(run_dir: str, problems: Optional[List[str]] = None, out_dir: Optional[str] = None) -> List[str]:
     """Write the tables and plots for `run_dir` into `out_dir` (default run_dir/report/) and return the paths
     written.
@@ -438,7 +446,7 @@ def make_report(run_dir: str, problems: Optional[List[str]] = None, out_dir: Opt
         return written[-1]
 
     _write_csv(rows, path("results.csv"))
-    _write_markdown(rows, path("results.md"), config, ([note] if note else []) + _validation_note(results)
+    _write_markdown(rows, path("results.md"), config, ([note] if note else []) + _validation_note(results) + _stacking_note(results)
                     + [f"left out, unreadable: {p}" for p in file_problems])
     name = f"{config.get('model', '')} on {config.get('dataset', '')}".strip() if config else ""
     suffix = f" ({name})" if name and name != "on" else ""
