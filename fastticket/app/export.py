@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -75,13 +76,15 @@ def _input_shape(config) -> Optional[Tuple[int, ...]]:
 def _program(plain: nn.Module, input_shape: Optional[Tuple[int, ...]]) -> Optional[bytes]:
     """A TorchScript module of the plain model (scripted; traced on one example when scripting fails)."""
     buf = io.BytesIO()
-    try:
-        program = torch.jit.script(plain)
-    except Exception:  # noqa: BLE001 (a model TorchScript cannot compile: trace it on its input shape)
-        if input_shape is None:
-            return None
-        program = torch.jit.trace(plain, torch.zeros(1, *input_shape))
-    torch.jit.save(program, buf)
+    with warnings.catch_warnings():  # newer torch deprecates TorchScript; it is still what loads without Python code
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            program = torch.jit.script(plain)
+        except Exception:  # noqa: BLE001 (a model TorchScript cannot compile: trace it on its input shape)
+            if input_shape is None:
+                return None
+            program = torch.jit.trace(plain, torch.zeros(1, *input_shape))
+        torch.jit.save(program, buf)
     return buf.getvalue()
 
 
@@ -94,9 +97,11 @@ def _prunable_weights(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def _csr32(m: torch.Tensor) -> torch.Tensor:
     """A 2-D tensor as CSR with int32 indices (8 bytes per live weight in float32, not COO's 20)."""
-    csr = m.to_sparse_csr()
-    return torch.sparse_csr_tensor(csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32),
-                                   csr.values(), m.shape)
+    with warnings.catch_warnings():  # "CSR support is in beta" and "invariant checks disabled": known, and the
+        warnings.simplefilter("ignore", UserWarning)  # indices come from to_sparse_csr itself, so they are valid
+        csr = m.to_sparse_csr()
+        return torch.sparse_csr_tensor(csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32),
+                                       csr.values(), m.shape)
 
 
 def export_model(model: nn.Module, fmt: str, out: str, *, meta: Optional[Dict[str, Any]] = None,
