@@ -43,8 +43,10 @@ def test_masked_linear_layer_masks_dw_once_and_plain_sgd_keeps_pruned_at_zero(mo
             counter = CountMaskFills()
             with counter:
                 loss.backward()
-            # dense: the hook's masked_fill only; skip: the kernel masks in its epilogue, plus the hook
-            assert counter.n == 1, f"{counter.n} masked_fill launches in the backward"
+            # dense: the hook's masked_fill only; skip: the kernel masks in its epilogue, and the hook sees the
+            # very tensor it returned (fastticket.sparse._premasked), so no masked_fill at all
+            expected = 1 if threshold == "0.5" else 0
+            assert counter.n == expected, f"{counter.n} masked_fill launches in the backward"
             pruned = ~layer.weight_mask
             assert bool((layer.weight.grad[pruned] == 0).all()), "pruned entries got a gradient"
             ref = (dy.double().t() @ x.double()) * layer.weight_mask

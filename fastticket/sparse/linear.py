@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from fastticket.kernels._common import autocast_inputs
 from fastticket.kernels.dispatch import use_tile_skipping
 from fastticket.kernels.tile_map import StackedTileMap, TileMap
+from fastticket.sparse import _premasked
 from fastticket.sparse._op_common import bias_grad, op_stacked_tile_map, without_autocast
 
 __all__ = ["skips_tiles", "MaskedLinearFunction", "masked_linear", "vmapped_masked_linear",
@@ -191,6 +192,8 @@ class MaskedLinearFunction(torch.autograd.Function):
             dw_mask = None
         dx, dw, g = linear_grads(grad, x, weight, mask, ctx.tile_map, ctx.skip, need_x, need_w, ctx.fused_update,
                                  dw_mask=dw_mask)
+        if ctx.skip and mask is not None and ctx.hook_masks and dw is not None:
+            _premasked.mark(dw)  # masked in the tile-skipping kernel's epilogue: the hook need not mask it again
         db = bias_grad(g, (g.dim() - 2,)) if ctx.has_bias and need_b else None
         return dx, dw, db, None, None, None
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fastticket.errors import MaskError
-from fastticket.sparse import _mask_registry
+from fastticket.sparse import _mask_registry, _premasked
 from fastticket.sparse.functional import optimizer_masks_gradients
 
 MASKS_ATTR = "_fastticket_masks"  # in a module's __dict__: its _ModuleMasks
@@ -103,14 +103,14 @@ class MaskGradient:
     pruned entries. Not serialized (torch warns for hooks it cannot save): a copy registers its own."""
 
     __torch_unserializable__ = True
-    masks_gradient = True  # read by fastticket.sparse.linear: a dense dW is then masked here only, not twice
+    masks_gradient = True  # read by fastticket.sparse.linear: a dW is then masked once (here, or in the kernel)
 
     def __init__(self, handle: "MaskedWeight") -> None:
         self.handle = handle
 
     def __call__(self, grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         # None: the dW+update fusion applied the (masked) update inside the backward and left no gradient.
-        if grad is None or optimizer_masks_gradients():
+        if grad is None or optimizer_masks_gradients() or _premasked.take(grad):
             return grad
         return grad.masked_fill(~self.handle.weight_mask, 0)
 
