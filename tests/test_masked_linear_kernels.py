@@ -521,6 +521,16 @@ i32, u8, f32 = ptr(torch.int32), ptr(torch.uint8), ptr(torch.float32)
 lists = dict(LIST_CHUNK=ml._LIST_CHUNK, GROUP_M=ml._GROUP_M)
 
 
+def check_dw_sgd(label, t, precision, M, N, K):
+    # The fused dW+SGD kernel with the config its launcher uses for `precision` (momentum and weight decay).
+    fused = linear_dw_sgd.cuda_meta(precision)
+    name = f"dw+sgd {label} BM{fused['BLOCK_M']} w{fused['num_warps']} s{fused['num_stages']}"
+    if name in WANTED:
+        check(name, linear_dw_sgd._dw_sgd_kernel, t, t, u8, f32, f32, i32, i32, M, N, K, N, 1, K, 1, 0.1, 0.9,
+              0.0, 1e-4, INPUT_PRECISION=precision, HAS_MOMENTUM=True, FIRST=False, NESTEROV=False,
+              MAXIMIZE=False, HAS_WD=True, BLOCK_N=BN, BLOCK_K=BK, **fused)
+
+
 
 ml._SMEM_BUDGET = SMEM_LIMIT_SM90  # the pruning asks an H100 for this; here no device answers
 for dtype, tag, precision in ((torch.bfloat16, "bf16", None), (torch.float32, "tf32", "tf32")):
@@ -545,12 +555,7 @@ for dtype, tag, precision in ((torch.bfloat16, "bf16", None), (torch.float32, "t
             check(name, ml._dw_kernel, t, t, u8, f32, i32, i32, M, N, K, 1024, N, 1, K, 1, K, 1, K, 1, BUCKET,
                   INPUT_PRECISION=precision, ATOMIC=True, BLOCK_N=BN, BLOCK_K=BK, **c.kwargs,
                   num_warps=c.num_warps, num_stages=c.num_stages)
-    fused = linear_dw_sgd.cuda_meta(precision)
-    name = f"dw+sgd {tag} BM{fused['BLOCK_M']} w{fused['num_warps']} s{fused['num_stages']}"
-    if name in WANTED:
-        check(name, linear_dw_sgd._dw_sgd_kernel, t, t, u8, f32, f32, i32, i32, M, N, K, N, 1, K, 1, 0.1, 0.9,
-              0.0, 1e-4, INPUT_PRECISION=precision, HAS_MOMENTUM=True, FIRST=False, NESTEROV=False,
-              MAXIMIZE=False, HAS_WD=True, BLOCK_N=BN, BLOCK_K=BK, **fused)
+    check_dw_sgd(tag, t, precision, M, N, K)
 # IEEE fp32 and LeNet's odd strides: the first config a launch's pruning keeps (it reads the strides).
 SHAPES = {"4096": (8192, 4096, 4096), "784>300": (256, 300, 784), "300>100": (256, 100, 300),
           "100>10": (256, 10, 100)}
@@ -580,12 +585,7 @@ for shape, (M, N, K) in SHAPES.items():
             check(name, ml._dw_kernel, t, t, u8, f32, i32, i32, M, N, K, 128, N, 1, K, 1, K, 1, BK, 1, BUCKET,
                   INPUT_PRECISION=precision, ATOMIC=True, BLOCK_N=BN, BLOCK_K=BK, **c.kwargs,
                   num_warps=c.num_warps, num_stages=c.num_stages)
-        fused = linear_dw_sgd.cuda_meta(precision)
-        name = f"dw+sgd {tag} {shape} BM{fused['BLOCK_M']} w{fused['num_warps']} s{fused['num_stages']}"
-        if name in WANTED:
-            check(name, linear_dw_sgd._dw_sgd_kernel, t, t, u8, f32, f32, i32, i32, M, N, K, N, 1, K, 1, 0.1, 0.9,
-                  0.0, 1e-4, INPUT_PRECISION=precision, HAS_MOMENTUM=True, FIRST=False, NESTEROV=False,
-                  MAXIMIZE=False, HAS_WD=True, BLOCK_N=BN, BLOCK_K=BK, **fused)
+        check_dw_sgd(f"{tag} {shape}", t, precision, M, N, K)
         name = f"sgd-slab {'fp32' if dtype == torch.float32 else tag} {shape} w8"
         if name in WANTED and tag != "tf32":
             check(name, linear_dw_sgd._sgd_slab_kernel, f32, t, u8, f32, f32, i32, i32, N, K, 0.1, 0.9, 0.0, 1e-4,

@@ -119,7 +119,7 @@ def _stability_fields(s: Any, level: int, arm: str, trial: int, replica: int,
     own, other = s.run.arm(level, arm, trial, replica), s.run.arm(level, twin_name(arm), trial, replica)
     model = s.model(s.seed(trial))
     first, second = own.load_final(), other.load_final()
-    install_masks(model, own.load_mask(model))  # checks the mask file against the model
+    own.load_mask(model)  # verifies the arm's mask file against the model (a MaskError names it)
     ends = masks_in_state(model, first), masks_in_state(model, second)
     install_masks(model, {name: ends[0][name] | ends[1][name] for name in ends[0]})  # what `interpolate` loads
     errors = path_errors(model, first, second, s.data, points, s.config.batch_size, s.twin_seed(trial))
