@@ -8,7 +8,8 @@ import pytest
 
 import fastticket.app.compare as compare
 from fastticket.app.cli import main
-from fastticket.app.report import arm_label, make_report
+from fastticket.app.report import make_report
+from fastticket.app.report_plots import arm_label
 from fastticket.lottery.armdir import ArmDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -195,11 +195,11 @@ def test_plots_for_a_paper(tmp_path, monkeypatch, trials):
     n > 1; the dense accuracy as a reference line."""
     from PIL import Image
 
-    from fastticket.app import report
+    from fastticket.app import report_plots
     _write_run(str(tmp_path), trials=trials)
     figures = {}
-    real = report.save_figure
-    monkeypatch.setattr(report, "save_figure", lambda fig, path: (figures.update({os.path.basename(path): fig}),
+    real = report_plots.save_figure
+    monkeypatch.setattr(report_plots, "save_figure", lambda fig, path: (figures.update({os.path.basename(path): fig}),
                                                                   real(fig, path)))
     paths = make_report(str(tmp_path))
     for p in (p for p in paths if p.endswith(".png")):
@@ -225,13 +225,13 @@ def test_report_on_a_folder_inside_a_run_says_where_the_run_is(tmp_path):
 
 
 def test_curves_name_the_levels_they_show(tmp_path, monkeypatch):
-    from fastticket.app import report
+    from fastticket.app import report_plots
     _write_run(str(tmp_path), levels=(0, 1, 2), trials=(0,))
     figures = {}
-    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.update({os.path.basename(path): fig}))
+    monkeypatch.setattr(report_plots, "save_figure", lambda fig, path: figures.update({os.path.basename(path): fig}))
     make_report(str(tmp_path))
     assert figures["curves.png"].axes[0].get_legend().get_title().get_text() == "weights remaining"  # all 3
-    monkeypatch.setattr(report, "_curve_levels", lambda levels: [levels[0], levels[-1]])
+    monkeypatch.setattr(report_plots, "curve_levels", lambda levels: [levels[0], levels[-1]])
     make_report(str(tmp_path))
     assert figures["curves.png"].axes[0].get_legend().get_title().get_text() == \
         "weights remaining\n(levels 0, 2 of 0-2)"

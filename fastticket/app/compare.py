@@ -13,8 +13,9 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fastticket.errors import ConfigError
-from fastticket.app.report import (CSV_COLUMNS, METHOD_DIGITS, METHOD_HEADERS, _density_axis, _fmt,
-                                   _method_columns, aggregate, collect_results, save_figure, write_csv)
+from fastticket.app.report import (CSV_COLUMNS, METHOD_DIGITS, METHOD_HEADERS, _fmt, _method_columns, aggregate,
+                                   collect_results, write_csv)
+from fastticket.app.report_plots import density_axis, save_figure
 from fastticket.lottery import arms as registry
 from fastticket.lottery.atomic_io import atomic_write_text
 from fastticket.lottery.rundir import RunDir
@@ -117,7 +118,7 @@ def _plot(rows: Sequence[Dict[str, Any]], labels: Sequence[str], key: str, ylabe
                     yerr=errs if any(errs) else None, color=cmap(i % 10), linestyle=styles[run_index % len(styles)],
                     marker=markers[run_index % len(markers)], markersize=4, capsize=3,
                     label=drawn[-1])
-    _density_axis(ax, [r["weights_remaining_pct"] for r in rows])
+    density_axis(ax, [r["weights_remaining_pct"] for r in rows])
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7)

@@ -15,12 +15,11 @@ import os
 import statistics
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from fastticket.lottery.atomic_io import atomic_write, atomic_write_text, remove_stale_temps
+from fastticket.lottery.atomic_io import atomic_write_text, remove_stale_temps
 from fastticket.errors import DamagedFileError
 from fastticket.lottery import arms as registry
-from fastticket.lottery.arms import TICKET
-from fastticket.lottery.armdir import ArmDir
 from fastticket.lottery.rundir import RunDir
+from fastticket.app.report_plots import plot_curves, plot_vs_weights, read_metrics
 
 CSV_COLUMNS = ("level", "arm", "weights_remaining_pct", "test_acc_at_early_stop_mean", "test_acc_at_early_stop_std",
                "final_test_acc_mean", "final_test_acc_std", "early_stop_iter_mean", "early_stop_iter_std",
@@ -30,22 +29,6 @@ CSV_COLUMNS = ("level", "arm", "weights_remaining_pct", "test_acc_at_early_stop_
 # validation loss at the early stop instead).
 METHOD_COLUMNS = ("element_density_pct", "early_bird_iter_mean", "iterations_saved_mean", "instability",
                   "instability_std", "early_stop_val_loss_mean")
-
-
-def arm_label(arm: str, config: Dict[str, Any]) -> str:
-    """The legend label of an arm, naming the run's rewind mode / refill where they are not the defaults."""
-    label = registry.label(arm)
-    if arm == TICKET and config:
-        extras = []
-        if config.get("rewind", "weights") != "weights":
-            extras.append(f"rewind {config['rewind']}")
-        if config.get("refill"):
-            extras.append(f"refill {config['refill']}")
-        if config.get("early_bird") is not None:
-            extras.append(f"early-bird {config['early_bird']:g}")
-        if extras:
-            label += " (" + ", ".join(extras) + ")"
-    return label
 
 
 def collect_results(run_dir: str, problems: Optional[List[str]] = None) -> List[Dict[str, Any]]:
@@ -208,17 +191,6 @@ def write_csv(path: str, columns: Sequence[str], rows: Sequence[Dict[str, Any]])
     atomic_write_text(path, text.getvalue())
 
 
-PLOT_DPI = 200  # print resolution for the PNGs; the PDF beside each is vector
-
-
-def save_figure(fig: Any, path: str, dpi: int = PLOT_DPI) -> None:
-    """A matplotlib figure as PNG at `path` and as PDF beside it (same name, .pdf), each written atomically."""
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
-    # No creation date: the same run gives the same bytes (a rerun after a crash is checked byte for byte).
-    atomic_write(os.path.splitext(path)[0] + ".pdf",
-                 lambda f: fig.savefig(f, format="pdf", metadata={"CreationDate": None}))
-
-
 def _write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
     write_csv(path, CSV_COLUMNS + _method_columns(rows), rows)
 
@@ -257,136 +229,6 @@ def _write_markdown(rows: Sequence[Dict[str, Any]], path: str, config: Dict[str,
                      f"| {_fmt(r['early_stop_iter_mean'], r['early_stop_iter_std'], 0)} | {trials} |"
                      + "".join(f" {_fmt(r[c], math.nan, METHOD_DIGITS.get(c, 0))} |" for c in extra))
     atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _density_axis(ax, densities: Sequence[float]) -> None:
-    """Log-scale x in percent remaining, reversed so that sparser networks are to the right, as in the paper."""
-    from matplotlib.ticker import FixedLocator, NullLocator
-
-    ax.set_xscale("log")
-    ticks = sorted(set(round(d, 1) for d in densities if d > 0), reverse=True)
-    if len(ticks) > 8:  # keep labels legible: every k-th level, always including the densest and sparsest
-        step = math.ceil(len(ticks) / 8)
-        ticks = sorted(set(ticks[::step]) | {ticks[-1]}, reverse=True)
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticklabels([f"{t:g}" for t in ticks])
-    lo, hi = min(densities), max(densities)
-    ax.set_xlim(hi * 1.15, lo / 1.15)
-    ax.set_xlabel("percent of weights remaining")
-    ax.grid(True, alpha=0.3)
-
-
-def _plot_vs_weights(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, title: str, path: str,
-                     config: Optional[Dict[str, Any]] = None, reference: bool = False) -> None:
-    """`key`'s mean per arm against % of weights remaining, error bars (the std) where n > 1; `reference`: the
-    dense network's (level 0) value as a dashed line."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    dense = [r[f"{key}_mean"] for r in rows if r["level"] == 0 and r["arm"] == TICKET]
-    if reference and dense and not math.isnan(dense[0]):
-        ax.axhline(dense[0], color="0.5", linestyle="--", linewidth=1, label=f"dense (level 0): {dense[0]:.2f}")
-    arms = sorted({r["arm"] for r in rows}, key=registry.order_key)
-    any_bars = False
-    for i, arm in enumerate(arms):
-        pts = [r for r in rows if r["arm"] == arm and not math.isnan(r[f"{key}_mean"])]
-        if not pts:
-            continue
-        # Arms share densities (reinit and random use the ticket's): a small multiplicative offset per arm
-        # (the axis is logarithmic) keeps their error bars apart.
-        shift = 1.0 + 0.015 * (i - (len(arms) - 1) / 2)
-        xs = [r["weights_remaining_pct"] * shift for r in pts]
-        ys = [r[f"{key}_mean"] for r in pts]
-        errs = [0.0 if math.isnan(r[f"{key}_std"]) else r[f"{key}_std"] for r in pts]
-        n = sorted({int(r["n_trials"]) for r in pts})
-        n_text = f"n={n[0]}" if len(n) == 1 else f"n={n[0]}-{n[-1]}"
-        any_bars = any_bars or any(errs)
-        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", markersize=4, capsize=3,
-                    color=registry.color(arm), label=f"{arm_label(arm, config or {})} ({n_text})")
-    _density_axis(ax, [r["weights_remaining_pct"] for r in rows])
-    several = any(int(r["n_trials"]) > 1 for r in rows)
-    ax.set_ylabel(ylabel + ("\nmean ± std over n trials" if several else ""))
-    ax.set_title(title)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    if any_bars:
-        ax.annotate("points: mean over n trials; error bars: sample std over n trials", (0.01, 0.01),
-                    xycoords="axes fraction", fontsize=7, alpha=0.8)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def _read_metrics(result: Dict[str, Any], problems: Optional[List[str]] = None) -> List[Dict[str, Any]]:
-    try:
-        entries = ArmDir(result["path"], result["level"], result["arm"], result["trial"],
-                         result.get("replica", 0)).read_metrics()
-    except DamagedFileError as exc:
-        if problems is not None:
-            problems.append(str(exc))
-        return []
-    return [e for e in entries if isinstance(e.get("test_acc"), (int, float)) and isinstance(e.get("iteration"), int)]
-
-
-def _mean_curve(results: Sequence[Dict[str, Any]], problems: Optional[List[str]] = None
-                ) -> Tuple[List[int], List[float]]:
-    """Test accuracy (percent) per iteration, averaged over the trials that recorded that iteration."""
-    per_iter: Dict[int, List[float]] = {}
-    for r in results:
-        for e in _read_metrics(r, problems):
-            per_iter.setdefault(int(e["iteration"]), []).append(100.0 * float(e["test_acc"]))
-    its = sorted(per_iter)
-    return its, [statistics.fmean(per_iter[i]) for i in its]
-
-
-def _curve_levels(levels: Sequence[int], count: int = 5) -> List[int]:
-    """About `count` levels spread over the search, always the dense level 0 and the last."""
-    if len(levels) <= count:
-        return list(levels)
-    picks = {levels[round(i * (len(levels) - 1) / (count - 1))] for i in range(count)}
-    return sorted(picks)
-
-
-def _plot_curves(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], path: str,
-                 problems: Optional[List[str]] = None, title_note: str = "") -> bool:
-    import matplotlib.pyplot as plt
-
-    density = {(r["level"], r["arm"]): r["weights_remaining_pct"] for r in rows}
-    ticket_levels = sorted({r["level"] for r in results if r["arm"] == TICKET})
-    if not ticket_levels:
-        return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    cmap = plt.get_cmap("viridis")
-    picks = _curve_levels(ticket_levels)
-    drew = False
-    for i, level in enumerate(picks):
-        color = cmap(i / max(1, len(picks) - 1) * 0.9)
-        for arm in sorted({r["arm"] for r in results if r["level"] == level}, key=registry.order_key):
-            style = registry.curve_style(arm)
-            its, accs = _mean_curve([r for r in results if r["level"] == level and r["arm"] == arm], problems)
-            if not its:
-                continue
-            label = f"{density[(level, arm)]:.1f}%" + ("" if arm == TICKET else f" {arm}")
-            ax.plot(its, accs, style, color=color, label=label, linewidth=1.4)
-            drew = True
-    if not drew:
-        plt.close(fig)
-        return False
-    ax.set_xlabel("training iteration")
-    ax.set_ylabel("test accuracy (%)")
-    arms = sorted({r["arm"] for r in results}, key=registry.order_key)
-    styles = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
-    key = ", ".join(f"{styles[registry.curve_style(a)]}: {a}" for a in arms)
-    ax.set_title(f"Test accuracy during training ({key}){title_note}", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    shown = ("" if len(picks) == len(ticket_levels)
-             else f"\n(levels {', '.join(map(str, picks))} of 0-{ticket_levels[-1]})")
-    ax.legend(title=f"weights remaining{shown}", fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-    return True
 
 
 def _validation_note(results: Sequence[Dict[str, Any]]) -> List[str]:
@@ -430,7 +272,7 @@ def make_report(run_dir: str, problems: Optional[List[str]] = None, out_dir: Opt
     note = _missing_note(missing, len(expected_arms(config)))
     title_note = f"\n[{note.split(' (')[0]}]" if note else ""
     for r in results:  # metrics files too: every unreadable file is named before anything is written
-        _read_metrics(r, problems)
+        read_metrics(r, problems)
     file_problems = list(problems)
     if note:
         problems.append(f"{run_dir}: {note}")
@@ -450,17 +292,16 @@ def make_report(run_dir: str, problems: Optional[List[str]] = None, out_dir: Opt
                     + [f"left out, unreadable: {p}" for p in file_problems])
     name = f"{config.get('model', '')} on {config.get('dataset', '')}".strip() if config else ""
     suffix = f" ({name})" if name and name != "on" else ""
-    _plot_vs_weights(rows, "test_acc_at_early_stop", "test accuracy at early stop (%)",
+    plot_vs_weights(rows, "test_acc_at_early_stop", "test accuracy at early stop (%)",
                      f"Test accuracy vs % of weights remaining{suffix}{title_note}", path("accuracy_vs_weights.png"),
                      config, reference=True)
-    _plot_vs_weights(rows, "early_stop_iter", "early-stopping iteration",
+    plot_vs_weights(rows, "early_stop_iter", "early-stopping iteration",
                      f"Early-stopping iteration vs % of weights remaining{suffix}{title_note}",
                      path("early_stop_vs_weights.png"),
                      config)
     from fastticket.app.report_stability import plot_stability
-    written += plot_stability(results, rows, out, config, suffix + title_note, _plot_vs_weights, arm_label,
-                              save_figure)
+    written += plot_stability(results, rows, out, config, suffix + title_note)
     curves = os.path.join(out, "curves.png")
-    if _plot_curves(results, rows, curves, None, title_note):
+    if plot_curves(results, rows, curves, None, title_note):
         written.append(curves)
     return written

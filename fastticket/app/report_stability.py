@@ -8,16 +8,10 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
+from fastticket.app.report_plots import arm_label, curve_levels, plot_vs_weights, save_figure
 from fastticket.lottery import arms as registry
-
-
-def _curve_levels(levels: Sequence[int], count: int = 4) -> List[int]:
-    """About `count` levels spread over the search, the first and the last always."""
-    if len(levels) <= count:
-        return list(levels)
-    return sorted({levels[round(i * (len(levels) - 1) / (count - 1))] for i in range(count)})
 
 
 def has_stability(rows: Sequence[Dict[str, Any]]) -> bool:
@@ -25,24 +19,20 @@ def has_stability(rows: Sequence[Dict[str, Any]]) -> bool:
 
 
 def plot_stability(results: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], out: str,
-                   config: Dict[str, Any], title_suffix: str, plot_vs_weights: Callable[..., None],
-                   arm_label: Callable[[str, Dict[str, Any]], str], save_figure: Callable[[Any, str], None]
-                   ) -> List[str]:
-    """The two plots into `out`; the report passes its own plotting helpers in (fastticket.app.report
-    imports this module, so this one cannot import it)."""
+                   config: Dict[str, Any], title_suffix: str) -> List[str]:
+    """The two plots into `out`."""
     if not has_stability(rows):
         return []
     written = [os.path.join(out, "instability_vs_weights.png"), os.path.join(out, "stability_paths.png")]
-    # _plot_vs_weights reads KEY_mean / KEY_std.
+    # plot_vs_weights reads KEY_mean / KEY_std.
     plotted = [{**r, "instability_mean": r.get("instability", math.nan)} for r in rows]
     plot_vs_weights(plotted, "instability", "instability (points of test error)\nmax on path - mean of endpoints",
                      f"Instability vs % of weights remaining{title_suffix}", written[0], config)
-    _plot_paths(results, written[1], config, title_suffix, arm_label, save_figure)
+    _plot_paths(results, written[1], config, title_suffix)
     return written
 
 
-def _plot_paths(results: Sequence[Dict[str, Any]], path: str, config: Dict[str, Any], title_suffix: str,
-                arm_label: Callable[[str, Dict[str, Any]], str], save_figure: Callable[[Any, str], None]) -> None:
+def _plot_paths(results: Sequence[Dict[str, Any]], path: str, config: Dict[str, Any], title_suffix: str) -> None:
     """Mean test error over trials at each interpolation point, one colour per level, one style per arm kind."""
     import matplotlib.pyplot as plt
 
@@ -56,7 +46,7 @@ def _plot_paths(results: Sequence[Dict[str, Any]], path: str, config: Dict[str, 
             alphas[key] = [float(a) for a in r["stability_alphas"]]
             if r["arm"] == registry.TICKET:
                 density.setdefault(int(r["level"]), []).append(float(r["density"]))
-    levels = _curve_levels(sorted({level for level, _ in paths}))
+    levels = curve_levels(sorted({level for level, _ in paths}), count=4)
     cmap = plt.get_cmap("viridis")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, level in enumerate(levels):

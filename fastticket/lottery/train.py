@@ -222,6 +222,7 @@ class _Group:
         self.last_loss = math.nan
         self.lr: Optional[float] = None  # set by the first step (the lr is asked for once per step, never more)
         self.loss_fn = None if config.loss is None else loss_function(config)
+        self.engine: Optional[Engine] = None  # the latest one: an arm's result says which step path it ran
 
     def _engine(self) -> Engine:
         engine = Engine(self.config, [self.jobs[i] for i in self.live], [self.states[i] for i in self.live],
@@ -232,7 +233,7 @@ class _Group:
         return engine
 
     def _end(self, i: int, status: str, message: Optional[str] = None) -> None:
-        if self.config.cuda_graph and getattr(self, "engine", None) is not None:  # which path ran (cuda_graph.py)
+        if self.config.cuda_graph and self.engine is not None:  # which path ran (cuda_graph.py)
             self.jobs[i].spec.result_extra["step_mode"] = self.engine.step_mode
         self.results[i] = _finish(self.jobs[i], self.states[i], self.prunable, time.perf_counter() - self.t0,
                                   status, message)
