@@ -144,25 +144,26 @@ def test_every_config_field_is_a_flag_or_listed_as_not_one():
     from fastticket.lottery.config import SearchConfig
     from fastticket.lottery.presets import DEFAULT_PRESET, get_preset
     fields = {f.name for f in dataclasses.fields(SearchConfig)}
-    assert set(cli.SEARCH_FLAGS) | cli.NOT_FLAGS == fields
-    assert not set(cli.SEARCH_FLAGS) & cli.NOT_FLAGS
+    from fastticket.app import cli_flags
+    assert set(cli_flags.SEARCH_FLAGS) | cli_flags.NOT_FLAGS == fields
+    assert not set(cli_flags.SEARCH_FLAGS) & cli_flags.NOT_FLAGS
     search = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "search")[1]
     by_dest = {a.dest: a for a in search._actions}
-    for name in cli.SEARCH_FLAGS:
+    for name in cli_flags.SEARCH_FLAGS:
         # Reachable: the flag exists, parses into the field, and shows the field's own help and the default
         # preset's value (--data is the short spelling of --dataset).
-        assert by_dest[name].option_strings == [cli.flag_name(name)] + (["--data"] if name == "dataset" else [])
+        assert by_dest[name].option_strings == [cli_flags.flag_name(name)] + (["--data"] if name == "dataset" else [])
         default = getattr(get_preset(DEFAULT_PRESET), name)
         assert by_dest[name].help == SearchConfig.__dataclass_fields__[name].metadata["help"] + \
             f" (default: {default})"
     # A field with neither a flag nor a NOT_FLAGS entry stops the parser from being built.
-    original = cli.NOT_FLAGS
+    original = cli_flags.NOT_FLAGS
     try:
-        cli.NOT_FLAGS = original - {"criterion"}
+        cli_flags.NOT_FLAGS = original - {"criterion"}
         with pytest.raises(RuntimeError, match="criterion"):
             cli.build_parser()
     finally:
-        cli.NOT_FLAGS = original
+        cli_flags.NOT_FLAGS = original
 
 
 def test_flags_override_the_preset_fields(capsys):
