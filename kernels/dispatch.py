@@ -74,12 +74,36 @@ def compute_precision(dtype: torch.dtype, library: str = "matmul") -> str:
     return "tf32" if tf32_enabled(library) else "ieee"
 
 
-def use_tile_skipping(live_fraction: float, op: str, dtype: Optional[torch.dtype] = None) -> bool:
+def threshold_overridden(op: str, precision: Optional[str] = None) -> bool:
+    """Whether FASTTICKET_DENSE_THRESHOLD_<OP> (or its <PRECISION> variant) is set: someone asked for this op's
+    split by hand (a benchmark forcing one path), so rules that would otherwise keep a layer dense step aside."""
+    names = [f"FASTTICKET_DENSE_THRESHOLD_{op.upper()}"]
+    if precision is not None:
+        names.append(f"{names[0]}_{precision.upper()}")
+    return any(name in os.environ for name in names)
+
+
+# 16-bit rows (the forward's reduction, in_features) not a multiple of this many elements compile for sm_90 with
+# no async copies and no pipelining: the masks' bound K is not known divisible by 16, so no load vectorises
+# (compiled offline, triton 3.8: the bf16 forward at K = 296, 300 or 100 holds 0 buffers and 161 registers,
+# at K = 304 4 buffers with 16-byte cp.async and 93 registers; fp32 keeps its 3 buffers either way).
+PIPELINE_ROW_MULTIPLE = 16
+
+
+def use_tile_skipping(live_fraction: float, op: str, dtype: Optional[torch.dtype] = None,
+                      row_elements: Optional[int] = None, cuda: bool = False) -> bool:
     """True when the tile-skipping kernel should run for a layer whose live-tile fraction is given (and, with
-    `dtype`, whose inputs the one-arm kernels compute in: that also picks the per-precision threshold)."""
+    `dtype`, whose inputs the one-arm kernels compute in: that also picks the per-precision threshold).
+
+    `row_elements` (the reduction length K of the forward) with `cuda`: a 16-bit layer whose K is not a multiple
+    of PIPELINE_ROW_MULTIPLE runs dense on a GPU, where its kernels would run unpipelined against cuBLAS (never
+    slower than dense), unless a threshold override asks for the kernels."""
     if dtype is not None and dtype not in TILE_DTYPES:
         return False
     precision = None
     if dtype is not None and any(key[0] == op for key in PRECISION_THRESHOLDS):
         precision = compute_precision(dtype, "cudnn" if op == "conv2d" else "matmul")
+    if (cuda and row_elements is not None and row_elements % PIPELINE_ROW_MULTIPLE
+            and dtype in (torch.float16, torch.bfloat16) and not threshold_overridden(op, precision)):
+        return False
     return live_fraction < dense_threshold(op, precision)

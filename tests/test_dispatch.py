@@ -46,3 +46,22 @@ def test_bad_values_say_what_to_do(monkeypatch):
         dispatch.dense_threshold("linear", "ieee")
     with pytest.raises(ValueError, match="precision must be one of"):
         dispatch.dense_threshold("linear", "fp8")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unpipelined_16bit_rows_run_dense_on_a_gpu(monkeypatch, dtype):
+    """A 16-bit layer whose in_features is not a multiple of 16 (LeNet's 300, 100) compiles with no pipelining
+    (the sm_90 checks of tests/test_masked_linear_kernels.py): dense on a GPU, the kernels elsewhere and when
+    a threshold override asks for them; fp32 and aligned rows keep the live-fraction rule."""
+    live = 0.05
+    for k in (300, 100, 296):
+        assert not dispatch.use_tile_skipping(live, "linear", dtype, row_elements=k, cuda=True)
+        assert dispatch.use_tile_skipping(live, "linear", dtype, row_elements=k, cuda=False)
+    assert dispatch.use_tile_skipping(live, "linear", dtype, row_elements=304, cuda=True)
+    monkeypatch.setattr(_common, "tf32_enabled", lambda library: True)
+    assert dispatch.use_tile_skipping(live, "linear", torch.float32, row_elements=300, cuda=True)
+    precision = "bf16" if dtype == torch.bfloat16 else "fp16"
+    for name in ("FASTTICKET_DENSE_THRESHOLD_LINEAR", f"FASTTICKET_DENSE_THRESHOLD_LINEAR_{precision.upper()}"):
+        monkeypatch.setenv(name, "1.01")
+        assert dispatch.use_tile_skipping(live, "linear", dtype, row_elements=300, cuda=True)
+        monkeypatch.delenv(name)

@@ -51,12 +51,14 @@ def skips_tiles(tile_map: AnyTileMap, dtype: torch.dtype) -> bool:
     kernels: its live-tile fraction below the linear threshold of kernels/dispatch.py. The stacked fraction is
     live tiles of all arms over all their tiles (the grouped launch's work relative to the batched GEMM). The
     one-arm kernels compute in fp32 or tensor-core precisions, so a float64 layer goes dense; the grouped
-    kernels accumulate float64 in float64 and take any dtype. No tile map: dense."""
+    kernels accumulate float64 in float64 and take any dtype. No tile map: dense. On a GPU a 16-bit layer whose
+    in_features is not a multiple of 16 goes dense too (its kernels compile unpipelined; kernels/dispatch.py)."""
     if tile_map is None:
         return False
     if isinstance(tile_map, StackedTileMap):
         return use_tile_skipping(tile_map.live_fraction, "linear")
-    return use_tile_skipping(tile_map.live_fraction, "linear", dtype)
+    return use_tile_skipping(tile_map.live_fraction, "linear", dtype, row_elements=tile_map.shape[1],
+                             cuda=tile_map.live.is_cuda)
 
 
 # ------------------------------------------------------------------------------------------------ formulas
