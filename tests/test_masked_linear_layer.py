@@ -131,7 +131,7 @@ def test_torch_compile_runs(device, backend, monkeypatch):
 
     dispatched = []
     real = linear.use_tile_skipping
-    monkeypatch.setattr(linear, "use_tile_skipping", lambda *a: dispatched.append(a) or real(*a))
+    monkeypatch.setattr(linear, "use_tile_skipping", lambda *a, **kw: dispatched.append(a) or real(*a, **kw))
     model = make_mlp(device)
     x = torch.randn(8, 20, generator=torch.Generator().manual_seed(7)).to(device)
     with use_backend("torch"):
