@@ -18,6 +18,7 @@ import torch
 import fastticket.sparse._optim_torch as optim_torch
 from fastticket.kernels.masked_optim import ROW_LR, ROW_STEP, ROW_WIDTH
 from fastticket.sparse.backend import use_backend
+from fastticket.sparse._step_scalars import RING, StepScalars
 from fastticket.sparse.optim import MaskedAdam, MaskedAdamW, MaskedSGD
 from fastticket.sparse.testing import rel_error
 
@@ -205,3 +206,37 @@ def test_graph_safe_mode_is_explicit_and_refuses_what_it_cannot_do():
         MaskedAdam([p, meta]).set_graph_safe(True)
     opt.set_graph_safe(False)
     assert not opt.graph_safe
+
+
+class _Event:
+    """A CUDA event's stand-in: records when it was recorded and waited on."""
+
+    def __init__(self, log, n):
+        self.log, self.n = log, n
+
+    def record(self, stream=None):
+        self.log.append(("record", self.n))
+
+    def synchronize(self):
+        self.log.append(("wait", self.n))
+
+
+def test_pinned_ring_never_rewrites_a_buffer_its_copy_may_still_read():
+    """The CUDA path of StepScalars on the CPU: each step's values go through the next of RING host buffers;
+    a buffer is rewritten only after waiting on the event recorded after its last copy; the device rows keep
+    their address (a graph reads them in place) until their number changes."""
+    log, made = [], []
+
+    def factory():
+        made.append(_Event(log, len(made)))
+        return made[-1]
+    scalars = StepScalars(torch.device("cpu"), event_factory=factory)
+    first = None
+    for step in range(RING + 2):
+        rows = scalars.write([(0.1 * step, 1.0, 2.0, float(step)), (0.2, 3.0, 4.0, 5.0)])
+        first = first or rows.data_ptr()
+        assert rows.data_ptr() == first and rows[0].tolist() == [0.1 * step, 1.0, 2.0, float(step)]
+    assert len(made) == RING
+    assert log == [("record", i) for i in range(RING)] + [("wait", 0), ("record", 0), ("wait", 1), ("record", 1)]
+    assert scalars.write([(1.0, 2.0, 3.0, 4.0)]).shape == (1, ROW_WIDTH)  # three rows -> one: a new tensor
+    assert scalars.write([]) is None

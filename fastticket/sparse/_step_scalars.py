@@ -25,7 +25,7 @@ lr / bias_correction1, 1 / sqrt(bias_correction2), the step count; SGD writes lr
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -49,17 +49,20 @@ class StepScalars:
     Each step's values go into the next pinned buffer of a ring of RING, copied non_blocking; an event per
     buffer says when its copy has run, so a buffer is never rewritten while a copy may still read it."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, event_factory: Optional[Callable[[], Any]] = None) -> None:
         self.device = device
         self.rows: Optional[torch.Tensor] = None
+        # The ring runs on CUDA (pinned buffers, CUDA events); `event_factory` lets a test run it on the CPU.
+        self._event_factory = event_factory or (torch.cuda.Event if device.type == "cuda" else None)
         self._host: List[torch.Tensor] = []
         self._events: List[Any] = []
         self._next = 0
 
     def _allocate(self, n: int) -> None:
         self.rows = torch.zeros((n, ROW_WIDTH), dtype=torch.float64, device=self.device)
-        if self.device.type == "cuda":
-            self._host = [torch.zeros((n, ROW_WIDTH), dtype=torch.float64, pin_memory=True) for _ in range(RING)]
+        if self._event_factory is not None:
+            pin = self.device.type == "cuda"
+            self._host = [torch.zeros((n, ROW_WIDTH), dtype=torch.float64, pin_memory=pin) for _ in range(RING)]
             self._events = [None] * RING
             self._next = 0
 
@@ -70,18 +73,18 @@ class StepScalars:
         values = torch.tensor(rows, dtype=torch.float64)
         if self.rows is None or self.rows.shape[0] != len(rows):
             self._allocate(len(rows))
-        if self.device.type != "cuda":
+        if self._event_factory is None:  # a CPU device: the copy is done when copy_ returns
             self.rows.copy_(values)  # type: ignore[union-attr]
             return self.rows
         slot = self._next
         self._next = (slot + 1) % RING
         if self._events[slot] is not None:
-            self._events[slot].synchronize()
+            self._events[slot].synchronize()  # its last copy has run: the buffer may be rewritten
+        else:
+            self._events[slot] = self._event_factory()
         self._host[slot].copy_(values)
         self.rows.copy_(self._host[slot], non_blocking=True)  # type: ignore[union-attr]
-        if self._events[slot] is None:
-            self._events[slot] = torch.cuda.Event()
-        self._events[slot].record(torch.cuda.current_stream(self.device))
+        self._events[slot].record(torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None)
         return self.rows
 
 
