@@ -192,6 +192,20 @@ def test_graphed_step_recaptures_when_the_layout_moves(monkeypatch):
     assert float(opt.state[w]["step"]) == WARMUP_STEPS + 5 and step.captures == 2
 
 
+def test_a_layout_that_never_holds_is_never_captured_and_says_so(monkeypatch):
+    monkeypatch.setattr(cuda_graph.torch.cuda, "synchronize", lambda device=None: None)
+    w, _, opt, body = _model_and_body(MaskedAdam, dict(lr=0.05), grad_stays=True)
+    step = _Recording(opt, body=body)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    with use_backend("torch"):
+        for i in range(WARMUP_STEPS + 3):
+            opt.param_groups[0]["weight_decay"] = 0.01 * i  # a constant the launches bake in, moving each step
+            step(x, y)
+    assert step.log == ["eager"] * WARMUP_STEPS + ["host", "eager"] * 3
+    assert step.mode == "eager: the optimizer's layout key moved every step, nothing was captured"
+    assert float(opt.state[w]["step"]) == WARMUP_STEPS + 3
+
+
 def test_failed_capture_runs_eager_and_says_so(monkeypatch):
     monkeypatch.setattr(cuda_graph.torch.cuda, "synchronize", lambda device=None: None)
     opt = MaskedSGD(_params(), lr=0.1)

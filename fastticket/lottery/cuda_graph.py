@@ -81,7 +81,11 @@ class GraphedStep:
 
     @property
     def mode(self) -> str:
-        return f"eager: capture failed ({self.failed})" if self.failed else "cuda_graph"
+        if self.failed:
+            return f"eager: capture failed ({self.failed})"
+        if self.replays == 0 and self.steps > WARMUP_STEPS + 1:  # a step could have replayed: none did
+            return "eager: the optimizer's layout key moved every step, nothing was captured"
+        return "cuda_graph"
 
     def _host_step(self) -> tuple:
         """This step's host part (step counts, lr and bias corrections to the device): before the graph."""
