@@ -23,8 +23,10 @@ from fastticket.lottery.cuda_graph import WARMUP_STEPS, GraphedStep, graph_unsup
 from fastticket.lottery.presets import get_preset
 from fastticket.lottery.rundir import arm_dir
 from fastticket.lottery.search import run_search
+import fastticket.sparse._optim_torch as optim_torch
 from fastticket.sparse.backend import use_backend
 from fastticket.sparse.optim import MaskedAdam, MaskedAdamW, MaskedSGD
+from fastticket.sparse.testing import rel_error
 from run_snapshot import load
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -110,11 +112,11 @@ class _Recording(GraphedStep):
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.log.append("capture")  # a capture runs no kernel: nothing is stepped here
-        self.static, self.out = (x.clone(), y.clone()), torch.zeros(1)
+        self.static, self.out = (x.clone(), y.clone()), None
 
         def run():
             with self.optimizer.host_part_given():
-                self.out.copy_(self.body(self.static[0], self.static[1], False))
+                self.out = self.body(self.static[0], self.static[1], False)
         self.graph = _FakeGraph(self.log, run)
 
 
@@ -219,3 +221,42 @@ def test_failed_capture_runs_eager_and_says_so(monkeypatch):
     assert calls == [False] * WARMUP_STEPS + [True, True, True]
     assert "replay" not in step.log
     assert not opt.graph_safe  # back to the float-argument kernels
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_stacked_search_engine_through_the_graphed_schedule_keeps_the_eager_numbers(optimizer, monkeypatch):
+    """The search's own stacked engine (2 LeNet-300-100 arms, masks, stacked optimizer state) stepped through
+    GraphedStep's schedule with stand-in replays, under an lr schedule, against the same engine eager: the
+    same weights (the torch backend's graph-safe formulas: within float32 rounding), pruned weights exactly
+    zero, one capture, Adam's step count moving on every replay."""
+    monkeypatch.setattr(cuda_graph.torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(optim_torch, "_FUSED_ADAM", False)  # the eager step CUDA runs: the foreach formulas
+    from fastticket.app.bench import search as search_bench
+    from fastticket.app.bench.search_graph import OPTIMIZERS
+    from fastticket.lottery.engine import Engine
+
+    device = torch.device("cpu")
+    data = search_bench._synthetic((1, 28, 28), 64, device)
+    config = SearchConfig(model="lenet300", batch_size=8, **OPTIMIZERS[optimizer])
+    engines = []
+    with use_backend("torch"):
+        for graphed in (False, True):
+            pairs = [search_bench._arm(config, data, seed, device) for seed in range(2)]
+            engine = Engine(config, [j for j, _ in pairs], [s for _, s in pairs], data, stacked=True)
+            if graphed:
+                engine.graphed = _Recording(engine.optimizer, body=engine._stacked_body)
+            for it in range(WARMUP_STEPS + 4):
+                engine.set_lr(config.lr * 0.9 ** it)
+                engine.step(it)
+            engines.append(engine)
+    eager, graphed = engines
+    assert graphed.graphed.captures == 1 and graphed.graphed.replays == 4 and graphed.step_mode == "cuda_graph"
+    for (name, a), b in zip(zip(eager.names, eager.params), graphed.params):
+        assert rel_error(b, a) <= 1e-6, name
+    for p in graphed.params:
+        mask = graphed.optimizer.mask_for(p)
+        if mask is not None:
+            assert bool((p[~mask] == 0).all())
+            if optimizer == "adam":
+                assert float(graphed.optimizer.state[p]["step"]) == WARMUP_STEPS + 4
+                assert bool((graphed.optimizer.state[p]["exp_avg"][~mask] == 0).all())
