@@ -387,8 +387,8 @@ def adam_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ma
             continue
         if scalars is None:
             step_size, inv_bc2_sqrt = adam_scalars(lr, beta1, beta2, step)
-        else:  # read from the row on the device; these floats are not used
-            step_size, inv_bc2_sqrt = 0.0, 0.0
+        else:  # read from the row on the device: these floats are not used (NaN if they were)
+            step_size, inv_bc2_sqrt = math.nan, math.nan
         with device_guard(params[idx[0]]):
             kernel[(n_chunks,)](addr, meta, chunks, float(lr), float(beta1), float(beta2), float(eps),
                                 float(weight_decay), float(step_size), float(inv_bc2_sqrt),

@@ -240,3 +240,28 @@ def test_pinned_ring_never_rewrites_a_buffer_its_copy_may_still_read():
     assert log == [("record", i) for i in range(RING)] + [("wait", 0), ("record", 0), ("wait", 1), ("record", 1)]
     assert scalars.write([(1.0, 2.0, 3.0, 4.0)]).shape == (1, ROW_WIDTH)  # three rows -> one: a new tensor
     assert scalars.write([]) is None
+
+
+@pytest.mark.launches_triton
+@pytest.mark.parametrize("cls,kw", [CASES["adam-amsgrad-wd"], CASES["sgd-nesterov-wd"]])
+def test_tensors_the_kernel_cannot_take_read_the_row_too(cls, kw):
+    """A non-contiguous parameter goes through the reference formulas inside the triton launchers: graph-safe,
+    they read lr and the step count from the device row too (a float there would be frozen in a graph)."""
+    runs = []
+    for split in (False, True):
+        init = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+        p = torch.empty_strided((6, 5), (1, 6), dtype=torch.float64).copy_(init)
+        mask = torch.rand(6, 5, generator=torch.Generator().manual_seed(12)) > 0.5
+        p = p.mul_(mask).requires_grad_()
+        assert not p.is_contiguous()
+        opt = cls([p], masks=[mask], **kw)
+        if split:
+            opt.set_graph_safe(True)
+        with use_backend("triton"):
+            for i in range(STEPS):
+                p.grad = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+                opt.param_groups[0]["lr"] = kw["lr"] * 0.5 ** i
+                opt.step()
+        runs.append(p.detach())
+        assert bool((p[~mask] == 0).all())
+    assert rel_error(runs[1], runs[0]) <= 8 * torch.finfo(torch.float64).eps

@@ -38,6 +38,10 @@ __all__ = ["StepScalars", "GraphSafeSteps", "RING"]
 
 RING = 4  # pinned host buffers in flight: the host waits only when it is RING steps ahead of the device
 
+# The float lr handed to the launchers in graph-safe mode: they read the row instead, and a path that read
+# this float (frozen in a graph) would turn the weights into NaN, which every test of the split step sees.
+_NOT_READ = float("nan")
+
 _SGD_KEYS = ("momentum", "dampening", "nesterov", "weight_decay", "maximize")
 _ADAM_KEYS = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
 
@@ -201,7 +205,7 @@ class GraphSafeSGD(GraphSafeSteps):
             sub_bufs = [bufs[i] for i in idx]
             args = (sub["params"], [self._grad_of(p) for p in sub["params"]], sub["masks"], sub_bufs)  # type: ignore[attr-defined]
             if backend == "triton":
-                masked_optim.sgd_step_(*args, **sub["tile_kwargs"], lr=float(group["lr"]), scalars=rows[row], **hp)
+                masked_optim.sgd_step_(*args, **sub["tile_kwargs"], lr=_NOT_READ, scalars=rows[row], **hp)
             else:
                 sgd_foreach_(*args, lr=rows[row, masked_optim.ROW_LR], **hp)
             for i, b in zip(idx, sub_bufs):
@@ -242,6 +246,6 @@ class GraphSafeAdam(GraphSafeSteps):
                     [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
                     [states[i].get("max_exp_avg_sq") if amsgrad else None for i in idx], [row_of[i] for i in idx])
             if backend == "triton":
-                masked_optim.adam_step_(*args, **sub["tile_kwargs"], lr=float(group["lr"]), scalars=rows, **hp)
+                masked_optim.adam_step_(*args, **sub["tile_kwargs"], lr=_NOT_READ, scalars=rows, **hp)
             else:
                 adam_step_torch_rows(*args, rows, **hp)
