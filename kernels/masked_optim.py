@@ -306,10 +306,12 @@ def sgd_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
               masks: Sequence[Optional[torch.Tensor]], momentum_buffers: List[Optional[torch.Tensor]], *,
               lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
               tile_maps: Optional[Sequence[object]] = None, block: Tuple[int, int] = DEFAULT_TILE,
-              scalars: Optional[torch.Tensor] = None) -> None:
+              scalars: Optional[torch.Tensor] = None, keep: Optional[list] = None) -> None:
     """Masked SGD, one Triton launch per (device, dtype) bucket; `tile_maps[i]` (or None) selects the
     live-tile-only path for tensor i. New momentum buffers are stored into `momentum_buffers`. `scalars`
-    (graph-safe): a float64 device row (ROW_WIDTH values) whose ROW_LR is read instead of `lr`."""
+    (graph-safe): a float64 device row (ROW_WIDTH values) whose ROW_LR is read instead of `lr`; `keep`: a list
+    the device tables each launch reads are appended to (a CUDA graph must hold them: the table caches may
+    evict them, and a freed table's memory would be reused under the graph)."""
     tile_maps = list(tile_maps) if tile_maps is not None else [None] * len(params)
     ref_lr = lr if scalars is None else scalars[ROW_LR]
     buckets: dict = {}
@@ -338,6 +340,8 @@ def sgd_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             table.add([p, g, m.view(torch.int8) if m is not None and m.dtype == torch.bool else m,
                        buf if momentum != 0 else None], p.numel(), rows, cols, flags, tm)
         addr, meta, chunks, n_chunks = table.build()
+        if keep is not None:
+            keep += [addr, meta, chunks]
         if n_chunks == 0:
             continue
         with device_guard(params[idx[0]]):  # Triton launches on the current device, not the tensors'
@@ -353,11 +357,11 @@ def adam_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ma
                max_exp_avg_sqs: Sequence[Optional[torch.Tensor]], steps: Sequence[int], *, lr: float, beta1: float,
                beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool, decoupled: bool,
                tile_maps: Optional[Sequence[object]] = None, block: Tuple[int, int] = DEFAULT_TILE,
-               scalars: Optional[torch.Tensor] = None) -> None:
+               scalars: Optional[torch.Tensor] = None, keep: Optional[list] = None) -> None:
     """Masked Adam/AdamW, one Triton launch per (device, dtype, step) bucket (tensors of a group almost
     always share the step count, so this is one launch per group in practice). `scalars` (graph-safe): float64
     device rows [R, ROW_WIDTH]; then `steps[i]` is tensor i's row, and lr and the bias corrections are read
-    from it on the device (`lr` is not used)."""
+    from it on the device (`lr` is not used). `keep`: as in sgd_step_."""
     tile_maps = list(tile_maps) if tile_maps is not None else [None] * len(params)
     buckets: dict = {}
     for i, (p, g, m) in enumerate(zip(params, grads, masks)):
@@ -383,6 +387,8 @@ def adam_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ma
                        exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None],
                       p.numel(), rows, cols, flags, tm)
         addr, meta, chunks, n_chunks = table.build()
+        if keep is not None:
+            keep += [addr, meta, chunks]
         if n_chunks == 0:
             continue
         if scalars is None:

@@ -23,6 +23,7 @@ from fastticket.lottery.cuda_graph import WARMUP_STEPS, GraphedStep, graph_unsup
 from fastticket.lottery.presets import get_preset
 from fastticket.lottery.rundir import arm_dir
 from fastticket.lottery.search import run_search
+import fastticket.kernels._multi_tensor as multi_tensor
 import fastticket.sparse._optim_torch as optim_torch
 from fastticket.sparse.backend import use_backend
 from fastticket.sparse.optim import MaskedAdam, MaskedAdamW, MaskedSGD
@@ -167,6 +168,10 @@ def test_graphed_step_replays_through_an_lr_schedule_with_the_eager_numbers(name
     assert step.log == ["eager"] * WARMUP_STEPS + ["host", "capture", "replay"] + ["host", "replay"] * (n - 1)
     assert (step.captures, step.replays, step.host_steps) == (1, n, n)
     assert step.mode == "cuda_graph"
+    # The graph holds the device tables its launches read (address, meta, chunks): a bounded cache may evict
+    # them, and their memory must not be reused under the graph.
+    cached = [t for tables in multi_tensor._address_tables.values() for t in tables]
+    assert len(step.graph_refs) == 3 and any(t is c for t in step.graph_refs for c in cached)
     assert torch.equal(w, eager_w)
     assert bool((w[~mask] == 0).all())
     if name != "sgd":

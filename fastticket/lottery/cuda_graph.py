@@ -20,6 +20,8 @@ How, and why each rule holds the numbers to eager's:
 - gradients are zeroed in place (set_to_none=False), so they keep the addresses the optimizer's address
   tables were built for; 0 + g is g, so the update is eager's;
 - each batch is copied into static input buffers; the losses come out of a static buffer, cloned;
+- the graph holds the device tables its optimizer launches read (`graph_refs`): the launchers' caches are
+  bounded, and a table evicted and freed would hand its memory to other tensors under the graph;
 - the host part returns a layout key (plans, hyperparameters other than lr, which tensors share a step
   count, gradient and state addresses): a replay needs the captured key; a step whose key moved runs eagerly
   (its host part already ran: the device part alone), and the step is captured again once the key has held
@@ -75,6 +77,7 @@ class GraphedStep:
         self.static: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.out: Optional[torch.Tensor] = None
         self.graph_key: Optional[tuple] = None
+        self.graph_refs: list = []
         self.prev_key: Optional[tuple] = None
         self.failed: Optional[str] = None
         self.replays = self.captures = self.host_steps = 0
@@ -135,6 +138,7 @@ class GraphedStep:
                 self.optimizer.set_graph_safe(False)  # eager from here: the float-argument kernels
                 return out
             self.graph_key = key
+            self.graph_refs = list(self.optimizer.launch_refs)  # the device tables the graph reads live with it
             self.captures += 1
         static_x, static_y = self.static  # type: ignore[misc]
         static_x.copy_(x)

@@ -109,6 +109,7 @@ class GraphSafeSteps:
     _step_scalars: Optional[StepScalars] = None
     _host_given = False
     _host_parts: List[Tuple[Any, Any, Any]] = []
+    launch_refs: List[torch.Tensor] = []  # the device tables the last device part's launches read (see device_step)
     last_key: Optional[tuple] = None  # the layout key of the last host part (GraphedStep reads it after warm-up)
 
     @property
@@ -162,6 +163,9 @@ class GraphSafeSteps:
         if not self._host_parts:
             raise RuntimeError("device_step() before any host_step(): the step count would not move; run the "
                                "host part before every device part")
+        # A graph captured from this device part must hold these: the launchers' table caches are bounded, and
+        # a table evicted and freed would leave its memory to other tensors while the graph still reads it.
+        self.launch_refs = []
         for (plan, layout, rows), group in zip(self._host_parts, self.param_groups):  # type: ignore[attr-defined]
             if plan.params:
                 self._group_launch(group, plan, layout, rows)
@@ -205,7 +209,8 @@ class GraphSafeSGD(GraphSafeSteps):
             sub_bufs = [bufs[i] for i in idx]
             args = (sub["params"], [self._grad_of(p) for p in sub["params"]], sub["masks"], sub_bufs)  # type: ignore[attr-defined]
             if backend == "triton":
-                masked_optim.sgd_step_(*args, **sub["tile_kwargs"], lr=_NOT_READ, scalars=rows[row], **hp)
+                masked_optim.sgd_step_(*args, **sub["tile_kwargs"], lr=_NOT_READ, scalars=rows[row],
+                                       keep=self.launch_refs, **hp)
             else:
                 sgd_foreach_(*args, lr=rows[row, masked_optim.ROW_LR], **hp)
             for i, b in zip(idx, sub_bufs):
@@ -246,6 +251,7 @@ class GraphSafeAdam(GraphSafeSteps):
                     [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
                     [states[i].get("max_exp_avg_sq") if amsgrad else None for i in idx], [row_of[i] for i in idx])
             if backend == "triton":
-                masked_optim.adam_step_(*args, **sub["tile_kwargs"], lr=_NOT_READ, scalars=rows, **hp)
+                masked_optim.adam_step_(*args, **sub["tile_kwargs"], lr=_NOT_READ, scalars=rows,
+                                        keep=self.launch_refs, **hp)
             else:
                 adam_step_torch_rows(*args, rows, **hp)
