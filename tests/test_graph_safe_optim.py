@@ -265,3 +265,8 @@ def test_tensors_the_kernel_cannot_take_read_the_row_too(cls, kw):
         runs.append(p.detach())
         assert bool((p[~mask] == 0).all())
     assert rel_error(runs[1], runs[0]) <= 8 * torch.finfo(torch.float64).eps
+
+
+def test_capturable_points_at_graph_safe_mode():
+    with pytest.raises(ValueError, match=r"capturable=True: for a CUDA graph call set_graph_safe\(True\)"):
+        MaskedAdamW([torch.zeros(2, requires_grad=True)], capturable=True)

@@ -315,8 +315,11 @@ class MaskedAdam(GraphSafeAdam, _MaskedOptimizer):
             raise ValueError(f"Invalid beta parameters: {betas}")
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if capturable or differentiable:
-            raise ValueError(f"{type(self).__name__} does not support capturable=True or differentiable=True")
+        if differentiable:
+            raise ValueError(f"{type(self).__name__} does not support differentiable=True")
+        if capturable:
+            raise ValueError(f"{type(self).__name__} does not take capturable=True: for a CUDA graph call "
+                             "set_graph_safe(True), which reads the step count and lr on the device")
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
