@@ -265,3 +265,22 @@ def test_a_stacked_search_engine_through_the_graphed_schedule_keeps_the_eager_nu
             if optimizer == "adam":
                 assert float(graphed.optimizer.state[p]["step"]) == WARMUP_STEPS + 4
                 assert bool((graphed.optimizer.state[p]["exp_avg"][~mask] == 0).all())
+
+
+def test_the_gpu_sessions_graph_rows_on_a_cpu(monkeypatch):
+    """fastticket/app/bench/search_graph.py at its smallest: the rows a lent GPU fills in (Adam and SGD, graph
+    against eager under an lr schedule), here both sides eager and the row saying so."""
+    from fastticket.app.bench import BenchOptions, search_graph
+
+    monkeypatch.setattr(search_graph, "ARMS", 2)
+    monkeypatch.setattr(search_graph, "BATCH", 8)
+    monkeypatch.setattr(search_graph, "_case", lambda k, opt, data, device, steps, repeats, real=search_graph._case:
+                        real(k, opt, data, device, 2, 1))
+    options = BenchOptions(device="cpu", quick=True)
+    rows = search_graph.graph_rows(options)
+    assert [r.case for r in rows] == ["2 arms lenet300 adam", "2 arms lenet300 sgd", "1 arm lenet300 adam",
+                                      "1 arm lenet300 sgd"]
+    for row in rows:
+        assert row.parity == 0.0 and row.extra["captures"] == 0
+        assert row.extra["step_mode"].startswith("eager: the device is cpu")
+        assert row.extra["optimizer"] in ("MaskedAdam", "MaskedSGD") and row.extra["optimizer"] in row.op
