@@ -207,7 +207,8 @@ class GraphSafeSGD(GraphSafeSteps):
                   weight_decay=group["weight_decay"], maximize=group["maximize"])
         for backend, idx, sub in plan.by_backend:
             sub_bufs = [bufs[i] for i in idx]
-            args = (sub["params"], [self._grad_of(p) for p in sub["params"]], sub["masks"], sub_bufs)  # type: ignore[attr-defined]
+            grads = [self._grad_of(p) for p in sub["params"]]  # type: ignore[attr-defined]
+            args = (sub["params"], grads, sub["masks"], sub_bufs)
             if backend == "triton":
                 masked_optim.sgd_step_(*args, **sub["tile_kwargs"], lr=_NOT_READ, scalars=rows[row],
                                        keep=self.launch_refs, **hp)
@@ -244,11 +245,13 @@ class GraphSafeAdam(GraphSafeSteps):
         amsgrad = group["amsgrad"]
         states = [self.state[p] for p in plan.params]  # type: ignore[attr-defined]
         beta1, beta2 = group["betas"]
+        decoupled = group.get("decoupled_weight_decay", self._decoupled_default)  # type: ignore[attr-defined]
         hp = dict(beta1=float(beta1), beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
-                  amsgrad=amsgrad, maximize=group["maximize"], decoupled=group.get("decoupled_weight_decay", self._decoupled_default))  # type: ignore[attr-defined]
+                  amsgrad=amsgrad, maximize=group["maximize"], decoupled=decoupled)
         for backend, idx, sub in plan.by_backend:
-            args = (sub["params"], [self._grad_of(p) for p in sub["params"]], sub["masks"],  # type: ignore[attr-defined]
-                    [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
+            grads = [self._grad_of(p) for p in sub["params"]]  # type: ignore[attr-defined]
+            args = (sub["params"], grads, sub["masks"], [states[i]["exp_avg"] for i in idx],
+                    [states[i]["exp_avg_sq"] for i in idx],
                     [states[i].get("max_exp_avg_sq") if amsgrad else None for i in idx], [row_of[i] for i in idx])
             if backend == "triton":
                 masked_optim.adam_step_(*args, **sub["tile_kwargs"], lr=_NOT_READ, scalars=rows,
