@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fastticket.kernels._common import device_guard
+from fastticket.kernels._common import device_guard, interpreter_active
 from fastticket.kernels._multi_tensor import (DEFAULT_TILE, FLAG_MASK, FLAG_TILE, HAS_TRITON, TensorTable,
                                               kernel_supported, pointer_type, tl_dtype)
 from fastticket.kernels.masked_optim_reference import adam_reference_, sgd_reference_
@@ -30,9 +30,17 @@ if HAS_TRITON:
 
     from fastticket.kernels._multi_tensor import chunk_geometry, tensor_ptr
 
-__all__ = ["DEFAULT_TILE", "sgd_reference_", "adam_reference_", "sgd_step_", "adam_step_", "tile_map_for"]
+__all__ = ["DEFAULT_TILE", "sgd_reference_", "adam_reference_", "sgd_step_", "adam_step_", "tile_map_for",
+           "adam_scalars", "ROW_WIDTH", "ROW_LR", "ROW_STEP_SIZE", "ROW_INV_BC2_SQRT", "ROW_STEP"]
 
 FLAG_FIRST = 4  # SGD: the first step, whose momentum buffer is the gradient itself
+
+# Graph-safe steps (fastticket/sparse/_step_scalars.py) read a step's scalars from a float64 device row instead
+# of float arguments, so a replayed CUDA graph reads the values the host wrote for this step: lr,
+# lr / bias_correction1, 1 / sqrt(bias_correction2) (Adam; the kernel's step_size and inv_bc2_sqrt) and the
+# step count (the torch formulas compute their bias corrections from it on the device). SGD reads lr only.
+ROW_LR, ROW_STEP_SIZE, ROW_INV_BC2_SQRT, ROW_STEP = range(4)
+ROW_WIDTH = 4
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,10 +148,13 @@ if HAS_TRITON:
             tl.store(p_ptr + offs, p.to(DTYPE))
 
     @triton.jit
-    def sgd_kernel(addr_ptr, meta_ptr, chunk_ptr, lr, momentum, dampening, weight_decay,
+    def sgd_kernel(addr_ptr, meta_ptr, chunk_ptr, lr, momentum, dampening, weight_decay, scalars_ptr,
                    DTYPE: tl.constexpr, PTR_TY: tl.constexpr, COMPUTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                    ALIGNED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                   MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr):
+                   MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, SCALARS_PTR: tl.constexpr = False,
+                   SCALAR: tl.constexpr = tl.float32):
+        if SCALARS_PTR:  # graph-safe: this step's lr from its device row (fastticket/sparse/_step_scalars.py)
+            lr = tl.load(scalars_ptr).to(SCALAR)
         t, offs, valid, full, flags = chunk_geometry(chunk_ptr, meta_ptr, BN, BK, ALIGNED)
         if full:
             _sgd_apply(addr_ptr, t, offs, valid, flags, lr, momentum, dampening, weight_decay, DTYPE, PTR_TY, COMPUTE,
@@ -228,9 +239,14 @@ if HAS_TRITON:
 
     @triton.jit
     def adam_kernel(addr_ptr, meta_ptr, chunk_ptr, lr, beta1, beta2, eps, weight_decay, step_size, inv_bc2_sqrt,
+                    scalars_ptr,
                     DTYPE: tl.constexpr, PTR_TY: tl.constexpr, COMPUTE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     ALIGNED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
-                    DECOUPLED: tl.constexpr):
+                    DECOUPLED: tl.constexpr, SCALARS_PTR: tl.constexpr = False, SCALAR: tl.constexpr = tl.float32):
+        if SCALARS_PTR:  # graph-safe: lr, lr / bias_correction1, 1 / sqrt(bias_correction2) from the device row
+            lr = tl.load(scalars_ptr).to(SCALAR)
+            step_size = tl.load(scalars_ptr + 1).to(SCALAR)
+            inv_bc2_sqrt = tl.load(scalars_ptr + 2).to(SCALAR)
         t, offs, valid, full, flags = chunk_geometry(chunk_ptr, meta_ptr, BN, BK, ALIGNED)
         if full:
             _adam_apply(addr_ptr, t, offs, valid, flags, lr, beta1, beta2, eps, weight_decay, step_size,
@@ -258,6 +274,29 @@ def _num_warps(block: Tuple[int, int]) -> int:
     return 8 if block[0] * block[1] >= 4096 else 4
 
 
+def _scalar_dtype(dtype: torch.dtype):
+    """The precision a graph-safe kernel reads its device scalars in: that of the float arguments the eager
+    launch passes, so both give the same numbers bit for bit. A compiled kernel takes a Python float as fp32;
+    the interpreter keeps it a Python float, which meets the compute dtype."""
+    return _compute_dtype(dtype) if interpreter_active() else tl.float32
+
+
+def _scalar_args(scalars: Optional[torch.Tensor], dtype: torch.dtype, fallback: torch.Tensor) -> dict:
+    """The launch's scalars pointer and its constexpr switch: the device row when graph-safe; otherwise
+    any tensor (never read: SCALARS_PTR False compiles the eager kernel, float arguments only)."""
+    if scalars is None:
+        return dict(scalars_ptr=fallback, SCALARS_PTR=False)
+    return dict(scalars_ptr=scalars, SCALARS_PTR=True, SCALAR=_scalar_dtype(dtype))
+
+
+def adam_scalars(lr: float, beta1: float, beta2: float, step: int) -> Tuple[float, float]:
+    """Adam's per-step scalars, lr / bias_correction1 and 1 / sqrt(bias_correction2), as the kernel takes them:
+    one formula for the eager launch and the graph-safe row, so both read the same numbers."""
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+    return lr / bias_correction1, 1.0 / bias_correction2_sqrt
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Triton: launchers (list versions of the references above, plus tile maps and block size)
 # ----------------------------------------------------------------------------------------------------------
@@ -266,15 +305,20 @@ def _num_warps(block: Tuple[int, int]) -> int:
 def sgd_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
               masks: Sequence[Optional[torch.Tensor]], momentum_buffers: List[Optional[torch.Tensor]], *,
               lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
-              tile_maps: Optional[Sequence[object]] = None, block: Tuple[int, int] = DEFAULT_TILE) -> None:
+              tile_maps: Optional[Sequence[object]] = None, block: Tuple[int, int] = DEFAULT_TILE,
+              scalars: Optional[torch.Tensor] = None, keep: Optional[list] = None) -> None:
     """Masked SGD, one Triton launch per (device, dtype) bucket; `tile_maps[i]` (or None) selects the
-    live-tile-only path for tensor i. New momentum buffers are stored into `momentum_buffers`."""
+    live-tile-only path for tensor i. New momentum buffers are stored into `momentum_buffers`. `scalars`
+    (graph-safe): a float64 device row (ROW_WIDTH values) whose ROW_LR is read instead of `lr`; `keep`: a list
+    the device tables each launch reads are appended to (a CUDA graph must hold them: the table caches may
+    evict them, and a freed table's memory would be reused under the graph)."""
     tile_maps = list(tile_maps) if tile_maps is not None else [None] * len(params)
+    ref_lr = lr if scalars is None else scalars[ROW_LR]
     buckets: dict = {}
     for i, (p, g, m) in enumerate(zip(params, grads, masks)):
         buf = momentum_buffers[i]
         if p.dtype != g.dtype or not kernel_supported(p, g, m, buf) or (buf is not None and buf.dtype != p.dtype):
-            momentum_buffers[i] = sgd_reference_(p, g, m, buf, lr=lr, momentum=momentum, dampening=dampening,
+            momentum_buffers[i] = sgd_reference_(p, g, m, buf, lr=ref_lr, momentum=momentum, dampening=dampening,
                                                  nesterov=nesterov, weight_decay=weight_decay, maximize=maximize)
             continue
         buckets.setdefault((p.device, p.dtype), []).append(i)
@@ -296,30 +340,37 @@ def sgd_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             table.add([p, g, m.view(torch.int8) if m is not None and m.dtype == torch.bool else m,
                        buf if momentum != 0 else None], p.numel(), rows, cols, flags, tm)
         addr, meta, chunks, n_chunks = table.build()
+        if keep is not None:
+            keep += [addr, meta, chunks]
         if n_chunks == 0:
             continue
         with device_guard(params[idx[0]]):  # Triton launches on the current device, not the tensors'
             kernel[(n_chunks,)](addr, meta, chunks, float(lr), float(momentum), float(dampening),
-                                float(weight_decay), DTYPE=tl_dtype(dtype), PTR_TY=pointer_type(dtype),
-                                COMPUTE=_compute_dtype(dtype), BN=block[0], BK=block[1], ALIGNED=table.aligned,
-                                HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
-                                HAS_WD=weight_decay != 0, num_warps=_num_warps(block))
+                                float(weight_decay), **_scalar_args(scalars, dtype, addr), DTYPE=tl_dtype(dtype),
+                                PTR_TY=pointer_type(dtype), COMPUTE=_compute_dtype(dtype), BN=block[0], BK=block[1],
+                                ALIGNED=table.aligned, HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov),
+                                MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, num_warps=_num_warps(block))
 
 
 def adam_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]],
                exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
                max_exp_avg_sqs: Sequence[Optional[torch.Tensor]], steps: Sequence[int], *, lr: float, beta1: float,
                beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool, decoupled: bool,
-               tile_maps: Optional[Sequence[object]] = None, block: Tuple[int, int] = DEFAULT_TILE) -> None:
+               tile_maps: Optional[Sequence[object]] = None, block: Tuple[int, int] = DEFAULT_TILE,
+               scalars: Optional[torch.Tensor] = None, keep: Optional[list] = None) -> None:
     """Masked Adam/AdamW, one Triton launch per (device, dtype, step) bucket (tensors of a group almost
-    always share the step count, so this is one launch per group in practice)."""
+    always share the step count, so this is one launch per group in practice). `scalars` (graph-safe): float64
+    device rows [R, ROW_WIDTH]; then `steps[i]` is tensor i's row, and lr and the bias corrections are read
+    from it on the device (`lr` is not used). `keep`: as in sgd_step_."""
     tile_maps = list(tile_maps) if tile_maps is not None else [None] * len(params)
     buckets: dict = {}
     for i, (p, g, m) in enumerate(zip(params, grads, masks)):
         ea, eas, mx = exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i]
         same = all(t is None or t.dtype == p.dtype for t in (g, ea, eas, mx))
         if not same or not kernel_supported(p, g, m, ea, eas, mx):
-            adam_reference_(p, g, m, ea, eas, mx, step=steps[i], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            row = None if scalars is None else scalars[int(steps[i])]
+            adam_reference_(p, g, m, ea, eas, mx, step=steps[i] if row is None else row[ROW_STEP],
+                            lr=lr if row is None else row[ROW_LR], beta1=beta1, beta2=beta2, eps=eps,
                             weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled=decoupled)
             continue
         buckets.setdefault((p.device, p.dtype, int(steps[i])), []).append(i)
@@ -336,13 +387,18 @@ def adam_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ma
                        exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None],
                       p.numel(), rows, cols, flags, tm)
         addr, meta, chunks, n_chunks = table.build()
+        if keep is not None:
+            keep += [addr, meta, chunks]
         if n_chunks == 0:
             continue
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+        if scalars is None:
+            step_size, inv_bc2_sqrt = adam_scalars(lr, beta1, beta2, step)
+        else:  # read from the row on the device: these floats are not used (NaN if they were)
+            step_size, inv_bc2_sqrt = math.nan, math.nan
         with device_guard(params[idx[0]]):
             kernel[(n_chunks,)](addr, meta, chunks, float(lr), float(beta1), float(beta2), float(eps),
-                                float(weight_decay), float(lr / bias_correction1), float(1.0 / bias_correction2_sqrt),
+                                float(weight_decay), float(step_size), float(inv_bc2_sqrt),
+                                **_scalar_args(None if scalars is None else scalars[step], dtype, addr),
                                 DTYPE=tl_dtype(dtype), PTR_TY=pointer_type(dtype), COMPUTE=_compute_dtype(dtype),
                                 BN=block[0], BK=block[1], ALIGNED=table.aligned, AMSGRAD=bool(amsgrad),
                                 MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled),

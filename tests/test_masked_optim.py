@@ -373,6 +373,8 @@ SM90_EXPECT = {
     "adam bf16": Expect(None, load_bytes=8),
     "sgd fp32": Expect(None, load_bytes=16),
     "adam fp32": Expect(None, load_bytes=16),
+    "sgd fp32 graph-safe": Expect(None, load_bytes=16),
+    "adam fp32 graph-safe": Expect(None, load_bytes=16),
     "rewind bf16": Expect(None),
     "rewind fp32": Expect(None),
 }
@@ -381,17 +383,22 @@ SM90_BODY = r"""
 import torch
 import fastticket.kernels.masked_optim as masked_optim
 import fastticket.kernels.rewind as rewind_kernels
+import triton.language as tl
 from fastticket.kernels._multi_tensor import DEFAULT_TILE, pointer_type, tl_dtype
 
-i64, i32 = ptr(torch.int64), ptr(torch.int32)
+i64, i32, f64 = ptr(torch.int64), ptr(torch.int32), ptr(torch.float64)
 BN, BK = DEFAULT_TILE
 for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
     geometry = dict(DTYPE=tl_dtype(dtype), PTR_TY=pointer_type(dtype), COMPUTE=masked_optim._compute_dtype(dtype),
                     BN=BN, BK=BK, ALIGNED=True, num_warps=masked_optim._num_warps(DEFAULT_TILE))
-    check(f"sgd {tag}", masked_optim._kernels["sgd"], i64, i64, i32, 0.1, 0.9, 0.0, 1e-4, HAS_MOMENTUM=True,
-          NESTEROV=True, MAXIMIZE=False, HAS_WD=True, **geometry)
-    check(f"adam {tag}", masked_optim._kernels["adam"], i64, i64, i32, 1e-3, 0.9, 0.999, 1e-8, 1e-2, 1e-3, 1.0,
-          AMSGRAD=False, MAXIMIZE=False, HAS_WD=True, DECOUPLED=True, **geometry)
+    # eager: float arguments (the scalars pointer is not read); graph-safe: the step's scalars from a f64 row
+    for mode, scalars in (("", dict(SCALARS_PTR=False)), (" graph-safe", dict(SCALARS_PTR=True, SCALAR=tl.float32))):
+        if mode and dtype != torch.float32:
+            continue
+        check(f"sgd {tag}{mode}", masked_optim._kernels["sgd"], i64, i64, i32, 0.1, 0.9, 0.0, 1e-4, f64,
+              HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=False, HAS_WD=True, **scalars, **geometry)
+        check(f"adam {tag}{mode}", masked_optim._kernels["adam"], i64, i64, i32, 1e-3, 0.9, 0.999, 1e-8, 1e-2, 1e-3,
+              1.0, f64, AMSGRAD=False, MAXIMIZE=False, HAS_WD=True, DECOUPLED=True, **scalars, **geometry)
     check(f"rewind {tag}", rewind_kernels._rewind_kernel, i64, i64, i32, PTR_TY=pointer_type(dtype), BN=BN, BK=BK)
 """
 

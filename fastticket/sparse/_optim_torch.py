@@ -9,9 +9,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from fastticket.kernels.masked_optim import ROW_LR, ROW_STEP
 from fastticket.kernels.masked_optim_reference import adam_foreach_, fill_pruned_
 
-__all__ = ["adam_step_torch", "ADAM_STATE"]
+__all__ = ["adam_step_torch", "adam_step_torch_rows", "ADAM_STATE"]
 
 _FUSED_ADAM = hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_adamw_")
 
@@ -84,3 +85,23 @@ def adam_step_torch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
             continue
         adam_foreach_(p, d, m, ea, eas, mx, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                       weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled=decoupled)
+
+
+def adam_step_torch_rows(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                         masks: Sequence[Optional[torch.Tensor]], exp_avgs: Sequence[torch.Tensor],
+                         exp_avg_sqs: Sequence[torch.Tensor], max_exp_avg_sqs: Sequence[Optional[torch.Tensor]],
+                         rows: Sequence[int], scalars: torch.Tensor, *, beta1: float, beta2: float, eps: float,
+                         weight_decay: float, amsgrad: bool, maximize: bool, decoupled: bool) -> None:
+    """The graph-safe torch step (fastticket/sparse/_step_scalars.py): tensor i's lr and step count are row
+    `rows[i]` of the float64 device tensor `scalars`, read as 0-dim device tensors by the reference's foreach
+    formulas, which compute the bias corrections from them on the device (no host value is baked into a
+    captured graph). The foreach passes on every device: torch's fused CPU Adam takes host step counts."""
+    buckets: Dict[int, List[int]] = {}
+    for i, row in enumerate(rows):
+        buckets.setdefault(int(row), []).append(i)
+    for row, idx in buckets.items():
+        adam_foreach_([params[i] for i in idx], [grads[i] for i in idx], [masks[i] for i in idx],
+                      [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx],
+                      [max_exp_avg_sqs[i] for i in idx] if amsgrad else [], step=scalars[row, ROW_STEP],
+                      lr=scalars[row, ROW_LR], beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                      amsgrad=amsgrad, maximize=maximize, decoupled=decoupled)

@@ -13,7 +13,9 @@ kernels of fastticket.kernels.masked_optim, "torch" runs the formulas of
 kernels/masked_optim_reference.py (torch._foreach_* passes, one per formula over a group's tensors), or for
 Adam/AdamW on CPU tensors torch's fused CPU Adam (one pass per tensor; fastticket/sparse/_optim_torch.py)
 (the tests check both against the reference in float64).
-Rewinding and optimizer-state resets live in fastticket.sparse.rewind.
+Rewinding and optimizer-state resets live in fastticket.sparse.rewind. `set_graph_safe(True)` splits the step
+into a host part and a device part reading its scalars on the device, for CUDA graphs
+(fastticket/sparse/_step_scalars.py).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from fastticket.sparse import _mask_registry, fused_update
 from fastticket.sparse._optim_plan import build_plan, plan_key
 from fastticket.sparse._optim_torch import ADAM_STATE, adam_step_torch
+from fastticket.sparse._step_scalars import GraphSafeAdam, GraphSafeSGD
 from fastticket.kernels import masked_optim
 from fastticket.kernels.masked_optim_reference import sgd_foreach_
 
@@ -231,7 +234,7 @@ class _MaskedOptimizer(Optimizer):
         self._invalidate_plans()
 
 
-class MaskedSGD(_MaskedOptimizer):
+class MaskedSGD(GraphSafeSGD, _MaskedOptimizer):
     """torch.optim.SGD with masks; same constructor arguments (foreach / fused accepted and ignored: the step
     is always one fused pass per group on the triton backend; groups record fused=None so that
     load_state_dict keeps 'step' counters on the CPU as torch's non-fused optimizers do)."""
@@ -262,6 +265,8 @@ class MaskedSGD(_MaskedOptimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         loss = self._closure_loss(closure)
+        if self._graph_safe_step():  # lr read on the device (fastticket/sparse/_step_scalars.py)
+            return loss
         for g, group in enumerate(self.param_groups):
             plan = self._plan(g, group)
             params = plan.params
@@ -291,7 +296,7 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-class MaskedAdam(_MaskedOptimizer):
+class MaskedAdam(GraphSafeAdam, _MaskedOptimizer):
     """torch.optim.Adam with masks; same constructor arguments (foreach / fused / capturable / differentiable
     accepted; capturable and differentiable must be False)."""
 
@@ -310,8 +315,11 @@ class MaskedAdam(_MaskedOptimizer):
             raise ValueError(f"Invalid beta parameters: {betas}")
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if capturable or differentiable:
-            raise ValueError(f"{type(self).__name__} does not support capturable=True or differentiable=True")
+        if differentiable:
+            raise ValueError(f"{type(self).__name__} does not support differentiable=True")
+        if capturable:
+            raise ValueError(f"{type(self).__name__} does not take capturable=True: for a CUDA graph call "
+                             "set_graph_safe(True), which reads the step count and lr on the device")
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -339,6 +347,8 @@ class MaskedAdam(_MaskedOptimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         loss = self._closure_loss(closure)
+        if self._graph_safe_step():  # lr and bias corrections read on the device (_step_scalars.py)
+            return loss
         for g, group in enumerate(self.param_groups):
             plan = self._plan(g, group)
             params = plan.params
@@ -348,7 +358,7 @@ class MaskedAdam(_MaskedOptimizer):
             states = [self._init_state(p, amsgrad) for p in params]
             steps = []
             for s in states:
-                s["step"] += 1  # a CPU scalar tensor, as in torch.optim: no device sync
+                s["step"] += 1  # a CPU scalar tensor, as in torch.optim: no device sync (as _step_scalars.py)
                 steps.append(int(s["step"].item()))
             beta1, beta2 = group["betas"]
             hp = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],

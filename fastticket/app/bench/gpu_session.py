@@ -38,13 +38,14 @@ PLAN = [
      "2^31), optimizer steps on 16M elements and the fused dW+SGD against float64, bf16/fp16/fp32/tf32, one "
      "config per kernel (FASTTICKET_FIRST_CONFIG=1)"),
     ("search-bench", "rows", 0.10, "`fastticket bench --suite search`: one arm and K batched arms per step"),
-    ("search-cuda-graph", "rows", 0.04, "the search bench's LeNet cases (1 and 8 stacked arms, MaskedSGD), the "
-     "step captured as a CUDA graph (--cuda-graph) against eager: it/s and parity"),
+    ("search-cuda-graph", "rows", 0.06, "the search bench's LeNet cases (1 and 8 stacked arms, MaskedAdam and "
+     "MaskedSGD, an lr moving every step), the step captured as a CUDA graph (--cuda-graph) against eager: "
+     "it/s, parity and captures"),
     ("conv-crossover", "rows", 0.12, "dispatch crossover of the ImageNet-sized conv layer (256->256, 56x56)"),
     ("real-size-conv", "pytest", 0.14, "VGG-19 and ResNet-20 conv layers against float64, every precision, "
      "one config per kernel"),
     ("search-timing", "timing", 0.08, "a LeNet-300-100 search (1 level x 300 iterations), eager and compiled"),
-    ("benchmarks", "rows", 0.10, "every kernel suite on its quick grid (bf16)"),
+    ("benchmarks", "rows", 0.08, "every kernel suite on its quick grid (bf16)"),
     ("test-suite", "pytest", 0.08, "the test suite of ./tests on the GPU"),
 ]
 

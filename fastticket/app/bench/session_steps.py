@@ -120,14 +120,16 @@ def _search_bench(out: Path, tiny: bool) -> None:
 
 
 def _search_cuda_graph(out: Path, tiny: bool) -> None:
-    """fastticket/app/bench/search_graph.py: the LeNet cases, CUDA graph against eager (at tiny scale: 2 arms,
-    batch 8, on whatever device there is: on a CPU both sides run eager and the rows say so)."""
+    """fastticket/app/bench/search_graph.py: the LeNet cases, CUDA graph against eager, MaskedAdam and MaskedSGD
+    under an lr schedule, each row written as it comes (at tiny scale: 2 arms, batch 8, on whatever device
+    there is: on a CPU both sides run eager and the rows say so)."""
     from fastticket.app.bench import search_graph
 
     options = _options(tiny)
     if tiny:
         search_graph.ARMS, search_graph.BATCH = 2, 8
-    append_rows(out, search_graph.graph_rows(options))
+    for row in search_graph.iter_graph_rows(options):
+        append_rows(out, [row])
 
 
 def write_synthetic_mnist(root: Path, n_train: int = 6000, n_test: int = 1000) -> None:
