@@ -16,6 +16,12 @@ once: per group of `rows` consecutive tile-rows, the union of their live lists, 
 bit r says whether the group's r-th tile-row is live there (so a wide program still loads only live tiles).
 Derived from `live` on first use and cached on the map, i.e. once per mask change.
 
+Quads (`TileMap.quads`), for the dW kernel's wide programs (one program per 2 x 2 block of map tiles): every
+2 x 2 block of tiles (quad row qr = tile-row // 2, quad column qc = tile-column // 2) holding any live tile,
+row-major, with a 4-bit live mask (bit 2 * dr + dc: tile (2 qr + dr, 2 qc + dc) is live; edge quads of an odd
+tile count have their outside tiles dead) and, per sub-tile, its index in the COO list (-1 when dead): where
+the split dW's compact slab of that tile is. Built on the device like the rest, cached like `grouped`.
+
 Stacked maps (`StackedTileMap`, `build_stacked_tile_map`), for K arms trained as one stacked model (a mask
 [A, N, K], one [N, K] mask per arm) and walked by one grouped launch whose grid has the arm as a dimension
 (kernels/grouped_linear.py): the arms' lists concatenated, arm after arm, into one ptr / idx pair, so arm a's
@@ -62,6 +68,34 @@ def group_lists(live: torch.Tensor, rows: int) -> GroupedLists:
 
 
 @dataclass(frozen=True)
+class QuadLists:
+    """The live 2 x 2 blocks of a tile map (see the module docstring), one entry per quad, row-major."""
+    rows: torch.Tensor   # int32 [n_quads]: quad row (tile-rows 2 * rows, 2 * rows + 1)
+    cols: torch.Tensor   # int32 [n_quads]: quad column
+    bits: torch.Tensor   # int32 [n_quads]: bit 2 * dr + dc = tile (2 * row + dr, 2 * col + dc) is live
+    slabs: torch.Tensor  # int32 [n_quads, 4]: COO index of sub-tile 2 * dr + dc, -1 where it is dead
+    n_quads: int
+
+
+def quad_lists(live: torch.Tensor) -> QuadLists:
+    """The quads of a bool live-tile matrix [tile_rows, tile_cols] (on its device, no host loop)."""
+    t_rows, t_cols = live.shape
+    q_rows, q_cols = -(-t_rows // 2), -(-t_cols // 2)
+    # COO index of every tile (row-major rank among the live ones), -1 for dead and padding tiles.
+    flat = live.reshape(-1).to(torch.int32)
+    rank = torch.where(flat != 0, torch.cumsum(flat, 0, dtype=torch.int32) - 1, -1).view(t_rows, t_cols)
+    padded = torch.full((2 * q_rows, 2 * q_cols), -1, dtype=torch.int32, device=live.device)
+    padded[:t_rows, :t_cols] = rank
+    # [q_rows, q_cols, 4]: sub-tile 2 * dr + dc of each quad.
+    sub = padded.view(q_rows, 2, q_cols, 2).permute(0, 2, 1, 3).reshape(q_rows, q_cols, 4)
+    weights = (1 << torch.arange(4, dtype=torch.int32, device=live.device))
+    bits = ((sub >= 0).to(torch.int32) * weights).sum(dim=2, dtype=torch.int32)
+    where = (bits != 0).nonzero().to(torch.int32)  # row-major, as the COO list
+    return QuadLists(rows=where[:, 0].contiguous(), cols=where[:, 1].contiguous(), bits=bits[bits != 0].contiguous(),
+                     slabs=sub[bits != 0].contiguous(), n_quads=int(where.shape[0]))
+
+
+@dataclass(frozen=True)
 class TileMap:
     shape: Tuple[int, int]
     block: Tuple[int, int]
@@ -77,6 +111,7 @@ class TileMap:
     max_live_per_col: int   # longest dX list
     k_order: str = "mask"   # "mask": K in the mask's flattening; "tap_major": conv filters as (kh, kw, C_in)
     _grouped: Dict[Tuple[str, int], GroupedLists] = field(default_factory=dict, repr=False, compare=False)
+    _quads: Dict[str, QuadLists] = field(default_factory=dict, repr=False, compare=False)
 
     def grouped(self, axis: str, rows: int) -> GroupedLists:
         """Lists for programs covering `rows` tile-rows (axis "rows": forward, lists of k-tiles) or `rows`
@@ -90,6 +125,12 @@ class TileMap:
         if key not in self._grouped:
             self._grouped[key] = group_lists(self.live if axis == "rows" else self.live.t(), rows)
         return self._grouped[key]
+
+    def quads(self) -> QuadLists:
+        """The live 2 x 2 blocks of tiles (the quad dW's programs), derived once per map."""
+        if "quads" not in self._quads:
+            self._quads["quads"] = quad_lists(self.live)
+        return self._quads["quads"]
 
     @property
     def tiles(self) -> Tuple[int, int]:

@@ -102,6 +102,37 @@ def test_grouped_lists_hold_the_union_and_per_tile_bits(case, rows, axis):
             assert e == sum(int(block[r, c]) << r for r in range(block.shape[0]))
 
 
+def reference_quads(live: torch.Tensor):
+    """Plain-loop oracle of the quads: [(quad row, quad col, bits, [COO index or -1 per sub-tile])]."""
+    coo = {tuple(t): i for i, t in enumerate(live.nonzero().tolist())}
+    out = []
+    for qr in range(-(-live.shape[0] // 2)):
+        for qc in range(-(-live.shape[1] // 2)):
+            subs = [coo.get((2 * qr + dr, 2 * qc + dc), -1) for dr in (0, 1) for dc in (0, 1)]
+            bits = sum(1 << s for s in range(4) if subs[s] >= 0)
+            if bits:
+                out.append((qr, qc, bits, subs))
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(masks())
+def test_quads_list_every_live_2x2_block_with_bits_and_coo_slabs(case):
+    """The quad dW's programs: every 2 x 2 block of tiles with a live tile, row-major, its 4-bit live mask and
+    each live sub-tile's COO index (edge quads of odd tile counts: the outside tiles dead)."""
+    mask, bn, bk = case
+    tm = build_tile_map(mask, bn, bk)
+    quads = tm.quads()
+    assert quads is tm.quads(), "cached on the map"
+    for t in (quads.rows, quads.cols, quads.bits, quads.slabs):
+        assert t.dtype == torch.int32 and t.device == mask.device
+    got = list(zip(quads.rows.tolist(), quads.cols.tolist(), quads.bits.tolist(), quads.slabs.tolist()))
+    assert got == reference_quads(reference_live_tiles(mask, bn, bk))
+    assert quads.n_quads == len(got) and quads.slabs.shape == (len(got), 4)
+    live_slabs = sorted(s for _, _, _, subs in got for s in subs if s >= 0)
+    assert live_slabs == list(range(tm.n_live)), "each live tile in exactly one quad"
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(masks(), min_size=1, max_size=4), st.integers(0, 3))
 def test_stacked_map_concatenates_each_arms_lists(cases, kind_seed):
