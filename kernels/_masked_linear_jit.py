@@ -123,6 +123,28 @@ def _dx_kernel(
 
 
 @triton.jit
+def dw_rows_dot(
+    dy_ptr, x_ptr, offs_n, n_ok, offs_k, k_ok, m_lo, m_hi,
+    stride_dym, stride_dyn, stride_xm, stride_xk,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dY[m_lo:m_hi, offs_n]^T @ X[m_lo:m_hi, offs_k] in fp32, one tl.dot per BLOCK_M tokens. Rows outside
+    n_ok and columns outside k_ok are not loaded (zeros in registers): the bounds, and for a quad program
+    the halves of its operands whose two sub-tiles are both dead."""
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        m_ok = offs_m < m_hi
+        # dY^T tile [BLOCK_N, BLOCK_M] read from dY's [M, N] layout.
+        dyt = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
+                      mask=m_ok[None, :] & n_ok[:, None], other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(dyt, x, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def dw_tile_rows(
     dy_ptr, x_ptr, nt, kt, m_lo, m_hi,
     N, K,
@@ -134,16 +156,8 @@ def dw_tile_rows(
     offs_k = (kt * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     n_ok = offs_n < N
     k_ok = offs_k < K
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(m_lo, m_hi, BLOCK_M):
-        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        m_ok = offs_m < m_hi
-        # dY^T tile [BLOCK_N, BLOCK_M] read from dY's [M, N] layout.
-        dyt = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
-                      mask=m_ok[None, :] & n_ok[:, None], other=0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(dyt, x, acc, input_precision=INPUT_PRECISION)
+    acc = dw_rows_dot(dy_ptr, x_ptr, offs_n, n_ok, offs_k, k_ok, m_lo, m_hi, stride_dym, stride_dyn, stride_xm,
+                      stride_xk, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     return acc, offs_n, offs_k, n_ok[:, None] & k_ok[None, :]
 
 
@@ -155,7 +169,7 @@ def dw_tile(
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The (nt, kt) tile of dY^T @ X, reduced over all M rows in fp32, unmasked: the main loop of the fused
-    dW + SGD kernel (kernels/linear_dw_sgd.py); the dW kernel here uses dw_tile_rows over its token split.
+    dW + SGD kernel (kernels/linear_dw_sgd.py); the dW kernel here uses dw_rows_dot over its token split.
 
     Returns (acc [BLOCK_N, BLOCK_K] fp32, offs_n, offs_k (int64), tile_ok (the in-bounds part of the tile)).
     """
@@ -165,31 +179,66 @@ def dw_tile(
 
 @triton.jit
 def _dw_kernel(
-    dy_ptr, x_ptr, mask_ptr, dw_ptr, coo_rows, coo_cols,
+    dy_ptr, x_ptr, mask_ptr, dw_ptr, tile_rows, tile_cols, quad_bits, quad_slabs,
     M, N, K, M_PER_SPLIT,
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_mn, stride_mk, stride_dwn, stride_dwk,
     LIVE_BUCKET,
     INPUT_PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr,
+    TILE_K: tl.constexpr,
 ):
-    # Program (live tile t, token split s): rows [s * M_PER_SPLIT, (s + 1) * M_PER_SPLIT) of the reduction.
+    # Program (entry t, token split s): rows [s * M_PER_SPLIT, (s + 1) * M_PER_SPLIT) of the reduction.
+    # Entry t is live tile t of the COO list (tile_rows / tile_cols = coo_rows / coo_cols; BLOCK = TILE), or,
+    # with BLOCK_N = 2 * TILE_N and BLOCK_K = 2 * TILE_K (QUAD), live quad t (tile_rows / tile_cols = the quad's
+    # row / column, quad_bits its 4-bit live mask, quad_slabs [n_quads, 4] its sub-tiles' COO indices;
+    # kernels/tile_map.py): one (2 TILE_N) x (2 TILE_K) product per step, twice the arithmetic intensity of a
+    # single tile, of which only the live sub-tiles are written.
     # With more than one split (ATOMIC) the partial tiles add into a zeroed compact fp32 buffer of one
-    # BLOCK_N x BLOCK_K slab per live tile ([n_live, BLOCK_N, BLOCK_K], COO order): its size, its zero-fill and
+    # TILE_N x TILE_K slab per live tile ([n_live, TILE_N, TILE_K], COO order): its size, its zero-fill and
     # the epilogue that scatters it into dW scale with the live tiles, not with N x K.
+    QUAD: tl.constexpr = BLOCK_N != TILE_N
     t = tl.program_id(0)
     m_lo = tl.program_id(1) * M_PER_SPLIT
     m_hi = tl.minimum(m_lo + M_PER_SPLIT, M)
-    nt = tl.load(coo_rows + t)
-    kt = tl.load(coo_cols + t)
-    acc, offs_n, offs_k, tile_ok = dw_tile_rows(
-        dy_ptr, x_ptr, nt, kt, m_lo, m_hi, N, K,
-        stride_dym, stride_dyn, stride_xm, stride_xk, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    # Element mask in the epilogue: pruned entries of a live tile get exactly zero gradient.
+    nt = tl.load(tile_rows + t)
+    kt = tl.load(tile_cols + t)
+    offs_n = (nt * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = (kt * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    n_ok = offs_n < N
+    k_ok = offs_k < K
+    if QUAD:
+        bits = tl.load(quad_bits + t)
+        sub_n = tl.arange(0, BLOCK_N) // TILE_N  # 0: top sub-tiles (bits 0, 1), 1: bottom (bits 2, 3)
+        sub_k = tl.arange(0, BLOCK_K) // TILE_K  # 0: left (bits 0, 2), 1: right (bits 1, 3)
+        # A dead top / bottom pair leaves that half of dY^T unloaded, a dead left / right pair that half of X.
+        n_load = n_ok & (((bits >> (2 * sub_n)) & 3) != 0)
+        k_load = k_ok & (((bits >> sub_k) & 5) != 0)
+        sub_live = ((bits >> (2 * sub_n[:, None] + sub_k[None, :])) & 1) != 0
+        tile_ok = n_ok[:, None] & k_ok[None, :] & sub_live
+    else:
+        n_load = n_ok
+        k_load = k_ok
+        tile_ok = n_ok[:, None] & k_ok[None, :]
+    acc = dw_rows_dot(dy_ptr, x_ptr, offs_n, n_load, offs_k, k_load, m_lo, m_hi, stride_dym, stride_dyn,
+                      stride_xm, stride_xk, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    # Element mask in the epilogue: pruned entries of a live tile get exactly zero gradient. Dead sub-tiles of
+    # a quad are outside tile_ok: never read, never written.
     keep = tl.load(mask_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=tile_ok, other=0)
     acc = tl.where(keep != 0, acc, 0.0)
     if ATOMIC:
-        slab = (t.to(tl.int64) * (BLOCK_N * BLOCK_K) + (offs_n - nt * BLOCK_N)[:, None] * BLOCK_K
-                + (offs_k - kt * BLOCK_K)[None, :])
+        if QUAD:
+            # Each live sub-tile adds into its own COO slab.
+            s0 = tl.load(quad_slabs + 4 * t).to(tl.int64)
+            s1 = tl.load(quad_slabs + 4 * t + 1).to(tl.int64)
+            s2 = tl.load(quad_slabs + 4 * t + 2).to(tl.int64)
+            s3 = tl.load(quad_slabs + 4 * t + 3).to(tl.int64)
+            left = (sub_k == 0)[None, :]
+            slab_t = tl.where((sub_n == 0)[:, None], tl.where(left, s0, s1), tl.where(left, s2, s3))
+            slab = (slab_t * (TILE_N * TILE_K) + (tl.arange(0, BLOCK_N) % TILE_N)[:, None] * TILE_K
+                    + (tl.arange(0, BLOCK_K) % TILE_K)[None, :])
+        else:
+            slab = (t.to(tl.int64) * (BLOCK_N * BLOCK_K) + (offs_n - nt * BLOCK_N)[:, None] * BLOCK_K
+                    + (offs_k - kt * BLOCK_K)[None, :])
         tl.atomic_add(dw_ptr + slab, acc, mask=tile_ok, sem="relaxed")
     else:
         dw_offs = offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk

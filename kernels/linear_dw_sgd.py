@@ -40,7 +40,7 @@ import triton.language as tl
 
 from fastticket.kernels._common import device_guard, dot_input_precision
 from fastticket.kernels._masked_linear_jit import dw_tile
-from fastticket.kernels.masked_linear import dw_split_rows, live_slabs
+from fastticket.kernels.masked_linear_dw import dw_split_rows, live_slabs
 from fastticket.kernels.masked_optim import sgd_reference_, sgd_update
 from fastticket.kernels.tile_map import TileMap
 
@@ -85,7 +85,7 @@ def _sgd_slab_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # The split path's epilogue: live tile t's dW was reduced over the token splits into slab t (compact
-    # [n_live, BLOCK_N, BLOCK_K] fp32, masked, kernels/masked_linear.py's live_slabs); step that tile.
+    # [n_live, BLOCK_N, BLOCK_K] fp32, masked, kernels/masked_linear_dw.py's live_slabs); step that tile.
     t = tl.program_id(0)
     nt = tl.load(coo_rows + t)
     kt = tl.load(coo_cols + t)
@@ -132,7 +132,7 @@ def linear_dw_sgd_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     master weight (autocast) stay 16-bit on the tensor cores, as the unfused dW kernel computes them; only
     the update itself runs in fp32 on the weight's dtype.
 
-    `split_m` token splits (default: masked_linear's _dw_split, > 1 only on CUDA when few tiles are live, so
+    `split_m` token splits (default: masked_linear_dw's _dw_split, > 1 only on CUDA when few tiles are live, so
     that a layer of a handful of live tiles still fills the SMs): each split's partial dW adds with fp32
     atomics into one compact slab per live tile, then one SGD epilogue program per live tile steps it."""
     m, n = grad_out.shape

@@ -7,9 +7,10 @@ entries are exactly zero and M its bool mask:
                                        output tile-row only (CSR `row_ptr` / `col_idx` of the tile map)
     dX          = dY @ W               program per (M-tile, K-tile), loops over the live N-tiles of its
                                        tile-column only (transposed lists `col_ptr` / `row_idx`)
-    dW          = (dY^T @ X) * M       one program per live (BN x BK) tile (COO `coo_rows` / `coo_cols`),
-                                       the element mask applied in the epilogue; dead tiles are never
-                                       written, so the zero-initialised buffer keeps them exactly zero
+    dW          = (dY^T @ X) * M       one program per live (BN x BK) tile (COO `coo_rows` / `coo_cols`) or
+                                       per live 2 x 2 block of tiles (TileMap.quads), the element mask applied
+                                       in the epilogue; dead tiles are never written, so the zero-initialised
+                                       buffer keeps them exactly zero (launchers: kernels/masked_linear_dw.py)
     db          = dY.sum(rows)         once, in PyTorch (a reduction, not worth a per-tile kernel)
 
 Because pruned weights are zero in storage, the forward and dX need no element mask: skipping dead tiles
@@ -32,10 +33,8 @@ step's tile index out of registers, so the operand loads do not depend on a load
 compiled for sm_90 the forward and dX then hold num_stages shared-memory buffers per operand (2 with the
 index loaded in the loop, whatever num_stages; tests/test_masked_linear_kernels.py checks it).
 
-dW: one program per (live tile, token split); _dw_split picks enough splits to give every SM ~4 programs
-when few tiles are live (the splits add with atomics into a compact fp32 buffer, one BN x BK slab per live
-tile, which scatter_live_slabs then writes into dW: buffer, zero-fill and epilogue scale with the live tiles),
-1 off CUDA or under torch.use_deterministic_algorithms(True).
+dW (kernels/masked_linear_dw.py): programs per (live tile or live quad, token split); its configs are here,
+beside the other kernels' (kernels/grouped_linear.py shares them).
 
 Autograd, and the per-layer choice between these kernels and dense cuBLAS (kernels/dispatch.py's
 thresholds), live in fastticket/sparse/linear.py; the threshold values are placeholders until
@@ -54,7 +53,7 @@ from fastticket.kernels._masked_linear_jit import _dw_kernel, _dx_kernel, _fwd_k
 
 __all__ = [
     "linear_tile_sizes", "linear_forward", "linear_grad_input",
-    "linear_grad_weight", "reference_masked_linear", "reference_masked_linear_grads",
+    "reference_masked_linear", "reference_masked_linear_grads",
 ]
 
 
@@ -302,100 +301,6 @@ def linear_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, tile_map: Ti
             **_launch_meta(grad_out.device),
         )
     return out
-
-
-def _dw_split(m: int, n_live: int, device: torch.device) -> int:
-    """Token splits per live dW tile: enough programs to fill the GPU (4 per SM) when few tiles are live,
-    each split still reducing >= 1024 tokens so the fp32 atomics stay a small part of its work. 1 under the
-    interpreter and under torch.use_deterministic_algorithms(True) (atomic adds round in varying order)."""
-    if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
-        return 1
-    want = triton.cdiv(4 * sm_count(device.index or 0), max(1, n_live))
-    return max(1, min(want, triton.cdiv(m, 1024)))
-
-
-def live_tile_index(tile_map: TileMap, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, cols, valid) of the compact split-dW buffer [n_live, BN, BK]: element (t, i, j) is dW[rows[t, i],
-    cols[t, j]] where valid[t, i, j] (tiles at the right / bottom edge are partial). O(live tiles) to build."""
-    bn, bk = tile_map.block
-    n, k = tile_map.shape
-    rows = tile_map.coo_rows.to(device).long()[:, None] * bn + torch.arange(bn, device=device)
-    cols = tile_map.coo_cols.to(device).long()[:, None] * bk + torch.arange(bk, device=device)
-    valid = (rows < n)[:, :, None] & (cols < k)[:, None, :]
-    return rows, cols, valid
-
-
-def scatter_live_slabs(out: torch.Tensor, slabs: torch.Tensor, tile_map: TileMap) -> torch.Tensor:
-    """The split-dW epilogue: write each live tile's fp32 slab ([n_live, BN, BK]) into its tile of `out` (in
-    out's dtype). Dead tiles of `out` are not touched (they hold zeros already), so the cost is the live tiles'."""
-    rows, cols, valid = live_tile_index(tile_map, out.device)
-    r = rows[:, :, None].expand(valid.shape)[valid]
-    c = cols[:, None, :].expand(valid.shape)[valid]
-    out[r, c] = slabs[valid].to(out.dtype)
-    return out
-
-
-def linear_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, tile_map: TileMap,
-                       out: Optional[torch.Tensor] = None, *, split_m: Optional[int] = None) -> torch.Tensor:
-    """dW = (grad_out^T @ x) * mask, computed for live tiles only. Returns [N, K] in x's dtype.
-
-    Dead tiles are never written: a fresh result is zero-initialised, and a caller-supplied `out` must hold
-    zeros there already (the tests pass a NaN-filled `out` to prove the dead tiles are left untouched).
-    `split_m` programs share each live tile's reduction over tokens (default: _dw_split, so that a layer with
-    few live tiles still fills the GPU); with more than one, partial tiles add with atomics (not
-    bit-reproducible run to run) into a compact fp32 buffer of the live tiles only; 1 is deterministic.
-    """
-    m, n = grad_out.shape
-    k = x.shape[1]
-    _check_tile_map(tile_map, n, k, x.device, x.dtype)
-    if out is None:
-        out = torch.zeros((n, k), device=x.device, dtype=x.dtype)
-    if tile_map.n_live == 0:
-        return out
-    split, m_per_split = dw_split_rows(m, tile_map.n_live, x.device, split_m)
-    if split > 1:
-        # Partial sums add into one fp32 slab per live tile (see _dw_kernel), then scattered into `out`.
-        return scatter_live_slabs(out, live_slabs(grad_out, x, mask, tile_map, split, m_per_split), tile_map)
-    _launch_dw(grad_out, x, mask, tile_map, out, 1, m_per_split)
-    return out
-
-
-def dw_split_rows(m: int, n_live: int, device: torch.device, split_m: Optional[int]) -> Tuple[int, int]:
-    """(splits, tokens per split) of a dW reduction over m tokens: `split_m` or _dw_split's default, in whole
-    64-token chunks (m == 0 runs one split whose loop is empty and stores zeros)."""
-    split = _dw_split(m, n_live, device) if split_m is None else max(1, int(split_m))
-    m_per_split = max(64, triton.cdiv(triton.cdiv(max(m, 1), split), 64) * 64) if split > 1 else max(m, 1)
-    return triton.cdiv(max(m, 1), m_per_split), m_per_split
-
-
-def live_slabs(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, tile_map: TileMap, split: int,
-               m_per_split: int) -> torch.Tensor:
-    """The masked dW of every live tile, reduced over `split` token splits with fp32 atomics: the compact
-    [n_live, BN, BK] fp32 buffer (COO order), zero outside the weight's bounds. Used by the split dW and by
-    the split fused dW + SGD (kernels/linear_dw_sgd.py)."""
-    bn, bk = tile_map.block
-    slabs = torch.zeros((tile_map.n_live, bn, bk), device=x.device, dtype=torch.float32)
-    _launch_dw(grad_out, x, mask, tile_map, slabs, split, m_per_split)
-    return slabs
-
-
-def _launch_dw(grad_out, x, mask, tile_map: TileMap, acc: torch.Tensor, split: int, m_per_split: int) -> None:
-    m, n = grad_out.shape
-    k = x.shape[1]
-    bn, bk = tile_map.block
-    atomic = split > 1
-    mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    kernel = _kernel("dw", x.device, atomic)
-    with device_guard(acc):
-        kernel[(tile_map.n_live, split)](
-            grad_out, x, mask_u8, acc, tile_map.coo_rows, tile_map.coo_cols,
-            m, n, k, m_per_split,
-            grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),
-            mask_u8.stride(0), mask_u8.stride(1), acc.stride(-2), acc.stride(-1),
-            live_bucket(tile_map.live_fraction),
-            INPUT_PRECISION=dot_input_precision(x.dtype, "matmul"), ATOMIC=atomic,
-            BLOCK_N=bn, BLOCK_K=bk, **_launch_meta(x.device),
-        )
 
 
 # ------------------------------------------------------------------------------------------------ reference

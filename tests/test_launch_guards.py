@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from fastticket.kernels import (_common, linear_dw_sgd, masked_conv2d, masked_linear, masked_optim,
-                                rewind as rewind_kernels)
+from fastticket.kernels import (_common, linear_dw_sgd, masked_conv2d, masked_linear, masked_linear_dw,
+                                masked_optim, rewind as rewind_kernels)
 from fastticket.kernels.tile_map import build_tile_map
 
 
@@ -30,7 +30,7 @@ class _GuardRecorder:
 @pytest.fixture
 def guards(monkeypatch):
     recorder = _GuardRecorder()
-    for module in (masked_linear, linear_dw_sgd, masked_conv2d, masked_optim, rewind_kernels):
+    for module in (masked_linear, masked_linear_dw, linear_dw_sgd, masked_conv2d, masked_optim, rewind_kernels):
         # raising=True: a launcher module without a guard fails here, before anything runs.
         monkeypatch.setattr(module, "device_guard", recorder)
     return recorder
@@ -49,7 +49,8 @@ def test_every_launcher_enters_the_device_guard(guards, device) -> None:
     launches = {
         "linear forward": lambda: masked_linear.linear_forward(x, w, None, tile_map),
         "linear dX": lambda: masked_linear.linear_grad_input(dy, w, tile_map),
-        "linear dW": lambda: masked_linear.linear_grad_weight(dy, x, mask, tile_map),
+        "linear dW": lambda: masked_linear_dw.linear_grad_weight(dy, x, mask, tile_map),
+        "linear dW quads": lambda: masked_linear_dw.linear_grad_weight(dy, x, mask, tile_map, tiles_per_program=2),
         "dW + SGD": lambda: linear_dw_sgd.linear_dw_sgd_(dy, x, w.clone(), mask, tile_map, None, lr=0.1,
                                                           momentum=0.9, dampening=0.0, nesterov=False,
                                                           weight_decay=0.0, maximize=False),

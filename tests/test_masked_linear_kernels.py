@@ -12,7 +12,7 @@ import zlib
 import pytest
 import torch
 
-from fastticket.kernels import masked_linear
+from fastticket.kernels import masked_linear, masked_linear_dw
 from fastticket.sparse import linear as linear_op
 from fastticket.kernels.tile_map import TileMap, TileMapCache, build_tile_map
 from fastticket.sparse.testing import rel_error
@@ -89,13 +89,13 @@ def test_launchers_match_float64_reference(device, shape, kind, density):
     assert_parity(dx, ref_dx, TOL[torch.float32], "dX")
 
     # dW: poison everything. Live tiles must be fully written, dead tiles never touched (still NaN).
-    dw = masked_linear.linear_grad_weight(g, x, mask, tm, out=torch.full((n, k), nan, device=device))
+    dw = masked_linear_dw.linear_grad_weight(g, x, mask, tm, out=torch.full((n, k), nan, device=device))
     live_elems = tm.live.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
     assert torch.isnan(dw[~live_elems]).all(), "a dead tile of dW was written"
     assert_parity(dw[live_elems], ref_dw[live_elems.cpu()], TOL[torch.float32], "dW (live tiles)")
     assert (dw[live_elems & ~mask] == 0).all(), "pruned entries of a live tile must get exactly zero gradient"
     # Default allocation: dead tiles are zero.
-    assert_parity(masked_linear.linear_grad_weight(g, x, mask, tm), ref_dw, TOL[torch.float32], "dW")
+    assert_parity(masked_linear_dw.linear_grad_weight(g, x, mask, tm), ref_dw, TOL[torch.float32], "dW")
 
 
 @pytest.mark.launches_triton
@@ -176,7 +176,7 @@ def test_dw_split_over_tokens(device, dtype, poisoned):
     tm = build_tile_map(mask, bn, bk)
     _, ref_dw, _ = masked_linear.reference_masked_linear_grads(x, w, b, mask, g)
     out = torch.full((n, k), float("nan"), device=device, dtype=dtype) if poisoned else None
-    dw = masked_linear.linear_grad_weight(g, x, mask, tm, out=out, split_m=3)
+    dw = masked_linear_dw.linear_grad_weight(g, x, mask, tm, out=out, split_m=3)
     assert dw.dtype == dtype
     live_elems = tm.live.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k].to(device)
     if poisoned:
@@ -207,7 +207,7 @@ def test_dw_split_buffer_covers_live_tiles_only(device, live, monkeypatch):
     zeros, sizes = torch.zeros, []
     monkeypatch.setattr(masked_linear.torch, "zeros", lambda *a, **kw: sizes.append(tuple(a[0])) or zeros(*a, **kw))
     out = torch.full((n, k), float("nan"), device=device)
-    dw = masked_linear.linear_grad_weight(g, x, mask, tm, out=out, split_m=3)
+    dw = masked_linear_dw.linear_grad_weight(g, x, mask, tm, out=out, split_m=3)
     monkeypatch.setattr(masked_linear.torch, "zeros", zeros)
     assert sizes == ([(tm.n_live, bn, bk)] if tm.n_live else []), sizes
     live_elems = tm.live.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k].to(device)
@@ -219,18 +219,114 @@ def test_dw_split_buffer_covers_live_tiles_only(device, live, monkeypatch):
 
 def test_dw_split_defaults(monkeypatch):
     """Off CUDA, and under deterministic algorithms, dW is never split (atomics round in varying order)."""
-    assert masked_linear._dw_split(10_000, 3, torch.device("cpu")) == 1
-    monkeypatch.setattr(masked_linear, "sm_count", lambda index: 132)
+    assert masked_linear_dw._dw_split(10_000, 3, torch.device("cpu")) == 1
+    monkeypatch.setattr(masked_linear_dw, "sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    assert masked_linear._dw_split(65536, 8, cuda) == 64  # 4 * 132 / 8 = 66, capped at 65536 / 1024
-    assert masked_linear._dw_split(2048, 8, cuda) == 2    # each split keeps >= 1024 tokens
-    assert masked_linear._dw_split(65536, 10_000, cuda) == 1  # enough live tiles to fill the GPU
+    assert masked_linear_dw._dw_split(65536, 8, cuda) == 64  # 4 * 132 / 8 = 66, capped at 65536 / 1024
+    assert masked_linear_dw._dw_split(2048, 8, cuda) == 2    # each split keeps >= 1024 tokens
+    assert masked_linear_dw._dw_split(65536, 10_000, cuda) == 1  # enough live tiles to fill the GPU
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        assert masked_linear._dw_split(65536, 8, cuda) == 1
+        assert masked_linear_dw._dw_split(65536, 8, cuda) == 1
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+# A 5 x 5 tile map (75 x 70 at 16 x 16 tiles: odd tile counts, partial edge tiles) whose 3 x 3 quads hold a
+# fully live quad, one-live-sub-tile quads (edge and corner quads too), a diagonal quad and a dead quad.
+QUAD_TILES = [[1, 1, 0, 1, 1],
+              [1, 1, 0, 0, 0],
+              [1, 0, 0, 0, 1],
+              [0, 1, 0, 1, 0],
+              [0, 1, 0, 0, 1]]
+
+
+def quad_case(pattern: str, dtype, device, seed: int):
+    """(x, w, b, mask, g) of 70 tokens through a 70 -> 75 layer; mask tiles: QUAD_TILES, random, or all live;
+    live tiles element-thinned by half, so they hold pruned entries too."""
+    m, n, k = 70, 75, 70
+    gen = torch.Generator().manual_seed(seed)
+    bn, bk = masked_linear.linear_tile_sizes(device, dtype)
+    if pattern == "designed":
+        tiles = torch.tensor(QUAD_TILES, dtype=torch.bool)
+    elif pattern == "random":
+        tiles = torch.rand(-(-n // bn), -(-k // bk), generator=gen) < 0.4
+    else:
+        tiles = torch.ones(-(-n // bn), -(-k // bk), dtype=torch.bool)
+    mask = tiles.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k] & (torch.rand(n, k, generator=gen) < 0.5)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / math.sqrt(k) * mask
+    g = torch.randn(m, n, generator=gen)
+    to = dict(device=device, dtype=dtype)
+    return x.to(**to), w.to(**to), None, mask.to(device), g.to(**to)
+
+
+@pytest.mark.launches_triton
+@pytest.mark.parametrize("split", [1, 3], ids=["direct", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("pattern", ["designed", "random", "live"])
+def test_dw_quads_match_reference_and_write_only_live_tiles(device, pattern, dtype, split):
+    """Quad dW programs (2 x 2 map tiles each): the float64 reference on every live tile, pruned entries exactly
+    zero, and the dead tiles of a NaN-poisoned `out` still NaN (also the dead sub-tiles of live quads), by the
+    direct store and by the atomic compact-slab path (70 tokens in 2 splits)."""
+    x, w, b, mask, g = quad_case(pattern, dtype, device, seed=zlib.crc32(f"quads-{pattern}".encode()))
+    bn, bk = masked_linear.linear_tile_sizes(device, dtype)
+    tm = build_tile_map(mask, bn, bk)
+    n, k = w.shape
+    bits = tm.quads().bits.tolist()
+    if pattern == "designed":  # the cases the pattern is there for
+        assert 15 in bits and {1, 2, 4, 8} & set(bits) and 9 in bits and tm.quads().n_quads == 8
+    _, ref_dw, _ = masked_linear.reference_masked_linear_grads(x, w, b, mask, g)
+    out = torch.full((n, k), float("nan"), device=device, dtype=dtype)
+    dw = masked_linear_dw.linear_grad_weight(g, x, mask, tm, out=out, split_m=split, tiles_per_program=2)
+    assert dw is out and dw.dtype == dtype
+    live_elems = tm.live.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k].to(device)
+    assert torch.isnan(dw[~live_elems]).all(), "a dead tile of dW was written"
+    assert_parity(dw[live_elems], ref_dw[live_elems.cpu()], TOL[dtype], "dW quads (live tiles)")
+    assert (dw[live_elems & ~mask] == 0).all(), "pruned entries of a live tile must get exactly zero gradient"
+    tiles = masked_linear_dw.linear_grad_weight(g, x, mask, tm, split_m=split, tiles_per_program=1)
+    assert_parity(torch.where(live_elems, dw, 0.0), tiles.double(), TOL[dtype], "dW quads vs tiles")
+
+
+@pytest.mark.launches_triton
+def test_dw_quads_split_counts_quad_programs(device, monkeypatch):
+    """The token split is sized for the programs that run: quads when quads run, tiles otherwise."""
+    x, w, b, mask, g = quad_case("designed", torch.float32, device, seed=3)
+    tm = build_tile_map(mask, *masked_linear.linear_tile_sizes(device, x.dtype))
+    seen = []
+    monkeypatch.setattr(masked_linear_dw, "_dw_split", lambda m, programs, dev: seen.append(programs) or 1)
+    masked_linear_dw.linear_grad_weight(g, x, mask, tm, tiles_per_program=2)
+    masked_linear_dw.linear_grad_weight(g, x, mask, tm, tiles_per_program=1)
+    assert seen == [tm.quads().n_quads, tm.n_live]
+    with pytest.raises(ValueError, match="tiles_per_program must be None"):
+        masked_linear_dw.linear_grad_weight(g, x, mask, tm, tiles_per_program=4)
+
+
+def test_dw_quads_heuristic(monkeypatch):
+    """Quads by default only on CUDA outside the interpreter, not for IEEE fp32, with quads >= 3/4 full and
+    enough programs (token splits counted) for every SM."""
+    live = torch.ones(4096, 4096, dtype=torch.bool)
+    full = build_tile_map(live, 64, 64)
+    checker = live.clone().view(64, 64, 64, 64)
+    checker[1::2, :, :, :] = False  # every other tile-row dead: quads half full
+    half = build_tile_map(checker.view(4096, 4096), 64, 64)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert not masked_linear_dw._dw_quads(full, 8192, torch.bfloat16, cpu)
+    assert not masked_linear_dw._dw_quads(full, 8192, torch.bfloat16, cuda), "the interpreter runs tiles"
+    monkeypatch.setattr(masked_linear_dw, "interpreter_active", lambda: False)
+    monkeypatch.setattr(masked_linear_dw, "sm_count", lambda index: 132)
+    assert masked_linear_dw._dw_quads(full, 8192, torch.bfloat16, cuda)
+    assert masked_linear_dw._dw_quads(full, 8192, torch.float16, cuda)
+    assert not masked_linear_dw._dw_quads(half, 8192, torch.bfloat16, cuda), "fill 0.5 < _WIDE_MIN_FILL"
+    monkeypatch.setattr(masked_linear_dw, "dot_input_precision", lambda dtype, lib: "ieee")
+    assert not masked_linear_dw._dw_quads(full, 8192, torch.float32, cuda), "IEEE fp32 (FMA) keeps tiles"
+    monkeypatch.setattr(masked_linear_dw, "dot_input_precision", lambda dtype, lib: None)
+    few = torch.zeros(4096, 4096, dtype=torch.bool)
+    few[:128 * 4, :128 * 4] = True  # 16 full quads
+    few_map = build_tile_map(few, 64, 64)
+    assert masked_linear_dw._dw_quads(few_map, 65536, torch.bfloat16, cuda), "16 quads x 33 splits fill 132 SMs"
+    assert not masked_linear_dw._dw_quads(few_map, 1024, torch.bfloat16, cuda), "16 programs for 132 SMs"
 
 
 def test_live_bucket_groups_imp_levels():

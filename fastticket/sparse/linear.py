@@ -96,7 +96,7 @@ def _grad_weight(grad, x, mask: Optional[torch.Tensor], tile_map: AnyTileMap, sk
         if x.dim() == 3:
             from fastticket.kernels.grouped_linear import grouped_linear_grad_weight
             return grouped_linear_grad_weight(grad, x, mask, tile_map)
-        from fastticket.kernels.masked_linear import linear_grad_weight
+        from fastticket.kernels.masked_linear_dw import linear_grad_weight
         return linear_grad_weight(grad, x, mask, tile_map)
     dw = grad.t() @ x if x.dim() == 2 else torch.bmm(grad.transpose(1, 2), x)
     return dw if mask is None else dw.masked_fill_(~mask.bool(), 0.0)

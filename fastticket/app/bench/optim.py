@@ -302,7 +302,7 @@ class DwUpdateBench:
         """A zero-argument step of implementation `name` (one of DW_IMPLS), updating the bench's weight."""
         from fastticket.kernels import linear_dw_sgd as F
         from fastticket.kernels import masked_optim as K
-        from fastticket.kernels.masked_linear import linear_grad_weight
+        from fastticket.kernels.masked_linear_dw import linear_grad_weight
 
         dy, x, w, mask, tile_map = self.dy, self.x, self.w, self.mask, self.tile_map
         buf = torch.zeros_like(w)

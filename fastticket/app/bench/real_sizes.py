@@ -75,6 +75,7 @@ def _check(got: torch.Tensor, ref: torch.Tensor, precision: str, what: str) -> N
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_linear_square(precision, forced_tile_skipping) -> None:
     from fastticket.kernels import masked_linear as ml
+    from fastticket.kernels import masked_linear_dw as mld
     from fastticket.kernels.tile_map import build_tile_map
 
     dtype = DTYPES[precision]
@@ -91,12 +92,14 @@ def test_linear_square(precision, forced_tile_skipping) -> None:
     with tf32_set("matmul", precision == "tf32"):
         y = ml.linear_forward(xd, wd, bd, tile_map)
         dx = ml.linear_grad_input(gd, wd, tile_map)
-        dw = ml.linear_grad_weight(gd, xd, mask, tile_map)
+        dw = mld.linear_grad_weight(gd, xd, mask, tile_map, tiles_per_program=1)
+        dw_quads = mld.linear_grad_weight(gd, xd, mask, tile_map, tiles_per_program=2)
     x64, w64, g64 = xd.double(), wd.double(), gd.double()
     _check(y, x64 @ w64.t() + bd.double(), precision, "forward")
     _check(dx, g64 @ w64, precision, "dX")
-    _check(dw, (g64.t() @ x64) * mask, precision, "dW")
-    assert torch.all(dw[~mask] == 0)
+    for what, got in (("dW", dw), ("dW (quads)", dw_quads)):
+        _check(got, (g64.t() @ x64) * mask, precision, what)
+        assert torch.all(got[~mask] == 0), what
 
 
 def test_linear_dx_of_a_wide_head(forced_tile_skipping) -> None:
