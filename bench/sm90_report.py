@@ -21,6 +21,7 @@ BODY = r"""
 import torch
 import fastticket.kernels.linear_dw_sgd as linear_dw_sgd
 import fastticket.kernels.masked_linear as ml
+import fastticket.kernels.masked_linear_dw as mld
 
 ml._SMEM_BUDGET = SMEM_LIMIT_SM90
 BN, BK = 64, 64
@@ -50,12 +51,23 @@ for shape, (M, N, K) in SHAPES.items():
               INPUT_PRECISION=precision, BLOCK_N=BN, BLOCK_K=64, TILE_K=BK, **lists, **meta)
         c = ml._dw_prune_configs(ml._dw_cuda_configs(), {"M": M})[0]
         cfg = f"BM{c.kwargs['BLOCK_M']} w{c.num_warps} s{c.num_stages}"
+        dw_args = lambda atomic: (t, t, u8, f32 if atomic else t, i32, i32, i32, i32, M, N, K,  # noqa: E731
+                                  1024 if atomic else M, N, 1, K, 1, K, 1, BK if atomic else K, 1, BUCKET)
         for atomic in (False, True):
             kind = "dw-split" if atomic else "dw"
-            check(f"{kind}|{shape}|{tag}|{cfg}", ml._dw_kernel, t, t, u8, f32 if atomic else t, i32, i32,
-                  M, N, K, 1024 if atomic else M, N, 1, K, 1, K, 1, K, 1, BUCKET,
-                  INPUT_PRECISION=precision, ATOMIC=atomic, BLOCK_N=BN, BLOCK_K=BK, **c.kwargs,
-                  num_warps=c.num_warps, num_stages=c.num_stages)
+            check(f"{kind}|{shape}|{tag}|{cfg}", ml._dw_kernel, *dw_args(atomic),
+                  INPUT_PRECISION=precision, ATOMIC=atomic, BLOCK_N=BN, BLOCK_K=BK, TILE_N=BN, TILE_K=BK,
+                  **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        # Quad programs (128 x 128 over 2 x 2 map tiles, kernels/masked_linear_dw.py): the first config kept.
+        for atomic in (False, True):
+            strides = dict(stride_xm=K, stride_xk=1, stride_dwn=BK if atomic else K, stride_dwk=1)
+            c = mld._dw_quad_prune_configs(mld._dw_quad_cuda_configs(), dict(M=M, x_ptr=Arg(dtype), **strides),
+                                           INPUT_PRECISION=precision, BLOCK_N=2 * BN, BLOCK_K=2 * BK)[0]
+            cfg = f"BM{c.kwargs['BLOCK_M']} w{c.num_warps} s{c.num_stages}"
+            kind = "dw-quad-split" if atomic else "dw-quad"
+            check(f"{kind}|{shape}|{tag}|{cfg}", ml._dw_kernel, *dw_args(atomic),
+                  INPUT_PRECISION=precision, ATOMIC=atomic, BLOCK_N=2 * BN, BLOCK_K=2 * BK, TILE_N=BN,
+                  TILE_K=BK, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         fused = getattr(linear_dw_sgd, "cuda_meta", lambda p: linear_dw_sgd._CUDA_META)(precision)  # before: one
         cfg = f"BM{fused['BLOCK_M']} w{fused['num_warps']} s{fused['num_stages']}"
         check(f"dw+sgd|{shape}|{tag}|{cfg}", linear_dw_sgd._dw_sgd_kernel, t, t, u8, f32, f32, i32, i32, M, N, K,

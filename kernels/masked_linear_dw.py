@@ -35,8 +35,8 @@ import triton
 from fastticket.kernels._common import (device_guard, dot_input_precision, first_config_only, interpreter_active,
                                         live_bucket, sm_count)
 from fastticket.kernels._masked_linear_jit import _dw_kernel
-from fastticket.kernels.masked_linear import (_KEYS, _SMALL_M, _SMEM_BUDGET, _WIDE_MIN_FILL, _check_tile_map,
-                                              _kernel, _launch_meta)
+from fastticket.kernels import masked_linear as _ml
+from fastticket.kernels.masked_linear import _KEYS, _WIDE_MIN_FILL, _check_tile_map, _kernel, _launch_meta
 from fastticket.kernels.tile_map import TileMap
 
 __all__ = ["linear_grad_weight", "dw_split_rows", "live_slabs", "scatter_live_slabs", "live_tile_index"]
@@ -47,29 +47,50 @@ _TILES_PER_PROGRAM = (1, 2)
 # ------------------------------------------------------------------------------------------------ config
 
 def _dw_quad_cuda_configs() -> List[triton.Config]:
-    """Quad dW configs (128 x 128 fp32 accumulator): on 8 warps that is 64 registers a thread, on 4 it would be
-    128, all of the budget before any operand fragment. BLOCK_M is the token chunk of one step; the pruning
-    trims stages to the shared memory and BLOCK_M 32 to small M (see _dw_quad_prune_configs)."""
+    """Quad dW configs (128 x 128 fp32 accumulator): 8 warps, where it is 64 registers a thread (on 4 warps it
+    is 128 and the sm_90 compile goes past 200 registers, spilling for IEEE). BLOCK_M is the token chunk of one
+    step, the MMA's reduction (not its M: BLOCK_M 32 still compiles to wgmma). Stages are trimmed to the shared
+    memory by _dw_quad_prune_configs."""
     return [triton.Config({"BLOCK_M": block_m}, num_warps=8, num_stages=stages)
             for block_m, stages in [(64, 4), (128, 3), (32, 5)]]
 
 
+# IEEE fp32 runs the quad's product on FMA: BLOCK_M 64 on 8 warps takes 255 registers a thread on sm_90 and
+# spills at LeNet's 784 -> 300 strides; BLOCK_M 32 compiles spill-free (127-146 registers) at every shape
+# bench/sm90_report.py covers.
+_DW_QUAD_IEEE_MAX_BLOCK_M = 32
+# X or dW row strides that are not multiples of 16 elements (LeNet's 300 -> 100 and 100 -> 10: K = 300, 100)
+# make the 128-wide loads and the direct store scalar, one 64-bit address per element: on 8 warps that spills
+# on sm_90 (bf16 140 bytes, TF32 352, IEEE 88); BLOCK_M 32 on 16 warps compiles spill-free for all three.
+_DW_QUAD_UNALIGNED_CONFIGS = ((32, 16, 5),)
+
+
+def _x_dw_strides_aligned(named_args) -> bool:
+    """X's and dW's non-unit strides all multiples of 16 elements (what triton's divisibility needs)."""
+    return all(named_args.get(name, 16) % 16 == 0 for name in ("stride_xm", "stride_xk", "stride_dwn", "stride_dwk")
+               if named_args.get(name, 16) != 1)
+
+
 def _dw_quad_prune_configs(configs, named_args, **kwargs):
-    """BLOCK_M 32 only for small M (as the 64-wide dW); stages cut to what fits the shared memory (two
-    [128, BLOCK_M] / [BLOCK_M, 128] operand tiles per stage), a config left below 3 stages dropped."""
+    """The quad configs that fit: IEEE fp32 only BLOCK_M <= _DW_QUAD_IEEE_MAX_BLOCK_M, BLOCK_M far above M
+    dropped, stages cut to the shared memory (two [128, BLOCK_M] / [BLOCK_M, 128] operand tiles a stage) and a
+    config left with fewer than 3 dropped; unaligned X / dW strides take _DW_QUAD_UNALIGNED_CONFIGS instead.
+    Duplicates collapse."""
     m = named_args["M"]
-    elem = named_args["x_ptr"].element_size()
-    budget = _SMEM_BUDGET
-    if named_args["x_ptr"].device.type == "cuda":
-        budget = getattr(torch.cuda.get_device_properties(named_args["x_ptr"].device),
-                         "shared_memory_per_block_optin", budget)
-    width = kwargs.get("BLOCK_N", 128) + kwargs.get("BLOCK_K", 128)
+    if not _x_dw_strides_aligned(named_args):
+        configs = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st) for bm, w, st in _DW_QUAD_UNALIGNED_CONFIGS]
+    x = named_args["x_ptr"]
+    budget = _ml._SMEM_BUDGET  # read at call time: the sm_90 compile checks set it to Hopper's
+    if x.device.type == "cuda":
+        budget = getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", budget)
+    ieee = kwargs.get("INPUT_PRECISION") == "ieee"
+    per_row = (kwargs.get("BLOCK_N", 128) + kwargs.get("BLOCK_K", 128)) * x.element_size()
     kept = {}
     for cfg in configs:
         block_m = cfg.kwargs["BLOCK_M"]
-        if block_m < 64 and m > _SMALL_M:
+        if (ieee and block_m > _DW_QUAD_IEEE_MAX_BLOCK_M) or (block_m > 64 and block_m >= 2 * max(m, 1)):
             continue
-        stages = min(cfg.num_stages, budget // (block_m * width * elem))
+        stages = min(cfg.num_stages, budget // (block_m * per_row))
         if stages < 3:
             continue
         kept.setdefault((block_m, cfg.num_warps, stages),

@@ -385,6 +385,30 @@ def test_fp32_configs_per_precision_and_alignment():
     assert all("INPUT_PRECISION" in key for key in masked_linear._KEYS.values())
 
 
+def test_dw_quad_config_pruning(monkeypatch):
+    """Quad dW configs: stages cut to the shared memory (>= 3 kept), IEEE fp32 only BLOCK_M 32 (FMA registers),
+    BLOCK_M 128 not for a handful of tokens; the sm_90 budget keeps more than the 160 KiB default."""
+    def kept(elem, precision, m=8192):
+        pruned = masked_linear_dw._dw_quad_prune_configs(
+            masked_linear_dw._dw_quad_cuda_configs(), {"M": m, "x_ptr": _FakeTensor(elem)},
+            INPUT_PRECISION=precision, BLOCK_N=128, BLOCK_K=128)
+        return [(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in pruned]
+    assert kept(2, None) == [(64, 8, 4), (32, 8, 5)]              # 128 x 3 stages = 192 KiB > 160 KiB
+    assert kept(4, "tf32") == [(32, 8, 5)]                        # fp32 BLOCK_M 64: 2 stages fit, dropped
+    assert kept(4, "ieee") == [(32, 8, 5)]
+    assert kept(2, None, m=40) == [(64, 8, 4), (32, 8, 5)]
+    for elem, precision in ((2, None), (4, "tf32"), (4, "ieee")):  # K = 300: X's rows and dW's rows unaligned
+        unaligned = masked_linear_dw._dw_quad_prune_configs(
+            masked_linear_dw._dw_quad_cuda_configs(),
+            {"M": 256, "x_ptr": _FakeTensor(elem), "stride_xm": 300, "stride_xk": 1, "stride_dwn": 300,
+             "stride_dwk": 1}, INPUT_PRECISION=precision, BLOCK_N=128, BLOCK_K=128)
+        assert [(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in unaligned] == [(32, 16, 5)]
+    monkeypatch.setattr(masked_linear, "_SMEM_BUDGET", 232448)    # sm_90's 227 KiB
+    assert kept(2, None) == [(64, 8, 4), (128, 8, 3), (32, 8, 5)]
+    assert kept(4, "tf32") == [(64, 8, 3), (32, 8, 5)]
+    assert kept(2, None, m=40) == [(64, 8, 4), (32, 8, 5)]
+
+
 def test_tile_map_of_wrong_block_or_shape_is_rejected(device):
     x, w, b, mask, _ = make_case(8, 32, 32, "element", 0.5, seed=1, device=device)
     bn, bk = masked_linear.linear_tile_sizes(device, x.dtype)
@@ -602,12 +626,36 @@ SM90_EXPECT = {
     "dw+sgd tf32 300>100 BM64 w8 s3": Expect("wgmma", buffers=3),
     "dw+sgd ieee 100>10 BM64 w8 s3": Expect("fma", buffers=2),
     "sgd-slab fp32 300>100 w8": Expect(None),
+    # Quad dW programs (128 x 128 over 2 x 2 map tiles; kernels/masked_linear_dw.py), the first config kept:
+    # tensor cores and pipelining for bf16 / TF32, FMA with BLOCK_M 32 for IEEE (BLOCK_M 64 reaches 255
+    # registers and spills at 784 -> 300), nothing spilling, direct store and split atomics alike.
+    "dw-quad bf16 4096 BM64 w8 s4": Expect("wgmma", buffers=4, async16=True),
+    "dw-quad-split bf16 4096 BM64 w8 s4": Expect("wgmma", buffers=4, async16=True),
+    "dw-quad tf32 4096 BM64 w8 s3": Expect("wgmma", buffers=3),
+    "dw-quad-split tf32 4096 BM64 w8 s3": Expect("wgmma", buffers=3),
+    "dw-quad ieee 4096 BM32 w8 s5": Expect("fma", buffers=4, async16=True),
+    "dw-quad-split ieee 4096 BM32 w8 s5": Expect("fma", buffers=4, async16=True),
+    "dw-quad bf16 784>300 BM64 w8 s4": Expect("wgmma", buffers=4),
+    "dw-quad-split bf16 784>300 BM64 w8 s4": Expect("wgmma", buffers=4),
+    "dw-quad tf32 784>300 BM64 w8 s3": Expect("wgmma", buffers=3),
+    "dw-quad-split tf32 784>300 BM64 w8 s3": Expect("wgmma", buffers=3),
+    "dw-quad ieee 784>300 BM32 w8 s5": Expect("fma", buffers=4),
+    "dw-quad-split ieee 784>300 BM32 w8 s5": Expect("fma", buffers=4),
+    # K = 300 (X's and dW's rows not 16-aligned): BLOCK_M 32 on 16 warps; bf16 loses its pipelining there, as
+    # the 64-wide dW does (scalar operand loads).
+    "dw-quad bf16 300>100 BM32 w16 s5": Expect("wgmma"),
+    "dw-quad-split bf16 300>100 BM32 w16 s5": Expect("wgmma"),
+    "dw-quad tf32 300>100 BM32 w16 s5": Expect("wgmma", buffers=5),
+    "dw-quad-split tf32 300>100 BM32 w16 s5": Expect("wgmma", buffers=5),
+    "dw-quad ieee 300>100 BM32 w16 s5": Expect("fma", buffers=4),
+    "dw-quad-split ieee 300>100 BM32 w16 s5": Expect("fma", buffers=4),
 }
 
 SM90_BODY = r"""
 import torch
 import fastticket.kernels.linear_dw_sgd as linear_dw_sgd
 import fastticket.kernels.masked_linear as ml
+import fastticket.kernels.masked_linear_dw as mld
 
 WANTED = %r
 M, N, K = 8192, 4096, 4096
@@ -648,9 +696,9 @@ for dtype, tag, precision in ((torch.bfloat16, "bf16", None), (torch.float32, "t
     for c in ml._dw_cuda_configs():
         name = f"dw {tag} BM{c.kwargs['BLOCK_M']} w{c.num_warps} s{c.num_stages}"
         if name in WANTED:  # the split variant (fp32 atomics): what a layer with few live tiles runs
-            check(name, ml._dw_kernel, t, t, u8, f32, i32, i32, M, N, K, 1024, N, 1, K, 1, K, 1, K, 1, BUCKET,
-                  INPUT_PRECISION=precision, ATOMIC=True, BLOCK_N=BN, BLOCK_K=BK, **c.kwargs,
-                  num_warps=c.num_warps, num_stages=c.num_stages)
+            check(name, ml._dw_kernel, t, t, u8, f32, i32, i32, i32, i32, M, N, K, 1024, N, 1, K, 1, K, 1, K, 1,
+                  BUCKET, INPUT_PRECISION=precision, ATOMIC=True, BLOCK_N=BN, BLOCK_K=BK, TILE_N=BN, TILE_K=BK,
+                  **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     check_dw_sgd(tag, t, precision, M, N, K)
 # IEEE fp32 and LeNet's odd strides: the first config a launch's pruning keeps (it reads the strides).
 SHAPES = {"4096": (8192, 4096, 4096), "784>300": (256, 300, 784), "300>100": (256, 100, 300),
@@ -678,9 +726,21 @@ for shape, (M, N, K) in SHAPES.items():
         c = ml._dw_prune_configs(ml._dw_cuda_configs(), {"M": M})[0]
         name = f"dw {tag} {shape} BM{c.kwargs['BLOCK_M']} w{c.num_warps} s{c.num_stages}"
         if name in WANTED:  # the split variant: atomics into the compact slabs
-            check(name, ml._dw_kernel, t, t, u8, f32, i32, i32, M, N, K, 128, N, 1, K, 1, K, 1, BK, 1, BUCKET,
-                  INPUT_PRECISION=precision, ATOMIC=True, BLOCK_N=BN, BLOCK_K=BK, **c.kwargs,
-                  num_warps=c.num_warps, num_stages=c.num_stages)
+            check(name, ml._dw_kernel, t, t, u8, f32, i32, i32, i32, i32, M, N, K, 128, N, 1, K, 1, K, 1, BK, 1,
+                  BUCKET, INPUT_PRECISION=precision, ATOMIC=True, BLOCK_N=BN, BLOCK_K=BK, TILE_N=BN, TILE_K=BK,
+                  **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        # Quad programs (kernels/masked_linear_dw.py), the first config the pruning keeps: the direct store
+        # (its dW in the input dtype, stride K) and the split's atomics into the compact slabs.
+        for kind, atomic in (("dw-quad", False), ("dw-quad-split", True)):
+            strides = dict(stride_xm=K, stride_xk=1, stride_dwn=BK if atomic else K, stride_dwk=1)
+            c = mld._dw_quad_prune_configs(mld._dw_quad_cuda_configs(), dict(M=M, x_ptr=Arg(dtype), **strides),
+                                           INPUT_PRECISION=precision, BLOCK_N=2 * BN, BLOCK_K=2 * BK)[0]
+            name = f"{kind} {tag} {shape} BM{c.kwargs['BLOCK_M']} w{c.num_warps} s{c.num_stages}"
+            if name in WANTED:
+                check(name, ml._dw_kernel, t, t, u8, f32 if atomic else t, i32, i32, i32, i32, M, N, K,
+                      128 if atomic else M, N, 1, K, 1, K, 1, BK if atomic else K, 1, BUCKET,
+                      INPUT_PRECISION=precision, ATOMIC=atomic, BLOCK_N=2 * BN, BLOCK_K=2 * BK, TILE_N=BN,
+                      TILE_K=BK, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         check_dw_sgd(f"{tag} {shape}", t, precision, M, N, K)
         name = f"sgd-slab {'fp32' if dtype == torch.float32 else tag} {shape} w8"
         if name in WANTED and tag != "tf32":
