@@ -137,3 +137,40 @@ def test_cpu_parity_only_run_says_no_timings_after_the_table(monkeypatch, capsys
     out = _cpu_run_output(monkeypatch, capsys, [row], suite="fake")
     assert "Timings need a GPU" not in out.partition("| fake |")[0] and "search suite" not in out
     assert out.rstrip().endswith("Timings need a GPU: none were measured on this machine.")
+
+
+def test_dw_program_rows_and_their_session_step(tmp_path):
+    """The linear suite's dW rows (64 x 64 tiles against 128 x 128 quads against cuBLAS), run by their GPU-session
+    step at tiny scale: on a CPU parity only (both program shapes against float64), the quads' fill (full on the
+    mask of twice the tile), the heuristic's pick, and a closing row that says the comparison is unmeasured."""
+    from fastticket.app.bench import session_steps
+    from fastticket.sparse.testing import parity_tolerance
+
+    if torch.cuda.is_available():
+        pytest.skip("the GPU session times these rows itself")
+    assert session_steps.main(["linear-dw-quads", str(tmp_path), "--tiny"]) == 0
+    rows = session_steps.read_rows(tmp_path)
+    *measured, summary = rows
+    assert [r["mask"] for r in measured] == ["block:32x32", "block:16x16"]
+    for r in measured:
+        assert r["op"] == "dw" and r["parity"] < parity_tolerance("fp32") and r["extra"]["heuristic"] == "tiles"
+        assert r["extra"]["parity_quads"] < parity_tolerance("fp32") and not r["times_ms"]
+    # 5 x 5 tiles: the 32 x 32 blocks fill every quad but the edge ones (half outside the weight).
+    assert measured[0]["extra"]["quad_fill"] > 0.7 > measured[1]["extra"]["quad_fill"]
+    assert summary["case"] == "dw-quads" and "unmeasured" in summary["extra"]["summary"]
+
+
+def test_dw_summary_row_reports_ratios_and_the_heuristics_misses():
+    from fastticket.app.bench.linear import dw_summary_row
+
+    def row(mask, density, tiles_ms, quads_ms, pick):
+        return BenchRow(suite="linear", case="large.x", op="dw", shape="s", dtype="bf16", mask=mask, density=density,
+                        times_ms={"dw-tiles": tiles_ms, "dw-quads": quads_ms, "dense": 1.0},
+                        extra={"quads_vs_tiles": tiles_ms / quads_ms, "heuristic": pick})
+    rows = [row("block:128x128", 0.5, 2.0, 1.0, "quads"), row("block:128x128", 0.1, 1.5, 1.0, "quads"),
+            row("block:64x64", 0.5, 1.0, 2.0, "quads"), row("block:64x64", 0.1, 1.0, 1.25, "tiles")]
+    summary = dw_summary_row(rows, "bf16").extra
+    assert summary["quads_vs_tiles"] == {"block:128x128": (1.5, 2.0), "block:64x64": (0.5, 0.8)}
+    assert summary["heuristic_wrong"] == ["block:64x64@0.5"]
+    assert summary["summary"] == ("linear dW: tiles ms / quads ms block:128x128 1.50-2.00, block:64x64 0.50-0.80; "
+                                  "_dw_quads picked the slower shape in 1 of 4 rows")

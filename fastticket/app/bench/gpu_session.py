@@ -2,8 +2,8 @@
 
 GPUs are lent rarely and for one call of at most 10 minutes, so the session fits a budget it enforces
 (`SESSION_BUDGET_S`, 8 minutes; `--budget S` to change it) and runs its steps most valuable first: the
-linear dispatch crossover, the real-size linear and optimizer checks, the search bench, the conv crossover
-and real-size conv checks, then the rest (a search timing eager vs compiled, every suite's quick grid, the
+linear dispatch crossover, the real-size linear and optimizer checks, the linear dW's tile against quad
+programs, the search bench, the conv crossover and real-size conv checks, then the rest (a search timing eager vs compiled, every suite's quick grid, the
 test suite). Each step's budget is its share of the session's (`PLAN`); the budgets add up to the
 session's. How steps run, stop and are written: fastticket/app/bench/session_run.py; the benchmark
 steps' bodies: fastticket/app/bench/session_steps.py; the real-size checks are a pytest module inside the
@@ -37,6 +37,8 @@ PLAN = [
     ("real-size-linear-optim", "pytest", 0.20, "linear fwd/dX/dW (4096^2 x 8192 tokens, a 262k head past "
      "2^31), optimizer steps on 16M elements and the fused dW+SGD against float64, bf16/fp16/fp32/tf32, one "
      "config per kernel (FASTTICKET_FIRST_CONFIG=1)"),
+    ("linear-dw-quads", "rows", 0.05, "linear dW, 64 x 64 tile programs against 128 x 128 quads against cuBLAS "
+     "(4096^2 x 8192 tokens, block:128x128 and block:64x64 masks): the rows that settle the _dw_quads heuristic"),
     ("search-bench", "rows", 0.10, "`fastticket bench --suite search`: one arm and K batched arms per step"),
     ("search-cuda-graph", "rows", 0.06, "the search bench's LeNet cases (1 and 8 stacked arms, MaskedAdam and "
      "MaskedSGD, an lr moving every step), the step captured as a CUDA graph (--cuda-graph) against eager: "
@@ -45,8 +47,8 @@ PLAN = [
     ("real-size-conv", "pytest", 0.14, "VGG-19 and ResNet-20 conv layers against float64, every precision, "
      "one config per kernel"),
     ("search-timing", "timing", 0.08, "a LeNet-300-100 search (1 level x 300 iterations), eager and compiled"),
-    ("benchmarks", "rows", 0.08, "every kernel suite on its quick grid (bf16)"),
-    ("test-suite", "pytest", 0.08, "the test suite of ./tests on the GPU"),
+    ("benchmarks", "rows", 0.05, "every kernel suite on its quick grid (bf16)"),
+    ("test-suite", "pytest", 0.06, "the test suite of ./tests on the GPU"),
 ]
 
 

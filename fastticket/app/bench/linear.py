@@ -17,19 +17,27 @@ Crossover: for each case family (shape x mask kind) the suite finds the largest 
 tile skipping beats dense on fwd+bwd and reports it in a summary row (`extra["crossover_live_fraction"]`,
 `extra["suggested_threshold"]`); kernels/dispatch.py's DENSE_THRESHOLDS["linear"] should be set from it.
 
+dW program shape (op "dw", rows `dw_program_rows`): kernels/masked_linear_dw.py's dW timed alone with 64 x 64
+tile programs (`dw-tiles`, tiles_per_program=1) and 128 x 128 quad programs (`dw-quads`, 2) against the dense
+path's cuBLAS dW (`dense`: dY^T X, masked), on block:128x128 masks (every quad full) and block:64x64 masks
+(random tiles, quads part full). Each row carries `quads_vs_tiles` (tiles ms / quads ms: > 1 means quads are
+faster), the quads' fill and what the heuristic `_dw_quads` picks; a closing `dw-quads` row sums them up, so
+a GPU run settles the heuristic.
+
 Without a GPU the suite runs the parity part only, in the Triton interpreter on small shapes.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from fastticket.app.bench.cases import grid_layers, skip_and_dispatch_parity
-from fastticket.app.bench import BenchOptions, BenchRow, crossover_row, env_override, layer_op_row, make_mask, suite
+from fastticket.app.bench import (BenchOptions, BenchRow, crossover_row, env_override, layer_op_row, make_mask, suite,
+                                  time_ms)
 from fastticket.kernels._common import tf32_set
 
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
@@ -192,6 +200,82 @@ def linear_suite(options: BenchOptions) -> List[BenchRow]:
                     "linear", case.name, op, case.shape, mask_kind, density, options.dtype, layer, errors,
                     extra, timing, forced_skip, extra_impls=bsr))
             del layer  # freed before the next case's layer is built
+        rows.extend(dw_program_rows(options))
     # From the large layers pooled: small layers are launch-bound and say little about the kernels.
     rows.append(crossover_row("linear", rows, options.dtype, timing, "large.", "the large layers"))
     return rows
+
+
+# ------------------------------------------------------------------------------------------- dW programs
+
+DW_MASKS = ("block:128x128", "block:64x64")  # quads full; random 64-tiles (quads part full)
+DW_DENSITIES = (0.5, 0.1)
+DW_IMPLS = ("dw-tiles", "dw-quads", "dense")
+
+
+def dw_grid(options: BenchOptions) -> Tuple[List[LinearCase], Tuple[str, ...], Tuple[float, ...]]:
+    """(cases, mask kinds, densities) of the dW program rows: the large square layer on a GPU; off it an
+    interpreter-sized layer with odd tile counts, its masks at twice the 16 x 16 tile (full quads) and at it."""
+    if options.torch_device.type != "cuda":
+        return [LinearCase("odd", 70, 75, 70)], ("block:32x32", "block:16x16"), (0.5,)
+    tokens = 2048 if options.quick else 8192
+    return [LinearCase("large.4096x4096", tokens, 4096, 4096)], DW_MASKS, DW_DENSITIES
+
+
+def iter_dw_program_rows(options: BenchOptions) -> Iterator[BenchRow]:
+    """One op "dw" row per point of `dw_grid` (see the module docstring), as each is measured."""
+    from fastticket.kernels.masked_linear import reference_masked_linear_grads
+    from fastticket.kernels.masked_linear_dw import _dw_quads, linear_grad_weight
+    from fastticket.sparse.testing import nan_max, rel_error
+
+    timing = options.timing and options.torch_device.type == "cuda"
+    for case, mask_kind, density, layer in grid_layers(options, dw_grid, BenchLayer):
+        mask, tile_map = layer.mask, layer.tile_map(*layer.tile)
+        sets = [(x.detach(), g) for x, g in zip(layer.xs, layer.gs)]
+        impls = {"dw-tiles": lambda x, g: linear_grad_weight(g, x, mask, tile_map, tiles_per_program=1),
+                 "dw-quads": lambda x, g: linear_grad_weight(g, x, mask, tile_map, tiles_per_program=2),
+                 "dense": lambda x, g: (g.t() @ x).masked_fill_(~mask, 0.0)}
+        x, g = sets[0]
+        ref = reference_masked_linear_grads(x, layer.weight.detach(), None, mask, g)[1]
+        quads = tile_map.quads()
+        extra: Dict[str, object] = {
+            "live_fraction": tile_map.live_fraction, "quad_fill": tile_map.n_live / max(1, 4 * quads.n_quads),
+            "heuristic": "quads" if _dw_quads(tile_map, case.tokens, layer.weight.dtype, mask.device) else "tiles",
+            "parity_tiles": rel_error(impls["dw-tiles"](x, g), ref),
+            "parity_quads": rel_error(impls["dw-quads"](x, g), ref)}
+        times = {name: time_ms(impls[name], sets) for name in DW_IMPLS} if timing else {}
+        if times:
+            extra["quads_vs_tiles"] = times["dw-tiles"] / times["dw-quads"]
+        yield BenchRow(suite="linear", case=case.name, op="dw", shape=case.shape, dtype=options.dtype,
+                       mask=mask_kind, density=density, times_ms=times,
+                       ratio_vs_dense={k: times["dense"] / t for k, t in times.items() if k != "dense" and t > 0},
+                       parity=nan_max(extra["parity_tiles"], extra["parity_quads"]), extra=extra)
+        del layer
+
+
+def dw_summary_row(rows: List[BenchRow], dtype: str) -> BenchRow:
+    """The dW rows' closing row: per mask kind the range of quads_vs_tiles, and the rows where the heuristic
+    picked the slower program shape (`summary`, one line); unmeasured without timings."""
+    timed = [r for r in rows if r.op == "dw" and "quads_vs_tiles" in r.extra]
+    extra: Dict[str, object] = {"parity": "n/a"}
+    if not timed:
+        extra["summary"] = "linear dW: quads vs tiles unmeasured (needs GPU timings)"
+    else:
+        ranges = {}
+        for r in timed:
+            lo, hi = ranges.get(r.mask, (r.extra["quads_vs_tiles"], r.extra["quads_vs_tiles"]))
+            ranges[r.mask] = (min(lo, r.extra["quads_vs_tiles"]), max(hi, r.extra["quads_vs_tiles"]))
+        wrong = [f"{r.mask}@{r.density}" for r in timed
+                 if (r.extra["heuristic"] == "quads") != (r.extra["quads_vs_tiles"] > 1.0)]
+        extra.update(quads_vs_tiles=ranges, heuristic_wrong=wrong)
+        extra["summary"] = ("linear dW: tiles ms / quads ms " + ", ".join(
+            f"{mask} {lo:.2f}-{hi:.2f}" for mask, (lo, hi) in ranges.items())
+            + f"; _dw_quads picked the slower shape in {len(wrong)} of {len(timed)} rows")
+    return BenchRow(suite="linear", case="dw-quads", op="dw", shape="-", dtype=dtype, mask="-",
+                    density=float("nan"), parity=float("nan"), extra=extra)
+
+
+def dw_program_rows(options: BenchOptions) -> List[BenchRow]:
+    """The dW program rows and their closing row ([] when the grid is empty)."""
+    rows = list(iter_dw_program_rows(options))
+    return rows + [dw_summary_row(rows, options.dtype)] if rows else []

@@ -88,6 +88,8 @@ def _crossover(name: str, out: Path, tiny: bool) -> None:
     options = _options(tiny)
     cases, masks, densities = crossover_grids(tiny)[name](options)
     measured: List[BenchRow] = []
+    if hasattr(module, "dw_grid"):  # the dW program rows have their own step (linear-dw-quads)
+        module.dw_grid = lambda _options: ([], (), ())
     for density in densities:
         module.grid = lambda _options, d=density: (cases, masks, (d,))
         rows = [r for r in SUITES[name](options) if r.case != "crossover"]
@@ -95,6 +97,21 @@ def _crossover(name: str, out: Path, tiny: bool) -> None:
         measured.extend(rows)
     pooled = cases[0].name.split(".")[0] + "."
     append_rows(out, [crossover_row(name, measured, options.dtype, options.timing, pooled, f"the {cases[0].name} layer")])
+
+
+def _linear_dw_quads(out: Path, tiny: bool) -> None:
+    """The linear suite's dW program rows (fastticket/app/bench/linear.py: 64 x 64 tiles against 128 x 128
+    quads against cuBLAS), each row appended as it is measured, the closing summary row last."""
+    from fastticket.app.bench import linear as linear_suite
+    from fastticket.kernels._common import tf32_set
+
+    options = _options(tiny)
+    measured = []
+    with tf32_set("matmul", options.dtype == "tf32"):
+        for row in linear_suite.iter_dw_program_rows(options):
+            append_rows(out, [row])
+            measured.append(row)
+    append_rows(out, [linear_suite.dw_summary_row(measured, options.dtype)])
 
 
 def _benchmarks(out: Path, tiny: bool) -> None:
@@ -177,6 +194,7 @@ def _search_timing(out: Path, tiny: bool) -> None:
 
 BODIES: Dict[str, Callable[[Path, bool], None]] = {
     "linear-crossover": lambda out, tiny: _crossover("linear", out, tiny),
+    "linear-dw-quads": _linear_dw_quads,
     "conv-crossover": lambda out, tiny: _crossover("conv", out, tiny),
     "search-bench": _search_bench,
     "search-cuda-graph": _search_cuda_graph,
