@@ -4,7 +4,8 @@ Offline (no GPU): every row is compiled for sm_90 by tests/sm90.py exactly as a 
 would be, and read back from the PTX / TTGIR / `ptxas -v`. One config per kernel: the first the autotuner
 keeps (so the table compares the same variant before and after a change). Shapes: the issue-22 reference
 layer (8192 tokens, 4096 x 4096) and LeNet-300-100's odd ones (784->300, 300->100, 100->10, 256 tokens).
-Precisions: bf16, fp32 with TF32, fp32 IEEE (no TF32).
+Precisions: bf16, fp32 with TF32, fp32 IEEE (no TF32). dW rows: `dw` / `dw-split` (64 x 64 tile programs,
+direct store / split atomics) and `dw-quad` / `dw-quad-split` (128 x 128 programs over 2 x 2 tiles).
 
     PYTHONPATH=. python bench/sm90_report.py        # prints a markdown table (takes a few minutes on 2 cores)
 """
