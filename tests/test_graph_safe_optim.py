@@ -21,12 +21,12 @@ from fastticket.sparse.backend import use_backend
 from fastticket.sparse._step_scalars import RING, StepScalars
 from fastticket.sparse.optim import MaskedAdam, MaskedAdamW, MaskedSGD
 from fastticket.sparse.testing import rel_error
+from test_masked_optim import STATE_KEYS, _check_pruned_zero
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SHAPES = [(6, 10), (10,), (5, 7)]
 STEPS = 4
-STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.launches_triton)]
 CASES = {
     "adam-amsgrad-wd": (MaskedAdam, dict(lr=1e-2, amsgrad=True, weight_decay=0.1)),
@@ -73,17 +73,6 @@ def _run(cls, kw, backend, device, split, steps=STEPS):
             else:
                 opt.step()
     return params, masks, opt, keys
-
-
-def _check_pruned_zero(params, masks, opt):
-    for p, m in zip(params, masks):
-        if m is None:
-            continue
-        assert bool((p[~m] == 0).all()), "a pruned weight was revived"
-        for key in STATE_KEYS:
-            s = opt.state[p].get(key)
-            if s is not None:
-                assert bool((s[~m] == 0).all()), f"optimizer state {key} nonzero on pruned entries"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
