@@ -145,36 +145,33 @@ def dw_rows_dot(
 
 
 @triton.jit
-def dw_tile_rows(
-    dy_ptr, x_ptr, nt, kt, m_lo, m_hi,
-    N, K,
-    stride_dym, stride_dyn, stride_xm, stride_xk,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """The (nt, kt) tile of dY[m_lo:m_hi]^T @ X[m_lo:m_hi] in fp32, unmasked (see dw_tile)."""
+def dw_program(tile_rows, tile_cols, quad_bits, t, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               TILE_N: tl.constexpr, TILE_K: tl.constexpr):
+    """Where dW program t works: live tile t of the COO list (tile_rows / tile_cols = coo_rows / coo_cols,
+    BLOCK = TILE), or with BLOCK_N = 2 * TILE_N and BLOCK_K = 2 * TILE_K live quad t (its row / column and
+    quad_bits' 4-bit live mask; kernels/tile_map.py). Returns (nt, kt, offs_n, offs_k, n_load, k_load,
+    tile_ok): the rows of dY^T and columns of X to load (a quad's dead top / bottom or left / right pair of
+    sub-tiles is not loaded) and the part of the output tile to read and write (its live sub-tiles, in bounds).
+    Shared by the dW kernel and the fused dW + SGD (kernels/linear_dw_sgd.py)."""
+    nt = tl.load(tile_rows + t)
+    kt = tl.load(tile_cols + t)
     offs_n = (nt * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = (kt * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     n_ok = offs_n < N
     k_ok = offs_k < K
-    acc = dw_rows_dot(dy_ptr, x_ptr, offs_n, n_ok, offs_k, k_ok, m_lo, m_hi, stride_dym, stride_dyn, stride_xm,
-                      stride_xk, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    return acc, offs_n, offs_k, n_ok[:, None] & k_ok[None, :]
-
-
-@triton.jit
-def dw_tile(
-    dy_ptr, x_ptr, nt, kt,
-    M, N, K,
-    stride_dym, stride_dyn, stride_xm, stride_xk,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """The (nt, kt) tile of dY^T @ X, reduced over all M rows in fp32, unmasked: the main loop of the fused
-    dW + SGD kernel (kernels/linear_dw_sgd.py); the dW kernel here uses dw_rows_dot over its token split.
-
-    Returns (acc [BLOCK_N, BLOCK_K] fp32, offs_n, offs_k (int64), tile_ok (the in-bounds part of the tile)).
-    """
-    return dw_tile_rows(dy_ptr, x_ptr, nt, kt, 0, M, N, K, stride_dym, stride_dyn, stride_xm, stride_xk,
-                        INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    if BLOCK_N != TILE_N:
+        bits = tl.load(quad_bits + t)
+        sub_n = tl.arange(0, BLOCK_N) // TILE_N  # 0: top sub-tiles (bits 0, 1), 1: bottom (bits 2, 3)
+        sub_k = tl.arange(0, BLOCK_K) // TILE_K  # 0: left (bits 0, 2), 1: right (bits 1, 3)
+        n_load = n_ok & (((bits >> (2 * sub_n)) & 3) != 0)
+        k_load = k_ok & (((bits >> sub_k) & 5) != 0)
+        sub_live = ((bits >> (2 * sub_n[:, None] + sub_k[None, :])) & 1) != 0
+        tile_ok = n_ok[:, None] & k_ok[None, :] & sub_live
+    else:
+        n_load = n_ok
+        k_load = k_ok
+        tile_ok = n_ok[:, None] & k_ok[None, :]
+    return nt, kt, offs_n, offs_k, n_load, k_load, tile_ok
 
 
 @triton.jit
@@ -188,11 +185,9 @@ def _dw_kernel(
     TILE_K: tl.constexpr,
 ):
     # Program (entry t, token split s): rows [s * M_PER_SPLIT, (s + 1) * M_PER_SPLIT) of the reduction.
-    # Entry t is live tile t of the COO list (tile_rows / tile_cols = coo_rows / coo_cols; BLOCK = TILE), or,
-    # with BLOCK_N = 2 * TILE_N and BLOCK_K = 2 * TILE_K (QUAD), live quad t (tile_rows / tile_cols = the quad's
-    # row / column, quad_bits its 4-bit live mask, quad_slabs [n_quads, 4] its sub-tiles' COO indices;
-    # kernels/tile_map.py): one (2 TILE_N) x (2 TILE_K) product per step, twice the arithmetic intensity of a
-    # single tile, of which only the live sub-tiles are written.
+    # Entry t is a live tile or, with BLOCK = 2 * TILE (QUAD), a live quad (dw_program; quad_slabs [n_quads, 4]:
+    # its sub-tiles' COO indices): one (2 TILE_N) x (2 TILE_K) product per step, twice the arithmetic intensity
+    # of a single tile, of which only the live sub-tiles are written.
     # With more than one split (ATOMIC) the partial tiles add into a zeroed compact fp32 buffer of one
     # TILE_N x TILE_K slab per live tile ([n_live, TILE_N, TILE_K], COO order): its size, its zero-fill and
     # the epilogue that scatters it into dW scale with the live tiles, not with N x K.
@@ -200,25 +195,8 @@ def _dw_kernel(
     t = tl.program_id(0)
     m_lo = tl.program_id(1) * M_PER_SPLIT
     m_hi = tl.minimum(m_lo + M_PER_SPLIT, M)
-    nt = tl.load(tile_rows + t)
-    kt = tl.load(tile_cols + t)
-    offs_n = (nt * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_k = (kt * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    n_ok = offs_n < N
-    k_ok = offs_k < K
-    if QUAD:
-        bits = tl.load(quad_bits + t)
-        sub_n = tl.arange(0, BLOCK_N) // TILE_N  # 0: top sub-tiles (bits 0, 1), 1: bottom (bits 2, 3)
-        sub_k = tl.arange(0, BLOCK_K) // TILE_K  # 0: left (bits 0, 2), 1: right (bits 1, 3)
-        # A dead top / bottom pair leaves that half of dY^T unloaded, a dead left / right pair that half of X.
-        n_load = n_ok & (((bits >> (2 * sub_n)) & 3) != 0)
-        k_load = k_ok & (((bits >> sub_k) & 5) != 0)
-        sub_live = ((bits >> (2 * sub_n[:, None] + sub_k[None, :])) & 1) != 0
-        tile_ok = n_ok[:, None] & k_ok[None, :] & sub_live
-    else:
-        n_load = n_ok
-        k_load = k_ok
-        tile_ok = n_ok[:, None] & k_ok[None, :]
+    nt, kt, offs_n, offs_k, n_load, k_load, tile_ok = dw_program(
+        tile_rows, tile_cols, quad_bits, t, N, K, BLOCK_N, BLOCK_K, TILE_N, TILE_K)
     acc = dw_rows_dot(dy_ptr, x_ptr, offs_n, n_load, offs_k, k_load, m_lo, m_hi, stride_dym, stride_dyn,
                       stride_xm, stride_xk, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     # Element mask in the epilogue: pruned entries of a live tile get exactly zero gradient. Dead sub-tiles of
@@ -232,8 +210,9 @@ def _dw_kernel(
             s1 = tl.load(quad_slabs + 4 * t + 1).to(tl.int64)
             s2 = tl.load(quad_slabs + 4 * t + 2).to(tl.int64)
             s3 = tl.load(quad_slabs + 4 * t + 3).to(tl.int64)
-            left = (sub_k == 0)[None, :]
-            slab_t = tl.where((sub_n == 0)[:, None], tl.where(left, s0, s1), tl.where(left, s2, s3))
+            left = (tl.arange(0, BLOCK_K) < TILE_K)[None, :]
+            top = (tl.arange(0, BLOCK_N) < TILE_N)[:, None]
+            slab_t = tl.where(top, tl.where(left, s0, s1), tl.where(left, s2, s3))
             slab = (slab_t * (TILE_N * TILE_K) + (tl.arange(0, BLOCK_N) % TILE_N)[:, None] * TILE_K
                     + (tl.arange(0, BLOCK_K) % TILE_K)[None, :])
         else:

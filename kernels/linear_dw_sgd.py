@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 
 from fastticket.kernels._common import device_guard, dot_input_precision
-from fastticket.kernels._masked_linear_jit import dw_tile
-from fastticket.kernels.masked_linear_dw import dw_split_rows, live_slabs
+from fastticket.kernels._masked_linear_jit import dw_program, dw_rows_dot
+from fastticket.kernels.masked_linear_dw import dw_split_rows, dw_uses_quads, live_slabs
 from fastticket.kernels.masked_optim import sgd_reference_, sgd_update
 from fastticket.kernels.tile_map import TileMap
 
@@ -54,6 +54,14 @@ _CUDA_META_FP32 = dict(BLOCK_M=64, num_warps=8, num_stages=3)
 def cuda_meta(precision: Optional[str]) -> dict:
     """The fused kernel's launch config on CUDA for a dot precision (None: 16-bit inputs)."""
     return _CUDA_META if precision is None else _CUDA_META_FP32
+
+
+# Why the fused kernel has no quad programs (the dW kernel's 128 x 128 tiles over 2 x 2 map tiles): compiled
+# offline for sm_90 (triton 3.8) with a quad's SGD epilogue, every config spills. Spill bytes, bf16 / tf32 / ieee,
+# 4096 x 4096 at 8192 tokens: BM64 w8 88 / 144 / 32, BM32 w16 80 / 112 / 32; 784 -> 300: BM32 w16 136 / 88 / 48
+# (1.5-4 KB at 300 -> 100). Its split path reduces with quads where the dW kernel would (live_slabs), since
+# there the epilogue steps each 64 x 64 slab on its own.
+
 _INTERPRETER_META = dict(BLOCK_M=16, num_warps=4)
 
 
@@ -67,10 +75,14 @@ def _dw_sgd_kernel(
     MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Program t: live tile t, as the dW kernel's tile programs (_masked_linear_jit.dw_program). Never a quad:
+    # with the SGD epilogue's weight, momentum and mask tiles beside a 128 x 128 accumulator the sm_90 compile
+    # spills at every config tried (the note above _INTERPRETER_META).
     t = tl.program_id(0)
-    acc, offs_n, offs_k, tile_ok = dw_tile(
-        dy_ptr, x_ptr, tl.load(coo_rows + t), tl.load(coo_cols + t), M, N, K,
-        stride_dym, stride_dyn, stride_xm, stride_xk, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    _, _, offs_n, offs_k, n_ok, k_ok, tile_ok = dw_program(
+        coo_rows, coo_cols, coo_rows, t, N, K, BLOCK_N, BLOCK_K, BLOCK_N, BLOCK_K)
+    acc = dw_rows_dot(dy_ptr, x_ptr, offs_n, n_ok, offs_k, k_ok, 0, M, stride_dym, stride_dyn,
+                      stride_xm, stride_xk, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     _sgd_tile(acc, offs_n, offs_k, tile_ok, dy_ptr, mask_ptr, w_ptr, buf_ptr, K, lr, momentum, dampening,
               weight_decay, HAS_MOMENTUM, FIRST, NESTEROV, MAXIMIZE, HAS_WD)
 
@@ -124,7 +136,8 @@ def _sgd_tile(acc, offs_n, offs_k, tile_ok, dy_ptr, mask_ptr, w_ptr, buf_ptr, K,
 def linear_dw_sgd_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
                    tile_map: TileMap, momentum_buffer: Optional[torch.Tensor], *, lr: float, momentum: float,
                    dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
-                   split_m: Optional[int] = None) -> Optional[torch.Tensor]:
+                   split_m: Optional[int] = None, tiles_per_program: Optional[int] = None
+                   ) -> Optional[torch.Tensor]:
     """Fused `dW = (dY^T X) * mask` + masked SGD step on `weight` in place; returns the momentum buffer
     (allocated, zeroed, on the first step). grad_out [M, N], x [M, K], weight / mask [N, K] contiguous.
 
@@ -134,7 +147,10 @@ def linear_dw_sgd_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 
     `split_m` token splits (default: masked_linear_dw's _dw_split, > 1 only on CUDA when few tiles are live, so
     that a layer of a handful of live tiles still fills the SMs): each split's partial dW adds with fp32
-    atomics into one compact slab per live tile, then one SGD epilogue program per live tile steps it."""
+    atomics into one compact slab per live tile, then one SGD epilogue program per live tile steps it.
+
+    `tiles_per_program` (the split path's reduction only): 1 (a program per 64 x 64 map tile), 2 (per 2 x 2 quad
+    of tiles, 128 x 128) or None (the dW kernel's heuristic, masked_linear_dw.dw_uses_quads)."""
     m, n = grad_out.shape
     k = x.shape[1]
     if tuple(weight.shape) != (n, k) or tuple(tile_map.shape) != (n, k):
@@ -152,12 +168,16 @@ def linear_dw_sgd_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     bn, bk = tile_map.block
     precision = dot_input_precision(x.dtype, "matmul")
+    # Quads only reduce the split path's slabs (the note above _INTERPRETER_META); the unsplit kernel runs
+    # tiles. A layer that would split with quads would split with tiles too (there are more tiles than quads).
+    quads = dw_uses_quads(tile_map, m, x.dtype, weight.device, tiles_per_program)
     meta = cuda_meta(precision) if weight.device.type == "cuda" else _INTERPRETER_META
-    split, m_per_split = dw_split_rows(m, tile_map.n_live, weight.device, split_m)
+    programs = tile_map.quads().n_quads if quads else tile_map.n_live
+    split, m_per_split = dw_split_rows(m, programs, weight.device, split_m)
     hyper = dict(HAS_MOMENTUM=momentum != 0, FIRST=first, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
                  HAS_WD=weight_decay != 0)
     if split > 1:
-        slabs = live_slabs(grad_out, x, mask, tile_map, split, m_per_split)
+        slabs = live_slabs(grad_out, x, mask, tile_map, split, m_per_split, quads=quads)
         with device_guard(weight):
             _sgd_slab_kernel[(tile_map.n_live,)](
                 slabs, grad_out, mask_u8, weight, momentum_buffer if momentum != 0 else weight,
@@ -171,9 +191,7 @@ def linear_dw_sgd_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
             tile_map.coo_rows, tile_map.coo_cols,
             m, n, k, grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1),
             float(lr), float(momentum), float(dampening), float(weight_decay),
-            INPUT_PRECISION=precision, HAS_MOMENTUM=momentum != 0, FIRST=first,
-            NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0,
-            BLOCK_N=bn, BLOCK_K=bk, **meta,
+            INPUT_PRECISION=precision, **hyper, BLOCK_N=bn, BLOCK_K=bk, **meta,
         )
     return momentum_buffer if momentum != 0 else None
 

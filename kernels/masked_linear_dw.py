@@ -149,7 +149,7 @@ def _dw_quads(tile_map: TileMap, m: int, dtype: torch.dtype, device: torch.devic
     return quads.n_quads * _dw_split(m, quads.n_quads, device) >= sm_count(device.index or 0)
 
 
-def _use_quads(tile_map: TileMap, m: int, dtype: torch.dtype, device: torch.device,
+def dw_uses_quads(tile_map: TileMap, m: int, dtype: torch.dtype, device: torch.device,
                tiles_per_program: Optional[int]) -> bool:
     if tiles_per_program is None:
         return _dw_quads(tile_map, m, dtype, device)
@@ -176,7 +176,7 @@ def linear_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, mask: torch.Tens
     m, n = grad_out.shape
     k = x.shape[1]
     _check_tile_map(tile_map, n, k, x.device, x.dtype)
-    quads = _use_quads(tile_map, m, x.dtype, x.device, tiles_per_program)
+    quads = dw_uses_quads(tile_map, m, x.dtype, x.device, tiles_per_program)
     if out is None:
         out = torch.zeros((n, k), device=x.device, dtype=x.dtype)
     if tile_map.n_live == 0:

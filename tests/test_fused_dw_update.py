@@ -36,10 +36,12 @@ def _mask_with_dead_tiles(shape, block, seed) -> torch.Tensor:
                                 dict(momentum=0.8, dampening=0.2, nesterov=False, weight_decay=0.0, maximize=True),
                                 dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=1e-3,
                                      maximize=False)])
-@pytest.mark.parametrize("split_m", [None, 3], ids=["unsplit", "split3"])
-def test_kernel_matches_float64_reference(hp, split_m, device) -> None:
+@pytest.mark.parametrize("split_m, tiles_per_program", [(None, 1), (3, 1), (3, 2)],
+                         ids=["unsplit", "split3", "split3-quads"])
+def test_kernel_matches_float64_reference(hp, split_m, tiles_per_program, device) -> None:
     """Unsplit, and split over tokens (3 splits of 64 rows, the last partial: partial dW slabs per live tile,
-    then the SGD epilogue): both against the float64 reference, dead tiles never touched."""
+    reduced by tile or by 2 x 2 quad programs, then the SGD epilogue): against the float64 reference, dead tiles
+    (among them a dead sub-tile of a live quad) never touched."""
     n, k, m = 37, 45, (21 if split_m is None else 150)  # not multiples of any tile
     block = linear_tile_sizes(device, torch.float32)
     mask = _mask_with_dead_tiles((n, k), block, seed=1).to(device)
@@ -55,7 +57,7 @@ def test_kernel_matches_float64_reference(hp, split_m, device) -> None:
         x = torch.randn(m, k, generator=g, dtype=torch.float64).to(device)
         buf64 = linear_dw_sgd.linear_dw_sgd_reference_(dy, x, w64, mask, buf64, lr=0.05, **hp)
         buf = linear_dw_sgd.linear_dw_sgd_(dy.float(), x.float(), w, mask, tile_map, buf, lr=0.05, **hp,
-                                           split_m=split_m)
+                                           split_m=split_m, tiles_per_program=tiles_per_program)
         if step == 0 and buf is not None:
             buf[dead] = float("nan")  # dead tiles of the buffer must never be read or written again
     assert rel_error(w, w64) < 1e-5
