@@ -24,9 +24,11 @@ from run_snapshot import ONE_THREAD_ENV, load, run_dir_snapshot
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Two trials x (ticket, reinit, random): six arms at level 1, three per rank in trials mode.
+# Two trials x (ticket, reinit, rigl), each with its --stability twin: twelve arms at level 1, six per rank in
+# trials mode. RigL drops and regrows every 10 steps (its mask moves mid-level on every rank alike) and the
+# twins' instability is evaluated after each level: both under torchrun, as one process.
 SEARCH = ["--levels", "1", "--iterations", "40", "--eval-every", "10", "--trials", "2", "--controls",
-          "reinit,random", "--device", "cpu", "--no-progress"]
+          "reinit,rigl", "--dst-interval", "10", "--stability", "3", "--device", "cpu", "--no-progress"]
 # Checkpoints every 4 iterations, so a kill lands mid-level with a checkpoint to resume from.
 KILLED = ["--levels", "1", "--iterations", "80", "--eval-every", "4", "--controls", "reinit", "--device", "cpu",
           "--no-progress"]
@@ -129,6 +131,8 @@ def _close_run(expected, got):
         _close(a["early_stop_val_loss"], b["early_stop_val_loss"], f"{key} val loss")
         # An accuracy is a count of test images: a logit within rounding of a tie may flip one image.
         assert abs(a["test_acc_at_early_stop"] - b["test_acc_at_early_stop"]) <= 0.001, key
+        if a.get("instability") is not None:  # test error in points along the twins' path: 0.1 per image
+            assert abs(a["instability"] - b["instability"]) <= 0.2 + 1e-9, key
     for key, state in tensors_a.items():
         for name, tensor in state.items():
             if key.endswith("mask.pt") or name.endswith("weight_mask"):
