@@ -129,3 +129,33 @@ def test_2_4_refuses_a_ticket_that_is_not_2_4(tmp_path):
         export_model(model, "2:4", str(tmp_path / "x"))
     with pytest.raises(ConfigError, match="no layer is pruned"):
         export_model(sparsify(nn.Sequential(nn.Linear(8, 8))), "2:4", str(tmp_path / "x"))
+
+
+def test_a_python_api_run_on_a_module_object_exports_with_model_given(tmp_path, capsys):
+    """fastticket.search on an nn.Module object: config.json cannot name the object, so export needs it back
+    (model=); without it one line says so, a model of another shape is refused in one line, and the file
+    reproduces the ticket (weights and masks from final.pt, not the object's) in float64."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        from user_sources import learnable_data
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 2))
+    run = str(tmp_path / "run")
+    fastticket.search(net, learnable_data(n=240), run, levels=1, iterations=6, eval_every=3, batch_size=20,
+                      controls=(), rate=0.5, device="cpu", progress=False)
+    assert main(["export", run, "--level", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model=" in err and "cannot be rebuilt" in err, err
+    with pytest.raises(ConfigError, match="not the one .* searched"):
+        fastticket.export(run, level=1, model=nn.Sequential(nn.Flatten(), nn.Linear(64, 5), nn.Linear(5, 2)))
+    dense = fastticket.export(run, level=1, model=net, out=str(tmp_path / "t.pt"))
+    sparse = export_model(load_ticket(run, 1, model=net)[0], "sparse", str(tmp_path / "s.pt"))
+    ticket, _ = load_ticket(run, 1, model=net)
+    assert 0.4 < float(ticket[1].weight_mask.float().mean()) < 0.6  # the ticket's mask, not the object's
+    assert not torch.equal(ticket[1].weight.detach(), net[1].weight.detach())
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        expected = ticket.double().eval()(x)
+    assert torch.equal(torch_alone(dense, sparse, x, tmp_path)["dense_out"], expected)

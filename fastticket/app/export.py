@@ -16,15 +16,16 @@ Every file also records "model", "level", "trial", "density" and "input_shape".
 """
 from __future__ import annotations
 
+import copy
 import io
 import os
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from fastticket.errors import ConfigError
+from fastticket.errors import ConfigError, DamagedFileError
 
 FORMATS = ("dense", "sparse", "2:4")
 # The input shapes of the built-in datasets (fastticket.lottery.data), to rebuild and trace a model.
@@ -37,17 +38,43 @@ def _dataset_info(config) -> Any:
         if ":" in config.model:  # a user's model function needs no dataset info
             return DatasetInfo(config.dataset, (0, 0, 0), 0)
         raise ConfigError(f"export rebuilds the built-in model {config.model!r} from the dataset's shape, but the "
-                          f"run used the user dataset {config.dataset!r}; export from Python with your own model")
+                          f"run used the user dataset {config.dataset!r}; export from Python with the model built "
+                          f"for it: fastticket.export(run_dir, level, model=...)")
     shape, classes = _INFOS[config.dataset]
     return DatasetInfo(config.dataset, shape, classes)
 
 
-def load_ticket(run_dir: str, level: int, trial: int = 0) -> Tuple[nn.Module, Any]:
-    """The level's trained ticket as a masked model (CPU, float32 as trained) and the run's SearchConfig."""
+ModelArg = Union[nn.Module, Callable[[], nn.Module], None]
+
+
+def _rebuilt(config, run_dir: str, model: ModelArg) -> nn.Module:
+    """The run's model, masked and untrained: `model` as given (a copy of an nn.Module, or a zero-argument
+    function's result: what `fastticket.search` was handed), else rebuilt from config.json's name."""
+    from fastticket.lottery.sources import is_user
+    from fastticket.lottery.train import build_masked_model
+    from fastticket.sparse.nn import sparsify
+    if model is not None:
+        built = copy.deepcopy(model) if isinstance(model, nn.Module) else model() if callable(model) else None
+        if not isinstance(built, nn.Module):
+            raise ConfigError(f"model= must be an nn.Module or a function returning one, got {type(model).__name__}")
+        return sparsify(built)
+    try:
+        return build_masked_model(config, _dataset_info(config), config.seed, torch.device("cpu"))
+    except ConfigError as exc:
+        if not is_user(config.model):
+            raise
+        raise ConfigError(f"{run_dir} searched the model {config.model}, which cannot be rebuilt here ({exc}); "
+                          f"export from Python with the model you searched: fastticket.export(run_dir, level, "
+                          f"model=...)") from None
+
+
+def load_ticket(run_dir: str, level: int, trial: int = 0, model: ModelArg = None) -> Tuple[nn.Module, Any]:
+    """The level's trained ticket as a masked model (CPU, float32 as trained) and the run's SearchConfig.
+    `model`: the model the search was given (needed for runs of `fastticket.search` on an nn.Module object
+    or a function that cannot be imported by name); its weights and masks are replaced by the ticket's."""
     from fastticket.lottery.arms import TICKET
     from fastticket.lottery.config import SearchConfig
     from fastticket.lottery.rundir import RunDir
-    from fastticket.lottery.train import build_masked_model
     if not os.path.isdir(run_dir):
         raise ConfigError(f"no run directory {run_dir!r}: pass a directory written by `fastticket search`")
     raw = RunDir(run_dir, writes=False).read_config()
@@ -63,9 +90,14 @@ def load_ticket(run_dir: str, level: int, trial: int = 0) -> Tuple[nn.Module, An
         raise ConfigError(f"level {level} (trial {trial}) of {run_dir} has not finished training (no final "
                           f"weights): resume the search with --resume, or export an earlier level")
     # final.pt overwrites every parameter and mask, so the init seed does not matter.
-    model = build_masked_model(config, _dataset_info(config), config.seed, torch.device("cpu"))
-    arm.load_final_into(model)
-    return model, config
+    ticket = _rebuilt(config, run_dir, model)
+    try:
+        arm.load_final_into(ticket)
+    except DamagedFileError as exc:
+        if model is None:
+            raise
+        raise ConfigError(f"the model given is not the one {run_dir} searched ({config.model}): {exc}") from None
+    return ticket, config
 
 
 def _input_shape(config) -> Optional[Tuple[int, ...]]:
@@ -157,12 +189,14 @@ def export_model(model: nn.Module, fmt: str, out: str, *, meta: Optional[Dict[st
     return out
 
 
-def export(run_dir: str, level: int, format: str = "dense", out: Optional[str] = None, trial: int = 0) -> str:
+def export(run_dir: str, level: int, format: str = "dense", out: Optional[str] = None, trial: int = 0,
+           model: ModelArg = None) -> str:
     """Export the ticket of `level` (trial `trial`) of a run directory; returns the file written
-    (default RUN_DIR/export/level_LL_<format>.pt)."""
+    (default RUN_DIR/export/level_LL_<format>.pt). `model`: the nn.Module (or function) the search was given,
+    for a run of `fastticket.search` whose model config.json cannot name (load_ticket)."""
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; formats are {', '.join(FORMATS)}")
-    model, config = load_ticket(run_dir, level, trial)
+    model, config = load_ticket(run_dir, level, trial, model)
     if out is None:
         os.makedirs(os.path.join(run_dir, "export"), exist_ok=True)
         out = os.path.join(run_dir, "export", f"level_{level:02d}_{format.replace(':', 'of')}.pt")
