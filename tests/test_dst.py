@@ -181,7 +181,7 @@ def _load(run, arm, name):
 def test_search_with_rigl_and_set(tmp_path, monkeypatch):
     """Every step: the dynamic arms' pruned weights and their optimizer state are exact zeros and the count per
     layer is the ticket's; the mask moves at update steps only."""
-    seen = {}  # arm -> [(iteration, masks)]
+    seen = {}  # id(model) -> (model, [(iteration, masks, arm)])
     real_step = engine_mod.Engine.step
 
     def step(self, iteration):
@@ -195,7 +195,9 @@ def test_search_with_rigl_and_set(tmp_path, monkeypatch):
                 for v in s.optimizer.state.get(m.weight, {}).values():
                     if torch.is_tensor(v) and v.shape == m.weight.shape:
                         assert bool((v[~m.weight_mask] == 0).all())
-            seen.setdefault(id(s.model), []).append((iteration + 1, masks, arm))
+            # Keyed by the model itself (kept alive here): an id() alone is reused once a level's model is
+            # freed, which would splice two models' histories together.
+            seen.setdefault(id(s.model), (s.model, []))[1].append((iteration + 1, masks, arm))
         return losses
 
     monkeypatch.setattr(engine_mod.Engine, "step", step)
@@ -213,7 +215,7 @@ def test_search_with_rigl_and_set(tmp_path, monkeypatch):
         assert torch.equal(_load(out, arm, "final.pt")["fc.0.weight_mask"], final["fc.0"])
     # Each level-1 model's history: the mask changes only right after an update step (2, 4, 6, 8; T_end = 9).
     moving = 0
-    for history in seen.values():
+    for _, history in seen.values():
         for (it_a, a, _), (it_b, b, _) in zip(history, history[1:]):
             changed = any(not torch.equal(a[n], b[n]) for n in a)
             if changed:
