@@ -69,7 +69,7 @@ for shape, (M, N, K) in SHAPES.items():
             check(f"{kind}|{shape}|{tag}|{cfg}", ml._dw_kernel, *dw_args(atomic),
                   INPUT_PRECISION=precision, ATOMIC=atomic, BLOCK_N=2 * BN, BLOCK_K=2 * BK, TILE_N=BN,
                   TILE_K=BK, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-        fused = getattr(linear_dw_sgd, "cuda_meta", lambda p: linear_dw_sgd._CUDA_META)(precision)  # before: one
+        fused = linear_dw_sgd.cuda_meta(precision, aligned=N % 16 == 0 and K % 16 == 0)
         cfg = f"BM{fused['BLOCK_M']} w{fused['num_warps']} s{fused['num_stages']}"
         check(f"dw+sgd|{shape}|{tag}|{cfg}", linear_dw_sgd._dw_sgd_kernel, t, t, u8, f32, f32, i32, i32, M, N, K,
               N, 1, K, 1, 0.1, 0.9, 0.0, 1e-4, INPUT_PRECISION=precision, HAS_MOMENTUM=True, FIRST=False,

@@ -45,15 +45,17 @@ from fastticket.kernels.masked_optim import sgd_reference_, sgd_update
 from fastticket.kernels.tile_map import TileMap
 
 # Fixed launch config on CUDA: autotuning would run the in-place update several times per call.
-# fp32 (TF32 or IEEE) on 8 warps: on 4 it spills on sm_90 at LeNet's odd strides (256 bytes TF32, 44 IEEE at
-# 300 -> 100), on 8 it compiles spill-free at every shape bench/sm90_report.py covers.
+# fp32 (TF32 or IEEE), and 16-bit inputs whose rows are not 16-aligned, on 8 warps: on 4 they spill on sm_90 at
+# LeNet's odd strides (256 bytes TF32, 44 IEEE, 8 bf16 at 300 -> 100); on 8 they compile spill-free at every shape
+# bench/sm90_report.py covers (bf16 300 -> 100: 140 registers).
 _CUDA_META = dict(BLOCK_M=64, num_warps=4, num_stages=3)
-_CUDA_META_FP32 = dict(BLOCK_M=64, num_warps=8, num_stages=3)
+_CUDA_META_8_WARPS = dict(BLOCK_M=64, num_warps=8, num_stages=3)
 
 
-def cuda_meta(precision: Optional[str]) -> dict:
-    """The fused kernel's launch config on CUDA for a dot precision (None: 16-bit inputs)."""
-    return _CUDA_META if precision is None else _CUDA_META_FP32
+def cuda_meta(precision: Optional[str], aligned: bool = True) -> dict:
+    """The fused kernel's launch config on CUDA for a dot precision (None: 16-bit inputs) and whether N, K and
+    the row strides of dY and X are all multiples of 16."""
+    return _CUDA_META if precision is None and aligned else _CUDA_META_8_WARPS
 
 
 # Why the fused kernel has no quad programs (the dW kernel's 128 x 128 tiles over 2 x 2 map tiles): compiled
@@ -171,7 +173,8 @@ def linear_dw_sgd_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     # Quads only reduce the split path's slabs (the note above _INTERPRETER_META); the unsplit kernel runs
     # tiles. A layer that would split with quads would split with tiles too (there are more tiles than quads).
     quads = dw_uses_quads(tile_map, m, x.dtype, weight.device, tiles_per_program)
-    meta = cuda_meta(precision) if weight.device.type == "cuda" else _INTERPRETER_META
+    aligned = all(v % 16 == 0 for v in (n, k, grad_out.stride(0), x.stride(0)))
+    meta = cuda_meta(precision, aligned) if weight.device.type == "cuda" else _INTERPRETER_META
     programs = tile_map.quads().n_quads if quads else tile_map.n_live
     split, m_per_split = dw_split_rows(m, programs, weight.device, split_m)
     hyper = dict(HAS_MOMENTUM=momentum != 0, FIRST=first, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
