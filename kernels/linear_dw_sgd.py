@@ -171,7 +171,7 @@ def linear_dw_sgd_(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     bn, bk = tile_map.block
     precision = dot_input_precision(x.dtype, "matmul")
     # Quads only reduce the split path's slabs (the note above _INTERPRETER_META); the unsplit kernel runs
-    # tiles. A layer that would split with quads would split with tiles too (there are more tiles than quads).
+    # tiles. Where the quads' programs need no split, the tiles' (more programs) need none either.
     quads = dw_uses_quads(tile_map, m, x.dtype, weight.device, tiles_per_program)
     aligned = all(v % 16 == 0 for v in (n, k, grad_out.stride(0), x.stride(0)))
     meta = cuda_meta(precision, aligned) if weight.device.type == "cuda" else _INTERPRETER_META
