@@ -31,7 +31,6 @@ import torch
 
 from fastticket.kernels import masked_optim
 from fastticket.kernels.masked_optim import ROW_WIDTH, adam_scalars
-from fastticket.kernels.masked_optim_reference import sgd_foreach_
 from fastticket.sparse._optim_torch import adam_step_torch_rows
 
 __all__ = ["StepScalars", "GraphSafeSteps", "RING"]
@@ -201,24 +200,9 @@ class GraphSafeSGD(GraphSafeSteps):
         return len(rows) - 1
 
     def _group_launch(self, group, plan, row, rows):
-        state = self.state  # type: ignore[attr-defined]
-        bufs = [state[p].get("momentum_buffer") for p in plan.params]
-        hp = dict(momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
-                  weight_decay=group["weight_decay"], maximize=group["maximize"])
-        for backend, idx, sub in plan.by_backend:
-            sub_bufs = [bufs[i] for i in idx]
-            grads = [self._grad_of(p) for p in sub["params"]]  # type: ignore[attr-defined]
-            args = (sub["params"], grads, sub["masks"], sub_bufs)
-            if backend == "triton":
-                masked_optim.sgd_step_(*args, **sub["tile_kwargs"], lr=_NOT_READ, scalars=rows[row],
-                                       keep=self.launch_refs, **hp)
-            else:
-                sgd_foreach_(*args, lr=rows[row, masked_optim.ROW_LR], **hp)
-            for i, b in zip(idx, sub_bufs):
-                bufs[i] = b
-        if group["momentum"] != 0:
-            for p, b in zip(plan.params, bufs):
-                state[p]["momentum_buffer"] = b
+        # MaskedSGD's own launch loop, reading lr from the device row (a 0-dim tensor for the torch backend).
+        triton_lr = dict(lr=_NOT_READ, scalars=rows[row], keep=self.launch_refs)
+        self._sgd_launch(group, plan, triton_lr, rows[row, masked_optim.ROW_LR])  # type: ignore[attr-defined]
 
 
 class GraphSafeAdam(GraphSafeSteps):

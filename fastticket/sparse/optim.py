@@ -269,26 +269,31 @@ class MaskedSGD(GraphSafeSGD, _MaskedOptimizer):
             return loss
         for g, group in enumerate(self.param_groups):
             plan = self._plan(g, group)
-            params = plan.params
-            if not params:
-                continue
-            state = self.state
-            bufs = [state[p].get("momentum_buffer") for p in params]
-            hp = dict(lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
-                      nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"])
-            for backend, idx, sub in plan.by_backend:
-                sub_bufs = [bufs[i] for i in idx]
-                args = (sub["params"], [self._grad_of(p) for p in sub["params"]], sub["masks"], sub_bufs)
-                if backend == "triton":
-                    masked_optim.sgd_step_(*args, **sub["tile_kwargs"], **hp)
-                else:
-                    sgd_foreach_(*args, **hp)
-                for i, b in zip(idx, sub_bufs):
-                    bufs[i] = b
-            if group["momentum"] != 0:
-                for p, b in zip(params, bufs):
-                    state[p]["momentum_buffer"] = b
+            if plan.params:
+                lr = float(group["lr"])
+                self._sgd_launch(group, plan, dict(lr=lr), lr)
         return loss
+
+    def _sgd_launch(self, group: Dict[str, Any], plan, triton_lr: Dict[str, Any], torch_lr: Any) -> None:
+        """One group's SGD launches, eager or graph-safe: `triton_lr` the triton launcher's lr arguments (the
+        float, or the device row of _step_scalars.py), `torch_lr` the torch backend's (a float or a 0-dim
+        device tensor)."""
+        state = self.state
+        bufs = [state[p].get("momentum_buffer") for p in plan.params]
+        hp = dict(momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
+                  weight_decay=group["weight_decay"], maximize=group["maximize"])
+        for backend, idx, sub in plan.by_backend:
+            sub_bufs = [bufs[i] for i in idx]
+            args = (sub["params"], [self._grad_of(p) for p in sub["params"]], sub["masks"], sub_bufs)
+            if backend == "triton":
+                masked_optim.sgd_step_(*args, **sub["tile_kwargs"], **triton_lr, **hp)
+            else:
+                sgd_foreach_(*args, lr=torch_lr, **hp)
+            for i, b in zip(idx, sub_bufs):
+                bufs[i] = b
+        if group["momentum"] != 0:
+            for p, b in zip(plan.params, bufs):
+                state[p]["momentum_buffer"] = b
 
 
 def _scalar_dtype() -> torch.dtype:
