@@ -10,7 +10,7 @@ sets one precision and wins over the op-wide one. See the README's "Backend" sec
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -42,18 +42,21 @@ def _env_threshold(name: str) -> Optional[float]:
         raise ValueError(f"{name}={value!r} is not a number: set it to a live-tile fraction such as 0.4") from None
 
 
+def _override_names(op: str, precision: Optional[str]) -> Tuple[str, ...]:
+    """The environment variables that override `op`'s threshold for `precision`, the one that wins first."""
+    op_wide = f"FASTTICKET_DENSE_THRESHOLD_{op.upper()}"
+    return (op_wide,) if precision is None else (f"{op_wide}_{precision.upper()}", op_wide)
+
+
 def dense_threshold(op: str, precision: Optional[str] = None) -> float:
     """The live-tile fraction at or above which `op` runs dense, for `precision` (bf16 / fp16 / tf32 / ieee,
     None for the op-wide value): the per-precision override, else the op override, else the defaults."""
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision is not None:
-        value = _env_threshold(f"FASTTICKET_DENSE_THRESHOLD_{op.upper()}_{precision.upper()}")
+    for name in _override_names(op, precision):
+        value = _env_threshold(name)
         if value is not None:
             return value
-    value = _env_threshold(f"FASTTICKET_DENSE_THRESHOLD_{op.upper()}")
-    if value is not None:
-        return value
     return PRECISION_THRESHOLDS.get((op, precision), DENSE_THRESHOLDS[op])
 
 
@@ -77,10 +80,7 @@ def compute_precision(dtype: torch.dtype, library: str = "matmul") -> str:
 def threshold_overridden(op: str, precision: Optional[str] = None) -> bool:
     """Whether FASTTICKET_DENSE_THRESHOLD_<OP> (or its <PRECISION> variant) is set: someone asked for this op's
     split by hand (a benchmark forcing one path), so rules that would otherwise keep a layer dense step aside."""
-    names = [f"FASTTICKET_DENSE_THRESHOLD_{op.upper()}"]
-    if precision is not None:
-        names.append(f"{names[0]}_{precision.upper()}")
-    return any(name in os.environ for name in names)
+    return any(name in os.environ for name in _override_names(op, precision))
 
 
 # 16-bit rows (the forward's reduction, in_features) not a multiple of this many elements compile for sm_90 with
